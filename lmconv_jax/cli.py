@@ -1,0 +1,478 @@
+"""The command line: ``python -m lmconv_jax {demo,info,bench}``.
+
+Exit codes: 0 success; 2 a bad command line or option value (nothing ran);
+3 something the command needs is missing here (FFI kernels asked for but not
+built, the benchmark module absent); 130 interrupted. A user's mistake gets
+one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib
+import inspect
+import json
+import os
+import pathlib
+import platform
+import re
+import sys
+from typing import Optional, Sequence
+
+EXIT_OK, EXIT_USAGE, EXIT_MISSING, EXIT_INTERRUPTED = 0, 2, 3, 130
+
+EPILOG = """exit codes: 0 success, 2 bad arguments, 3 a needed component is
+missing (kernels, benchmark module), 130 interrupted."""
+
+
+class UsageError(Exception):
+  """A bad option value found after parsing: exit 2, one line, no traceback."""
+
+
+class MissingError(Exception):
+  """Something the command needs is not installed or built: exit 3."""
+
+
+# --------------------------------------------------------------------------
+# Argument types: each error message names what was given and what is valid.
+
+def _positive_int(text: str) -> int:
+  error = argparse.ArgumentTypeError(
+      f"expected a positive integer, got {text.strip()!r}")
+  try:
+    value = int(text)
+  except ValueError:
+    raise error from None
+  if value < 1:
+    raise error
+  return value
+
+
+def _positive_float(text: str) -> float:
+  error = argparse.ArgumentTypeError(
+      f"expected a positive number, got {text.strip()!r}")
+  try:
+    value = float(text)
+  except ValueError:
+    raise error from None
+  if not value > 0:
+    raise error
+  return value
+
+
+def _seed(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+  if value < 0:
+    raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+  return value
+
+
+def _models(text: str) -> tuple[str, ...]:
+  from lmconv_jax.demo.models import KINDS
+  keys = tuple(k.strip() for k in text.split(",") if k.strip())
+  if text.strip() == "all":
+    return tuple(KINDS)
+  bad = [k for k in keys if k not in KINDS]
+  if bad or not keys:
+    raise argparse.ArgumentTypeError(
+        f"unknown model {', '.join(map(repr, bad)) or repr(text)}; expected a "
+        f"comma-separated list from {', '.join(KINDS)} (or 'all')")
+  return keys
+
+
+def _shape(text: str) -> tuple[int, ...]:
+  try:
+    dims = tuple(int(s) for s in text.replace("x", ",").split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"expected comma-separated integers like 8,64,64,64, got {text!r}")
+  if len(dims) < 3 or min(dims) < 1:
+    raise argparse.ArgumentTypeError(
+        f"expected at least 3 positive dims (..., H, W, C), got {text!r}")
+  return dims
+
+
+DTYPE_NAMES = ("float32", "float64", "float16", "bfloat16")
+
+
+def _directions(text: str) -> tuple[str, ...]:
+  from lmconv_jax.directions import DIRECTIONS, OCTANTS, QUADRANTS, resolve
+  groups = {"quadrants": QUADRANTS, "octants": OCTANTS,
+            "all": tuple(DIRECTIONS)}
+  names = []
+  for item in (s.strip() for s in text.split(",") if s.strip()):
+    if item in groups:
+      names.extend(groups[item])
+      continue
+    try:
+      names.append(resolve(item).name)
+    except ValueError:
+      raise argparse.ArgumentTypeError(
+          f"unknown direction {item!r}; expected names or aliases from "
+          f"{', '.join(DIRECTIONS)} (aliases tl, tr, bl, br, I1..I8), or "
+          f"'quadrants', 'octants', 'all'") from None
+  if not names:
+    raise argparse.ArgumentTypeError("no directions given")
+  return tuple(dict.fromkeys(names))
+
+
+# --------------------------------------------------------------------------
+# demo
+
+def _default_out() -> pathlib.Path:
+  stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+  out = pathlib.Path(f"lmconv_demo_{stamp}")
+  k = 1
+  while out.exists():
+    k += 1
+    out = pathlib.Path(f"lmconv_demo_{stamp}-{k}")
+  return out
+
+
+def cmd_demo(args) -> int:
+  from lmconv_jax.demo.experiment import (DemoConfig, format_table, run_demo,
+                                          verdict)
+  from lmconv_jax import ops
+
+  overrides = {k: v for k, v in dict(
+      image_size=args.image_size, max_distance=args.max_distance,
+      features=args.features, train_size=args.train_size,
+      test_size=args.test_size, steps=args.steps, batch_size=args.batch_size,
+      learning_rate=args.learning_rate, seed=args.seed, models=args.models,
+      implementation=args.implementation).items() if v is not None}
+  config = (DemoConfig.quick(**overrides) if args.quick
+            else DemoConfig(**overrides))
+  try:
+    config.validate()
+  except ValueError as e:
+    # The config's field names, as the options the user typed.
+    msg = str(e)
+    for field in dataclasses.fields(config):
+      msg = re.sub(rf"\b{field.name}\b", "--" + field.name.replace("_", "-"),
+                   msg)
+    raise UsageError(msg) from None
+  try:
+    ops._choose(config.implementation, "demo --implementation")
+  except NotImplementedError as e:
+    raise MissingError(str(e)) from None
+  out = pathlib.Path(args.out) if args.out else _default_out()
+  if out.exists() and not out.is_dir():
+    raise UsageError(f"--out {str(out)!r} exists and is not a folder.")
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UsageError(
+        f"--out {str(out)!r}: cannot create the folder ({e.strerror}).")
+  log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
+  results = run_demo(config, out,
+                     progress=not (args.no_progress or args.quiet),
+                     figures=not args.no_figures, log=log)
+  print()
+  print(format_table(results))
+  print()
+  print(verdict(results))
+  files = ["results.json"] + results["figures"]
+  print(f"wrote {', '.join(files)} to {out}/ ({results['total_seconds']:.0f} s "
+        f"in all)")
+  return EXIT_OK
+
+
+# --------------------------------------------------------------------------
+# info
+
+def _version(module: str) -> Optional[str]:
+  try:
+    return getattr(importlib.import_module(module), "__version__", "?")
+  except ImportError:
+    return None
+
+
+CUDA_HINT = (
+    "To get the CUDA kernels: on a Linux machine with an NVIDIA GPU, install "
+    "a CUDA build of jax (pip install -U \"jax[cuda12]\") and the CUDA "
+    "toolkit, put nvcc on PATH (e.g. export PATH=/usr/local/cuda/bin:$PATH) "
+    "and rebuild from the source checkout: ./scripts/setup.sh (or "
+    ".venv/bin/python -m pip install --no-build-isolation -e .). CMake "
+    "compiles the CUDA code whenever it finds nvcc.")
+
+
+def gather_info() -> dict:
+  import jax
+  import lmconv_jax
+  from lmconv_jax import _ffi, ops
+
+  build = _ffi.build_info()
+  kernels = {}
+  for plat in ("cpu", "cuda"):
+    entry = dict(build.get(plat, {}))
+    built = bool(entry.get("built", _ffi.has_kernels(plat)))
+    # The handlers dispatch on every dtype ops.py accepts.
+    dtypes = entry.get("dtypes") or (
+        [jax.numpy.dtype(d).name for d in ops.DTYPES] if built else [])
+    kernels[plat] = dict(built=built, dtypes=list(dtypes),
+                         **{k: v for k, v in entry.items()
+                            if k not in ("built", "dtypes")})
+  devices = [dict(id=d.id, platform=d.platform, kind=d.device_kind,
+                  name=str(d)) for d in jax.devices()]
+  platform_ = ops._platform()
+  try:
+    auto = ops._choose("auto", "info")
+  except Exception:                       # noqa: BLE001 - reported, not raised
+    auto = "?"
+  gpu_without_kernels = (platform_ in ("cuda", "rocm")
+                         and not _ffi.has_kernels(platform_))
+  return dict(
+      lmconv_jax=dict(version=lmconv_jax.__version__,
+                      path=str(pathlib.Path(lmconv_jax.__file__).parent)),
+      versions=dict(python=platform.python_version(), jax=jax.__version__,
+                    jaxlib=_version("jaxlib"), flax=_version("flax"),
+                    optax=_version("optax"), numpy=_version("numpy")),
+      kernels=kernels, default_backend=jax.default_backend(),
+      platform=platform_, devices=devices, auto_implementation=auto,
+      cuda_hint=None if kernels["cuda"]["built"] else CUDA_HINT,
+      warning=("JAX sees a GPU but the CUDA kernels are not built: landmark "
+               "pools run the pure-jnp reference there (much slower)."
+               if gpu_without_kernels else None))
+
+
+def cmd_info(args) -> int:
+  info = gather_info()
+  if args.json:
+    print(json.dumps(info, indent=1))
+    return EXIT_OK
+  lm = info["lmconv_jax"]
+  print(f"lmconv_jax {lm['version']}  ({lm['path']})")
+  print("versions: " + ", ".join(f"{k} {v or 'not installed'}"
+                                 for k, v in info["versions"].items()))
+  print("kernels (XLA FFI):")
+  for plat, k in info["kernels"].items():
+    if k["built"]:
+      extra = ", ".join(
+          f"{key} {k[key]}" for key in
+          ("compiler", "nanobind", "xla_ffi_api", "jaxlib_headers") if key in k)
+      print(f"  {plat:<5} built  dtypes: {', '.join(k['dtypes'])}"
+            + (f"  ({extra})" if extra else ""))
+      if "file" in k:
+        print(f"        {k['file']}")
+    else:
+      reason = f" ({k['error']})" if k.get("error") else ""
+      print(f"  {plat:<5} not built{reason}")
+  print(f"devices (default backend: {info['default_backend']}):")
+  for d in info["devices"]:
+    print(f"  {d['name']}  [{d['kind']}]")
+  auto = info["auto_implementation"]
+  print(f'implementation="auto" runs: '
+        f'{"the FFI kernels" if auto == "ffi" else "the pure-jnp reference"}'
+        f" on {info['platform']}")
+  if info["warning"]:
+    print(f"warning: {info['warning']}")
+  if info["cuda_hint"]:
+    print(info["cuda_hint"])
+  return EXIT_OK
+
+
+# --------------------------------------------------------------------------
+# bench
+
+def _generic_markdown(rows: list[dict]) -> str:
+  keys = list(dict.fromkeys(k for r in rows for k in r))
+
+  def cell(v):
+    if isinstance(v, float):
+      return f"{v:.3g}"
+    return "" if v is None else str(v)
+  lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+  lines += ["| " + " | ".join(cell(r.get(k)) for k in keys) + " |"
+            for r in rows]
+  return "\n".join(lines) + "\n"
+
+
+def _load_benchmark():
+  try:
+    return importlib.import_module("lmconv_jax.benchmark")
+  except ModuleNotFoundError as e:
+    if e.name not in ("lmconv_jax.benchmark",):
+      raise
+    raise MissingError(
+        "the benchmark suite (lmconv_jax/benchmark.py) is not part of this "
+        "installation. From a source checkout, run `python "
+        "benchmarks/bench_cpu.py` instead, or update lmconv_jax.") from None
+
+
+def cmd_bench(args) -> int:
+  bench = _load_benchmark()
+  run = getattr(bench, "run", None)
+  if run is None:
+    raise MissingError("lmconv_jax.benchmark has no run() function; update "
+                       "lmconv_jax.")
+  if args.dtype == "float64":
+    import jax
+    jax.config.update("jax_enable_x64", True)
+  wanted = dict(shape=args.shape, dtype=args.dtype, directions=args.directions,
+                repeats=args.repeats, progress=not args.no_progress)
+  accepted = inspect.signature(run).parameters
+  kwargs = {k: v for k, v in wanted.items()
+            if v is not None and (k in accepted or any(
+                p.kind is p.VAR_KEYWORD for p in accepted.values()))}
+  for opt in ("shape", "dtype", "directions", "repeats"):
+    if wanted[opt] is not None and opt not in kwargs:
+      raise UsageError(f"--{opt} is not supported by this benchmark suite.")
+  rows = run(**kwargs)
+  machine = bench.machine() if hasattr(bench, "machine") else None
+  formatter = next((getattr(bench, n) for n in
+                    ("markdown", "to_markdown", "format_markdown")
+                    if hasattr(bench, n)), None)
+  if formatter is None:
+    table = _generic_markdown(rows)
+  else:
+    try:
+      table = formatter(rows, machine)
+    except TypeError:
+      table = formatter(rows)
+  print(table)
+  if args.markdown:
+    pathlib.Path(args.markdown).write_text(table)
+    print(f"wrote {args.markdown}", file=sys.stderr)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(dict(machine=machine, rows=rows), f, indent=1, default=str)
+    print(f"wrote {args.json}", file=sys.stderr)
+  return EXIT_OK
+
+
+def _writable(text: str) -> str:
+  parent = pathlib.Path(text).resolve().parent
+  if not parent.is_dir():
+    raise argparse.ArgumentTypeError(f"folder {str(parent)!r} does not exist")
+  if pathlib.Path(text).is_dir():
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is a folder, expected a file name")
+  return text
+
+
+# --------------------------------------------------------------------------
+# The parser.
+
+def build_parser() -> argparse.ArgumentParser:
+  from lmconv_jax import __version__
+  parser = argparse.ArgumentParser(
+      prog="python -m lmconv_jax",
+      description="Landmark convolution for JAX: a demo, the build and "
+                  "device information, and the benchmark suite.",
+      epilog=EPILOG)
+  parser.add_argument("--version", action="version",
+                      version=f"lmconv_jax {__version__}")
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+  d = sub.add_parser(
+      "demo", help="train box, dilated and landmark convolutions on a "
+                   "spatial-relation task; print a table, write figures",
+      description="Trains four models with the same parameter count and "
+                  "budget - a 3x3 conv stack, a dilated conv stack, "
+                  "LandmarkConv4 and LandmarkConv8 - to tell where a plus is "
+                  "relative to a ring (left of, right of, above, below), "
+                  "often farther apart than a 3x3 stack can see. Prints a "
+                  "table and writes results.json and figures to --out. "
+                  "The default run takes a few minutes on 2 CPU cores.",
+      epilog=EPILOG)
+  d.add_argument("--out", metavar="DIR",
+                 help="folder for results.json and the figures (created; "
+                      "files in it are overwritten). Default: a new "
+                      "lmconv_demo_YYYYmmdd-HHMMSS in the current folder")
+  d.add_argument("--quick", action="store_true",
+                 help="a tiny run (24x24 images, 150 steps): seconds, for "
+                      "tests; too small to show the long-range effect")
+  d.add_argument("--seed", type=_seed, metavar="N",
+                 help="random seed (default 0)")
+  d.add_argument("--models", type=_models, metavar="LIST",
+                 help="comma-separated, from box, dilated, lm4, lm8 "
+                      "(default: all four)")
+  d.add_argument("--steps", type=_positive_int, metavar="N",
+                 help="training steps per model (default 400; --quick 150)")
+  d.add_argument("--batch-size", type=_positive_int, metavar="N",
+                 help="default 32 (--quick 16)")
+  d.add_argument("--learning-rate", type=_positive_float, metavar="LR",
+                 help="Adam learning rate, cosine-decayed (default 3e-3)")
+  d.add_argument("--features", type=_positive_int, metavar="N",
+                 help="channels of every convolution; a multiple of 8 for "
+                      "lm8 (default 16)")
+  d.add_argument("--image-size", type=_positive_int, metavar="PX",
+                 help="image height and width (default 40; --quick 24)")
+  d.add_argument("--max-distance", type=_positive_int, metavar="PX",
+                 help="farthest plus-ring distance, at most image-size / 2 "
+                      "(default image-size / 2)")
+  d.add_argument("--train-size", type=_positive_int, metavar="N",
+                 help="training images (default 8000; --quick 1024)")
+  d.add_argument("--test-size", type=_positive_int, metavar="N",
+                 help="test images (default 2000; --quick 256)")
+  d.add_argument("--implementation", choices=("auto", "ffi", "reference"),
+                 help="landmark pool implementation (default auto: the FFI "
+                      "kernels where built)")
+  d.add_argument("--no-figures", action="store_true",
+                 help="skip the figures (results.json and the table only)")
+  d.add_argument("--no-progress", action="store_true",
+                 help="no progress bars")
+  d.add_argument("-q", "--quiet", action="store_true",
+                 help="print only the final table")
+  d.set_defaults(func=cmd_demo)
+
+  i = sub.add_parser(
+      "info", help="versions, compiled kernels and their dtypes, devices, "
+                   "and how to get the CUDA kernels",
+      description="Shows the versions of lmconv_jax and its dependencies, "
+                  "which platforms and dtypes have compiled FFI kernels, the "
+                  "devices JAX sees, what implementation='auto' runs here, "
+                  "and how to build the CUDA kernels if they are missing.",
+      epilog=EPILOG)
+  i.add_argument("--json", action="store_true", help="print JSON instead")
+  i.set_defaults(func=cmd_info)
+
+  b = sub.add_parser(
+      "bench", help="time the landmark pool (FFI kernels against the "
+                    "reference) and print a table",
+      description="Runs the benchmark suite (lmconv_jax.benchmark) with a "
+                  "progress bar and prints a markdown table; --json and "
+                  "--markdown also write it to files. Options left out take "
+                  "the suite's defaults.",
+      epilog=EPILOG)
+  b.add_argument("--shape", type=_shape, metavar="B,H,W,C",
+                 help="input shape (..., H, W, C), e.g. 8,64,64,64")
+  b.add_argument("--dtype", choices=DTYPE_NAMES)
+  b.add_argument("--directions", type=_directions, metavar="LIST",
+                 help="comma-separated direction names or aliases, or "
+                      "quadrants / octants / all")
+  b.add_argument("--repeats", type=_positive_int, metavar="N",
+                 help="timed repetitions per measurement")
+  b.add_argument("--json", type=_writable, metavar="FILE",
+                 help="also write the rows (and the machine) as JSON")
+  b.add_argument("--markdown", type=_writable, metavar="FILE",
+                 help="also write the table as markdown")
+  b.add_argument("--no-progress", action="store_true", help="no progress bar")
+  b.set_defaults(func=cmd_bench)
+  return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)      # exits with 2 on a bad command line
+  prog = f"{parser.prog} {args.command}"
+  try:
+    return args.func(args)
+  except UsageError as e:
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    return EXIT_USAGE
+  except MissingError as e:
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    return EXIT_MISSING
+  except KeyboardInterrupt:
+    print(f"\n{prog}: interrupted", file=sys.stderr)
+    return EXIT_INTERRUPTED
+  except BrokenPipeError:             # e.g. `... | head`
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_OK

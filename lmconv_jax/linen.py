@@ -1,0 +1,370 @@
+"""Flax linen layers: the landmark convolution and the LBYLNet landmark block.
+
+``LandmarkConv`` is ``flax.linen.Conv`` with a grouped landmark pool in front
+of it (docs/semantics.md, "Grouped pools and the convolution"): it has every
+field of ``nn.Conv`` with the same name, order and default, and the same
+parameters (``kernel``, ``bias``), so it drops in wherever ``nn.Conv`` goes
+and an ``nn.Conv``'s weights load unchanged. ``LandmarkConv4`` (P = 4
+quadrants, the original ``PConv2d4``) and ``LandmarkConv8`` (P = 8 octants,
+``PConv2d8``) only change the default grouping.
+
+The functions prefixed ``_`` below are the functional core that
+``lmconv_jax.nnx`` shares: input checks and the pool in front of the
+convolution, and the block's data flow. Neither front end re-implements them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lmconv_jax.ops import Grouping, grouped_landmark_pool, resolve_grouping
+
+Array = jax.Array
+
+__all__ = ["LandmarkBlock", "LandmarkConv", "LandmarkConv4", "LandmarkConv8"]
+
+
+# --------------------------------------------------------------------------
+# The functional core, shared with lmconv_jax.nnx.
+
+def _num_groups(directions: Grouping, layer: str) -> int:
+  try:
+    return len(resolve_grouping(directions))
+  except ValueError as e:
+    raise ValueError(f"{layer}: {e}") from e
+
+
+def _check_kernel_size(kernel_size, layer: str) -> None:
+  """The pool is 2-D, so the convolution must be (an int is 1-D in Flax)."""
+  size = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
+  if len(size) != 2:
+    raise ValueError(
+        f"{layer}: kernel_size must be a pair (kh, kw) for a 2-D landmark "
+        f"convolution over NHWC inputs, got kernel_size={kernel_size!r}. "
+        f"Pass e.g. kernel_size=(3, 3) (an int means a 1-D kernel in Flax, "
+        f"as in nn.Conv).")
+
+
+def _check_channels(given: str, channels: int, directions: Grouping,
+                    layer: str) -> None:
+  """Raises a layer-level error when the channels do not split into P groups."""
+  p = _num_groups(directions, layer)
+  if channels % p:
+    lower, upper = (channels // p) * p, (channels // p + 1) * p
+    options = f"{lower} or {upper}" if lower else f"{upper}"
+    raise ValueError(
+        f"{layer}: {given}, but directions={directions!r} "
+        f"splits the channels into {p} equal groups (one per direction group), "
+        f"so the channel count must be a multiple of {p}. Fix: give the layer "
+        f"{options} input channels (e.g. with a 1x1 convolution in front of "
+        f"it), or choose a grouping with fewer groups.")
+
+
+def _pool_dtype(x: Array, dtype, param_dtype):
+  """The dtype the pool runs in: the layer's computation dtype, as nn.Conv's."""
+  if dtype is not None:
+    return jnp.dtype(dtype)
+  if jnp.issubdtype(x.dtype, jnp.floating):
+    return x.dtype
+  return jnp.result_type(x.dtype, param_dtype)   # integers: as promote_dtype
+
+
+def _pool_inputs(inputs, guide, *, directions: Grouping, implementation: str,
+                 dtype, param_dtype, layer: str) -> Array:
+  """The grouped landmark pool in front of a convolution; errors name the layer.
+
+  The pool runs in the convolution's computation dtype. With no guide that
+  is the same as pooling first and casting after, since rounding is
+  monotone and the pool is a max.
+  """
+  x = jnp.asarray(inputs)
+  if x.ndim < 3:
+    raise ValueError(
+        f"{layer}: inputs must be NHWC, shape (..., H, W, C) with any leading "
+        f"batch dims, got shape {tuple(x.shape)}.")
+  c = x.shape[-1]
+  _check_channels(f"the input has {c} channels", c, directions, layer)
+  x = x.astype(_pool_dtype(x, dtype, param_dtype))
+  try:
+    return grouped_landmark_pool(x, directions, guide,
+                                 implementation=implementation)
+  except (ValueError, TypeError) as e:
+    raise type(e)(f"{layer}: {e}") from e
+
+
+def _landmark_block(x: Array, layers: Mapping[str, Callable[..., Array]],
+                    use_running_average: Optional[bool]) -> Array:
+  """The LBYLNet landmark block's data flow, for linen and NNX sub-layers alike.
+
+  ``layers`` maps the sub-layer names to callables: ``branch_conv`` (one
+  3x3 convolution whose P output-channel groups are the P branches),
+  ``pool_conv`` (a LandmarkConv: pool each branch in its directions, then
+  3x3), ``skip_conv`` (1x1), ``out_conv`` (3x3), each followed by the
+  BatchNorm ``<name>_norm``.
+  """
+  def conv_bn(name, v):
+    return layers[f"{name}_norm"](layers[f"{name}_conv"](v),
+                                  use_running_average=use_running_average)
+
+  branches = jax.nn.relu(conv_bn("branch", x))
+  y = jax.nn.relu(conv_bn("pool", branches) + conv_bn("skip", x))
+  return jax.nn.relu(conv_bn("out", y))
+
+
+def _branch_features(features: int, branch_features: Optional[int]) -> int:
+  if branch_features is None:
+    return max(1, features // 2)
+  return branch_features
+
+
+def _layer_name(module) -> str:
+  name = getattr(module, "name", None)
+  cls = type(module).__name__
+  return f"{cls} {name!r}" if isinstance(name, str) and name != cls else cls
+
+
+# --------------------------------------------------------------------------
+# The layers.
+
+class LandmarkConv(nn.Conv):
+  """A grouped landmark pool followed by ``flax.linen.Conv``.
+
+  The input's C channels are split into P equal groups, in the order of
+  ``directions``; each group is replaced by its landmark pool (the running
+  max over its region, or the max of several regions for a merged group) and
+  an ordinary convolution mixes the result. Everything after the pool is
+  ``nn.Conv``: the same fields, the same ``kernel`` / ``bias`` parameters,
+  NHWC inputs with any leading batch dims (or none). The pool sees the image
+  before the convolution pads it.
+
+  Example::
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> from lmconv_jax import LandmarkConv
+    >>> layer = LandmarkConv(features=1, kernel_size=(1, 1),
+    ...                      directions="top_bottom", use_bias=False,
+    ...                      kernel_init=nn.initializers.ones)
+    >>> x = jnp.zeros((1, 3, 3, 2), jnp.float32).at[0, 1, 1, :].set(1.)
+    >>> variables = layer.init(jax.random.key(0), x)
+    >>> jax.tree_util.tree_map(jnp.shape, variables)
+    {'params': {'kernel': (1, 1, 2, 1)}}
+    >>> layer.apply(variables, x)[0, ..., 0]   # sees (1, 1) above / below
+    Array([[1., 1., 1.],
+           [2., 2., 2.],
+           [1., 1., 1.]], dtype=float32)
+
+  Attributes:
+    features: number of convolution filters.
+    kernel_size: the 2-D kernel shape ``(kh, kw)``.
+    strides: an int or a pair, the inter-window strides (default: 1).
+    padding: ``'SAME'``, ``'VALID'``, ``'CIRCULAR'``, ``'REFLECT'``, an int,
+      or a pair of ``(low, high)`` pairs, exactly as in ``nn.Conv``.
+    input_dilation: an int or a pair, the input dilation (default: 1).
+    kernel_dilation: an int or a pair, the kernel ("atrous") dilation.
+    feature_group_count: splits the convolution's input features into
+      groups (independent of the pool's direction groups).
+    use_bias: whether to add a bias to the output (default: True).
+    mask: optional mask for the kernel, of the kernel's shape.
+    dtype: the dtype of the computation, pool and convolution (default:
+      infer from input and params).
+    param_dtype: the dtype passed to parameter initializers (default: float32).
+    precision: numerical precision of the convolution (``jax.lax.Precision``).
+    kernel_init: initializer for the convolutional kernel.
+    bias_init: initializer for the bias.
+    promote_dtype: as in ``nn.Conv``.
+    directions: the grouping: ``"quadrants"`` (P = 4), ``"octants"``
+      (P = 8), ``"top_bottom"`` or ``"left_right"`` (P = 2, pairs of
+      quadrants merged by max), ``"all_quadrants"`` (P = 1), or a sequence
+      whose items are a direction or a tuple of directions merged by max
+      (see :func:`lmconv_jax.grouped_landmark_pool`). The input channels
+      must be a multiple of P.
+    implementation: ``"auto"``, ``"ffi"`` or ``"reference"``, passed to the
+      pool.
+  """
+
+  directions: Grouping = "quadrants"
+  implementation: str = "auto"
+
+  @nn.compact
+  def __call__(self, inputs: Array, guide: Optional[Array] = None) -> Array:
+    """Pools ``inputs`` (..., H, W, C) in its direction groups, then convolves.
+
+    Args:
+      inputs: NHWC input, ``(*batch_dims, H, W, C)``; C a multiple of P.
+      guide: None (a plain max) or an array broadcastable to ``inputs``;
+        each pixel of the pool blends ``g * max + (1 - g) * x``.
+
+    Returns:
+      The convolved data, as ``nn.Conv`` returns it.
+    """
+    layer = _layer_name(self)
+    _check_kernel_size(self.kernel_size, layer)
+    pooled = _pool_inputs(inputs, guide, directions=self.directions,
+                          implementation=self.implementation, dtype=self.dtype,
+                          param_dtype=self.param_dtype, layer=layer)
+    return super().__call__(pooled)
+
+
+class LandmarkConv4(LandmarkConv):
+  """The P = 4 landmark convolution (the original ``PConv2d4``).
+
+  Channels split into four groups pooled over the top-left, top-right,
+  bottom-left and bottom-right quadrant of each pixel, in that order, then
+  ``nn.Conv``. See :class:`LandmarkConv` for everything else.
+
+  Example::
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> from lmconv_jax import LandmarkConv4
+    >>> layer = LandmarkConv4(features=1, kernel_size=(1, 1),
+    ...                       kernel_init=nn.initializers.ones)
+    >>> x = jnp.zeros((1, 3, 3, 4), jnp.float32).at[0, 1, 1, :].set(1.)
+    >>> variables = layer.init(jax.random.key(0), x)
+    >>> jax.tree_util.tree_map(jnp.shape, variables)
+    {'params': {'bias': (1,), 'kernel': (1, 1, 4, 1)}}
+    >>> layer.apply(variables, x)[0, ..., 0]   # quadrants that see (1, 1)
+    Array([[1., 2., 1.],
+           [2., 4., 2.],
+           [1., 2., 1.]], dtype=float32)
+
+  Attributes:
+    features, kernel_size, strides, padding, input_dilation, kernel_dilation,
+    feature_group_count, use_bias, mask, dtype, param_dtype, precision,
+    kernel_init, bias_init, promote_dtype: as in ``nn.Conv``.
+    directions: ``"quadrants"``.
+    implementation: ``"auto"``, ``"ffi"`` or ``"reference"``.
+  """
+
+  directions: Grouping = "quadrants"
+
+
+class LandmarkConv8(LandmarkConv):
+  """The P = 8 landmark convolution (the original ``PConv2d8``).
+
+  Channels split into eight groups pooled over the octants I1 ... I8
+  (``lmconv_jax.OCTANTS``), in that order, then ``nn.Conv``. See
+  :class:`LandmarkConv` for everything else.
+
+  Example::
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> from lmconv_jax import LandmarkConv8
+    >>> layer = LandmarkConv8(features=1, kernel_size=(1, 1), use_bias=False,
+    ...                       kernel_init=nn.initializers.ones)
+    >>> x = jnp.zeros((1, 3, 3, 8), jnp.float32).at[0, 1, 1, :].set(1.)
+    >>> y = layer.apply(layer.init(jax.random.key(0), x), x)
+    >>> y[0, ..., 0]   # octants that see (1, 1): boundary rays belong to two
+    Array([[2., 2., 2.],
+           [2., 8., 2.],
+           [2., 2., 2.]], dtype=float32)
+
+  Attributes:
+    features, kernel_size, strides, padding, input_dilation, kernel_dilation,
+    feature_group_count, use_bias, mask, dtype, param_dtype, precision,
+    kernel_init, bias_init, promote_dtype: as in ``nn.Conv``.
+    directions: ``"octants"``.
+    implementation: ``"auto"``, ``"ffi"`` or ``"reference"``.
+  """
+
+  directions: Grouping = "octants"
+
+
+class LandmarkBlock(nn.Module):
+  """The LBYLNet landmark feature block (``LandmarkP4`` and friends).
+
+  With P direction groups and ``m = branch_features``::
+
+    branches = relu(BN(conv3x3(x, P * m)))        # P branches of m channels
+    y = BN(LandmarkConv(branches, features, 3x3))  # pool branches, conv
+    y = relu(y + BN(conv1x1(x, features)))         # skip
+    out = relu(BN(conv3x3(y, features)))
+
+  The P branch convolutions of the original (one 3x3 conv-BN-ReLU per
+  direction group) are computed as one convolution with P * m outputs:
+  output channels ``k*m : (k+1)*m`` are branch k, and BatchNorm is per
+  channel, so this is the same function with one kernel instead of P.
+  Branch k is pooled in direction group k (merged groups by max, as in
+  LBYLNet's P = 1 and P = 2 variants). Convolutions have no bias (each is
+  followed by BatchNorm) and ``'SAME'`` padding; the output has ``features``
+  channels at the input's resolution. BatchNorm statistics live in the
+  ``batch_stats`` collection.
+
+  Example::
+
+    >>> import jax, jax.numpy as jnp
+    >>> from lmconv_jax import LandmarkBlock
+    >>> block = LandmarkBlock(features=8)
+    >>> x = jnp.ones((2, 6, 6, 3), jnp.float32)
+    >>> variables = block.init(jax.random.key(0), x, train=False)
+    >>> sorted(variables)
+    ['batch_stats', 'params']
+    >>> sorted(variables['params'])  # doctest: +NORMALIZE_WHITESPACE
+    ['branch_conv', 'branch_norm', 'out_conv', 'out_norm',
+     'pool_conv', 'pool_norm', 'skip_conv', 'skip_norm']
+    >>> variables['params']['branch_conv']['kernel'].shape   # 4 branches of 4
+    (3, 3, 3, 16)
+    >>> y, updates = block.apply(variables, x, train=True,
+    ...                          mutable=['batch_stats'])
+    >>> y.shape, sorted(updates)
+    ((2, 6, 6, 8), ['batch_stats'])
+
+  Attributes:
+    features: output channels (LBYLNet's ``dim``).
+    branch_features: channels of each direction branch (LBYLNet's
+      ``mapdim``); default ``features // 2``, the ratio of the released
+      LBYLNet configs (dim 256, ctx_dim 128). ``features // P`` gives a
+      cheaper block whose pooled tensor has ``features`` channels.
+    directions: the grouping, as in :class:`LandmarkConv` (default
+      ``"quadrants"``, LBYLNet's ``LandmarkP4``; ``"octants"`` is
+      ``LandmarkP8``, ``"top_bottom"`` / ``"left_right"`` are ``LandmarkP2``
+      / ``LandmarkP2x``, ``"all_quadrants"`` is ``LandmarkP1``).
+    implementation: ``"auto"``, ``"ffi"`` or ``"reference"``, for the pool.
+    momentum: BatchNorm decay of the running averages (default 0.9, PyTorch's
+      momentum 0.1 as the original used).
+    epsilon: BatchNorm epsilon (default 1e-5, as PyTorch).
+    axis_name: BatchNorm ``axis_name`` for statistics across devices.
+    dtype: the dtype of the computation (default: infer from input and params).
+    param_dtype: the dtype passed to parameter initializers (default: float32).
+    precision: numerical precision of the convolutions.
+    kernel_init: initializer for the convolution kernels (default: as
+      ``nn.Conv``).
+  """
+
+  features: int
+  branch_features: Optional[int] = None
+  directions: Grouping = "quadrants"
+  implementation: str = "auto"
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  axis_name: Optional[str] = None
+  dtype: Optional[Any] = None
+  param_dtype: Any = jnp.float32
+  precision: Any = None
+  kernel_init: Callable[..., Array] = nn.linear.default_kernel_init
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = True) -> Array:
+    """Applies the block to NHWC ``x``; ``train`` uses and updates the stats."""
+    p = _num_groups(self.directions, _layer_name(self))
+    m = _branch_features(self.features, self.branch_features)
+    common = dict(use_bias=False, dtype=self.dtype,
+                  param_dtype=self.param_dtype, precision=self.precision,
+                  kernel_init=self.kernel_init)
+    layers = {
+        "branch_conv": nn.Conv(p * m, (3, 3), name="branch_conv", **common),
+        "pool_conv": LandmarkConv(self.features, (3, 3), name="pool_conv",
+                                  directions=self.directions,
+                                  implementation=self.implementation, **common),
+        "skip_conv": nn.Conv(self.features, (1, 1), name="skip_conv", **common),
+        "out_conv": nn.Conv(self.features, (3, 3), name="out_conv", **common),
+    }
+    for stage in ("branch", "pool", "skip", "out"):
+      layers[f"{stage}_norm"] = nn.BatchNorm(
+          momentum=self.momentum, epsilon=self.epsilon, dtype=self.dtype,
+          param_dtype=self.param_dtype, axis_name=self.axis_name,
+          name=f"{stage}_norm")
+    return _landmark_block(x, layers, use_running_average=not train)

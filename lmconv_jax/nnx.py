@@ -1,0 +1,282 @@
+"""Flax NNX layers: the twins of ``lmconv_jax.linen``'s, over the same core.
+
+``LandmarkConv`` subclasses ``flax.nnx.Conv``: the same constructor
+(``in_features, out_features, kernel_size, strides, *, ..., rngs``), the same
+``kernel`` / ``bias`` parameters, and the pool of the linen layer in front
+(``lmconv_jax.linen._pool_inputs``); ``LandmarkBlock`` runs the linen block's
+data flow (``lmconv_jax.linen._landmark_block``) over NNX sub-layers. Given
+the same parameters, linen and NNX layers compute the same function.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lmconv_jax.linen import (_branch_features, _check_channels,
+                              _check_kernel_size, _landmark_block,
+                              _num_groups, _pool_inputs)
+from lmconv_jax.ops import Grouping
+
+Array = jax.Array
+
+__all__ = ["LandmarkBlock", "LandmarkConv", "LandmarkConv4", "LandmarkConv8"]
+
+
+_default_kernel_init = nnx.nn.linear.default_kernel_init
+
+
+def _frozen(directions: Grouping) -> Grouping:
+  """Lists to tuples, so that the grouping is a static NNX attribute."""
+  if isinstance(directions, (list, tuple)):
+    return tuple(_frozen(d) for d in directions)
+  return directions
+
+
+class LandmarkConv(nnx.Conv):
+  """A grouped landmark pool followed by ``flax.nnx.Conv``.
+
+  The NNX twin of :class:`lmconv_jax.linen.LandmarkConv`: the input's C
+  channels are split into P equal groups in the order of ``directions``,
+  each group is replaced by its landmark pool, and ``nnx.Conv`` mixes the
+  result. Construct it exactly like ``nnx.Conv`` (every other keyword
+  argument of ``nnx.Conv`` is accepted and passed on); ``in_features`` must
+  be a multiple of P.
+
+  Example::
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import lmconv_jax
+    >>> layer = lmconv_jax.nnx.LandmarkConv(2, 1, (1, 1),
+    ...                                     directions="left_right",
+    ...                                     use_bias=False,
+    ...                                     kernel_init=nnx.initializers.ones,
+    ...                                     rngs=nnx.Rngs(0))
+    >>> layer.kernel.shape, layer.bias
+    ((1, 1, 2, 1), None)
+    >>> x = jnp.zeros((1, 3, 3, 2), jnp.float32).at[0, 1, 1, :].set(1.)
+    >>> layer(x)[0, ..., 0]   # pixels seeing (1, 1) to the left / right
+    Array([[1., 2., 1.],
+           [1., 2., 1.],
+           [1., 2., 1.]], dtype=float32)
+
+  Attributes:
+    kernel: the ``nnx.Param`` kernel, shape ``(kh, kw, in_features //
+      feature_group_count, out_features)``.
+    bias: the ``nnx.Param`` bias, shape ``(out_features,)``, or None.
+    in_features, out_features, kernel_size, strides, padding, input_dilation,
+    kernel_dilation, feature_group_count, use_bias, mask, dtype, param_dtype,
+    precision: as in ``nnx.Conv``.
+    directions: the grouping: ``"quadrants"`` (P = 4), ``"octants"``
+      (P = 8), ``"top_bottom"`` / ``"left_right"`` (P = 2),
+      ``"all_quadrants"`` (P = 1) or a sequence of directions / tuples of
+      directions merged by max.
+    implementation: ``"auto"``, ``"ffi"`` or ``"reference"``, for the pool.
+  """
+
+  def __init__(self, in_features: int, out_features: int,
+               kernel_size: int | tuple[int, ...],
+               strides: None | int | tuple[int, ...] = 1, *,
+               directions: Grouping = "quadrants",
+               implementation: str = "auto",
+               rngs: nnx.Rngs, **kwargs):
+    layer = type(self).__name__
+    _check_kernel_size(kernel_size, layer)
+    _check_channels(f"in_features={in_features}", in_features, directions,
+                    layer)
+    super().__init__(in_features, out_features, kernel_size, strides,
+                     rngs=rngs, **kwargs)
+    self.directions = _frozen(directions)
+    self.implementation = implementation
+
+  def __call__(self, inputs: Array, guide: Optional[Array] = None, *,
+               out_sharding=None) -> Array:
+    """Pools ``inputs`` (..., H, W, C) in its direction groups, then convolves.
+
+    Args:
+      inputs: NHWC input, ``(*batch_dims, H, W, in_features)``.
+      guide: None (a plain max) or an array broadcastable to ``inputs``.
+      out_sharding: as in ``nnx.Conv``.
+    """
+    c = jnp.shape(inputs)[-1] if jnp.ndim(inputs) else None
+    if c is not None and c != self.in_features:
+      raise ValueError(
+          f"{type(self).__name__}: the input has {c} channels, but "
+          f"in_features={self.in_features}. Pass inputs of shape "
+          f"(..., H, W, {self.in_features}) or build the layer with "
+          f"in_features={c}.")
+    pooled = _pool_inputs(inputs, guide, directions=self.directions,
+                          implementation=self.implementation, dtype=self.dtype,
+                          param_dtype=self.param_dtype,
+                          layer=type(self).__name__)
+    if out_sharding is None:
+      return super().__call__(pooled)
+    return super().__call__(pooled, out_sharding=out_sharding)
+
+
+class LandmarkConv4(LandmarkConv):
+  """The P = 4 landmark convolution (the original ``PConv2d4``), NNX.
+
+  Channels split into the top-left, top-right, bottom-left and bottom-right
+  quadrant groups, in that order, then ``nnx.Conv``.
+
+  Example::
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import lmconv_jax
+    >>> layer = lmconv_jax.nnx.LandmarkConv4(4, 1, (1, 1),
+    ...                                      kernel_init=nnx.initializers.ones,
+    ...                                      rngs=nnx.Rngs(0))
+    >>> layer.kernel.shape, layer.bias.shape
+    ((1, 1, 4, 1), (1,))
+    >>> x = jnp.zeros((1, 3, 3, 4), jnp.float32).at[0, 1, 1, :].set(1.)
+    >>> layer(x)[0, ..., 0]
+    Array([[1., 2., 1.],
+           [2., 4., 2.],
+           [1., 2., 1.]], dtype=float32)
+
+  Attributes:
+    kernel, bias, and the ``nnx.Conv`` attributes: as in :class:`LandmarkConv`.
+    directions: ``"quadrants"``.
+    implementation: ``"auto"``, ``"ffi"`` or ``"reference"``.
+  """
+
+  def __init__(self, in_features: int, out_features: int,
+               kernel_size: int | tuple[int, ...],
+               strides: None | int | tuple[int, ...] = 1, *,
+               implementation: str = "auto", rngs: nnx.Rngs, **kwargs):
+    super().__init__(in_features, out_features, kernel_size, strides,
+                     directions="quadrants", implementation=implementation,
+                     rngs=rngs, **kwargs)
+
+
+class LandmarkConv8(LandmarkConv):
+  """The P = 8 landmark convolution (the original ``PConv2d8``), NNX.
+
+  Channels split into the octant groups I1 ... I8 (``lmconv_jax.OCTANTS``),
+  in that order, then ``nnx.Conv``.
+
+  Example::
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import lmconv_jax
+    >>> layer = lmconv_jax.nnx.LandmarkConv8(8, 1, (1, 1), use_bias=False,
+    ...                                      kernel_init=nnx.initializers.ones,
+    ...                                      rngs=nnx.Rngs(0))
+    >>> x = jnp.zeros((1, 3, 3, 8), jnp.float32).at[0, 1, 1, :].set(1.)
+    >>> layer(x)[0, ..., 0]
+    Array([[2., 2., 2.],
+           [2., 8., 2.],
+           [2., 2., 2.]], dtype=float32)
+
+  Attributes:
+    kernel, bias, and the ``nnx.Conv`` attributes: as in :class:`LandmarkConv`.
+    directions: ``"octants"``.
+    implementation: ``"auto"``, ``"ffi"`` or ``"reference"``.
+  """
+
+  def __init__(self, in_features: int, out_features: int,
+               kernel_size: int | tuple[int, ...],
+               strides: None | int | tuple[int, ...] = 1, *,
+               implementation: str = "auto", rngs: nnx.Rngs, **kwargs):
+    super().__init__(in_features, out_features, kernel_size, strides,
+                     directions="octants", implementation=implementation,
+                     rngs=rngs, **kwargs)
+
+
+class LandmarkBlock(nnx.Module):
+  """The LBYLNet landmark feature block, NNX.
+
+  The NNX twin of :class:`lmconv_jax.linen.LandmarkBlock` (same sub-layer
+  names, same data flow, same function for the same parameters)::
+
+    branches = relu(BN(conv3x3(x, P * m)))        # P branches of m channels
+    y = BN(LandmarkConv(branches, out_features, 3x3))
+    y = relu(y + BN(conv1x1(x, out_features)))
+    out = relu(BN(conv3x3(y, out_features)))
+
+  BatchNorm follows NNX's conventions: the running statistics are
+  ``nnx.BatchStat`` variables, ``block.eval()`` / ``block.train()`` switch
+  them, and ``block(x, train=...)`` overrides the mode for one call.
+
+  Example::
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import lmconv_jax
+    >>> block = lmconv_jax.nnx.LandmarkBlock(3, 8, rngs=nnx.Rngs(0))
+    >>> block.branch_conv.kernel.shape   # P = 4 branches of 4 channels
+    (3, 3, 3, 16)
+    >>> x = jnp.ones((2, 6, 6, 3), jnp.float32)
+    >>> block(x, train=True).shape
+    (2, 6, 6, 8)
+    >>> block.eval()
+    >>> block(x).shape
+    (2, 6, 6, 8)
+
+  Attributes:
+    branch_conv, branch_norm, pool_conv, pool_norm, skip_conv, skip_norm,
+    out_conv, out_norm: the sub-layers (``pool_conv`` is a
+      :class:`LandmarkConv`).
+    in_features: input channels.
+    out_features: output channels (LBYLNet's ``dim``).
+    branch_features: channels per direction branch (LBYLNet's ``mapdim``);
+      default ``out_features // 2`` as in the released LBYLNet configs.
+    directions: the grouping (default ``"quadrants"``).
+    implementation: ``"auto"``, ``"ffi"`` or ``"reference"``, for the pool.
+  """
+
+  def __init__(self, in_features: int, out_features: int, *,
+               branch_features: Optional[int] = None,
+               directions: Grouping = "quadrants",
+               implementation: str = "auto",
+               momentum: float = 0.9, epsilon: float = 1e-5,
+               use_running_average: bool = False,
+               axis_name: Optional[str] = None,
+               dtype: Optional[Any] = None, param_dtype: Any = jnp.float32,
+               precision: Any = None,
+               kernel_init: Callable[..., Array] = _default_kernel_init,
+               rngs: nnx.Rngs):
+    p = _num_groups(directions, type(self).__name__)
+    m = _branch_features(out_features, branch_features)
+    common = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                  precision=precision, kernel_init=kernel_init, rngs=rngs)
+    self.branch_conv = nnx.Conv(in_features, p * m, (3, 3), **common)
+    self.pool_conv = LandmarkConv(p * m, out_features, (3, 3),
+                                  directions=directions,
+                                  implementation=implementation, **common)
+    self.skip_conv = nnx.Conv(in_features, out_features, (1, 1), **common)
+    self.out_conv = nnx.Conv(out_features, out_features, (3, 3), **common)
+    norm = dict(momentum=momentum, epsilon=epsilon, dtype=dtype,
+                param_dtype=param_dtype, axis_name=axis_name,
+                use_running_average=use_running_average, rngs=rngs)
+    self.branch_norm = nnx.BatchNorm(p * m, **norm)
+    self.pool_norm = nnx.BatchNorm(out_features, **norm)
+    self.skip_norm = nnx.BatchNorm(out_features, **norm)
+    self.out_norm = nnx.BatchNorm(out_features, **norm)
+    self.in_features = in_features
+    self.out_features = out_features
+    self.branch_features = m
+    self.directions = _frozen(directions)
+    self.implementation = implementation
+
+  def __call__(self, x: Array, train: Optional[bool] = None) -> Array:
+    """Applies the block to NHWC ``x``.
+
+    Args:
+      x: ``(*batch_dims, H, W, in_features)``.
+      train: True uses and updates the batch statistics, False uses the
+        running averages, None (default) follows the mode set by
+        ``block.train()`` / ``block.eval()``.
+    """
+    layers = {name: getattr(self, name) for name in (
+        "branch_conv", "branch_norm", "pool_conv", "pool_norm",
+        "skip_conv", "skip_norm", "out_conv", "out_norm")}
+    return _landmark_block(
+        x, layers, use_running_average=None if train is None else not train)

@@ -1,0 +1,5 @@
+"""Shared test setup: float64 on (check_grads needs it), doctests of the package."""
+
+import jax
+
+jax.config.update("jax_enable_x64", True)

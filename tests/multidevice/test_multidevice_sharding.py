@@ -1,0 +1,326 @@
+"""8 host devices: sharded jit, pmap, shard_map, and exported sharded models.
+
+A pool whose input is sharded over a batch dim or over channels must compile
+to one custom call per device with no all-gather, all-to-all or
+collective-permute, forward, backward and tangent, and keep the input's
+sharding; other layouts (H or W sharded) must still give the right answer.
+Every check compares numbers with the unsharded reference.
+"""
+
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import lmconv_jax
+from lmconv_jax import _ffi
+
+import inputs
+
+HAS_FFI = _ffi.has_kernels("cpu")
+needs_ffi = pytest.mark.skipif(not HAS_FFI, reason="CPU extension not built")
+IMPLS = [pytest.param("ffi", marks=needs_ffi), "reference"]
+MOVES = ("all-gather", "all-to-all", "collective-permute")
+COLLECTIVES = MOVES + ("all-reduce", "reduce-scatter")
+X_SHAPE = (8, 5, 6, 4)                  # (B, H, W, C)
+
+
+def make_mesh(kind="Auto"):
+  return jax.make_mesh((4, 2), ("data", "model"),
+                       axis_types=(getattr(AxisType, kind),) * 2)
+
+
+def found(compiled, names):
+  text = compiled.as_text()
+  return [n for n in names if n in text]
+
+
+def lmconv_calls(compiled):
+  return compiled.as_text().count('custom_call_target="lmconv_')
+
+
+def ref_pool(direction):
+  return lambda x, g: lmconv_jax.landmark_pool_reference(x, direction, g)
+
+
+def data(seed=0, shape=X_SHAPE):
+  x = inputs.make_x("small_int", shape, seed) + inputs.make_x("relu", shape, seed)
+  g = np.random.default_rng(seed + 1).uniform(-0.5, 1.5, shape)
+  return x, g, inputs.make_ct(shape, seed + 2)
+
+
+def spec_of(array):
+  spec = tuple(array.sharding.spec)
+  return spec + (None,) * (array.ndim - len(spec))
+
+
+# --------------------------------------------------------------------------
+# Sharded jit
+
+BATCH_OR_CHANNELS = {
+    "batch": P("data"),
+    "channels": P(None, None, None, "model"),
+    "batch_and_channels": P("data", None, None, "model"),
+    "batch_over_both_axes": P(("data", "model")),
+}
+
+
+# Every layout with and without a guide for the kernels; the reference (whose
+# compiles are slower) on two layouts with a guide.
+CASES = [pytest.param("ffi", layout, guided, marks=needs_ffi)
+         for layout in BATCH_OR_CHANNELS for guided in (False, True)]
+CASES += [("reference", "batch", True), ("reference", "batch_and_channels", True)]
+
+
+@pytest.mark.parametrize("impl,layout,guided", CASES)
+def test_sharded_jit_over_batch_or_channels_has_no_collectives(impl, layout,
+                                                               guided):
+  mesh = make_mesh()
+  sharding = NamedSharding(mesh, BATCH_OR_CHANNELS[layout])
+  x, g, ct = data()
+  g = g if guided else None
+  pool = lambda x, g: lmconv_jax.landmark_pool(x, "I6", g, implementation=impl)
+  programs = {
+      "forward": (lambda x, g, t: pool(x, g), 1),
+      "vjp": (lambda x, g, t: jax.vjp(pool, x, g)[1](t), 2),
+      "jvp": (lambda x, g, t: jax.jvp(pool, (x, g), (t, t))[1], 2),
+  }
+  if not guided:
+    programs["vjp"] = (lambda x, g, t: jax.vjp(lambda x: pool(x, None), x)[1](t), 2)
+    programs["jvp"] = (lambda x, g, t: jax.jvp(lambda x: pool(x, None), (x,), (t,))[1], 2)
+  ref = ref_pool("I6")
+  want = {
+      "forward": ref(x, g),
+      "vjp": jax.vjp(ref, x, g)[1](ct) if guided else
+             jax.vjp(lambda x: ref(x, None), x)[1](ct),
+      "jvp": jax.jvp(ref, (x, g), (ct, ct))[1] if guided else
+             jax.jvp(lambda x: ref(x, None), (x,), (ct,))[1],
+  }
+  args = [jax.device_put(a, sharding) if a is not None else None
+          for a in (x, g, ct)]
+  for name, (fn, n_calls) in programs.items():
+    compiled = jax.jit(fn).lower(*args).compile()
+    assert found(compiled, COLLECTIVES) == [], (name, layout)
+    if impl == "ffi":   # one kernel per pool (and one per gradient), per device
+      assert lmconv_calls(compiled) == n_calls, (name, compiled.as_text())
+    got = compiled(*args)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want[name])):
+      np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12, err_msg=name)
+      assert spec_of(a) == spec_of(args[0]), (name, a.sharding)
+
+
+@needs_ffi
+def test_explicit_mesh_axes_and_vmap_inside_sharded_jit():
+  mesh = make_mesh("Explicit")
+  x, g, _ = data(3)
+  xs = jax.device_put(x, NamedSharding(mesh, P("data", None, None, "model")))
+  gs = jax.device_put(g, NamedSharding(mesh, P("data", None, None, "model")))
+  pool = lambda x, g: lmconv_jax.landmark_pool(x, "br", g, implementation="ffi")
+  compiled = jax.jit(pool).lower(xs, gs).compile()
+  assert found(compiled, COLLECTIVES) == []
+  np.testing.assert_allclose(compiled(xs, gs), ref_pool("br")(x, g), rtol=1e-13)
+  # vmap over H (moved in front) of a batch-sharded array: still local.
+  auto = make_mesh()
+  xa = jax.device_put(x, NamedSharding(auto, P("data")))
+  vf = jax.jit(jax.vmap(lambda x: lmconv_jax.landmark_pool(
+      x[..., None], "tl", implementation="ffi")[..., 0], in_axes=1, out_axes=1))
+  compiled = vf.lower(xa).compile()
+  assert found(compiled, COLLECTIVES) == []
+  want = np.stack([ref_pool("tl")(x[:, k, :, :, None], None)[..., 0]
+                   for k in range(x.shape[1])], axis=1)
+  np.testing.assert_array_equal(compiled(xa), want)
+
+
+OTHER_LAYOUTS = {
+    "H": P(None, "data"),
+    "W": P(None, None, "model"),
+    "batch_and_H": P("model", "data"),
+}
+
+
+@pytest.mark.parametrize("impl,layout", [
+    pytest.param("ffi", layout, marks=needs_ffi) for layout in OTHER_LAYOUTS]
+    + [("reference", "batch_and_H")])
+def test_sharded_over_h_or_w_is_correct(impl, layout):
+  """H / W sharding: gathered before the kernel (docs/transforms.md says what
+  that costs), the answer is unchanged and the output keeps the sharding."""
+  mesh = make_mesh()
+  x, g, ct = data(5, (8, 8, 6, 4))
+  sharding = NamedSharding(mesh, OTHER_LAYOUTS[layout])
+  xs, gs, cts = (jax.device_put(a, sharding) for a in (x, g, ct))
+  pool = lambda x, g: lmconv_jax.landmark_pool(x, "I1", g, implementation=impl)
+  fwd = jax.jit(pool).lower(xs, gs).compile()
+  out = fwd(xs, gs)
+  np.testing.assert_allclose(out, ref_pool("I1")(x, g), rtol=1e-13)
+  dx, dg = jax.jit(lambda x, g, t: jax.vjp(pool, x, g)[1](t))(xs, gs, cts)
+  rdx, rdg = jax.vjp(ref_pool("I1"), x, g)[1](ct)
+  np.testing.assert_allclose(dx, rdx, rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(dg, rdg, rtol=1e-12, atol=1e-12)
+  if impl == "ffi":
+    assert spec_of(out) == spec_of(xs)
+    assert "all-gather" in found(fwd, MOVES)   # the documented cost
+
+
+# Two groups, one merged by max: grouping without compiling twelve scans.
+GROUPS = (("top_left", "I2"), "east_southeast")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_grouped_pool_and_layer_sharded_over_batch(impl):
+  mesh = make_mesh()
+  x = np.random.default_rng(7).normal(size=(8, 6, 5, 4))
+  xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+  grouped = jax.jit(lambda x: lmconv_jax.grouped_landmark_pool(
+      x, GROUPS, implementation=impl))
+  compiled = grouped.lower(xs).compile()
+  if impl == "ffi":
+    assert found(compiled, COLLECTIVES) == []
+  np.testing.assert_array_equal(
+      compiled(xs), lmconv_jax.grouped_landmark_pool(x, GROUPS,
+                                                     implementation=impl))
+  layer = lmconv_jax.LandmarkConv(features=4, kernel_size=(3, 3),
+                                  directions=GROUPS, implementation=impl)
+  params = layer.init(jax.random.key(0), x)
+  apply = jax.jit(layer.apply)
+  compiled = apply.lower(params, xs).compile()
+  if impl == "ffi":
+    assert found(compiled, MOVES) == []
+  np.testing.assert_allclose(compiled(params, xs), layer.apply(params, x),
+                             rtol=1e-12, atol=1e-12)
+  loss = lambda p, x: (layer.apply(p, x) ** 2).mean()
+  got = jax.jit(jax.grad(loss))(params, xs)
+  want = jax.jit(jax.grad(loss))(params, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-11,
+                                                       atol=1e-12), got, want)
+
+
+# --------------------------------------------------------------------------
+# pmap and shard_map
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_pmap_forward_and_gradients_equal_single_device(impl):
+  x, g, ct = data(9, (8, 2, 5, 6, 3))          # one (2, 5, 6, 3) per device
+  pool = lambda x, g: lmconv_jax.landmark_pool(x, "I4", g, implementation=impl)
+  loss = lambda x, g: (pool(x, g) * ct[0]).sum()
+  out = jax.pmap(pool)(x, g)
+  dx, dg = jax.pmap(jax.grad(loss, argnums=(0, 1)))(x, g)
+  tout = jax.pmap(lambda x, g, t: jax.jvp(pool, (x, g), (t, t))[1])(x, g, ct)
+  ref = ref_pool("I4")
+
+  @jax.jit
+  @jax.vmap
+  def single_device(x, g, t):
+    rloss = lambda x, g: (ref(x, g) * ct[0]).sum()
+    return (ref(x, g),) + jax.grad(rloss, argnums=(0, 1))(x, g) + (
+        jax.jvp(ref, (x, g), (t, t))[1],)
+
+  for got, want in zip((out, dx, dg, tout), single_device(x, g, ct)):
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_shard_map_ops_layers_and_replicated_guide(impl):
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+  x = np.random.default_rng(11).normal(size=(8, 5, 6, 4))
+  g = np.random.default_rng(12).uniform(0, 1, (4,))      # per channel
+  xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+  smap = functools.partial(jax.shard_map, mesh=mesh, out_specs=P("data"))
+  kw = dict(implementation=impl)
+
+  got = jax.jit(smap(lambda x, g: lmconv_jax.landmark_pool(x, "tr", g, **kw),
+                     in_specs=(P("data"), P())))(xs, g)
+  np.testing.assert_allclose(got, lmconv_jax.landmark_pool_reference(x, "tr", g),
+                             rtol=1e-13)
+  got = jax.jit(smap(lambda x: lmconv_jax.grouped_landmark_pool(
+      x, GROUPS, **kw), in_specs=P("data")))(xs)
+  np.testing.assert_array_equal(got, lmconv_jax.grouped_landmark_pool(
+      x, GROUPS, implementation=impl))
+
+  # The guide is replicated while x varies: its gradient is psum'ed.
+  def local_grad(x, g):
+    return jax.grad(lambda g: (lmconv_jax.landmark_pool(x, "tr", g, **kw)
+                               ** 2).sum())(g)
+  got = jax.jit(jax.shard_map(local_grad, mesh=mesh, in_specs=(P("data"), P()),
+                              out_specs=P()))(xs, g)
+  want = jax.grad(lambda g: (lmconv_jax.landmark_pool_reference(x, "tr", g)
+                             ** 2).sum())(g)
+  np.testing.assert_allclose(got, want, rtol=1e-11)
+
+  layer = lmconv_jax.LandmarkConv(features=3, kernel_size=(3, 3),
+                                  directions=GROUPS, **kw)
+  params = layer.init(jax.random.key(0), x)
+  got = jax.jit(smap(layer.apply, in_specs=(P(), P("data"))))(params, xs)
+  np.testing.assert_allclose(got, layer.apply(params, x), rtol=1e-12, atol=1e-12)
+
+  model = lmconv_jax.nnx.LandmarkConv(4, 3, (3, 3), directions=GROUPS,
+                                      rngs=nnx.Rngs(0), **kw)
+  graphdef, state = nnx.split(model)
+  apply = lambda state, x: nnx.merge(graphdef, state)(x)
+  got = jax.jit(smap(apply, in_specs=(P(), P("data"))))(state, xs)
+  np.testing.assert_allclose(got, model(x), rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------
+# An exported sharded model: no Python partitioning callbacks in the module,
+# so a fresh process (which only imports lmconv_jax) partitions it itself.
+
+EXPORTED = """
+import numpy as np, jax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+import lmconv_jax
+mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+sharding = NamedSharding(mesh, P("data"))
+x = np.random.default_rng(0).normal(size=(8, 6, 5, 4)).astype(np.float32)
+def model(x):
+  pool = lambda x: lmconv_jax.landmark_pool(x, "I5", implementation="ffi")
+  out, vjp = jax.vjp(pool, x)
+  return out, vjp(out)[0], jax.jvp(pool, (x,), (x,))[1]
+"""
+
+
+@needs_ffi
+def test_exported_sharded_model_partitions_in_a_fresh_process(tmp_path):
+  from jax import export
+  scope = {}
+  exec(EXPORTED, scope)
+  model, sharding, x = scope["model"], scope["sharding"], scope["x"]
+  targets = _ffi.build_info()["cpu"]["targets"]
+  exported = export.export(
+      jax.jit(model, in_shardings=sharding, out_shardings=sharding),
+      disabled_checks=[export.DisabledSafetyCheck.custom_call(t)
+                       for t in targets])(
+          jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding))
+  assert exported.nr_devices == 8
+  assert "CustomSPMDPartitioning" not in exported.mlir_module()
+  (tmp_path / "model.bin").write_bytes(exported.serialize())
+  np.savez(tmp_path / "want.npz", *[np.asarray(a) for a in jax.jit(model)(x)])
+  runner = EXPORTED + textwrap.dedent(f"""
+      from jax import export
+      blob = open({str(tmp_path / 'model.bin')!r}, 'rb').read()
+      call = jax.jit(export.deserialize(blob).call)
+      xs = jax.device_put(x, sharding)
+      compiled = call.lower(xs).compile()
+      text = compiled.as_text()
+      bad = [c for c in ("all-gather", "all-to-all", "collective-permute")
+             if c in text]
+      assert not bad, bad
+      want = np.load({str(tmp_path / 'want.npz')!r})
+      for k, a in enumerate(compiled(xs)):
+        assert a.sharding.spec == P("data"), a.sharding
+        np.testing.assert_array_equal(np.asarray(a), want[f"arr_{{k}}"])
+      print("OK")
+      """)
+  run = subprocess.run([sys.executable, "-c", runner], capture_output=True,
+                       text=True, cwd=tmp_path, env=dict(os.environ),
+                       timeout=300)
+  assert run.returncode == 0, run.stdout + run.stderr
+  assert run.stdout.startswith("OK")

@@ -1,0 +1,237 @@
+"""python -m lmconv_jax: demo --quick writes sane results; info; bench."""
+
+import io
+import json
+import subprocess
+import sys
+import types
+
+import pytest
+
+from lmconv_jax import _ffi, cli
+from lmconv_jax.demo.experiment import format_table, verdict
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def run_cli(capsys, *argv):
+  """(exit code, stdout, stderr) of the CLI run in this process."""
+  try:
+    code = cli.main(list(argv))
+  except SystemExit as e:           # argparse: --help, --version, usage errors
+    code = e.code
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+  """One `demo --quick` run shared by the tests that read its output."""
+  out = tmp_path_factory.mktemp("demo") / "run"
+  capture = pytest.MonkeyPatch()
+  stdout, stderr = io.StringIO(), io.StringIO()
+  capture.setattr(sys, "stdout", stdout)
+  capture.setattr(sys, "stderr", stderr)
+  try:
+    code = cli.main(["demo", "--quick", "--out", str(out)])
+  finally:
+    capture.undo()
+  return code, stdout.getvalue(), stderr.getvalue(), out
+
+
+def test_quick_demo_succeeds_and_prints_the_table(quick_demo):
+  code, out, err, _ = quick_demo
+  assert code == 0, err
+  for name in ("box 3x3", "dilated 3x3 (1, 2, 4)", "LandmarkConv4",
+               "LandmarkConv8"):
+    assert f"| {name} |" in out
+  assert "| model | params | test acc |" in out
+  assert "wrote results.json" in out
+  # A progress bar per model, on stderr.
+  for name in ("box 3x3", "LandmarkConv8"):
+    assert name in err and "150/150" in err
+  assert "Traceback" not in err
+
+
+def test_quick_demo_results_json_holds_sane_numbers(quick_demo):
+  _, _, _, out = quick_demo
+  results = json.loads((out / "results.json").read_text())
+  models = results["models"]
+  assert [m["key"] for m in models] == ["box", "dilated", "lm4", "lm8"]
+  params = {m["params"] for m in models}
+  assert len(params) == 1 and params.pop() == 4868   # matched exactly
+  n_test = results["config"]["test_size"]
+  for m in models:
+    assert 0.0 <= m["test_accuracy"] <= 1.0
+    # Accuracies are counts over the 256 test images.
+    hits = m["test_accuracy"] * n_test
+    assert abs(hits - round(hits)) < 1e-6
+    assert all(0.0 <= v <= 1.0 for v in m["accuracy_by_distance"].values())
+    assert all(v is None or 0.0 <= v <= 1.0
+               for v in m["accuracy_by_band"].values())
+    assert m["train_seconds"] > 0 and m["compile_seconds"] > 0
+    assert m["curve"]["steps"] == [50, 100, 150]
+    assert len(m["curve"]["test_accuracy"]) == 3
+    assert all(v > 0 for v in m["curve"]["train_loss"])
+  lo, hi = results["data"]["distance_range"]
+  assert 6 <= lo <= hi <= 12
+  assert results["landmark_pool"].startswith(("ffi", "reference"))
+  assert 0 < results["total_seconds"] < 120
+  # The table is rebuilt from the file alone.
+  assert format_table(results).count("\n") == 5
+
+
+def test_quick_demo_writes_the_figures(quick_demo):
+  _, _, _, out = quick_demo
+  results = json.loads((out / "results.json").read_text())
+  assert results["figures"] == ["examples.png", "accuracy_curves.png",
+                                "accuracy_by_distance.png", "equivalence.png",
+                                "landmarks.png"]
+  for name in results["figures"]:
+    data = (out / name).read_bytes()
+    assert data[:8] == PNG and len(data) > 5000, name
+
+
+def test_default_out_is_a_new_timestamped_folder(capsys, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  code, out, err = run_cli(capsys, "demo", "--quick", "--models", "box",
+                           "--steps", "3", "--no-figures", "--quiet")
+  assert code == 0, err
+  folders = list(tmp_path.glob("lmconv_demo_*"))
+  assert len(folders) == 1 and (folders[0] / "results.json").is_file()
+  assert not list(folders[0].glob("*.png"))
+  assert out.lstrip().startswith("| model |")      # --quiet: the table only
+  assert err == ""                                 # and no progress bars
+
+
+@pytest.mark.parametrize("argv,exit_code,message", [
+    (["demo", "--steps", "0"], 2,
+     "--steps: expected a positive integer, got '0'"),
+    (["demo", "--steps", "ten"], 2, "expected a positive integer, got 'ten'"),
+    (["demo", "--models", "box,resnet"], 2, "unknown model 'resnet'"),
+    (["demo", "--features", "12"], 2, "--features must be a multiple of 8"),
+    (["demo", "--models", "box,lm4", "--features", "6"], 2,
+     "--features must be a multiple of 4"),
+    (["demo", "--image-size", "32", "--max-distance", "20"], 2,
+     "--max-distance must be between 6 and --image-size // 2 = 16"),
+    (["demo", "--implementation", "cuda"], 2, "invalid choice: 'cuda'"),
+    (["demo", "--seed", "-1"], 2, "expected an integer >= 0"),
+    (["demo", "--bogus"], 2, "unrecognized arguments: --bogus"),
+    (["bench", "--shape", "4,4"], 2, "at least 3 positive dims"),
+    (["bench", "--directions", "tl,up"], 2, "unknown direction 'up'"),
+    (["bench", "--dtype", "int8"], 2, "invalid choice: 'int8'"),
+    (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
+    ([], 2, "the following arguments are required: COMMAND"),
+])
+def test_bad_arguments_exit_2_with_one_clear_line(capsys, argv, exit_code,
+                                                  message):
+  code, out, err = run_cli(capsys, *argv)
+  assert code == exit_code
+  assert message in err
+  assert "Traceback" not in err and out == ""
+
+
+def test_out_that_is_a_file_is_a_usage_error(capsys, tmp_path):
+  f = tmp_path / "results.txt"
+  f.write_text("x")
+  code, _, err = run_cli(capsys, "demo", "--quick", "--out", str(f))
+  assert code == 2 and "exists and is not a folder" in err
+
+
+def test_ffi_asked_for_but_not_built_exits_3(capsys, tmp_path, monkeypatch):
+  monkeypatch.setattr(_ffi, "has_kernels", lambda platform: False)
+  code, _, err = run_cli(capsys, "demo", "--quick", "--implementation", "ffi",
+                         "--out", str(tmp_path / "x"))
+  assert code == 3
+  assert "implementation='ffi' has no kernel" in err and "info" in err
+  assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["info"], ["bench"]])
+def test_help_on_every_command(capsys, command):
+  code, out, _ = run_cli(capsys, *command, "--help")
+  assert code == 0
+  assert out.startswith("usage: python -m lmconv_jax")
+  assert "exit codes:" in out
+
+
+def test_module_entry_point(tmp_path):
+  run = lambda *a: subprocess.run([sys.executable, "-m", "lmconv_jax", *a],
+                                  capture_output=True, text=True, cwd=tmp_path)
+  version = run("--version")
+  assert version.returncode == 0 and version.stdout.startswith("lmconv_jax ")
+  bad = run("demo", "--steps", "-1")
+  assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_info_shows_versions_kernels_devices(capsys):
+  code, out, _ = run_cli(capsys, "info")
+  assert code == 0
+  assert out.startswith("lmconv_jax ")
+  for text in ("jax ", "flax ", "kernels (XLA FFI):", "cpu", "cuda",
+               "devices (default backend:", 'implementation="auto" runs'):
+    assert text in out
+  built = _ffi.available_platforms()
+  if "cpu" in built:
+    assert "float32, float64, float16, bfloat16" in out
+  if "cuda" not in built:
+    assert "To get the CUDA kernels" in out and "nvcc" in out
+
+
+def test_info_json(capsys):
+  code, out, _ = run_cli(capsys, "info", "--json")
+  info = json.loads(out)
+  assert code == 0
+  assert set(info["kernels"]) == {"cpu", "cuda"}
+  assert info["kernels"]["cpu"]["built"] == _ffi.has_kernels("cpu")
+  assert info["devices"] and info["versions"]["jax"]
+  assert info["auto_implementation"] in ("ffi", "reference")
+
+
+def test_bench_without_the_benchmark_module_exits_3(capsys, monkeypatch):
+  monkeypatch.setitem(sys.modules, "lmconv_jax.benchmark", None)
+  code, _, err = run_cli(capsys, "bench")
+  assert code == 3
+  assert "benchmark suite (lmconv_jax/benchmark.py) is not part" in err
+  assert "Traceback" not in err
+
+
+def test_bench_passes_options_and_writes_files(capsys, monkeypatch, tmp_path):
+  calls = []
+
+  def run(shape=(8, 64, 64, 64), dtype="float32", directions=("top_left",),
+          repeats=20, progress=True):
+    calls.append(dict(shape=shape, dtype=dtype, directions=directions,
+                      repeats=repeats, progress=progress))
+    return [dict(direction=d, ffi_ms=1.5) for d in directions]
+
+  fake = types.SimpleNamespace(
+      run=run, machine=lambda: {"cpu": "test"},
+      markdown=lambda rows, info: "| direction |\n" + "".join(
+          f"| {r['direction']} |\n" for r in rows))
+  monkeypatch.setitem(sys.modules, "lmconv_jax.benchmark", fake)
+  md, js = tmp_path / "b.md", tmp_path / "b.json"
+  code, out, _ = run_cli(capsys, "bench", "--shape", "2,8,8,4", "--directions",
+                         "tl,octants", "--no-progress", "--markdown", str(md),
+                         "--json", str(js))
+  assert code == 0
+  assert calls == [dict(shape=(2, 8, 8, 4), dtype="float32",
+                        directions=("top_left", "east_northeast",
+                                    "north_northeast", "north_northwest",
+                                    "west_northwest", "south_southwest",
+                                    "west_southwest", "south_southeast",
+                                    "east_southeast"),
+                        repeats=20, progress=False)]
+  assert "| top_left |" in out and "| east_southeast |" in out
+  assert md.read_text().count("\n") == 10
+  saved = json.loads(js.read_text())
+  assert saved["machine"] == {"cpu": "test"} and len(saved["rows"]) == 9
+
+
+def test_verdict_says_so_when_a_baseline_wins():
+  results = {"models": [
+      dict(model="box 3x3", key="box", test_accuracy=0.9),
+      dict(model="LandmarkConv4", key="lm4", test_accuracy=0.8)]}
+  assert "a baseline beat the landmark convolutions" in verdict(results)
+  results["models"][1]["test_accuracy"] = 0.95
+  assert verdict(results).startswith("best: LandmarkConv4 (0.950)")

@@ -1,0 +1,566 @@
+// CPU back end of the landmark pool: the schedule and the XLA FFI handlers.
+//
+// The per-pixel math is in landmark_pool.h (shared with CUDA). Here, every
+// direction is mapped to a strided view scanned rows ascending, columns
+// ascending (landmark_pool.h: ScanView), and one templated kernel walks it.
+// Work items are (batch, channel block) pairs; within an item the inner loop
+// runs over contiguous channels so the compiler vectorises it. Items run in
+// parallel on XLA's intra-op thread pool.
+//
+// Residuals: the forward saves nothing beyond its output. The backward takes
+// x and out and recomputes m[p] = max(x[p], out[p+n1], out[p+n2]) with the
+// forward's tie rule, which is exact because out is what the forward stored.
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "landmark_pool.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace lmconv {
+
+// The direction as it arrives: six int64 attributes (Python ints).
+struct DirectionAttrs {
+  int64_t row_step, col_step, n1_row, n1_col, n2_row, n2_col;
+};
+
+}  // namespace lmconv
+
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
+    lmconv::DirectionAttrs, xla::ffi::StructMember<int64_t>("row_step"),
+    xla::ffi::StructMember<int64_t>("col_step"),
+    xla::ffi::StructMember<int64_t>("n1_row"),
+    xla::ffi::StructMember<int64_t>("n1_col"),
+    xla::ffi::StructMember<int64_t>("n2_row"),
+    xla::ffi::StructMember<int64_t>("n2_col"));
+
+namespace lmconv {
+namespace {
+
+// ---------------------------------------------------------------------------
+// Validation
+// ---------------------------------------------------------------------------
+
+// (batch, H, W, C): every dim before the last three is folded into batch.
+struct Geometry {
+  int64_t batch, height, width, channels;
+  int64_t size() const { return batch * height * width * channels; }
+};
+
+std::string dims_str(ffi::AnyBuffer::Dimensions dims) {
+  std::ostringstream s;
+  s << "(";
+  for (size_t k = 0; k < dims.size(); ++k) s << (k ? ", " : "") << dims[k];
+  s << (dims.size() == 1 ? ",)" : ")");
+  return s.str();
+}
+
+std::string dtype_str(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::F32: return "float32";
+    case ffi::DataType::F64: return "float64";
+    case ffi::DataType::F16: return "float16";
+    case ffi::DataType::BF16: return "bfloat16";
+    default: {
+      std::ostringstream s;
+      s << "XLA " << static_cast<XLA_FFI_DataType>(t);
+      return s.str();
+    }
+  }
+}
+
+ffi::ErrorOr<Geometry> geometry_of(const char* target, ffi::AnyBuffer x) {
+  auto dims = x.dimensions();
+  if (dims.size() < 3) {
+    return ffi::Unexpected(ffi::Error::InvalidArgument(
+        std::string(target) + ": x must have rank >= 3, shape (..., H, W, C); "
+        "got shape " + dims_str(dims)));
+  }
+  const size_t r = dims.size();
+  Geometry g{1, dims[r - 3], dims[r - 2], dims[r - 1]};
+  for (size_t k = 0; k + 3 < r; ++k) g.batch *= dims[k];
+  return g;
+}
+
+// Every other operand and result must have exactly x's shape and dtype.
+ffi::Error check_like_x(const char* target, const char* name,
+                        ffi::AnyBuffer x, ffi::AnyBuffer other) {
+  auto xd = x.dimensions(), od = other.dimensions();
+  if (!std::equal(xd.begin(), xd.end(), od.begin(), od.end())) {
+    return ffi::Error::InvalidArgument(
+        std::string(target) + ": " + name + " must have x's shape " +
+        dims_str(xd) + "; got " + dims_str(od));
+  }
+  if (other.element_type() != x.element_type()) {
+    return ffi::Error::InvalidArgument(
+        std::string(target) + ": " + name + " must have x's dtype " +
+        dtype_str(x.element_type()) + "; got " +
+        dtype_str(other.element_type()));
+  }
+  return ffi::Error::Success();
+}
+
+ffi::ErrorOr<Direction> direction_of(const char* target, DirectionAttrs a) {
+  Direction d;
+  if (const char* why = make_direction(a.row_step, a.col_step, a.n1_row,
+                                       a.n1_col, a.n2_row, a.n2_col, &d)) {
+    std::ostringstream s;
+    s << target << ": invalid direction (row_step=" << a.row_step
+      << ", col_step=" << a.col_step << ", n1=(" << a.n1_row << ", "
+      << a.n1_col << "), n2=(" << a.n2_row << ", " << a.n2_col
+      << ")): " << why;
+    return ffi::Unexpected(ffi::Error::InvalidArgument(s.str()));
+  }
+  return d;
+}
+
+ffi::Error unsupported_dtype(const char* target, ffi::DataType t) {
+  return ffi::Error::InvalidArgument(
+      std::string(target) + ": unsupported dtype " + dtype_str(t) +
+      "; expected float32, float64, float16 or bfloat16");
+}
+
+// ---------------------------------------------------------------------------
+// Parallel schedule
+// ---------------------------------------------------------------------------
+
+// Channel blocks of at most this many elements keep a row of a work item in
+// L1/L2 for wide images; blocks are multiples of 16 elements (whole vectors).
+constexpr int64_t kMaxChannelBlock = 128;
+constexpr int64_t kMinChannelBlock = 16;
+// Below this many elements, threads cost more than they save.
+constexpr int64_t kMinParallelElements = 1 << 15;
+
+struct Plan {
+  Geometry geo;
+  int64_t block;    // channels per work item
+  int64_t nblocks;  // channel blocks per image
+  int64_t items() const { return geo.batch * nblocks; }
+};
+
+Plan make_plan(Geometry geo, int64_t threads) {
+  int64_t block = std::min(geo.channels, kMaxChannelBlock);
+  auto nblocks = [&] { return (geo.channels + block - 1) / block; };
+  // Split channels further only while there is too little work to go round.
+  while (geo.batch * nblocks() < threads && block >= 2 * kMinChannelBlock) {
+    block = (block / 2 + kMinChannelBlock - 1) / kMinChannelBlock *
+            kMinChannelBlock;
+  }
+  return Plan{geo, block, nblocks()};
+}
+
+// Runs fn(0), ..., fn(n - 1) on the calling thread and on at most
+// pool.num_threads() - 1 helper tasks. Items are claimed from a shared
+// counter, so the caller never waits on a task that has not started (no
+// deadlock when the caller is itself a pool thread); helpers that start after
+// all items are claimed return at once.
+void parallel_for(ffi::ThreadPool& pool, int64_t n, int64_t elements,
+                  const std::function<void(int64_t)>& fn) {
+  const int64_t threads = elements < kMinParallelElements ? 0
+                                                          : pool.num_threads();
+  const int64_t helpers = std::min(threads, n) - 1;
+  if (helpers <= 0) {
+    for (int64_t k = 0; k < n; ++k) fn(k);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> pending{0};
+    std::mutex mu;
+    std::condition_variable done;
+    const std::function<void(int64_t)>* fn = nullptr;
+    int64_t n = 0;
+    void drain() {
+      for (int64_t k; (k = next.fetch_add(1)) < n;) {
+        (*fn)(k);
+        if (pending.fetch_sub(1) == 1) {
+          std::lock_guard<std::mutex> lock(mu);
+          done.notify_all();
+        }
+      }
+    }
+  };
+  auto state = std::make_shared<State>();
+  state->fn = &fn;  // only dereferenced for claimed items, all before we return
+  state->n = n;
+  state->pending = n;
+  for (int64_t t = 0; t < helpers; ++t) {
+    pool.Schedule([state] { state->drain(); });
+  }
+  state->drain();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->done.wait(lock, [&] { return state->pending.load() == 0; });
+}
+
+// ---------------------------------------------------------------------------
+// Kernels: one work item = one image of the batch, channels [c0, c0 + n).
+// Pointers are offset to (image, c0); pixel offsets come from the ScanView.
+// ---------------------------------------------------------------------------
+
+template <typename S>
+using Compute = typename StorageTraits<S>::Compute;
+
+// The item kernels are compiled for AVX2 and for the baseline ISA, picked at
+// load time (gcc/clang function multiversioning); the pixel loops are forced
+// inline so they are vectorised for the clone they land in.
+#if defined(__x86_64__) && defined(__ELF__)
+#define LMCONV_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define LMCONV_CPU_CLONES
+#endif
+#define LMCONV_INLINE inline __attribute__((always_inline))
+
+template <typename S, bool kGuided, bool kIn1, bool kIn2>
+LMCONV_INLINE void forward_pixel(const S* __restrict x, const S* __restrict g,
+                   S* __restrict out, const S* __restrict o1,
+                   const S* __restrict o2, int64_t n) {
+  using T = StorageTraits<S>;
+  for (int64_t c = 0; c < n; ++c) {
+    const auto xv = T::load(x[c]);
+    const auto m = pool_max(xv, kIn1, kIn1 ? T::load(o1[c]) : xv, kIn2,
+                            kIn2 ? T::load(o2[c]) : xv);
+    out[c] = T::store(kGuided ? pool_blend(T::load(g[c]), m, xv) : m);
+  }
+}
+
+// Scans that run backwards through memory defeat the hardware prefetcher
+// (3x slower with a guide), so each kernel prefetches the pixel it will visit
+// kPrefetchPixels later in scan order.
+constexpr int64_t kPrefetchPixels = 8;
+
+template <int kWrite, typename T>
+LMCONV_INLINE void prefetch(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < n * int64_t{sizeof(T)}; b += 64) {
+    __builtin_prefetch(c + b, kWrite);
+  }
+}
+
+// Element offset of the pixel kPrefetchPixels after view pixel (i, j) at
+// element offset p in scan order (before it if kReverse), or -1 if none.
+template <bool kReverse>
+LMCONV_INLINE int64_t ahead(const ScanView& v, int64_t i, int64_t j, int64_t p,
+                            int64_t height, int64_t width) {
+  constexpr int64_t d = kReverse ? -kPrefetchPixels : kPrefetchPixels;
+  const int64_t jj = j + d;
+  if (jj >= 0 && jj < width) return p + d * v.col_stride;
+  const int64_t ii = kReverse ? i - 1 : i + 1;  // wraps to the next row
+  if (ii < 0 || ii >= height) return -1;
+  const int64_t wrapped = kReverse ? jj + width : jj - width;
+  return p + (ii - i) * v.row_stride + (wrapped - j) * v.col_stride;
+}
+
+template <typename S, bool kGuided>
+LMCONV_CPU_CLONES void forward_item(const S* x, const S* g, S* out, const ScanView& v,
+                  int64_t height, int64_t width, int64_t n) {
+  for (int64_t i = 0; i < height; ++i) {
+    for (int64_t j = 0; j < width; ++j) {
+      const int64_t p = v.start + i * v.row_stride + j * v.col_stride;
+      const S* gp = kGuided ? g + p : nullptr;
+      const S* o1 = out + p + v.off1;
+      const S* o2 = out + p + v.off2;
+      if (const int64_t q = ahead<false>(v, i, j, p, height, width); q >= 0) {
+        prefetch<0>(x + q, n);
+        if (kGuided) prefetch<0>(g + q, n);
+        prefetch<1>(out + q, n);
+      }
+      switch (inside(i, j, v.n1, height, width) * 2 +
+              inside(i, j, v.n2, height, width)) {
+        case 3: forward_pixel<S, kGuided, true, true>(x + p, gp, out + p, o1, o2, n); break;
+        case 2: forward_pixel<S, kGuided, true, false>(x + p, gp, out + p, o1, o2, n); break;
+        case 1: forward_pixel<S, kGuided, false, true>(x + p, gp, out + p, o1, o2, n); break;
+        default: forward_pixel<S, kGuided, false, false>(x + p, gp, out + p, o1, o2, n); break;
+      }
+    }
+  }
+}
+
+// G (the running cotangent of out, type Compute<S>) lives in the dx buffer
+// when S is its own compute type (float, double): each G[p] is final when p
+// is visited, is read, then overwritten by dx[p], and pushes only go to
+// neighbours, which are visited later. Halves keep G in a float scratch of
+// two rows, since pushes reach at most the previous row of the view.
+// All pointers are __restrict: the ranges [p, p + n) they cover are disjoint
+// (n1 != n2, and a neighbour is at least one pixel = C >= n elements away).
+template <typename S, bool kGuided, bool kIn1, bool kIn2>
+LMCONV_INLINE void backward_pixel(const S* __restrict x, const S* __restrict g,
+                    const S* __restrict o1, const S* __restrict o2,
+                    Compute<S>* __restrict G, Compute<S>* __restrict G1,
+                    Compute<S>* __restrict G2, S* __restrict dx,
+                    S* __restrict dg, int64_t n) {
+  using T = StorageTraits<S>;
+  constexpr bool kInPlace = std::is_same_v<S, Compute<S>>;
+  for (int64_t c = 0; c < n; ++c) {
+    const auto xv = T::load(x[c]);
+    const auto o1v = kIn1 ? T::load(o1[c]) : xv;
+    const auto o2v = kIn2 ? T::load(o2[c]) : xv;
+    PoolGrad<Compute<S>> r;
+    if constexpr (kGuided) {
+      const auto m = pool_max(xv, kIn1, o1v, kIn2, o2v);
+      r = pool_backward_guided(xv, m, kIn1, o1v, kIn2, o2v, T::load(g[c]),
+                               G[c]);
+    } else {
+      r = pool_backward(xv, kIn1, o1v, kIn2, o2v, G[c]);
+    }
+    if constexpr (kIn1) G1[c] += r.to_n1;
+    if constexpr (kIn2) G2[c] += r.to_n2;
+    if constexpr (kInPlace) {
+      G[c] = r.dx;  // G is dx
+    } else {
+      dx[c] = T::store(r.dx);
+    }
+    if constexpr (kGuided) dg[c] = T::store(r.dguide);
+  }
+}
+
+template <typename S, bool kGuided>
+LMCONV_CPU_CLONES void backward_item(const S* x, const S* g, const S* out, const S* ct, S* dx,
+                   S* dg, const ScanView& v, int64_t height, int64_t width,
+                   int64_t n) {
+  using Acc = Compute<S>;
+  constexpr bool kInPlace = std::is_same_v<S, Acc>;
+  std::vector<Acc> scratch(kInPlace ? 0 : 2 * width * n);
+  // G of view pixel (i, j) is at row_ptr(i) + j * g_col, channels contiguous.
+  const int64_t g_col = kInPlace ? v.col_stride : n;
+  auto row_ptr = [&](int64_t i) -> Acc* {
+    if constexpr (kInPlace) {
+      return reinterpret_cast<Acc*>(dx) + v.start + i * v.row_stride;
+    } else {
+      return scratch.data() + (i & 1) * width * n;
+    }
+  };
+  auto load_ct_row = [&](int64_t i) {
+    Acc* G = row_ptr(i);
+    const S* c = ct + v.start + i * v.row_stride;
+    for (int64_t j = 0; j < width; ++j) {
+      for (int64_t k = 0; k < n; ++k) {
+        G[j * g_col + k] = StorageTraits<S>::load(c[j * v.col_stride + k]);
+      }
+    }
+  };
+  load_ct_row(height - 1);
+  for (int64_t i = height - 1; i >= 0; --i) {
+    if (i > 0) load_ct_row(i - 1);  // pushes from row i reach row i - 1
+    Acc* G_row = row_ptr(i);
+    // Offsets of the neighbours' G from G[p] (view rows dr are 0 or -1).
+    const int64_t prev_row = i > 0 ? row_ptr(i - 1) - G_row : 0;
+    const int64_t goff1 = (v.n1.dr ? prev_row : 0) + v.n1.dc * g_col;
+    const int64_t goff2 = (v.n2.dr ? prev_row : 0) + v.n2.dc * g_col;
+    for (int64_t j = width - 1; j >= 0; --j) {
+      const int64_t p = v.start + i * v.row_stride + j * v.col_stride;
+      Acc* G = G_row + j * g_col;
+      const S* gp = kGuided ? g + p : nullptr;
+      S* dgp = kGuided ? dg + p : nullptr;
+      const S* o1 = out + p + v.off1;
+      const S* o2 = out + p + v.off2;
+      if (const int64_t q = ahead<true>(v, i, j, p, height, width); q >= 0) {
+        prefetch<0>(x + q, n);
+        prefetch<0>(out + q + v.off1, n);  // may be outside: harmless
+        prefetch<0>(out + q + v.off2, n);
+        if (kGuided) prefetch<0>(g + q, n);
+        if (kGuided) prefetch<1>(dg + q, n);
+        if (!kInPlace) prefetch<1>(dx + q, n);
+      }
+      if (i >= 2) {  // row i - 2 of ct and of G is loaded before row i - 1
+        const int64_t q = v.start + (i - 2) * v.row_stride + j * v.col_stride;
+        prefetch<0>(ct + q, n);
+        if (kInPlace) prefetch<1>(dx + q, n);
+      }
+      switch (inside(i, j, v.n1, height, width) * 2 +
+              inside(i, j, v.n2, height, width)) {
+        case 3: backward_pixel<S, kGuided, true, true>(x + p, gp, o1, o2, G, G + goff1, G + goff2, dx + p, dgp, n); break;
+        case 2: backward_pixel<S, kGuided, true, false>(x + p, gp, o1, o2, G, G + goff1, G + goff2, dx + p, dgp, n); break;
+        case 1: backward_pixel<S, kGuided, false, true>(x + p, gp, o1, o2, G, G + goff1, G + goff2, dx + p, dgp, n); break;
+        default: backward_pixel<S, kGuided, false, false>(x + p, gp, o1, o2, G, G + goff1, G + goff2, dx + p, dgp, n); break;
+      }
+    }
+  }
+}
+
+// Runs item_fn(image_offset, c0, n) over all work items of the plan.
+template <typename F>
+void for_each_item(ffi::ThreadPool& pool, const Plan& plan, F item_fn) {
+  const Geometry& geo = plan.geo;
+  const int64_t image = geo.height * geo.width * geo.channels;
+  parallel_for(pool, plan.items(), geo.size(), [&](int64_t k) {
+    const int64_t b = k / plan.nblocks;
+    const int64_t c0 = (k % plan.nblocks) * plan.block;
+    item_fn(b * image + c0, std::min(plan.block, geo.channels - c0));
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Handlers: one per target, each dispatching on the element type.
+// ---------------------------------------------------------------------------
+
+// Calls fn(S{}) with S the storage type of dtype t; false if unsupported.
+template <typename F>
+bool dispatch_dtype(ffi::DataType t, F&& fn) {
+  switch (t) {
+    case ffi::DataType::F32: fn(float{}); return true;
+    case ffi::DataType::F64: fn(double{}); return true;
+    case ffi::DataType::F16: fn(Half{}); return true;
+    case ffi::DataType::BF16: fn(BFloat16{}); return true;
+    default: return false;
+  }
+}
+
+template <typename S>
+S* data(ffi::AnyBuffer b) {
+  return static_cast<S*>(b.untyped_data());
+}
+
+ffi::Error Forward(const char* target, ffi::ThreadPool pool, ffi::AnyBuffer x,
+                   const ffi::AnyBuffer* g, ffi::AnyBuffer out,
+                   DirectionAttrs attrs) {
+  auto dir = direction_of(target, attrs);
+  if (dir.has_error()) return dir.error();
+  auto geo = geometry_of(target, x);
+  if (geo.has_error()) return geo.error();
+  if (g) {
+    if (auto e = check_like_x(target, "guide", x, *g); e.failure()) return e;
+  }
+  if (auto e = check_like_x(target, "out", x, out); e.failure()) return e;
+  const Plan plan = make_plan(*geo, pool.num_threads());
+  if (plan.geo.size() == 0) return ffi::Error::Success();
+  const ScanView v =
+      make_scan_view(*dir, geo->height, geo->width, geo->channels);
+  const bool ok = dispatch_dtype(x.element_type(), [&](auto tag) {
+    using S = decltype(tag);
+    const S* xp = data<S>(x);
+    S* op = data<S>(out);
+    if (g) {
+      const S* gp = data<S>(*g);
+      for_each_item(pool, plan, [&](int64_t off, int64_t n) {
+        forward_item<S, true>(xp + off, gp + off, op + off, v, geo->height,
+                              geo->width, n);
+      });
+    } else {  // g = 1: the fast path reads no guide
+      for_each_item(pool, plan, [&](int64_t off, int64_t n) {
+        forward_item<S, false>(xp + off, nullptr, op + off, v, geo->height,
+                               geo->width, n);
+      });
+    }
+  });
+  return ok ? ffi::Error::Success() : unsupported_dtype(target, x.element_type());
+}
+
+ffi::Error Backward(const char* target, ffi::ThreadPool pool,
+                    ffi::AnyBuffer x, const ffi::AnyBuffer* g,
+                    ffi::AnyBuffer out, ffi::AnyBuffer ct, ffi::AnyBuffer dx,
+                    const ffi::AnyBuffer* dg, DirectionAttrs attrs) {
+  auto dir = direction_of(target, attrs);
+  if (dir.has_error()) return dir.error();
+  auto geo = geometry_of(target, x);
+  if (geo.has_error()) return geo.error();
+  if (g) {
+    if (auto e = check_like_x(target, "guide", x, *g); e.failure()) return e;
+    if (auto e = check_like_x(target, "dguide", x, *dg); e.failure()) return e;
+  }
+  if (auto e = check_like_x(target, "out", x, out); e.failure()) return e;
+  if (auto e = check_like_x(target, "ct", x, ct); e.failure()) return e;
+  if (auto e = check_like_x(target, "dx", x, dx); e.failure()) return e;
+  const Plan plan = make_plan(*geo, pool.num_threads());
+  if (plan.geo.size() == 0) return ffi::Error::Success();
+  const ScanView v =
+      make_scan_view(*dir, geo->height, geo->width, geo->channels);
+  const bool ok = dispatch_dtype(x.element_type(), [&](auto tag) {
+    using S = decltype(tag);
+    const S* xp = data<S>(x);
+    const S* op = data<S>(out);
+    const S* cp = data<S>(ct);
+    S* dxp = data<S>(dx);
+    if (g) {
+      const S* gp = data<S>(*g);
+      S* dgp = data<S>(*dg);
+      for_each_item(pool, plan, [&](int64_t off, int64_t n) {
+        backward_item<S, true>(xp + off, gp + off, op + off, cp + off,
+                               dxp + off, dgp + off, v, geo->height,
+                               geo->width, n);
+      });
+    } else {
+      for_each_item(pool, plan, [&](int64_t off, int64_t n) {
+        backward_item<S, false>(xp + off, nullptr, op + off, cp + off,
+                                dxp + off, nullptr, v, geo->height,
+                                geo->width, n);
+      });
+    }
+  });
+  return ok ? ffi::Error::Success() : unsupported_dtype(target, x.element_type());
+}
+
+ffi::Error PoolFwd(ffi::ThreadPool pool, ffi::AnyBuffer x,
+                   ffi::Result<ffi::AnyBuffer> out, DirectionAttrs d) {
+  return Forward("lmconv_pool_fwd", pool, x, nullptr, *out, d);
+}
+
+ffi::Error PoolFwdGuided(ffi::ThreadPool pool, ffi::AnyBuffer x,
+                         ffi::AnyBuffer g, ffi::Result<ffi::AnyBuffer> out,
+                         DirectionAttrs d) {
+  return Forward("lmconv_pool_fwd_guided", pool, x, &g, *out, d);
+}
+
+ffi::Error PoolBwd(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer out,
+                   ffi::AnyBuffer ct, ffi::Result<ffi::AnyBuffer> dx,
+                   DirectionAttrs d) {
+  return Backward("lmconv_pool_bwd", pool, x, nullptr, out, ct, *dx, nullptr,
+                  d);
+}
+
+ffi::Error PoolBwdGuided(ffi::ThreadPool pool, ffi::AnyBuffer x,
+                         ffi::AnyBuffer g, ffi::AnyBuffer out,
+                         ffi::AnyBuffer ct, ffi::Result<ffi::AnyBuffer> dx,
+                         ffi::Result<ffi::AnyBuffer> dg, DirectionAttrs d) {
+  ffi::AnyBuffer dg_buf = *dg;
+  return Backward("lmconv_pool_bwd_guided", pool, x, &g, out, ct, *dx,
+                  &dg_buf, d);
+}
+
+}  // namespace
+}  // namespace lmconv
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmconvPoolFwd, lmconv::PoolFwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()   // x
+                                  .Ret<ffi::AnyBuffer>()   // out
+                                  .Attrs<lmconv::DirectionAttrs>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmconvPoolFwdGuided, lmconv::PoolFwdGuided,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()   // x
+                                  .Arg<ffi::AnyBuffer>()   // guide
+                                  .Ret<ffi::AnyBuffer>()   // out
+                                  .Attrs<lmconv::DirectionAttrs>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmconvPoolBwd, lmconv::PoolBwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()   // x
+                                  .Arg<ffi::AnyBuffer>()   // out
+                                  .Arg<ffi::AnyBuffer>()   // ct
+                                  .Ret<ffi::AnyBuffer>()   // dx
+                                  .Attrs<lmconv::DirectionAttrs>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmconvPoolBwdGuided, lmconv::PoolBwdGuided,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()   // x
+                                  .Arg<ffi::AnyBuffer>()   // guide
+                                  .Arg<ffi::AnyBuffer>()   // out
+                                  .Arg<ffi::AnyBuffer>()   // ct
+                                  .Ret<ffi::AnyBuffer>()   // dx
+                                  .Ret<ffi::AnyBuffer>()   // dguide
+                                  .Attrs<lmconv::DirectionAttrs>());

@@ -1,0 +1,166 @@
+// CPU emulation of the CUDA kernels: the FFI handlers of cuda_ffi.h with a
+// Backend that, instead of launching a kernel, runs its body (cuda_schedule.h,
+// compiled here for the host) for every block and thread of the real launch
+// geometry, phase by phase: all threads of all blocks finish a phase before
+// any starts the next, as __syncthreads() guarantees within a block. Blocks
+// are independent, so running them in lock step is one valid GPU order.
+//
+// To catch what the GPU could do differently, the emulator
+//   * can run the blocks and threads of each phase in reverse order (a body
+//     that read another thread's output of the same phase would differ), and
+//   * fills the outputs and the workspace with NaN bytes first, so a pixel
+//     that is never written, or read before it is written, shows up as NaN.
+//
+// Targets (platform "cpu"): lmconv_emu_pool_{fwd,bwd}[_guided], with the
+// operands of the real targets and two more int64 attributes: min_blocks
+// (what the CUDA handler derives from the GPU's multiprocessor count) and
+// order (0: blocks and threads ascending, 1: descending).
+
+#include <cstring>
+#include <vector>
+
+#include "cuda_ffi.h"
+
+namespace lmconv {
+
+struct EmulatorAttrs {
+  int64_t row_step, col_step, n1_row, n1_col, n2_row, n2_col;
+  int64_t min_blocks, order;
+  DirectionAttrs direction() const {
+    return DirectionAttrs{row_step, col_step, n1_row, n1_col, n2_row, n2_col};
+  }
+};
+
+}  // namespace lmconv
+
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
+    lmconv::EmulatorAttrs, xla::ffi::StructMember<int64_t>("row_step"),
+    xla::ffi::StructMember<int64_t>("col_step"),
+    xla::ffi::StructMember<int64_t>("n1_row"),
+    xla::ffi::StructMember<int64_t>("n1_col"),
+    xla::ffi::StructMember<int64_t>("n2_row"),
+    xla::ffi::StructMember<int64_t>("n2_col"),
+    xla::ffi::StructMember<int64_t>("min_blocks"),
+    xla::ffi::StructMember<int64_t>("order"));
+
+namespace lmconv {
+namespace cuda {
+
+// Runs Body like cuda.cu's phased kernel: phases, then blocks, then threads,
+// each block with its own shared memory.
+template <typename Body>
+void emulate(const LaunchPlan& plan, const typename Body::Args& args,
+             bool reverse) {
+  std::vector<unsigned char> shared(plan.blocks * plan.shared_bytes);
+  for (int64_t phase = 0; phase < plan.phases; ++phase) {
+    for (int64_t b = 0; b < plan.blocks; ++b) {
+      const int64_t block = reverse ? plan.blocks - 1 - b : b;
+      for (int64_t t = 0; t < plan.threads; ++t) {
+        const int64_t thread = reverse ? plan.threads - 1 - t : t;
+        Body::run(args, block, thread, phase,
+                  shared.data() + block * plan.shared_bytes);
+      }
+    }
+  }
+}
+
+void poison(void* data, size_t bytes) { std::memset(data, 0xFF, bytes); }
+
+class EmulatorBackend {
+ public:
+  explicit EmulatorBackend(const EmulatorAttrs& a)
+      : min_blocks_(a.min_blocks), reverse_(a.order != 0) {}
+
+  ffi::ErrorOr<int64_t> min_blocks() const { return min_blocks_; }
+
+  ffi::ErrorOr<void*> workspace(size_t bytes) {
+    workspace_.resize(bytes / sizeof(double) + 1);  // aligned for any G
+    poison(workspace_.data(), workspace_.size() * sizeof(double));
+    return static_cast<void*>(workspace_.data());
+  }
+
+  template <typename Body>
+  ffi::Error launch(const LaunchPlan& plan, const typename Body::Args& args) {
+    emulate<Body>(plan, args, reverse_);
+    return ffi::Error::Success();
+  }
+
+ private:
+  int64_t min_blocks_;
+  bool reverse_;
+  std::vector<double> workspace_;
+};
+
+void poison(ffi::AnyBuffer b) { poison(b.untyped_data(), b.size_bytes()); }
+
+ffi::Error EmuFwd(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out,
+                  EmulatorAttrs a) {
+  EmulatorBackend be(a);
+  poison(*out);
+  return Forward(be, "lmconv_emu_pool_fwd", x, nullptr, *out, a.direction());
+}
+
+ffi::Error EmuFwdGuided(ffi::AnyBuffer x, ffi::AnyBuffer g,
+                        ffi::Result<ffi::AnyBuffer> out, EmulatorAttrs a) {
+  EmulatorBackend be(a);
+  poison(*out);
+  return Forward(be, "lmconv_emu_pool_fwd_guided", x, &g, *out,
+                 a.direction());
+}
+
+ffi::Error EmuBwd(ffi::AnyBuffer x, ffi::AnyBuffer out, ffi::AnyBuffer ct,
+                  ffi::Result<ffi::AnyBuffer> dx, EmulatorAttrs a) {
+  EmulatorBackend be(a);
+  poison(*dx);
+  return Backward(be, "lmconv_emu_pool_bwd", x, nullptr, out, ct, *dx,
+                  nullptr, a.direction());
+}
+
+ffi::Error EmuBwdGuided(ffi::AnyBuffer x, ffi::AnyBuffer g, ffi::AnyBuffer out,
+                        ffi::AnyBuffer ct, ffi::Result<ffi::AnyBuffer> dx,
+                        ffi::Result<ffi::AnyBuffer> dg, EmulatorAttrs a) {
+  EmulatorBackend be(a);
+  ffi::AnyBuffer dg_buf = *dg;
+  poison(*dx);
+  poison(dg_buf);
+  return Backward(be, "lmconv_emu_pool_bwd_guided", x, &g, out, ct, *dx,
+                  &dg_buf, a.direction());
+}
+
+}  // namespace cuda
+}  // namespace lmconv
+
+namespace ffi = xla::ffi;
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmconvEmuPoolFwd, lmconv::cuda::EmuFwd,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()   // x
+                                  .Ret<ffi::AnyBuffer>()   // out
+                                  .Attrs<lmconv::EmulatorAttrs>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmconvEmuPoolFwdGuided,
+                              lmconv::cuda::EmuFwdGuided,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()   // x
+                                  .Arg<ffi::AnyBuffer>()   // guide
+                                  .Ret<ffi::AnyBuffer>()   // out
+                                  .Attrs<lmconv::EmulatorAttrs>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmconvEmuPoolBwd, lmconv::cuda::EmuBwd,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()   // x
+                                  .Arg<ffi::AnyBuffer>()   // out
+                                  .Arg<ffi::AnyBuffer>()   // ct
+                                  .Ret<ffi::AnyBuffer>()   // dx
+                                  .Attrs<lmconv::EmulatorAttrs>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmconvEmuPoolBwdGuided,
+                              lmconv::cuda::EmuBwdGuided,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()   // x
+                                  .Arg<ffi::AnyBuffer>()   // guide
+                                  .Arg<ffi::AnyBuffer>()   // out
+                                  .Arg<ffi::AnyBuffer>()   // ct
+                                  .Ret<ffi::AnyBuffer>()   // dx
+                                  .Ret<ffi::AnyBuffer>()   // dguide
+                                  .Attrs<lmconv::EmulatorAttrs>());

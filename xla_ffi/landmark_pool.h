@@ -1,0 +1,309 @@
+// Per-pixel math of the landmark pool, shared by the CPU and CUDA back ends.
+//
+// Everything here is a __host__ __device__ inline function on plain values;
+// the schedules (which pixel when, which thread) live in cpu.cc and cuda.cu.
+// The contract is docs/semantics.md: read it before changing anything here.
+#ifndef LMCONV_JAX_XLA_FFI_LANDMARK_POOL_H_
+#define LMCONV_JAX_XLA_FFI_LANDMARK_POOL_H_
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define LMCONV_HD __host__ __device__
+#else
+#define LMCONV_HD
+#endif
+#define LMCONV_HDI LMCONV_HD inline
+
+namespace lmconv {
+
+// ---------------------------------------------------------------------------
+// Directions
+// ---------------------------------------------------------------------------
+
+// A (row, column) offset; row grows downwards, column rightwards.
+struct Offset {
+  int dr;
+  int dc;
+};
+
+// One directional pool, as in lmconv_jax/directions.py: a scan order (rows are
+// the outer loop) and the two neighbours whose outputs feed a pixel; n1 wins
+// ties over n2.
+struct Direction {
+  int row_step;  // +1: rows top to bottom, -1: bottom to top.
+  int col_step;  // +1: columns left to right, -1: right to left.
+  Offset n1;
+  Offset n2;
+};
+
+// True if the pixel at `o` from p is visited before p in d's scan order.
+LMCONV_HDI bool visited_before(int row_step, int col_step, Offset o) {
+  return o.dr * row_step < 0 || (o.dr == 0 && o.dc * col_step < 0);
+}
+
+// Checks raw (int64) attributes and fills *d. Returns nullptr if they form a
+// valid direction, else a static message saying what is wrong.
+LMCONV_HDI const char* make_direction(int64_t row_step, int64_t col_step,
+                                      int64_t n1_row, int64_t n1_col,
+                                      int64_t n2_row, int64_t n2_col,
+                                      Direction* d) {
+  if ((row_step != 1 && row_step != -1) || (col_step != 1 && col_step != -1)) {
+    return "row_step and col_step must each be +1 or -1";
+  }
+  const int64_t offs[4] = {n1_row, n1_col, n2_row, n2_col};
+  for (int k = 0; k < 4; ++k) {
+    if (offs[k] < -1 || offs[k] > 1) {
+      return "neighbour offsets n1_row, n1_col, n2_row, n2_col must be in "
+             "{-1, 0, +1}";
+    }
+  }
+  d->row_step = static_cast<int>(row_step);
+  d->col_step = static_cast<int>(col_step);
+  d->n1 = Offset{static_cast<int>(n1_row), static_cast<int>(n1_col)};
+  d->n2 = Offset{static_cast<int>(n2_row), static_cast<int>(n2_col)};
+  if (n1_row == n2_row && n1_col == n2_col) {
+    return "neighbours n1 and n2 must differ";
+  }
+  if (!visited_before(d->row_step, d->col_step, d->n1) ||
+      !visited_before(d->row_step, d->col_step, d->n2)) {
+    return "neighbours n1 and n2 must both be visited before the pixel in "
+           "the scan order (rows outer, columns inner) given by row_step and "
+           "col_step";
+  }
+  return nullptr;
+}
+
+// A direction seen through a strided view of one (H, W, C) image in which the
+// scan runs rows ascending, then columns ascending: rows and columns that the
+// direction scans backwards are flipped by negative strides. In this view each
+// neighbour offset (a, b) has a == -1 (previous row) or (a, b) == (0, -1).
+// Strides and offsets are in elements; `start` is the element offset of the
+// first pixel visited, relative to the image's (0, 0, 0) element.
+struct ScanView {
+  int64_t row_stride;
+  int64_t col_stride;
+  int64_t start;
+  Offset n1;     // neighbour offsets in view coordinates
+  Offset n2;
+  int64_t off1;  // element offset from a pixel to its neighbour n1
+  int64_t off2;
+};
+
+LMCONV_HDI ScanView make_scan_view(Direction d, int64_t height, int64_t width,
+                                   int64_t channels) {
+  ScanView v;
+  v.row_stride = d.row_step * width * channels;
+  v.col_stride = d.col_step * channels;
+  v.start = (d.row_step < 0 ? (height - 1) * width * channels : 0) +
+            (d.col_step < 0 ? (width - 1) * channels : 0);
+  v.n1 = Offset{d.n1.dr * d.row_step, d.n1.dc * d.col_step};
+  v.n2 = Offset{d.n2.dr * d.row_step, d.n2.dc * d.col_step};
+  v.off1 = v.n1.dr * v.row_stride + v.n1.dc * v.col_stride;
+  v.off2 = v.n2.dr * v.row_stride + v.n2.dc * v.col_stride;
+  return v;
+}
+
+// True if the neighbour at view offset o of view pixel (i, j) is in the image.
+LMCONV_HDI bool inside(int64_t i, int64_t j, Offset o, int64_t height,
+                       int64_t width) {
+  const int64_t r = i + o.dr, c = j + o.dc;
+  return r >= 0 && r < height && c >= 0 && c < width;
+}
+
+// ---------------------------------------------------------------------------
+// Forward step
+// ---------------------------------------------------------------------------
+
+// m := max(m, v) where a later candidate wins only if strictly greater, and a
+// NaN candidate wins (a NaN m stays NaN): NaN propagates like lax.max.
+template <typename T>
+LMCONV_HDI T take_max(T m, T v) {
+  const T larger = v > m ? v : m;  // a NaN m stays (x86: one maxps)
+  return v != v ? v : larger;
+}
+
+// m[p] = max(x[p], out[p + n1], out[p + n2]) with precedence x, n1, n2; a
+// neighbour outside the image (in1 / in2 false) is skipped.
+template <typename T>
+LMCONV_HDI T pool_max(T x, bool in1, T o1, bool in2, T o2) {
+  T m = x;
+  if (in1) m = take_max(m, o1);
+  if (in2) m = take_max(m, o2);
+  return m;
+}
+
+// out[p] with a guide, evaluated literally (compile with FP contraction off).
+template <typename T>
+LMCONV_HDI T pool_blend(T g, T m, T x) {
+  return g * m + (T(1) - g) * x;
+}
+
+// ---------------------------------------------------------------------------
+// Backward step
+// ---------------------------------------------------------------------------
+
+// What one pixel p contributes in the reverse scan, given G = G[p] (final).
+template <typename T>
+struct PoolGrad {
+  T dx;      // dx[p]
+  T dguide;  // dguide[p] (guided only)
+  T to_n1;   // added to G[p + n1] (when n1 is inside)
+  T to_n2;   // added to G[p + n2] (when n2 is inside)
+};
+
+// No guide (g = 1): the whole of G goes to the one winner of the forward max.
+// The winner is found from x, o1, o2 directly (no m), which is equivalent to
+// the SPEC's tests against m: x wins unless a neighbour is strictly greater,
+// n1 beats n2 on ties, and any NaN among them makes every test false.
+template <typename T>
+LMCONV_HDI PoolGrad<T> pool_backward(T x, bool in1, T o1, bool in2, T o2,
+                                     T G) {
+  // Bitwise & and | (not && and ||): no branches, so loops vectorise.
+  const bool self = (in1 | in2 | (x == x)) &  // a lone NaN x is no winner
+                    (!in1 | (x >= o1)) & (!in2 | (x >= o2));
+  const bool take1 = in1 & (o1 > x) & (!in2 | (o1 >= o2));
+  const bool take2 = in2 & (o2 > x) & (!in1 | (o2 > o1));
+  PoolGrad<T> r;
+  r.dx = self ? G : T(0);
+  r.dguide = T(0);
+  r.to_n1 = take1 ? G : T(0);
+  r.to_n2 = take2 ? G : T(0);
+  return r;
+}
+
+// Guide s = g[p]: the SPEC's formulas, evaluated literally.
+template <typename T>
+LMCONV_HDI PoolGrad<T> pool_backward_guided(T x, T m, bool in1, T o1,
+                                            bool in2, T o2, T s, T G) {
+  const T one(1), zero(0);
+  const T self = x >= m ? one : zero;
+  const T take1 = (one - self) * ((in1 & (o1 >= m)) ? one : zero);
+  const T take2 = (one - self) * (one - take1) * ((in2 & (o2 >= m)) ? one : zero);
+  PoolGrad<T> r;
+  r.dx = (s * self + (one - s)) * G;
+  r.dguide = (m - x) * G;
+  r.to_n1 = s * take1 * G;
+  r.to_n2 = s * take2 * G;
+  return r;
+}
+
+// ---------------------------------------------------------------------------
+// Storage types
+// ---------------------------------------------------------------------------
+
+LMCONV_HDI uint32_t float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+#endif
+}
+
+LMCONV_HDI float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+#endif
+}
+
+// IEEE binary16 <-> float, round to nearest even, branch-free so loops over
+// channels vectorise (after Marat Dukhan's FP16 library). Exact for every
+// half value, including subnormals, infinities and NaN (made quiet).
+LMCONV_HDI float half_bits_to_float(uint16_t h) {
+  const uint32_t w = static_cast<uint32_t>(h) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float normalized =
+      bits_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const float denormalized = bits_float((two_w >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t magnitude = two_w < (1u << 27) ? float_bits(denormalized)
+                                                : float_bits(normalized);
+  return bits_float(sign | magnitude);
+}
+
+LMCONV_HDI uint16_t float_to_half_bits(float f) {
+  const uint32_t w = float_bits(f);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  float base = (bits_float(w & 0x7FFFFFFFu) * 0x1.0p+112f) * 0x1.0p-110f;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  bias = bias < 0x71000000u ? 0x71000000u : bias;
+  base = bits_float((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = float_bits(base);
+  const uint32_t nonsign = ((bits >> 13) & 0x7C00u) + (bits & 0x0FFFu);
+  return static_cast<uint16_t>((sign >> 16) |
+                               (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+// bfloat16 <-> float: bfloat16 is the top half of a float.
+LMCONV_HDI float bfloat16_bits_to_float(uint16_t b) {
+  return bits_float(static_cast<uint32_t>(b) << 16);
+}
+
+LMCONV_HDI uint16_t float_to_bfloat16_bits(float f) {
+  const uint32_t u = float_bits(f);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t quiet_nan = (u >> 16) | 0x40u;
+  // A mask, not ?:, which gcc turned into branches in some callers' loops.
+  const uint32_t is_nan =
+      0u - static_cast<uint32_t>((u & 0x7FFFFFFFu) > 0x7F800000u);
+  return static_cast<uint16_t>((quiet_nan & is_nan) | (rounded & ~is_nan));
+}
+
+// Host storage of the 16-bit types (XLA hands them over as raw bits).
+struct Half {
+  uint16_t bits;
+};
+struct BFloat16 {
+  uint16_t bits;
+};
+
+// StorageTraits<S>: how an element stored as S is computed on. Compute is the
+// type of the math and of the gradient accumulator G; load/store convert.
+// A neighbour's output is always read back through load(), i.e. as stored.
+// The CUDA back end may add specialisations for __half and __nv_bfloat16.
+template <typename S>
+struct StorageTraits;
+
+template <>
+struct StorageTraits<float> {
+  using Compute = float;
+  static LMCONV_HDI float load(float v) { return v; }
+  static LMCONV_HDI float store(float v) { return v; }
+};
+
+template <>
+struct StorageTraits<double> {
+  using Compute = double;
+  static LMCONV_HDI double load(double v) { return v; }
+  static LMCONV_HDI double store(double v) { return v; }
+};
+
+template <>
+struct StorageTraits<Half> {
+  using Compute = float;
+  static LMCONV_HDI float load(Half v) { return half_bits_to_float(v.bits); }
+  static LMCONV_HDI Half store(float v) { return Half{float_to_half_bits(v)}; }
+};
+
+template <>
+struct StorageTraits<BFloat16> {
+  using Compute = float;
+  static LMCONV_HDI float load(BFloat16 v) {
+    return bfloat16_bits_to_float(v.bits);
+  }
+  static LMCONV_HDI BFloat16 store(float v) {
+    return BFloat16{float_to_bfloat16_bits(v)};
+  }
+};
+
+}  // namespace lmconv
+
+#endif  // LMCONV_JAX_XLA_FFI_LANDMARK_POOL_H_
