@@ -23,11 +23,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
 import time
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,21 +43,30 @@ DEFAULT_SHAPE = (8, 64, 64, 64)
 DEFAULT_DIRECTIONS = ("top_left", "east_northeast")  # a quadrant, an octant
 
 
-def _time(fn: Callable, args: Sequence, repeats: int, budget_s: float) -> float:
-  """Median wall time in seconds of fn(*args) after one warm-up (compile) call.
+def _time_interleaved(calls: dict, repeats: int, budget_s: float,
+                      burst: int = 4) -> dict:
+  """Median wall time in seconds of each call (name -> (fn, args)).
 
-  Runs at least 3 and at most ``repeats`` times, fewer if ``budget_s`` is spent.
+  After one warm-up (compile) call each, the calls take turns in bursts: one
+  untimed call, then ``burst`` timed calls in a row (a steady state: its
+  buffers and threads are warm, as in a training loop). Taking turns makes
+  load from other processes hit all calls alike. At least 3 and at most
+  ``repeats`` turns, fewer once ``budget_s`` is spent.
   """
-  jax.block_until_ready(fn(*args))
-  times = []
-  start = time.perf_counter()
-  while len(times) < repeats:
-    t0 = time.perf_counter()
+  for fn, args in calls.values():
     jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-    if len(times) >= 3 and time.perf_counter() - start > budget_s:
+  times = {name: [] for name in calls}
+  start = time.perf_counter()
+  for r in range(repeats):
+    for name, (fn, args) in calls.items():
+      jax.block_until_ready(fn(*args))
+      for _ in range(burst):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times[name].append(time.perf_counter() - t0)
+    if r >= 2 and time.perf_counter() - start > budget_s:
       break
-  return statistics.median(times)
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _pool_fns(d: Direction, guided: bool):
@@ -86,8 +96,8 @@ def _pool_fns(d: Direction, guided: bool):
 
 def run(shape: Sequence[int] = DEFAULT_SHAPE, dtype="float32",
         directions: Sequence[str] = DEFAULT_DIRECTIONS,
-        guided: Sequence[bool] = (False, True), repeats: int = 20,
-        budget_s: float = 3.0, progress: bool = True) -> list[dict]:
+        guided: Sequence[bool] = (False, True), repeats: int = 10,
+        budget_s: float = 10.0, progress: bool = True) -> list[dict]:
   """Times every (direction, guide, pass) and returns one dict per row."""
   shape = tuple(int(s) for s in shape)
   dtype = jnp.dtype(dtype)
@@ -106,22 +116,25 @@ def run(shape: Sequence[int] = DEFAULT_SHAPE, dtype="float32",
     bar.set_postfix_str(f"{d.name}, {'guided' if gd else 'g=1'}")
     gx = g if gd else None
     fwd, fwd_bwd = _pool_fns(d, gd)
-    copy_s = _time(copy, (x, zero), repeats, budget_s)
-    for pass_name, fns, args, n_io in (
+    passes = (
         # arrays read + written: forward x (+g) -> out; backward x (+g), out,
         # ct -> dx (+dg).
         ("forward", fwd, (x, gx), 3 if gd else 2),
-        ("fwd+bwd", fwd_bwd, (x, gx, ct), 9 if gd else 6)):
+        ("fwd+bwd", fwd_bwd, (x, gx, ct), 9 if gd else 6))
+    calls = {"copy": (copy, (x, zero))}
+    for pass_name, fns, args, _ in passes:
+      calls.update({(pass_name, name): (fn, args) for name, fn in fns.items()})
+    t = _time_interleaved(calls, repeats, budget_s)
+    for pass_name, fns, _, n_io in passes:
       row = dict(direction=d.name, alias=d.alias,
                  kind="quadrant" if d.is_quadrant else "octant",
                  guide="guided" if gd else "g=1", pass_=pass_name,
                  shape=list(shape), dtype=dtype.name, bytes=n_io * nbytes,
-                 copy_ms=copy_s * 1e3,
-                 copy_gbps=2 * nbytes / copy_s / 1e9)
-      for name, fn in fns.items():
-        t = _time(fn, args, repeats, budget_s)
-        row[f"{name}_ms"] = t * 1e3
-        row[f"{name}_gbps"] = row["bytes"] / t / 1e9
+                 copy_ms=t["copy"] * 1e3,
+                 copy_gbps=2 * nbytes / t["copy"] / 1e9)
+      for name in fns:
+        row[f"{name}_ms"] = t[pass_name, name] * 1e3
+        row[f"{name}_gbps"] = row["bytes"] / t[pass_name, name] / 1e9
       row["ffi_vs_copy"] = row["ffi_gbps"] / row["copy_gbps"]
       row["speedup_vs_reference"] = row["reference_ms"] / row["ffi_ms"]
       if "cummax_ms" in row:
@@ -142,10 +155,10 @@ def machine() -> dict:
         model = line.split(":", 1)[1].strip()
   except (OSError, subprocess.CalledProcessError):
     pass
-  import os
+  import jaxlib
   return dict(cpu=model, cores=os.cpu_count(), jax=jax.__version__,
-              jaxlib=jax.lib.__version__ if hasattr(jax.lib, "__version__")
-              else None, backend=jax.default_backend(),
+              jaxlib=jaxlib.__version__, backend=jax.default_backend(),
+              load_avg_1min=round(os.getloadavg()[0], 2),
               date=datetime.date.today().isoformat())
 
 
@@ -156,10 +169,13 @@ def markdown(rows: list[dict], info: Optional[dict] = None) -> str:
   lines = []
   if info:
     r = rows[0]
+    copy_ms = statistics.median(r["copy_ms"] for r in rows)
+    copy_gbps = statistics.median(r["copy_gbps"] for r in rows)
     lines.append(f"Shape {tuple(r['shape'])} {r['dtype']}; {info['cpu']}, "
-                 f"{info['cores']} cores; jax {info['jax']}; {info['date']}. "
-                 f"Copy (`x + c`, same size): {r['copy_ms']:.3g} ms, "
-                 f"{r['copy_gbps']:.1f} GB/s.\n")
+                 f"{info['cores']} cores (1-min load average "
+                 f"{info['load_avg_1min']} at the end); jax {info['jax']}; "
+                 f"{info['date']}. Copy (`x + c`, same size): {copy_ms:.3g} "
+                 f"ms, {copy_gbps:.1f} GB/s (median over the rows).\n")
   lines.append("| direction | guide | pass | FFI ms | FFI GB/s | x copy BW "
                "| reference ms | FFI speed-up | cummax x2 ms |")
   lines.append("|---|---|---|---:|---:|---:|---:|---:|---:|")
@@ -179,7 +195,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
   p.add_argument("--dtype", default="float32")
   p.add_argument("--directions", default=",".join(DEFAULT_DIRECTIONS),
                  help=f"comma-separated, from {', '.join(DIRECTIONS)}")
-  p.add_argument("--repeats", type=int, default=20)
+  p.add_argument("--repeats", type=int, default=10,
+                 help="turns per candidate (each: 1 untimed + 4 timed calls)")
   p.add_argument("--markdown", metavar="FILE", help="also write the table here")
   p.add_argument("--json", metavar="FILE", help="also write the rows here")
   p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -146,44 +146,43 @@ else:
 _H100_MULTIPROCESSORS = 132
 
 
-def _emulated_cuda_call(kind, operands, direction, guided, n_out, min_blocks,
-                        order):
+def _emulated_cuda_call(kind, operands, direction, guided, n_out,
+                        multiprocessors, order):
   target = f"lmconv_emu_pool_{kind}" + ("_guided" if guided else "")
   x = operands[0]
   call = jax.ffi.ffi_call(target, (_like(x),) * n_out,
                           vmap_method="broadcast_all")
   return call(*operands, **_direction_attrs(direction),
-              min_blocks=int(min_blocks), order=int(order))
+              multiprocessors=int(multiprocessors), order=int(order))
 
 
 def _emulated_pool_forward(x, guide, direction: Direction, *,
-                           min_blocks=_H100_MULTIPROCESSORS, order=0):
+                           multiprocessors=_H100_MULTIPROCESSORS, order=0):
   """pool_forward computed by the CPU emulation of the CUDA kernel.
 
-  ``min_blocks`` stands for the GPU's multiprocessor count (it changes how
-  channels are split into blocks); ``order=1`` runs the blocks and threads of
-  each phase in reverse.
+  ``multiprocessors`` is the GPU's (more split channels into more blocks);
+  ``order=1`` runs the blocks and threads of each phase in reverse.
   """
   operands = (x,) if guide is None else (x, guide)
   (out,) = _emulated_cuda_call("fwd", operands, direction, guide is not None,
-                               1, min_blocks, order)
+                               1, multiprocessors, order)
   return out
 
 
 def _emulated_pool_backward(x, guide, out, ct, direction: Direction, *,
-                            min_blocks=_H100_MULTIPROCESSORS, order=0):
+                            multiprocessors=_H100_MULTIPROCESSORS, order=0):
   """pool_backward computed by the CPU emulation of the CUDA kernel."""
   if guide is None:
     (dx,) = _emulated_cuda_call("bwd", (x, out, ct), direction, False, 1,
-                                min_blocks, order)
+                                multiprocessors, order)
     return dx, None
   dx, dguide = _emulated_cuda_call("bwd", (x, guide, out, ct), direction,
-                                   True, 2, min_blocks, order)
+                                   True, 2, multiprocessors, order)
   return dx, dguide
 
 
 def _cuda_launch_plan(direction: Direction, shape, backward=False,
-                      min_blocks=_H100_MULTIPROCESSORS) -> dict:
+                      multiprocessors=_H100_MULTIPROCESSORS) -> dict:
   """The launch the CUDA handler makes for x of ``shape`` (..., H, W, C)."""
   *lead, h, w, c = shape
   batch = 1
@@ -191,4 +190,4 @@ def _cuda_launch_plan(direction: Direction, shape, backward=False,
     batch *= n
   return dict(_EMULATOR.launch_plan(
       **_direction_attrs(direction), batch=batch, height=h, width=w,
-      channels=c, backward=backward, min_blocks=min_blocks))
+      channels=c, backward=backward, multiprocessors=multiprocessors))

@@ -67,7 +67,7 @@ PRIMITIVES = tuple(TARGETS)
 def _varying_axes(a) -> frozenset:
   """The shard_map axes ``a`` varies over (empty outside shard_map)."""
   t = jax.typeof(a)
-  mat = getattr(t, "mat", None)  # jax >= 0.9; older versions call it vma
+  mat = getattr(t, "mat", None)  # this jax: aval.mat.varying; older: aval.vma
   return frozenset(getattr(mat, "varying", None) or getattr(t, "vma", ()) or ())
 
 
@@ -339,10 +339,10 @@ def _partitioned_call(prim, direction: Direction, guided: bool, n_in: int):
   return call
 
 
-def _lowering(prim, platform: str, targets: frozenset):
+def _lowering(prim, platform: str, targets: Optional[frozenset]):
   def rule(ctx, *operands, direction, guided, local):
     target = TARGETS[prim] + ("_guided" if guided else "")
-    if target not in targets:
+    if targets is not None and target not in targets:
       raise NotImplementedError(
           f"lmconv_jax: the {platform} kernels have no target {target!r} "
           f"(compiled: {', '.join(sorted(targets))}); rebuild lmconv_jax "
@@ -358,14 +358,19 @@ def _lowering(prim, platform: str, targets: frozenset):
   return rule
 
 
-def register_lowerings(platform: str, targets) -> None:
-  """Lowers the primitives on ``platform`` ("cpu", "cuda") to ``targets``.
+def register_lowerings(platform: str, targets=None) -> None:
+  """Lowers the primitives on ``platform`` ("cpu", "cuda") to the FFI targets.
 
-  Called by lmconv_jax._ffi once it has registered the kernels.
+  Called by lmconv_jax._ffi for every platform: with ``targets``, the names
+  this build compiled for it (lowering a primitive whose target is missing
+  raises, naming the fix); with None (no kernels for that platform here),
+  lowering still works, so that jax.export can target a platform this build
+  cannot run, and the loading process must provide the kernels.
   """
-  targets = frozenset(targets)
-  for name in targets:
-    jax.ffi.register_ffi_target_as_batch_partitionable(name)
+  if targets is not None:
+    targets = frozenset(targets)
+    for name in targets:
+      jax.ffi.register_ffi_target_as_batch_partitionable(name)
   for prim in PRIMITIVES:
     mlir.register_lowering(prim, _lowering(prim, platform, targets),
                            platform=platform)

@@ -135,8 +135,7 @@ def _default_out() -> pathlib.Path:
 
 
 def cmd_demo(args) -> int:
-  from lmconv_jax.demo.experiment import (DemoConfig, format_table, run_demo,
-                                          verdict)
+  from lmconv_jax.demo.experiment import DemoConfig, format_table, run_demo
   from lmconv_jax import ops
 
   overrides = {k: v for k, v in dict(
@@ -171,11 +170,12 @@ def cmd_demo(args) -> int:
   log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
   results = run_demo(config, out,
                      progress=not (args.no_progress or args.quiet),
-                     figures=not args.no_figures, log=log)
+                     figures=not args.no_figures, log=log,
+                     command=" ".join(["python -m lmconv_jax", *args.argv]))
   print()
   print(format_table(results))
   print()
-  print(verdict(results))
+  print(results["verdict"])
   files = ["results.json"] + results["figures"]
   print(f"wrote {', '.join(files)} to {out}/ ({results['total_seconds']:.0f} s "
         f"in all)")
@@ -206,7 +206,10 @@ def gather_info() -> dict:
   import lmconv_jax
   from lmconv_jax import _ffi, ops
 
-  build = _ffi.build_info()
+  try:
+    build = _ffi.build_info()
+  except Exception as e:                  # noqa: BLE001 - a diagnostic: report
+    build = {"error": f"{type(e).__name__}: {e}"}
   kernels = {}
   for plat in ("cpu", "cuda"):
     entry = dict(build.get(plat, {}))
@@ -232,7 +235,8 @@ def gather_info() -> dict:
       versions=dict(python=platform.python_version(), jax=jax.__version__,
                     jaxlib=_version("jaxlib"), flax=_version("flax"),
                     optax=_version("optax"), numpy=_version("numpy")),
-      kernels=kernels, default_backend=jax.default_backend(),
+      kernels=kernels, build_info_error=build.get("error"),
+      default_backend=jax.default_backend(),
       platform=platform_, devices=devices, auto_implementation=auto,
       cuda_hint=None if kernels["cuda"]["built"] else CUDA_HINT,
       warning=("JAX sees a GPU but the CUDA kernels are not built: landmark "
@@ -271,6 +275,9 @@ def cmd_info(args) -> int:
         f" on {info['platform']}")
   if info["warning"]:
     print(f"warning: {info['warning']}")
+  if info["build_info_error"]:
+    print(f"warning: the kernels' build_info() failed: "
+          f"{info['build_info_error']}")
   if info["cuda_hint"]:
     print(info["cuda_hint"])
   return EXIT_OK
@@ -305,7 +312,12 @@ def _load_benchmark():
 
 
 def cmd_bench(args) -> int:
+  from lmconv_jax import ops
   bench = _load_benchmark()
+  try:                      # the suite times the FFI kernels: they must exist
+    ops._choose("ffi", "bench")
+  except NotImplementedError as e:
+    raise MissingError(str(e)) from None
   run = getattr(bench, "run", None)
   if run is None:
     raise MissingError("lmconv_jax.benchmark has no run() function; update "
@@ -385,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "files in it are overwritten). Default: a new "
                       "lmconv_demo_YYYYmmdd-HHMMSS in the current folder")
   d.add_argument("--quick", action="store_true",
-                 help="a tiny run (24x24 images, 150 steps): seconds, for "
+                 help="a tiny run (24x24 images, 100 steps): seconds, for "
                       "tests; too small to show the long-range effect")
   d.add_argument("--seed", type=_seed, metavar="N",
                  help="random seed (default 0)")
@@ -393,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="comma-separated, from box, dilated, lm4, lm8 "
                       "(default: all four)")
   d.add_argument("--steps", type=_positive_int, metavar="N",
-                 help="training steps per model (default 400; --quick 150)")
+                 help="training steps per model (default 400; --quick 100)")
   d.add_argument("--batch-size", type=_positive_int, metavar="N",
                  help="default 32 (--quick 16)")
   d.add_argument("--learning-rate", type=_positive_float, metavar="LR",
@@ -418,7 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
   d.add_argument("--no-progress", action="store_true",
                  help="no progress bars")
   d.add_argument("-q", "--quiet", action="store_true",
-                 help="print only the final table")
+                 help="no progress and no log: only the table, the verdict "
+                      "and where the files went")
   d.set_defaults(func=cmd_demo)
 
   i = sub.add_parser(
@@ -459,7 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = build_parser()
+  argv = list(sys.argv[1:] if argv is None else argv)
   args = parser.parse_args(argv)      # exits with 2 on a bad command line
+  args.argv = argv
   prog = f"{parser.prog} {args.command}"
   try:
     return args.func(args)

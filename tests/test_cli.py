@@ -49,7 +49,7 @@ def test_quick_demo_succeeds_and_prints_the_table(quick_demo):
   assert "wrote results.json" in out
   # A progress bar per model, on stderr.
   for name in ("box 3x3", "LandmarkConv8"):
-    assert name in err and "150/150" in err
+    assert name in err and "100/100" in err
   assert "Traceback" not in err
 
 
@@ -70,8 +70,8 @@ def test_quick_demo_results_json_holds_sane_numbers(quick_demo):
     assert all(v is None or 0.0 <= v <= 1.0
                for v in m["accuracy_by_band"].values())
     assert m["train_seconds"] > 0 and m["compile_seconds"] > 0
-    assert m["curve"]["steps"] == [50, 100, 150]
-    assert len(m["curve"]["test_accuracy"]) == 3
+    assert m["curve"]["steps"] == [50, 100]
+    assert len(m["curve"]["test_accuracy"]) == 2
     assert all(v > 0 for v in m["curve"]["train_loss"])
   lo, hi = results["data"]["distance_range"]
   assert 6 <= lo <= hi <= 12
@@ -196,6 +196,14 @@ def test_bench_without_the_benchmark_module_exits_3(capsys, monkeypatch):
   assert "Traceback" not in err
 
 
+def test_bench_without_kernels_exits_3(capsys, monkeypatch):
+  fake = types.SimpleNamespace(run=lambda **kw: [])
+  monkeypatch.setitem(sys.modules, "lmconv_jax.benchmark", fake)
+  monkeypatch.setattr(_ffi, "has_kernels", lambda platform: False)
+  code, _, err = run_cli(capsys, "bench")
+  assert code == 3 and "has no kernel for platform" in err
+
+
 def test_bench_passes_options_and_writes_files(capsys, monkeypatch, tmp_path):
   calls = []
 
@@ -233,5 +241,9 @@ def test_verdict_says_so_when_a_baseline_wins():
       dict(model="box 3x3", key="box", test_accuracy=0.9),
       dict(model="LandmarkConv4", key="lm4", test_accuracy=0.8)]}
   assert "a baseline beat the landmark convolutions" in verdict(results)
+  results["models"][1]["test_accuracy"] = 0.9
+  assert verdict(results).endswith(
+      "a baseline tied with the landmark convolutions.")
   results["models"][1]["test_accuracy"] = 0.95
-  assert verdict(results).startswith("best: LandmarkConv4 (0.950)")
+  assert verdict(results) == ("best: LandmarkConv4 (0.950); best baseline: "
+                              "box 3x3 (0.900).")

@@ -55,9 +55,9 @@ def brute_landmark(x2d, d, p):
     p = nxt
 
 
-def brute_guided_landmark(x, g, d, b, c, p):
-  """Walks from p over the literal SPEC forward (tests/spec_oracle.py)."""
-  out = spec_oracle.forward(x, d, g)
+def brute_guided_landmark(x, out, d, b, c, p):
+  """Walks from p over ``out = spec_oracle.forward(x, d, g)``, the literal
+  SPEC forward (tests/spec_oracle.py)."""
   h, w = x.shape[1:3]
   while True:
     m = x[b, p[0], p[1], c]
@@ -106,11 +106,12 @@ def test_guided_matches_literal_forward_walk(direction):
   x = _ints((1, 4, 5, 2), seed=11)
   g = rng.integers(0, 5, x.shape) / 4.0      # dyadic: every blend is exact
   got = np.asarray(landmark_map(jnp.asarray(x), direction, jnp.asarray(g),
-                                implementation=IMPL))
+                                implementation="reference"))
+  out = spec_oracle.forward(x, d, g)
   for c in range(2):
     for i in range(4):
       for j in range(5):
-        want = brute_guided_landmark(x, g, d, 0, c, (i, j))
+        want = brute_guided_landmark(x, out, d, 0, c, (i, j))
         assert tuple(got[0, i, j, c]) == want, (c, i, j)
 
 
@@ -217,18 +218,31 @@ def test_grouped_landmarks_of_merged_groups_follow_the_merge_winner():
 
 @pytest.mark.skipif(not _ffi.has_kernels(jax.default_backend()),
                     reason="no FFI kernels compiled for this platform")
-def test_ffi_forward_gives_the_reference_landmarks():
+def test_ffi_forward_gives_the_brute_force_landmarks():
   # All twelve directions in one call: twelve channel groups of two.
-  x = jnp.asarray(_ints((2, 7, 6, 24), seed=19), jnp.float32)
-  np.testing.assert_array_equal(
-      grouped_landmark_map(x, ALL, implementation="ffi"),
-      grouped_landmark_map(x, ALL, implementation="reference"))
-  g = jnp.asarray(np.random.default_rng(2).integers(0, 5, x.shape) / 4.0,
-                  jnp.float32)
+  x = _ints((2, 7, 6, 24), seed=19)
+  got = np.asarray(grouped_landmark_map(jnp.asarray(x, jnp.float32), ALL,
+                                        implementation="ffi"))
+  for k, direction in enumerate(ALL):
+    d = resolve(direction)
+    for b in range(2):
+      for c in (2 * k, 2 * k + 1):
+        for i in range(7):
+          for j in range(6):
+            want = brute_landmark(x[b, :, :, c], d, (i, j))
+            assert tuple(got[b, i, j, c]) == want, (direction, b, c, i, j)
+  g = np.random.default_rng(2).integers(0, 5, x.shape) / 4.0
   for direction in ("bottom_left", "west_southwest"):
-    np.testing.assert_array_equal(
-        landmark_map(x, direction, g, implementation="ffi"),
-        landmark_map(x, direction, g, implementation="reference"))
+    d = resolve(direction)
+    got = np.asarray(landmark_map(jnp.asarray(x, jnp.float32), direction,
+                                  jnp.asarray(g, jnp.float32),
+                                  implementation="ffi"))
+    out = spec_oracle.forward(x, d, g)
+    for c in range(0, 24, 5):
+      for i in range(7):
+        for j in range(6):
+          assert tuple(got[1, i, j, c]) == brute_guided_landmark(
+              x, out, d, 1, c, (i, j)), (direction, c, i, j)
 
 
 @pytest.mark.parametrize("query,msg", [

@@ -12,7 +12,7 @@ namespace {
 // One block: the phases of Body in order, a barrier after each, so a phase
 // sees everything the block wrote in the phases before it.
 template <typename Body>
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(kMaxThreads, 2)
     phased_kernel(const typename Body::Args args) {
   extern __shared__ unsigned char shared[];
   for (int64_t phase = 0; phase < args.plan.phases; ++phase) {

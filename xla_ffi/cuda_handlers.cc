@@ -15,10 +15,6 @@ namespace lmconv {
 namespace cuda {
 namespace {
 
-// plan_launch splits channels until there are this many blocks per
-// multiprocessor (if the channels allow), to spread small batches.
-constexpr int64_t kBlocksPerMultiprocessor = 2;
-
 ffi::Error cuda_error(const char* what, cudaError_t e) {
   return ffi::Error::Internal(std::string("lmconv_jax CUDA kernels: ") + what +
                               " failed: " + cudaGetErrorName(e) + ": " +
@@ -31,14 +27,14 @@ class CudaBackend {
               ffi::ScratchAllocator& scratch)
       : stream_(stream), device_(device), scratch_(scratch) {}
 
-  ffi::ErrorOr<int64_t> min_blocks() const {
+  ffi::ErrorOr<int64_t> multiprocessors() const {
     int sms = 0;
     if (cudaError_t e = cudaDeviceGetAttribute(
             &sms, cudaDevAttrMultiProcessorCount, device_);
         e != cudaSuccess) {
       return ffi::Unexpected(cuda_error("cudaDeviceGetAttribute", e));
     }
-    return kBlocksPerMultiprocessor * sms;
+    return int64_t{sms};
   }
 
   ffi::ErrorOr<void*> workspace(size_t bytes) {
@@ -106,43 +102,25 @@ ffi::Error PoolBwdGuided(cudaStream_t stream, int32_t device,
 }  // namespace lmconv
 
 namespace ffi = xla::ffi;
+using lmconv::bind_pool_bwd;
+using lmconv::bind_pool_bwd_guided;
+using lmconv::bind_pool_fwd;
+using lmconv::bind_pool_fwd_guided;
 
 // Every handler gets the stream, the device and XLA's scratch allocator.
-#define LMCONV_CUDA_BIND                            \
+#define LMCONV_CUDA_CONTEXT                         \
   ffi::Ffi::Bind()                                  \
       .Ctx<ffi::PlatformStream<cudaStream_t>>()     \
       .Ctx<ffi::DeviceOrdinal>()                    \
       .Ctx<ffi::ScratchAllocator>()
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LmconvCudaPoolFwd, lmconv::cuda::PoolFwd,
-                              LMCONV_CUDA_BIND
-                                  .Arg<ffi::AnyBuffer>()   // x
-                                  .Ret<ffi::AnyBuffer>()   // out
-                                  .Attrs<lmconv::DirectionAttrs>());
-
+                              bind_pool_fwd(LMCONV_CUDA_CONTEXT));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LmconvCudaPoolFwdGuided,
                               lmconv::cuda::PoolFwdGuided,
-                              LMCONV_CUDA_BIND
-                                  .Arg<ffi::AnyBuffer>()   // x
-                                  .Arg<ffi::AnyBuffer>()   // guide
-                                  .Ret<ffi::AnyBuffer>()   // out
-                                  .Attrs<lmconv::DirectionAttrs>());
-
+                              bind_pool_fwd_guided(LMCONV_CUDA_CONTEXT));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LmconvCudaPoolBwd, lmconv::cuda::PoolBwd,
-                              LMCONV_CUDA_BIND
-                                  .Arg<ffi::AnyBuffer>()   // x
-                                  .Arg<ffi::AnyBuffer>()   // out
-                                  .Arg<ffi::AnyBuffer>()   // ct
-                                  .Ret<ffi::AnyBuffer>()   // dx
-                                  .Attrs<lmconv::DirectionAttrs>());
-
+                              bind_pool_bwd(LMCONV_CUDA_CONTEXT));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LmconvCudaPoolBwdGuided,
                               lmconv::cuda::PoolBwdGuided,
-                              LMCONV_CUDA_BIND
-                                  .Arg<ffi::AnyBuffer>()   // x
-                                  .Arg<ffi::AnyBuffer>()   // guide
-                                  .Arg<ffi::AnyBuffer>()   // out
-                                  .Arg<ffi::AnyBuffer>()   // ct
-                                  .Ret<ffi::AnyBuffer>()   // dx
-                                  .Ret<ffi::AnyBuffer>()   // dguide
-                                  .Attrs<lmconv::DirectionAttrs>());
+                              bind_pool_bwd_guided(LMCONV_CUDA_CONTEXT));

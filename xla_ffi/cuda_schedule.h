@@ -49,13 +49,14 @@ struct Sweep {
   int64_t row_stride, col_stride, start;  // element offsets, as in ScanView
   Offset n1, n2;            // neighbour offsets in the view
   int64_t off1, off2;       // element offsets from a pixel to n1, n2
-  int skew;                 // 0: phase = i, k = j; else phase = skew*i + j, k = i
+  bool transposed;          // view rows are image columns
+  int skew;                 // 0: phase i, k = j; else phase skew*i + j, k = i
   bool n2_first;            // backward: add n2's pull before n1's
   int64_t phases;
   int64_t slots;            // k is in [0, slots)
 };
 
-LMCONV_HDI Offset transposed(Offset o) { return Offset{o.dc, o.dr}; }
+LMCONV_HDI Offset swap_axes(Offset o) { return Offset{o.dc, o.dr}; }
 
 // Sweep of a valid direction (make_direction) over (height, width, channels).
 LMCONV_HDI Sweep make_sweep(Direction d, int64_t height, int64_t width,
@@ -74,13 +75,14 @@ LMCONV_HDI Sweep make_sweep(Direction d, int64_t height, int64_t width,
   // The reverse scan visits the source of the later neighbour (lower row,
   // then right) first; the CPU adds the pushes in that order.
   s.n2_first = v.n2.dr < v.n1.dr || (v.n2.dr == v.n1.dr && v.n2.dc < v.n1.dc);
-  if (v.n1.dc == -1 && v.n2.dc == -1) {  // both in the previous column
+  s.transposed = v.n1.dc == -1 && v.n2.dc == -1;  // both in the last column
+  if (s.transposed) {
     s.height = width;
     s.width = height;
     s.row_stride = v.col_stride;
     s.col_stride = v.row_stride;
-    s.n1 = transposed(v.n1);
-    s.n2 = transposed(v.n2);
+    s.n1 = swap_axes(v.n1);
+    s.n2 = swap_axes(v.n2);
   }
   if (s.n1.dr == -1 && s.n2.dr == -1) {
     s.skew = 0;
@@ -120,10 +122,18 @@ LMCONV_HDI void pixel_at(const Sweep& s, int64_t phase, int64_t k, int64_t* i,
 // The launch geometry: ONE planning function for the GPU and the emulator
 // ---------------------------------------------------------------------------
 
-constexpr int64_t kMaxThreads = 512;  // threads per block (launch bound)
+// Threads per block. Two such blocks fit on a multiprocessor (the kernels use
+// at most 128 registers, cuda.cu's launch bound), so up to 2 x multiprocessors
+// blocks run at once: one wave for the shapes of interest.
+constexpr int64_t kMaxThreads = 256;
 constexpr int64_t kMaxLanes = 32;     // channels per block: one warp's width
 constexpr int64_t kMinLanes = 16;     // split channels no finer (>= 32 bytes)
 constexpr int kBatch = 4;             // pixels a thread loads before it stores
+// Split channels until there are this many blocks per multiprocessor, so a
+// small batch still spreads over the GPU. More would not help: a block's
+// time is its number of phases, and blocks past what the GPU holds at once
+// run in a second wave.
+constexpr int64_t kBlocksPerMultiprocessor = 1;
 
 struct LaunchPlan {
   Sweep sweep;
@@ -140,18 +150,18 @@ struct LaunchPlan {
   int64_t ring;          // backward workspace per block, in G's elements
 };
 
-// min_blocks: split channel chunks (down to kMinLanes) until there are at
-// least this many blocks; the CUDA handler passes a few per multiprocessor.
+// `multiprocessors`: the GPU's (the CUDA handler asks the device).
 inline LaunchPlan plan_launch(Direction d, int64_t batch, int64_t height,
                               int64_t width, int64_t channels, bool backward,
-                              int64_t min_blocks) {
+                              int64_t multiprocessors) {
   auto ceil_div = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
   LaunchPlan p;
   p.sweep = make_sweep(d, height, width, channels);
   p.channels = channels;
   p.image = height * width * channels;
   p.lanes = channels < kMaxLanes ? channels : kMaxLanes;
-  while (batch * ceil_div(channels, p.lanes) < min_blocks &&
+  while (batch * ceil_div(channels, p.lanes) <
+             kBlocksPerMultiprocessor * multiprocessors &&
          p.lanes >= 2 * kMinLanes) {
     p.lanes = ceil_div(p.lanes, 2);
   }
@@ -180,7 +190,7 @@ inline LaunchPlan plan_launch(Direction d, int64_t batch, int64_t height,
 struct Lane {
   bool active;     // false for the lanes past the last channel
   int64_t lane;    // channel lane in the block
-  int64_t base;    // element offset of (image, channel): pixel offsets add to it
+  int64_t base;    // element offset of (image, channel); pixels add to it
   int64_t k0;      // first pixel index; then every pixel_lanes-th
 };
 
@@ -208,21 +218,6 @@ LMCONV_HDI Pixel pixel(const Sweep& s, int64_t phase, int64_t k) {
   return q;
 }
 
-// The lane's pixels of `phase` are k = *k, *k + pixel_lanes, ... < *end. A
-// body takes them kBatch at a time and loads a whole batch before it stores
-// any (the pixels of a phase are independent), so several loads are in
-// flight per thread. The loops over a batch run to kBatch (unrolled, so the
-// arrays stay in registers) and stop at the end of the phase.
-LMCONV_HDI void lane_pixels(const LaunchPlan& p, const Lane& l, int64_t phase,
-                            int64_t* k, int64_t* end) {
-  int64_t lo;
-  phase_pixels(p.sweep, phase, &lo, end);
-  *k = l.k0;
-  if (*k < lo) {
-    *k += (lo - *k + p.pixel_lanes - 1) / p.pixel_lanes * p.pixel_lanes;
-  }
-}
-
 #if defined(__CUDA_ARCH__)
 #define LMCONV_UNROLL_BATCH _Pragma("unroll")
 #elif defined(__CUDACC__)  // nvcc's host pass: the host code is not hot
@@ -230,6 +225,34 @@ LMCONV_HDI void lane_pixels(const LaunchPlan& p, const Lane& l, int64_t phase,
 #else
 #define LMCONV_UNROLL_BATCH _Pragma("GCC unroll 4")
 #endif
+
+// Runs a body's step over the lane's pixels of `phase` (k = k0, k0 +
+// pixel_lanes, ...), kBatch at a time: step.load(u, pixel) for the whole
+// batch, then step.store(u, pixel). The pixels of a phase are independent, so
+// a thread has several loads in flight before it stores. The loops run to
+// kBatch (unrolled: the step's arrays stay in registers) and stop at the end.
+template <typename Step>
+LMCONV_HDI void for_each_batch(const LaunchPlan& p, const Lane& l,
+                               int64_t phase, Step& step) {
+  int64_t lo, end;
+  phase_pixels(p.sweep, phase, &lo, &end);
+  int64_t k = l.k0;
+  if (k < lo) k += (lo - k + p.pixel_lanes - 1) / p.pixel_lanes * p.pixel_lanes;
+  for (; k < end; k += kBatch * p.pixel_lanes) {
+    Pixel px[kBatch] = {};
+    LMCONV_UNROLL_BATCH
+    for (int u = 0; u < kBatch; ++u) {
+      if (k + u * p.pixel_lanes >= end) break;
+      px[u] = pixel(p.sweep, phase, k + u * p.pixel_lanes);
+      step.load(u, px[u]);
+    }
+    LMCONV_UNROLL_BATCH
+    for (int u = 0; u < kBatch; ++u) {
+      if (k + u * p.pixel_lanes >= end) break;
+      step.store(u, px[u]);
+    }
+  }
+}
 
 template <typename S>
 using Compute = typename StorageTraits<S>::Compute;
@@ -245,42 +268,40 @@ struct ForwardBody {
     S* out;
   };
 
+  struct Step {
+    using T = StorageTraits<S>;
+    const Args& a;
+    int64_t base;  // Lane::base
+    Compute<S> x[kBatch] = {}, o1[kBatch] = {}, o2[kBatch] = {},
+               g[kBatch] = {};
+
+    LMCONV_HDI void load(int u, const Pixel& q) {
+      const int64_t p = base + q.at;
+      x[u] = T::load(a.x[p]);
+      o1[u] = q.in1 ? T::load(a.out[p + a.plan.sweep.off1]) : x[u];
+      o2[u] = q.in2 ? T::load(a.out[p + a.plan.sweep.off2]) : x[u];
+      if constexpr (kGuided) g[u] = T::load(a.g[p]);
+    }
+
+    LMCONV_HDI void store(int u, const Pixel& q) {
+      const Compute<S> m = pool_max(x[u], q.in1, o1[u], q.in2, o2[u]);
+      a.out[base + q.at] = T::store(kGuided ? pool_blend(g[u], m, x[u]) : m);
+    }
+  };
+
   static LMCONV_HDI void run(const Args& a, int64_t block, int64_t thread,
                              int64_t phase, unsigned char* /*shared*/) {
-    using T = StorageTraits<S>;
     const Lane l = lane_of(a.plan, block, thread);
     if (!l.active) return;
-    const Sweep& s = a.plan.sweep;
-    const S* x = a.x + l.base;
-    S* out = a.out + l.base;
-    int64_t k, end;
-    lane_pixels(a.plan, l, phase, &k, &end);
-    for (; k < end; k += kBatch * a.plan.pixel_lanes) {
-      Pixel px[kBatch] = {};
-      Compute<S> xv[kBatch] = {}, o1[kBatch] = {}, o2[kBatch] = {},
-                 gv[kBatch] = {};
-      LMCONV_UNROLL_BATCH
-      for (int u = 0; u < kBatch; ++u) {
-        if (k + u * a.plan.pixel_lanes >= end) break;
-        const Pixel& q = px[u] = pixel(s, phase, k + u * a.plan.pixel_lanes);
-        xv[u] = T::load(x[q.at]);
-        o1[u] = q.in1 ? T::load(out[q.at + s.off1]) : xv[u];
-        o2[u] = q.in2 ? T::load(out[q.at + s.off2]) : xv[u];
-        gv[u] = kGuided ? T::load(a.g[l.base + q.at]) : Compute<S>(1);
-      }
-      LMCONV_UNROLL_BATCH
-      for (int u = 0; u < kBatch; ++u) {
-        if (k + u * a.plan.pixel_lanes >= end) break;
-        const Pixel& q = px[u];
-        const Compute<S> m = pool_max(xv[u], q.in1, o1[u], q.in2, o2[u]);
-        out[q.at] = T::store(kGuided ? pool_blend(gv[u], m, xv[u]) : m);
-      }
-    }
+    Step step{a, l.base};
+    for_each_batch(a.plan, l, phase, step);
   }
 };
 
-// Backward: step t runs forward phase phases - 1 - t. The block's ring holds,
-// for the last two phases, what each pixel k passed on to its n1 and n2:
+// Backward: step t runs forward phase phases - 1 - t. A pixel q pulls G[q] =
+// ct[q] + what the pixels whose n1 / n2 is q passed on; they are all in the
+// phase run just before, and left it in the block's ring, which holds for the
+// last two phases what each pixel k passed to its n1 and n2:
 // ring[phase & 1][k][n1 or n2][lane].
 template <typename S, bool kGuided>
 struct BackwardBody {
@@ -296,74 +317,61 @@ struct BackwardBody {
     Acc* ring;   // plan.blocks * plan.ring elements
   };
 
-  static LMCONV_HDI Acc* slot(const Args& a, int64_t block, const Lane& l,
-                              int64_t phase, int64_t k, int which) {
-    const int64_t index =
-        (((phase & 1) * a.plan.sweep.slots + k) * 2 + which) * a.plan.lanes +
-        l.lane;
-    return a.ring + block * a.plan.ring + index;
-  }
+  struct Step {
+    using T = StorageTraits<S>;
+    const Args& a;
+    int64_t base;      // Lane::base
+    Acc* ring;         // this block's ring, at this lane
+    int64_t phase;
+    Acc G[kBatch] = {}, x[kBatch] = {}, o1[kBatch] = {}, o2[kBatch] = {},
+        g[kBatch] = {};
 
-  // G[q]: ct[q] plus what the pixels whose n1 / n2 is q passed on (they are
-  // in phase + 1), added in the CPU's order.
-  static LMCONV_HDI Acc pull(const Args& a, int64_t block, const Lane& l,
-                             int64_t phase, const Pixel& q, Acc ct) {
-    const Sweep& s = a.plan.sweep;
-    Acc G = ct;
-    for (int t = 0; t < 2; ++t) {
-      const int which = (t == 0) == s.n2_first ? 1 : 0;
-      const Offset nb = which ? s.n2 : s.n1;
-      if (inside(q.i, q.j, Offset{-nb.dr, -nb.dc}, s.height, s.width)) {
-        const int64_t k = s.skew == 0 ? q.j - nb.dc : q.i - nb.dr;
-        G += *slot(a, block, l, phase + 1, k, which);
-      }
+    LMCONV_HDI Acc& slot(int64_t ph, int64_t k, int which) const {
+      return ring[(((ph & 1) * a.plan.sweep.slots + k) * 2 + which) *
+                  a.plan.lanes];
     }
-    return G;
-  }
+
+    LMCONV_HDI void load(int u, const Pixel& q) {
+      const Sweep& s = a.plan.sweep;
+      const int64_t p = base + q.at;
+      G[u] = T::load(a.ct[p]);
+      for (int t = 0; t < 2; ++t) {  // in the CPU's order
+        const int which = (t == 0) == s.n2_first ? 1 : 0;
+        const Offset n = which ? s.n2 : s.n1;
+        if (inside(q.i, q.j, Offset{-n.dr, -n.dc}, s.height, s.width)) {
+          G[u] += slot(phase + 1, s.skew == 0 ? q.j - n.dc : q.i - n.dr, which);
+        }
+      }
+      x[u] = T::load(a.x[p]);
+      o1[u] = q.in1 ? T::load(a.out[p + s.off1]) : x[u];
+      o2[u] = q.in2 ? T::load(a.out[p + s.off2]) : x[u];
+      if constexpr (kGuided) g[u] = T::load(a.g[p]);
+    }
+
+    LMCONV_HDI void store(int u, const Pixel& q) {
+      const int64_t p = base + q.at;
+      PoolGrad<Acc> r;
+      if constexpr (kGuided) {
+        const Acc m = pool_max(x[u], q.in1, o1[u], q.in2, o2[u]);
+        r = pool_backward_guided(x[u], m, q.in1, o1[u], q.in2, o2[u], g[u],
+                                 G[u]);
+        a.dg[p] = T::store(r.dguide);
+      } else {
+        r = pool_backward(x[u], q.in1, o1[u], q.in2, o2[u], G[u]);
+      }
+      a.dx[p] = T::store(r.dx);
+      slot(phase, q.k, 0) = r.to_n1;
+      slot(phase, q.k, 1) = r.to_n2;
+    }
+  };
 
   static LMCONV_HDI void run(const Args& a, int64_t block, int64_t thread,
                              int64_t step, unsigned char* /*shared*/) {
-    using T = StorageTraits<S>;
     const Lane l = lane_of(a.plan, block, thread);
     if (!l.active) return;
-    const Sweep& s = a.plan.sweep;
-    const int64_t phase = a.plan.phases - 1 - step;
-    const S* x = a.x + l.base;
-    const S* out = a.out + l.base;
-    int64_t k, end;
-    lane_pixels(a.plan, l, phase, &k, &end);
-    for (; k < end; k += kBatch * a.plan.pixel_lanes) {
-      Pixel px[kBatch] = {};
-      Acc G[kBatch] = {}, xv[kBatch] = {}, o1[kBatch] = {}, o2[kBatch] = {},
-          gv[kBatch] = {};
-      LMCONV_UNROLL_BATCH
-      for (int u = 0; u < kBatch; ++u) {
-        if (k + u * a.plan.pixel_lanes >= end) break;
-        const Pixel& q = px[u] = pixel(s, phase, k + u * a.plan.pixel_lanes);
-        G[u] = pull(a, block, l, phase, q, T::load(a.ct[l.base + q.at]));
-        xv[u] = T::load(x[q.at]);
-        o1[u] = q.in1 ? T::load(out[q.at + s.off1]) : xv[u];
-        o2[u] = q.in2 ? T::load(out[q.at + s.off2]) : xv[u];
-        gv[u] = kGuided ? T::load(a.g[l.base + q.at]) : Acc(1);
-      }
-      LMCONV_UNROLL_BATCH
-      for (int u = 0; u < kBatch; ++u) {
-        if (k + u * a.plan.pixel_lanes >= end) break;
-        const Pixel& q = px[u];
-        PoolGrad<Acc> r;
-        if constexpr (kGuided) {
-          const Acc m = pool_max(xv[u], q.in1, o1[u], q.in2, o2[u]);
-          r = pool_backward_guided(xv[u], m, q.in1, o1[u], q.in2, o2[u],
-                                   gv[u], G[u]);
-          a.dg[l.base + q.at] = T::store(r.dguide);
-        } else {
-          r = pool_backward(xv[u], q.in1, o1[u], q.in2, o2[u], G[u]);
-        }
-        a.dx[l.base + q.at] = T::store(r.dx);
-        *slot(a, block, l, phase, q.k, 0) = r.to_n1;
-        *slot(a, block, l, phase, q.k, 1) = r.to_n2;
-      }
-    }
+    Step st{a, l.base, a.ring + block * a.plan.ring + l.lane,
+            a.plan.phases - 1 - step};
+    for_each_batch(a.plan, l, st.phase, st);
   }
 };
 

@@ -12,9 +12,9 @@
 //     that is never written, or read before it is written, shows up as NaN.
 //
 // Targets (platform "cpu"): lmconv_emu_pool_{fwd,bwd}[_guided], with the
-// operands of the real targets and two more int64 attributes: min_blocks
-// (what the CUDA handler derives from the GPU's multiprocessor count) and
-// order (0: blocks and threads ascending, 1: descending).
+// operands of the real targets and two more int64 attributes:
+// multiprocessors (what the CUDA handler asks the GPU; it shapes the plan)
+// and order (0: blocks and threads ascending, 1: descending).
 
 #include <cstring>
 #include <vector>
@@ -23,28 +23,23 @@
 
 namespace lmconv {
 
+// The direction, then the emulator's own two attributes (decoded flat, in
+// this order, by aggregate initialisation).
 struct EmulatorAttrs {
-  int64_t row_step, col_step, n1_row, n1_col, n2_row, n2_col;
-  int64_t min_blocks, order;
-  DirectionAttrs direction() const {
-    return DirectionAttrs{row_step, col_step, n1_row, n1_col, n2_row, n2_col};
-  }
+  DirectionAttrs direction;
+  int64_t multiprocessors, order;
 };
 
 }  // namespace lmconv
 
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
-    lmconv::EmulatorAttrs, xla::ffi::StructMember<int64_t>("row_step"),
-    xla::ffi::StructMember<int64_t>("col_step"),
-    xla::ffi::StructMember<int64_t>("n1_row"),
-    xla::ffi::StructMember<int64_t>("n1_col"),
-    xla::ffi::StructMember<int64_t>("n2_row"),
-    xla::ffi::StructMember<int64_t>("n2_col"),
-    xla::ffi::StructMember<int64_t>("min_blocks"),
+    lmconv::EmulatorAttrs, LMCONV_DIRECTION_ATTR_MEMBERS,
+    xla::ffi::StructMember<int64_t>("multiprocessors"),
     xla::ffi::StructMember<int64_t>("order"));
 
 namespace lmconv {
 namespace cuda {
+namespace {
 
 // Runs Body like cuda.cu's phased kernel: phases, then blocks, then threads,
 // each block with its own shared memory.
@@ -69,9 +64,9 @@ void poison(void* data, size_t bytes) { std::memset(data, 0xFF, bytes); }
 class EmulatorBackend {
  public:
   explicit EmulatorBackend(const EmulatorAttrs& a)
-      : min_blocks_(a.min_blocks), reverse_(a.order != 0) {}
+      : multiprocessors_(a.multiprocessors), reverse_(a.order != 0) {}
 
-  ffi::ErrorOr<int64_t> min_blocks() const { return min_blocks_; }
+  ffi::ErrorOr<int64_t> multiprocessors() const { return multiprocessors_; }
 
   ffi::ErrorOr<void*> workspace(size_t bytes) {
     workspace_.resize(bytes / sizeof(double) + 1);  // aligned for any G
@@ -86,7 +81,7 @@ class EmulatorBackend {
   }
 
  private:
-  int64_t min_blocks_;
+  int64_t multiprocessors_;
   bool reverse_;
   std::vector<double> workspace_;
 };
@@ -97,7 +92,7 @@ ffi::Error EmuFwd(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out,
                   EmulatorAttrs a) {
   EmulatorBackend be(a);
   poison(*out);
-  return Forward(be, "lmconv_emu_pool_fwd", x, nullptr, *out, a.direction());
+  return Forward(be, "lmconv_emu_pool_fwd", x, nullptr, *out, a.direction);
 }
 
 ffi::Error EmuFwdGuided(ffi::AnyBuffer x, ffi::AnyBuffer g,
@@ -105,7 +100,7 @@ ffi::Error EmuFwdGuided(ffi::AnyBuffer x, ffi::AnyBuffer g,
   EmulatorBackend be(a);
   poison(*out);
   return Forward(be, "lmconv_emu_pool_fwd_guided", x, &g, *out,
-                 a.direction());
+                 a.direction);
 }
 
 ffi::Error EmuBwd(ffi::AnyBuffer x, ffi::AnyBuffer out, ffi::AnyBuffer ct,
@@ -113,7 +108,7 @@ ffi::Error EmuBwd(ffi::AnyBuffer x, ffi::AnyBuffer out, ffi::AnyBuffer ct,
   EmulatorBackend be(a);
   poison(*dx);
   return Backward(be, "lmconv_emu_pool_bwd", x, nullptr, out, ct, *dx,
-                  nullptr, a.direction());
+                  nullptr, a.direction);
 }
 
 ffi::Error EmuBwdGuided(ffi::AnyBuffer x, ffi::AnyBuffer g, ffi::AnyBuffer out,
@@ -124,43 +119,24 @@ ffi::Error EmuBwdGuided(ffi::AnyBuffer x, ffi::AnyBuffer g, ffi::AnyBuffer out,
   poison(*dx);
   poison(dg_buf);
   return Backward(be, "lmconv_emu_pool_bwd_guided", x, &g, out, ct, *dx,
-                  &dg_buf, a.direction());
+                  &dg_buf, a.direction);
 }
 
+}  // namespace
 }  // namespace cuda
 }  // namespace lmconv
 
-namespace ffi = xla::ffi;
+using lmconv::EmulatorAttrs;
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LmconvEmuPoolFwd, lmconv::cuda::EmuFwd,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()   // x
-                                  .Ret<ffi::AnyBuffer>()   // out
-                                  .Attrs<lmconv::EmulatorAttrs>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LmconvEmuPoolFwdGuided,
-                              lmconv::cuda::EmuFwdGuided,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()   // x
-                                  .Arg<ffi::AnyBuffer>()   // guide
-                                  .Ret<ffi::AnyBuffer>()   // out
-                                  .Attrs<lmconv::EmulatorAttrs>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LmconvEmuPoolBwd, lmconv::cuda::EmuBwd,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()   // x
-                                  .Arg<ffi::AnyBuffer>()   // out
-                                  .Arg<ffi::AnyBuffer>()   // ct
-                                  .Ret<ffi::AnyBuffer>()   // dx
-                                  .Attrs<lmconv::EmulatorAttrs>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LmconvEmuPoolBwdGuided,
-                              lmconv::cuda::EmuBwdGuided,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()   // x
-                                  .Arg<ffi::AnyBuffer>()   // guide
-                                  .Arg<ffi::AnyBuffer>()   // out
-                                  .Arg<ffi::AnyBuffer>()   // ct
-                                  .Ret<ffi::AnyBuffer>()   // dx
-                                  .Ret<ffi::AnyBuffer>()   // dguide
-                                  .Attrs<lmconv::EmulatorAttrs>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    LmconvEmuPoolFwd, lmconv::cuda::EmuFwd,
+    lmconv::bind_pool_fwd<EmulatorAttrs>(xla::ffi::Ffi::Bind()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    LmconvEmuPoolFwdGuided, lmconv::cuda::EmuFwdGuided,
+    lmconv::bind_pool_fwd_guided<EmulatorAttrs>(xla::ffi::Ffi::Bind()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    LmconvEmuPoolBwd, lmconv::cuda::EmuBwd,
+    lmconv::bind_pool_bwd<EmulatorAttrs>(xla::ffi::Ffi::Bind()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    LmconvEmuPoolBwdGuided, lmconv::cuda::EmuBwdGuided,
+    lmconv::bind_pool_bwd_guided<EmulatorAttrs>(xla::ffi::Ffi::Bind()));

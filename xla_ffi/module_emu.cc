@@ -27,14 +27,15 @@ nb::capsule encapsulate(Fn* fn) {
 nb::dict launch_plan(int64_t row_step, int64_t col_step, int64_t n1_row,
                      int64_t n1_col, int64_t n2_row, int64_t n2_col,
                      int64_t batch, int64_t height, int64_t width,
-                     int64_t channels, bool backward, int64_t min_blocks) {
+                     int64_t channels, bool backward,
+                     int64_t multiprocessors) {
   lmconv::Direction d;
   if (const char* why = lmconv::make_direction(row_step, col_step, n1_row,
                                                n1_col, n2_row, n2_col, &d)) {
     throw nb::value_error(why);
   }
   const lmconv::LaunchPlan p = lmconv::plan_launch(
-      d, batch, height, width, channels, backward, min_blocks);
+      d, batch, height, width, channels, backward, multiprocessors);
   nb::dict r;
   r["blocks"] = p.blocks;
   r["threads"] = p.threads;
@@ -44,7 +45,10 @@ nb::dict launch_plan(int64_t row_step, int64_t col_step, int64_t n1_row,
   r["lanes"] = p.lanes;
   r["pixel_lanes"] = p.pixel_lanes;
   r["skew"] = p.sweep.skew;
-  r["transposed"] = p.sweep.height != height;
+  r["transposed"] = p.sweep.transposed;
+  r["view_height"] = p.sweep.height;
+  r["view_width"] = p.sweep.width;
+  r["pixels_per_batch"] = p.pixel_lanes * lmconv::kBatch;
   r["launches"] = 1;
   return r;
 }
@@ -65,7 +69,7 @@ NB_MODULE(_lmconv_cuda_emu, m) {
         nb::arg("n1_row"), nb::arg("n1_col"), nb::arg("n2_row"),
         nb::arg("n2_col"), nb::arg("batch"), nb::arg("height"),
         nb::arg("width"), nb::arg("channels"), nb::arg("backward"),
-        nb::arg("min_blocks"),
+        nb::arg("multiprocessors"),
         "The CUDA launch of one pool call: grid, block, phases, workspace.");
   m.def("build_info", [] {
     nb::dict d;

@@ -52,17 +52,16 @@ def curves(path, rows: list[dict]) -> str:
     label = f"{r['model']} ({r['params']:,} params)"
     a1.plot(r["curve"]["steps"], r["curve"]["test_accuracy"],
             STYLES.get(r["key"], "-o"), ms=3, color=c, label=label)
-    a2.plot(r["curve"]["loss_steps"], r["curve"]["train_loss"], "-", color=c,
-            label=r["model"])
+    a2.plot(r["curve"]["loss_steps"], r["curve"]["train_loss"], "-", color=c)
   a1.axhline(1 / len(CLASSES), color="k", lw=0.8, ls=":", label="chance")
   a1.set(xlabel="training step", ylabel="test accuracy", ylim=(0, 1.02),
          title="Test accuracy while training (first 500 test images)")
   a2.set(xlabel="training step", ylabel="cross-entropy", yscale="log",
          title="Training loss")
-  a1.legend(fontsize=8, loc="lower right")
-  a2.legend(fontsize=8)
   for a in (a1, a2):
     a.grid(alpha=0.3)
+  fig.legend(*a1.get_legend_handles_labels(), loc="lower center", ncol=3,
+             fontsize=8, bbox_to_anchor=(0.5, -0.12))
   return _save(fig, path)
 
 
