@@ -1,18 +1,26 @@
-"""The XLA FFI kernels: loading, registration and the ffi_call details.
+"""The XLA FFI kernels: loading, registration, and the calls that reach them.
 
 The compiled modules ``_lmconv_cpu`` (always built) and ``_lmconv_cuda`` (built
 where nvcc was found) each hand over a dict of FFI handlers, registered here
-once, at import. ``pool_forward`` and ``pool_backward`` are one ``ffi_call``
-each and check nothing beyond asserts: lmconv_jax.ops validates inputs and
-wraps them in a custom_vjp.
+once, at import, together with the lowerings of the JAX primitives that call
+them (lmconv_jax/_primitives.py). ``pool_forward``, ``pool_tangent`` and
+``pool_backward`` bind those primitives and check nothing beyond asserts:
+lmconv_jax.ops validates inputs. The primitives carry the rules for every
+transformation (grad, jvp, vmap, sharding; docs/transforms.md).
 
 Targets (one handler each, dispatching on dtype: float32, float64, float16,
 bfloat16), with the direction passed as six int64 attributes:
 
-  lmconv_pool_fwd         (x)              -> out
-  lmconv_pool_fwd_guided  (x, g)           -> out
-  lmconv_pool_bwd         (x, out, ct)     -> dx
-  lmconv_pool_bwd_guided  (x, g, out, ct)  -> dx, dguide
+  lmconv_pool_fwd             (x)                  -> out
+  lmconv_pool_fwd_guided      (x, g)               -> out
+  lmconv_pool_tangent         (x, out, tx)         -> tout
+  lmconv_pool_tangent_guided  (x, g, out, tx, tg)  -> tout
+  lmconv_pool_bwd             (x, out, ct)         -> dx
+  lmconv_pool_bwd_guided      (x, g, out, ct)      -> dx, dguide
+
+Each is also registered as batch partitionable, so that a module exported
+with jax.export partitions over leading dims in any process that imported
+lmconv_jax.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from typing import Optional
 
 import jax
 
+from lmconv_jax import _primitives
 from lmconv_jax.directions import Direction
 
 _MODULES = {}  # platform ("cpu" / "cuda") -> compiled module
@@ -43,6 +52,12 @@ for _platform, _module in _MODULES.items():
   for _name, _capsule in _module.registrations().items():
     jax.ffi.register_ffi_target(_name, _capsule,
                                 platform=_XLA_PLATFORM[_platform])
+# The primitives lower on every platform, also one without kernels here (so
+# that jax.export can target it); only a compiled module's targets are checked.
+for _platform in _XLA_PLATFORM:
+  _module = _MODULES.get(_platform)
+  _primitives.register_lowerings(
+      _platform, None if _module is None else _module.registrations())
 
 
 def has_kernels(platform: str) -> bool:
@@ -77,12 +92,8 @@ def build_info() -> dict:
   return info
 
 
-def _direction_attrs(direction: Direction) -> dict:
-  # Python ints become int64 attributes; names match cpu.cc's DirectionAttrs.
-  return dict(row_step=int(direction.row_step),
-              col_step=int(direction.col_step),
-              n1_row=int(direction.n1[0]), n1_col=int(direction.n1[1]),
-              n2_row=int(direction.n2[0]), n2_col=int(direction.n2[1]))
+# Python ints become int64 attributes; names match cpu.cc's DirectionAttrs.
+_direction_attrs = _primitives.direction_attrs
 
 
 def _like(x) -> jax.ShapeDtypeStruct:
@@ -93,18 +104,24 @@ def pool_forward(x, guide: Optional[jax.Array], direction: Direction):
   """out = landmark pool of x (shape (..., H, W, C)) in ``direction``.
 
   ``guide`` is None (g = 1, a fast path that reads no guide) or an array of
-  exactly x's shape and dtype.
+  exactly x's shape and dtype. Differentiable in both modes, batchable and
+  shardable: the call is the primitive ``lmconv_pool``.
   """
   assert x.ndim >= 3, x.shape
-  attrs = _direction_attrs(direction)
-  if guide is None:
-    call = jax.ffi.ffi_call("lmconv_pool_fwd", _like(x),
-                            vmap_method="broadcast_all")
-    return call(x, **attrs)
-  assert guide.shape == x.shape and guide.dtype == x.dtype, (guide, x)
-  call = jax.ffi.ffi_call("lmconv_pool_fwd_guided", _like(x),
-                          vmap_method="broadcast_all")
-  return call(x, guide, **attrs)
+  if guide is not None:
+    assert guide.shape == x.shape and guide.dtype == x.dtype, (guide, x)
+  return _primitives.pool(x, guide, direction)
+
+
+def pool_tangent(x, guide: Optional[jax.Array], out, tx, tguide,
+                 direction: Direction):
+  """The tangent of ``out = pool_forward(x, guide)`` along (tx, tguide).
+
+  It follows the winners of the forward max with the backward's tie rule;
+  ``tguide`` is None when ``guide`` is.
+  """
+  assert out.shape == x.shape == tx.shape, (x.shape, out.shape, tx.shape)
+  return _primitives.pool_tangent(x, guide, out, tx, tguide, direction)
 
 
 def pool_backward(x, guide: Optional[jax.Array], out, ct,
@@ -115,23 +132,16 @@ def pool_backward(x, guide: Optional[jax.Array], out, ct,
   from x and out, so nothing else is needed from the forward pass.
   """
   assert out.shape == x.shape == ct.shape, (x.shape, out.shape, ct.shape)
-  attrs = _direction_attrs(direction)
-  if guide is None:
-    call = jax.ffi.ffi_call("lmconv_pool_bwd", _like(x),
-                            vmap_method="broadcast_all")
-    return call(x, out, ct, **attrs), None
-  assert guide.shape == x.shape, (guide.shape, x.shape)
-  call = jax.ffi.ffi_call("lmconv_pool_bwd_guided", (_like(x), _like(x)),
-                          vmap_method="broadcast_all")
-  dx, dguide = call(x, guide, out, ct, **attrs)
-  return dx, dguide
+  if guide is not None:
+    assert guide.shape == x.shape, (guide.shape, x.shape)
+  return _primitives.pool_backward(x, guide, out, ct, direction)
 
 
 # --------------------------------------------------------------------------
 # The CPU emulation of the CUDA kernels (for tests; xla_ffi/emulate.cc). Its
-# targets, lmconv_emu_pool_{fwd,bwd}[_guided] on platform "cpu", run the CUDA
-# kernel bodies for every block and thread of the launch the CUDA handler
-# would make, phase by phase. Always built, GPU or not.
+# targets, lmconv_emu_pool_{fwd,bwd,tangent}[_guided] on platform "cpu", run
+# the CUDA kernel bodies for every block and thread of the launch the CUDA
+# handler would make, phase by phase. Always built, GPU or not.
 
 try:
   _EMULATOR = importlib.import_module("lmconv_jax._lmconv_cuda_emu")
@@ -181,8 +191,19 @@ def _emulated_pool_backward(x, guide, out, ct, direction: Direction, *,
   return dx, dguide
 
 
+def _emulated_pool_tangent(x, guide, out, tx, tguide, direction: Direction,
+                           *, multiprocessors=_H100_MULTIPROCESSORS, order=0):
+  """pool_tangent computed by the CPU emulation of the CUDA kernel."""
+  operands = ((x, out, tx) if guide is None
+              else (x, guide, out, tx, tguide))
+  (tout,) = _emulated_cuda_call("tangent", operands, direction,
+                                guide is not None, 1, multiprocessors, order)
+  return tout
+
+
 def _cuda_launch_plan(direction: Direction, shape, backward=False,
-                      multiprocessors=_H100_MULTIPROCESSORS) -> dict:
+                      multiprocessors=_H100_MULTIPROCESSORS,
+                      tangent=False) -> dict:
   """The launch the CUDA handler makes for x of ``shape`` (..., H, W, C)."""
   *lead, h, w, c = shape
   batch = 1
@@ -190,4 +211,5 @@ def _cuda_launch_plan(direction: Direction, shape, backward=False,
     batch *= n
   return dict(_EMULATOR.launch_plan(
       **_direction_attrs(direction), batch=batch, height=h, width=w,
-      channels=c, backward=backward, multiprocessors=multiprocessors))
+      channels=c, backward=backward, multiprocessors=multiprocessors,
+      tangent=tangent))

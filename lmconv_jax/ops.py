@@ -1,4 +1,4 @@
-"""The public ops: input checks, the choice of implementation, the custom_vjp.
+"""The public ops: input checks and the choice of implementation.
 
 ``landmark_pool`` is one directional pool; ``grouped_landmark_pool`` splits
 channels into groups, pools each group in its own direction (or the max of
@@ -7,7 +7,6 @@ several directions) and concatenates. See docs/semantics.md for the contract.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional, Sequence, Union
 
 import jax
@@ -104,56 +103,15 @@ def _choose(implementation: str, where: str) -> str:
       f"CUDA kernels; `python -m lmconv_jax info` shows what is available.")
 
 
-# --------------------------------------------------------------------------
-# custom_vjp over the FFI calls. Residuals: x (and g) and the output; the
-# backward kernel recomputes each pixel's max from them.
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _ffi_pool(x, direction: Direction):
-  return _ffi.pool_forward(x, None, direction)
-
-
-def _ffi_pool_fwd(x, direction):
-  out = _ffi.pool_forward(x, None, direction)
-  return out, (x, out)
-
-
-def _ffi_pool_bwd(direction, res, ct):
-  x, out = res
-  dx, _ = _ffi.pool_backward(x, None, out, ct, direction)
-  return (dx,)
-
-
-_ffi_pool.defvjp(_ffi_pool_fwd, _ffi_pool_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _ffi_pool_guided(x, g, direction: Direction):
-  return _ffi.pool_forward(x, g, direction)
-
-
-def _ffi_pool_guided_fwd(x, g, direction):
-  out = _ffi.pool_forward(x, g, direction)
-  return out, (x, g, out)
-
-
-def _ffi_pool_guided_bwd(direction, res, ct):
-  x, g, out = res
-  return _ffi.pool_backward(x, g, out, ct, direction)
-
-
-_ffi_pool_guided.defvjp(_ffi_pool_guided_fwd, _ffi_pool_guided_bwd)
-
-
 def _pool(x, d: Direction, g, implementation: str):
   """Checked inputs in, one pool out (g already has x's shape and dtype)."""
   if implementation == "reference":
     return landmark_pool_reference(x, d, g)
   if x.size == 0:
     return x
-  if g is None:
-    return _ffi_pool(x, d)
-  return _ffi_pool_guided(x, g, d)
+  # A JAX primitive: its own JVP, transpose, batching and sharding rules
+  # (lmconv_jax/_primitives.py, docs/transforms.md).
+  return _ffi.pool_forward(x, g, d)
 
 
 # --------------------------------------------------------------------------

@@ -90,7 +90,7 @@ def _row_form(x, g, c1, c2, dtype):
 
 def _quadrant_form(x, g, dtype):
   """Canonical quadrant recurrence on (H, B, W, C): n1 = (0,-1), n2 = (-1,0)."""
-  h, bsz, w, c = x.shape
+  h, w = x.shape[0], x.shape[2]
 
   def row_body(prev_row, inp):
     if g is not None:
@@ -112,7 +112,7 @@ def _quadrant_form(x, g, dtype):
 
     cins = (xc, uc, gc, jnp.arange(w)) if gc is not None else (
         xc, uc, jnp.arange(w))
-    _, row = lax.scan(col_body, jnp.zeros((bsz, c), x.dtype), cins)
+    _, row = lax.scan(col_body, jnp.zeros_like(xc[0]), cins)
     row = jnp.moveaxis(row, 0, -2)
     return row, row
 

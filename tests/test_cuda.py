@@ -348,6 +348,83 @@ def test_launch_plan_is_one_parallel_launch(direction):
   assert fwd["shared_bytes"] == 0
 
 
+def tangent_case(dtype, guided, shape=(2, 5, 6, 3)):
+  """(x, guide, tx, tguide): grid_case's x (every input kind, so ties
+  everywhere) and tie-heavy guide, with NaNs in x and tx; guide and tguide
+  are None unless guided."""
+  x, guides, _ = grid_case(dtype, shape)
+  x = np.array(x, np.float64)
+  x[0, 1, 2, 3, 1] = x[2, 0, 0, 0, 0] = x[3, 1, 4, 5, 2] = np.nan
+  tx = inputs.make_ct(x.shape, seed=3)
+  tx[2, 0, 3, 2, 1] = np.nan   # x is constant there: x wins, t is NaN
+  dt = DTYPES[dtype]
+  g = guides["full"] if guided else None
+  tg = jnp.asarray(inputs.make_ct(x.shape, seed=4), dt) if guided else None
+  return jnp.asarray(x, dt), g, jnp.asarray(tx, dt), tg
+
+
+def tangents(d, x, g, tx, tg, **plan):
+  """(CPU kernel's tout, emulated CUDA kernel's tout) from the same out."""
+  x, g, tx, tg = jax.device_put((x, g, tx, tg), CPU)
+  out = _ffi.pool_forward(x, g, d)
+  return (_ffi._emulated_pool_tangent(x, g, out, tx, tg, d, **plan),
+          _ffi.pool_tangent(x, g, out, tx, tg, d))
+
+
+@needs_emulator
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("direction", ALL)
+def test_emulated_tangent_equals_cpu_tangent_bit_for_bit(direction, dtype,
+                                                         guided):
+  """The CUDA tangent kernel (emulated) against the CPU one: halves keep the
+  running tangent in float32 on both, so every bit agrees."""
+  d = DIRECTIONS[direction]
+  got, want = tangents(d, *tangent_case(dtype, guided))
+  assert np.isnan(np.asarray(got, np.float32)).any()
+  assert_same_bits([got], [want])
+
+
+@needs_emulator
+@pytest.mark.parametrize("direction", ["top_left", "bottom_right",
+                                       "north_northeast", "west_southwest"])
+def test_emulated_tangent_is_the_same_for_every_plan_and_thread_order(
+    direction):
+  """Several pixel batches per thread and phase, split channels, reversed
+  threads: the ring of the last two phases' tangents has no race."""
+  d = DIRECTIONS[direction]
+  plan = _ffi._cuda_launch_plan(d, (8, 37, 45, 32), tangent=True,
+                                multiprocessors=1)
+  assert plan["lanes"] == 32 and plan["pixel_lanes"] == 8   # 5 or 6 pixels
+  for dtype in ("float32", "bfloat16"):
+    for guided in (False, True):
+      args = tangent_case(dtype, guided, shape=(2, 37, 45, 32))
+      want = tangents(d, *args)[1]
+      for plan in (dict(multiprocessors=1), dict(multiprocessors=1, order=1),
+                   dict(multiprocessors=10**6, order=1)):
+        assert_same_bits([tangents(d, *args, **plan)[0]], [want])
+
+
+@needs_emulator
+@pytest.mark.parametrize("direction", ALL)
+def test_tangent_launch_plan_is_the_forward_launch(direction):
+  """The tangent is one launch in the forward's geometry, with a workspace
+  of two phases of float32 (or double) tangents per block."""
+  d = DIRECTIONS[direction]
+  shape = (64, 32, 48, 32)
+  fwd = _ffi._cuda_launch_plan(d, shape)
+  tan = _ffi._cuda_launch_plan(d, shape, tangent=True)
+  bwd = _ffi._cuda_launch_plan(d, shape, backward=True)
+  geometry = ("blocks", "threads", "phases", "lanes", "pixel_lanes", "skew",
+              "shared_bytes", "launches")
+  assert {k: tan[k] for k in geometry} == {k: fwd[k] for k in geometry}
+  slots = fwd["view_width"] if fwd["skew"] == 0 else fwd["view_height"]
+  assert tan["workspace_elements"] == fwd["blocks"] * 2 * slots * fwd["lanes"]
+  assert 2 * tan["workspace_elements"] == bwd["workspace_elements"]
+  with pytest.raises(ValueError, match="different kernels"):
+    _ffi._cuda_launch_plan(d, shape, backward=True, tangent=True)
+
+
 # --------------------------------------------------------------------------
 # 2. Lowering for CUDA on a machine without a GPU
 
@@ -406,6 +483,28 @@ def test_cuda_lowering_of_grouped_pools(grouping):
   targets = custom_call_targets(text)
   assert targets.count("lmconv_pool_fwd") == n
   assert targets.count("lmconv_pool_bwd") == n
+  assert not has_loop(text)
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("direction", ALL)
+def test_cuda_lowering_of_jvp_is_the_tangent_kernel_and_no_loop(direction,
+                                                                guided):
+  x = jnp.ones((2, 5, 6, 3), jnp.float32)
+  g = jnp.full(x.shape, 0.5, jnp.float32) if guided else None
+  suffix = "_guided" if guided else ""
+
+  def jvp(x, g, tx, tg):
+    if g is None:
+      return jax.jvp(lambda x: lmconv_jax.landmark_pool(
+          x, direction, implementation="ffi"), (x,), (tx,))
+    return jax.jvp(lambda x, g: lmconv_jax.landmark_pool(
+        x, direction, g, implementation="ffi"), (x, g), (tx, tg))
+
+  text = cuda_hlo(jvp, x, g, x, g)
+  assert custom_call_targets(text) == [f"lmconv_pool_fwd{suffix}",
+                                       f"lmconv_pool_tangent{suffix}"]
   assert not has_loop(text)
 
 
@@ -486,3 +585,29 @@ def test_gpu_kernels_index_past_2_to_the_31():
       x, d, implementation="ffi").sum()))(x)
   # Every pixel's gradient lands on its landmark: the total is the pixel count.
   assert float(jnp.sum(dx, dtype=jnp.float64)) == np.prod(shape)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_tangent_kernels_match_emulation(dtype):
+  """jax.jvp on the GPU (lmconv_pool_tangent[_guided]) against the emulation
+  of the same kernels, bit for bit, and the CPU tangent kernel."""
+  gpu = _gpu()
+  for direction in ALL:
+    d = DIRECTIONS[direction]
+    for guided in (False, True):
+      x, g, tx, tg = tangent_case(dtype, guided)
+      on_gpu = jax.device_put((x, g, tx, tg), gpu)
+      if guided:
+        f = lambda x, g: lmconv_jax.landmark_pool(x, d, g,
+                                                  implementation="ffi")
+        out, tout = jax.jit(lambda *a: jax.jvp(f, a[:2], a[2:]))(
+            *on_gpu)
+      else:
+        f = lambda x: lmconv_jax.landmark_pool(x, d, implementation="ffi")
+        out, tout = jax.jit(lambda x, tx: jax.jvp(f, (x,), (tx,)))(
+            on_gpu[0], on_gpu[2])
+      assert tout.devices() == {gpu}
+      got, want = tangents(d, x, g, tx, tg)
+      assert_same_bits([jax.device_get(tout)], [got])
+      assert_same_bits([jax.device_get(tout)], [want])

@@ -217,8 +217,10 @@ def test_jit_grad_vmap_work_with_ffi():
   np.testing.assert_allclose(gx, rx, rtol=1e-12)
   np.testing.assert_allclose(gg, rg, rtol=1e-12)
   assert gg.shape == g.shape
-  np.testing.assert_allclose(jax.vmap(f, in_axes=(1, None), out_axes=1)(x, g),
-                             r(x, g), rtol=1e-13)
+  # vmap over a trailing axis: the mapped axis is not the images' batch axis.
+  xt = jnp.moveaxis(x, 0, -1)
+  np.testing.assert_allclose(jax.vmap(f, in_axes=(-1, None), out_axes=0)(xt, g[0]),
+                             r(x, g[0]), rtol=1e-13)
 
 
 def test_auto_picks_ffi_on_cpu(monkeypatch):

@@ -417,7 +417,7 @@ def test_multidevice_suite_with_8_host_devices():
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                       " --xla_force_host_platform_device_count=8").strip()
   run = subprocess.run(
-      [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
        str(REPO / "tests" / "multidevice")],
       capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
   assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]

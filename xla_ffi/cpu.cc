@@ -261,26 +261,135 @@ LMCONV_INLINE int64_t ahead(const ScanView& v, int64_t i, int64_t j, int64_t p,
   return p + (ii - i) * v.row_stride + (wrapped - j) * v.col_stride;
 }
 
+// The passes that visit pixels in forward scan order. A pass says what one
+// pixel does (pixel<kIn1, kIn2>(p, j): p its element offset, j its view
+// column; kIn1 / kIn2 whether n1 / n2 are inside), what to prefetch for a
+// later pixel, and what to set up at the start of a view row; forward_item
+// walks the image once for any of them.
+
+// The pool: out[p] from x[p] (g[p]) and the outputs of its neighbours.
 template <typename S, bool kGuided>
-LMCONV_CPU_CLONES void forward_item(const S* x, const S* g, S* out, const ScanView& v,
-                  int64_t height, int64_t width, int64_t n) {
+struct PoolPass {
+  const S* x;
+  const S* g;
+  S* out;
+  const ScanView& v;
+
+  LMCONV_INLINE void begin_row(int64_t) {}
+  LMCONV_INLINE void prefetch_pixel(int64_t q, int64_t n) const {
+    prefetch<0>(x + q, n);
+    if (kGuided) prefetch<0>(g + q, n);
+    prefetch<1>(out + q, n);
+  }
+  template <bool kIn1, bool kIn2>
+  LMCONV_INLINE void pixel(int64_t p, int64_t, int64_t n) {
+    forward_pixel<S, kGuided, kIn1, kIn2>(x + p, kGuided ? g + p : nullptr,
+                                          out + p, out + p + v.off1,
+                                          out + p + v.off2, n);
+  }
+};
+
+// The tangent of a pool already computed (out is read, not written):
+// t[p] from tx[p] (g[p], tg[p]) and the tangents of the winners. Like G in
+// the backward, the running tangent t (type Compute<S>) lives in the output
+// buffer for float and double; halves keep two view rows of it in a float
+// scratch (neighbours are in the same or the previous view row) and store
+// each t[p] rounded once.
+template <typename S, bool kGuided, bool kIn1, bool kIn2>
+LMCONV_INLINE void tangent_pixel(const S* __restrict x, const S* __restrict g,
+                                 const S* __restrict o1, const S* __restrict o2,
+                                 const S* __restrict tx, const S* __restrict tg,
+                                 const Compute<S>* __restrict t1,
+                                 const Compute<S>* __restrict t2,
+                                 Compute<S>* __restrict t, S* __restrict tout,
+                                 int64_t n) {
+  using T = StorageTraits<S>;
+  using Acc = Compute<S>;
+  for (int64_t c = 0; c < n; ++c) {
+    const auto xv = T::load(x[c]);
+    const auto o1v = kIn1 ? T::load(o1[c]) : xv;
+    const auto o2v = kIn2 ? T::load(o2[c]) : xv;
+    const Acc t1v = kIn1 ? t1[c] : Acc(0);
+    const Acc t2v = kIn2 ? t2[c] : Acc(0);
+    const auto m = pool_max(xv, kIn1, o1v, kIn2, o2v);
+    Acc r;
+    if constexpr (kGuided) {
+      r = pool_tangent_guided(xv, m, kIn1, o1v, kIn2, o2v, T::load(g[c]),
+                              T::load(tx[c]), t1v, t2v, T::load(tg[c]));
+    } else {
+      r = pool_tangent(xv, m, kIn1, o1v, kIn2, o2v, T::load(tx[c]), t1v, t2v);
+    }
+    t[c] = r;
+    if constexpr (!std::is_same_v<S, Acc>) tout[c] = T::store(r);
+  }
+}
+
+template <typename S, bool kGuided>
+struct TangentPass {
+  using Acc = Compute<S>;
+  static constexpr bool kInPlace = std::is_same_v<S, Acc>;
+  const S* x;
+  const S* g;
+  const S* out;
+  const S* tx;
+  const S* tg;
+  S* tout;
+  const ScanView& v;
+  int64_t width, n;
+  std::vector<Acc> scratch = std::vector<Acc>(kInPlace ? 0 : 2 * width * n);
+  // t of view pixel (i, j) is at row + j * t_col, channels contiguous.
+  const int64_t t_col = kInPlace ? v.col_stride : n;
+  Acc* row = nullptr;
+  int64_t toff1 = 0, toff2 = 0;  // from t[p] to t[p + n1], t[p + n2]
+
+  Acc* row_ptr(int64_t i) {
+    if constexpr (kInPlace) {
+      return reinterpret_cast<Acc*>(tout) + v.start + i * v.row_stride;
+    } else {
+      return scratch.data() + (i & 1) * width * n;
+    }
+  }
+  LMCONV_INLINE void begin_row(int64_t i) {
+    row = row_ptr(i);
+    const int64_t prev_row = i > 0 ? row_ptr(i - 1) - row : 0;
+    toff1 = (v.n1.dr ? prev_row : 0) + v.n1.dc * t_col;
+    toff2 = (v.n2.dr ? prev_row : 0) + v.n2.dc * t_col;
+  }
+  LMCONV_INLINE void prefetch_pixel(int64_t q, int64_t n_) const {
+    prefetch<0>(x + q, n_);
+    prefetch<0>(out + q + v.off1, n_);  // may be outside: harmless
+    prefetch<0>(out + q + v.off2, n_);
+    prefetch<0>(tx + q, n_);
+    if (kGuided) prefetch<0>(g + q, n_);
+    if (kGuided) prefetch<0>(tg + q, n_);
+    prefetch<1>(tout + q, n_);
+  }
+  template <bool kIn1, bool kIn2>
+  LMCONV_INLINE void pixel(int64_t p, int64_t j, int64_t n_) {
+    Acc* t = row + j * t_col;
+    tangent_pixel<S, kGuided, kIn1, kIn2>(
+        x + p, kGuided ? g + p : nullptr, out + p + v.off1, out + p + v.off2,
+        tx + p, kGuided ? tg + p : nullptr, t + toff1, t + toff2, t,
+        kInPlace ? nullptr : tout + p, n_);
+  }
+};
+
+template <typename S, typename Pass>
+LMCONV_CPU_CLONES void forward_item(Pass& pass, const ScanView& v,
+                                    int64_t height, int64_t width, int64_t n) {
   for (int64_t i = 0; i < height; ++i) {
+    pass.begin_row(i);
     for (int64_t j = 0; j < width; ++j) {
       const int64_t p = v.start + i * v.row_stride + j * v.col_stride;
-      const S* gp = kGuided ? g + p : nullptr;
-      const S* o1 = out + p + v.off1;
-      const S* o2 = out + p + v.off2;
       if (const int64_t q = ahead<false>(v, i, j, p, height, width); q >= 0) {
-        prefetch<0>(x + q, n);
-        if (kGuided) prefetch<0>(g + q, n);
-        prefetch<1>(out + q, n);
+        pass.prefetch_pixel(q, n);
       }
       switch (inside(i, j, v.n1, height, width) * 2 +
               inside(i, j, v.n2, height, width)) {
-        case 3: forward_pixel<S, kGuided, true, true>(x + p, gp, out + p, o1, o2, n); break;
-        case 2: forward_pixel<S, kGuided, true, false>(x + p, gp, out + p, o1, o2, n); break;
-        case 1: forward_pixel<S, kGuided, false, true>(x + p, gp, out + p, o1, o2, n); break;
-        default: forward_pixel<S, kGuided, false, false>(x + p, gp, out + p, o1, o2, n); break;
+        case 3: pass.template pixel<true, true>(p, j, n); break;
+        case 2: pass.template pixel<true, false>(p, j, n); break;
+        case 1: pass.template pixel<false, true>(p, j, n); break;
+        default: pass.template pixel<false, false>(p, j, n); break;
       }
     }
   }
@@ -443,13 +552,13 @@ ffi::Error Forward(const char* target, ffi::ThreadPool pool, ffi::AnyBuffer x,
     if (g) {
       const S* gp = data<S>(*g);
       for_each_item(pool, plan, [&](int64_t off, int64_t n) {
-        forward_item<S, true>(xp + off, gp + off, op + off, v, geo->height,
-                              geo->width, n);
+        PoolPass<S, true> pass{xp + off, gp + off, op + off, v};
+        forward_item<S>(pass, v, geo->height, geo->width, n);
       });
     } else {  // g = 1: the fast path reads no guide
       for_each_item(pool, plan, [&](int64_t off, int64_t n) {
-        forward_item<S, false>(xp + off, nullptr, op + off, v, geo->height,
-                               geo->width, n);
+        PoolPass<S, false> pass{xp + off, nullptr, op + off, v};
+        forward_item<S>(pass, v, geo->height, geo->width, n);
       });
     }
   });
@@ -500,6 +609,50 @@ ffi::Error Backward(const char* target, ffi::ThreadPool pool,
   return ok ? ffi::Error::Success() : unsupported_dtype(target, x.element_type());
 }
 
+ffi::Error Tangent(const char* target, ffi::ThreadPool pool, ffi::AnyBuffer x,
+                   const ffi::AnyBuffer* g, ffi::AnyBuffer out,
+                   ffi::AnyBuffer tx, const ffi::AnyBuffer* tg,
+                   ffi::AnyBuffer tout, DirectionAttrs attrs) {
+  auto dir = direction_of(target, attrs);
+  if (dir.has_error()) return dir.error();
+  auto geo = geometry_of(target, x);
+  if (geo.has_error()) return geo.error();
+  if (g) {
+    if (auto e = check_like_x(target, "guide", x, *g); e.failure()) return e;
+    if (auto e = check_like_x(target, "tguide", x, *tg); e.failure()) return e;
+  }
+  if (auto e = check_like_x(target, "out", x, out); e.failure()) return e;
+  if (auto e = check_like_x(target, "tx", x, tx); e.failure()) return e;
+  if (auto e = check_like_x(target, "tout", x, tout); e.failure()) return e;
+  const Plan plan = make_plan(*geo, pool.num_threads());
+  if (plan.geo.size() == 0) return ffi::Error::Success();
+  const ScanView v =
+      make_scan_view(*dir, geo->height, geo->width, geo->channels);
+  const bool ok = dispatch_dtype(x.element_type(), [&](auto tag) {
+    using S = decltype(tag);
+    const S* xp = data<S>(x);
+    const S* op = data<S>(out);
+    const S* txp = data<S>(tx);
+    S* tp = data<S>(tout);
+    if (g) {
+      const S* gp = data<S>(*g);
+      const S* tgp = data<S>(*tg);
+      for_each_item(pool, plan, [&](int64_t off, int64_t n) {
+        TangentPass<S, true> pass{xp + off, gp + off, op + off, txp + off,
+                                  tgp + off, tp + off, v, geo->width, n};
+        forward_item<S>(pass, v, geo->height, geo->width, n);
+      });
+    } else {
+      for_each_item(pool, plan, [&](int64_t off, int64_t n) {
+        TangentPass<S, false> pass{xp + off, nullptr, op + off, txp + off,
+                                   nullptr, tp + off, v, geo->width, n};
+        forward_item<S>(pass, v, geo->height, geo->width, n);
+      });
+    }
+  });
+  return ok ? ffi::Error::Success() : unsupported_dtype(target, x.element_type());
+}
+
 ffi::Error PoolFwd(ffi::ThreadPool pool, ffi::AnyBuffer x,
                    ffi::Result<ffi::AnyBuffer> out, DirectionAttrs d) {
   return Forward("lmconv_pool_fwd", pool, x, nullptr, *out, d);
@@ -525,6 +678,22 @@ ffi::Error PoolBwdGuided(ffi::ThreadPool pool, ffi::AnyBuffer x,
   ffi::AnyBuffer dg_buf = *dg;
   return Backward("lmconv_pool_bwd_guided", pool, x, &g, out, ct, *dx,
                   &dg_buf, d);
+}
+
+ffi::Error PoolTangent(ffi::ThreadPool pool, ffi::AnyBuffer x,
+                       ffi::AnyBuffer out, ffi::AnyBuffer tx,
+                       ffi::Result<ffi::AnyBuffer> tout, DirectionAttrs d) {
+  return Tangent("lmconv_pool_tangent", pool, x, nullptr, out, tx, nullptr,
+                 *tout, d);
+}
+
+ffi::Error PoolTangentGuided(ffi::ThreadPool pool, ffi::AnyBuffer x,
+                             ffi::AnyBuffer g, ffi::AnyBuffer out,
+                             ffi::AnyBuffer tx, ffi::AnyBuffer tg,
+                             ffi::Result<ffi::AnyBuffer> tout,
+                             DirectionAttrs d) {
+  return Tangent("lmconv_pool_tangent_guided", pool, x, &g, out, tx, &tg,
+                 *tout, d);
 }
 
 }  // namespace
@@ -563,4 +732,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LmconvPoolBwdGuided, lmconv::PoolBwdGuided,
                                   .Arg<ffi::AnyBuffer>()   // ct
                                   .Ret<ffi::AnyBuffer>()   // dx
                                   .Ret<ffi::AnyBuffer>()   // dguide
+                                  .Attrs<lmconv::DirectionAttrs>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmconvPoolTangent, lmconv::PoolTangent,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()   // x
+                                  .Arg<ffi::AnyBuffer>()   // out
+                                  .Arg<ffi::AnyBuffer>()   // tx
+                                  .Ret<ffi::AnyBuffer>()   // tout
+                                  .Attrs<lmconv::DirectionAttrs>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmconvPoolTangentGuided,
+                              lmconv::PoolTangentGuided,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()   // x
+                                  .Arg<ffi::AnyBuffer>()   // guide
+                                  .Arg<ffi::AnyBuffer>()   // out
+                                  .Arg<ffi::AnyBuffer>()   // tx
+                                  .Arg<ffi::AnyBuffer>()   // tguide
+                                  .Ret<ffi::AnyBuffer>()   // tout
                                   .Attrs<lmconv::DirectionAttrs>());

@@ -40,7 +40,9 @@ cudaError_t launch(const LaunchPlan& plan, const typename Body::Args& args,
   LMCONV_INSTANTIATE(ForwardBody<S, false>)         \
   LMCONV_INSTANTIATE(ForwardBody<S, true>)          \
   LMCONV_INSTANTIATE(BackwardBody<S, false>)        \
-  LMCONV_INSTANTIATE(BackwardBody<S, true>)
+  LMCONV_INSTANTIATE(BackwardBody<S, true>)         \
+  LMCONV_INSTANTIATE(TangentBody<S, false>)         \
+  LMCONV_INSTANTIATE(TangentBody<S, true>)
 
 LMCONV_INSTANTIATE_DTYPE(float)
 LMCONV_INSTANTIATE_DTYPE(double)

@@ -36,7 +36,7 @@ ffi::Error prepare(Backend& be, const char* target, ffi::AnyBuffer x,
                    std::initializer_list<std::pair<const char*,
                                                    const ffi::AnyBuffer*>>
                        others,
-                   DirectionAttrs attrs, bool backward, LaunchPlan* plan) {
+                   DirectionAttrs attrs, Pass pass, LaunchPlan* plan) {
   auto dir = direction_of(target, attrs);
   if (dir.has_error()) return dir.error();
   auto geo = geometry_of(target, x);
@@ -50,7 +50,7 @@ ffi::Error prepare(Backend& be, const char* target, ffi::AnyBuffer x,
   auto multiprocessors = be.multiprocessors();
   if (multiprocessors.has_error()) return multiprocessors.error();
   *plan = plan_launch(*dir, geo->batch, geo->height, geo->width,
-                      geo->channels, backward, *multiprocessors);
+                      geo->channels, pass, *multiprocessors);
   if (plan->blocks > std::numeric_limits<int32_t>::max()) {
     return ffi::Error::InvalidArgument(
         std::string(target) + ": " + std::to_string(plan->blocks) +
@@ -66,7 +66,7 @@ ffi::Error Forward(Backend& be, const char* target, ffi::AnyBuffer x,
                    DirectionAttrs attrs) {
   LaunchPlan plan;
   if (auto e = prepare(be, target, x, {{"guide", g}, {"out", &out}}, attrs,
-                       /*backward=*/false, &plan);
+                       Pass::kForward, &plan);
       e.failure() || plan.blocks == 0) {
     return e;
   }
@@ -94,7 +94,7 @@ ffi::Error Backward(Backend& be, const char* target, ffi::AnyBuffer x,
   if (auto e = prepare(be, target, x,
                        {{"guide", g}, {"dguide", dg}, {"out", &out},
                         {"ct", &ct}, {"dx", &dx}},
-                       attrs, /*backward=*/true, &plan);
+                       attrs, Pass::kBackward, &plan);
       e.failure() || plan.blocks == 0) {
     return e;
   }
@@ -117,6 +117,44 @@ ffi::Error Backward(Backend& be, const char* target, ffi::AnyBuffer x,
     };
     if (g) run(BackwardBody<S, true>{});
     else run(BackwardBody<S, false>{});
+  });
+  return ok ? std::move(result) : unsupported_dtype(target, x.element_type());
+}
+
+// The tangent of out = pool(x[, g]) along tx (and tg when guided): one
+// launch of the forward's schedule with the tangent's step (TangentBody).
+template <typename Backend>
+ffi::Error Tangent(Backend& be, const char* target, ffi::AnyBuffer x,
+                   const ffi::AnyBuffer* g, ffi::AnyBuffer out,
+                   ffi::AnyBuffer tx, const ffi::AnyBuffer* tg,
+                   ffi::AnyBuffer tout, DirectionAttrs attrs) {
+  LaunchPlan plan;
+  if (auto e = prepare(be, target, x,
+                       {{"guide", g}, {"tguide", tg}, {"out", &out},
+                        {"tx", &tx}, {"tout", &tout}},
+                       attrs, Pass::kTangent, &plan);
+      e.failure() || plan.blocks == 0) {
+    return e;
+  }
+  ffi::Error result;
+  const bool ok = dispatch_dtype(x.element_type(), [&](auto tag) {
+    using S = decltype(tag);
+    auto ring = be.workspace(static_cast<size_t>(plan.blocks * plan.ring) *
+                             sizeof(Compute<S>));
+    if (ring.has_error()) {
+      result = ring.error();
+      return;
+    }
+    auto run = [&](auto body) {
+      using Body = decltype(body);
+      result = be.template launch<Body>(
+          plan, typename Body::Args{plan, data<S>(x), data_or_null<S>(g),
+                                    data<S>(out), data<S>(tx),
+                                    data_or_null<S>(tg), data<S>(tout),
+                                    static_cast<Compute<S>*>(*ring)});
+    };
+    if (g) run(TangentBody<S, true>{});
+    else run(TangentBody<S, false>{});
   });
   return ok ? std::move(result) : unsupported_dtype(target, x.element_type());
 }

@@ -97,6 +97,26 @@ ffi::Error PoolBwdGuided(cudaStream_t stream, int32_t device,
                   d);
 }
 
+ffi::Error PoolTangent(cudaStream_t stream, int32_t device,
+                       ffi::ScratchAllocator scratch, ffi::AnyBuffer x,
+                       ffi::AnyBuffer out, ffi::AnyBuffer tx,
+                       ffi::Result<ffi::AnyBuffer> tout, DirectionAttrs d) {
+  CudaBackend be(stream, device, scratch);
+  return Tangent(be, "lmconv_pool_tangent", x, nullptr, out, tx, nullptr,
+                 *tout, d);
+}
+
+ffi::Error PoolTangentGuided(cudaStream_t stream, int32_t device,
+                             ffi::ScratchAllocator scratch, ffi::AnyBuffer x,
+                             ffi::AnyBuffer g, ffi::AnyBuffer out,
+                             ffi::AnyBuffer tx, ffi::AnyBuffer tg,
+                             ffi::Result<ffi::AnyBuffer> tout,
+                             DirectionAttrs d) {
+  CudaBackend be(stream, device, scratch);
+  return Tangent(be, "lmconv_pool_tangent_guided", x, &g, out, tx, &tg,
+                 *tout, d);
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace lmconv
@@ -106,6 +126,8 @@ using lmconv::bind_pool_bwd;
 using lmconv::bind_pool_bwd_guided;
 using lmconv::bind_pool_fwd;
 using lmconv::bind_pool_fwd_guided;
+using lmconv::bind_pool_tangent;
+using lmconv::bind_pool_tangent_guided;
 
 // Every handler gets the stream, the device and XLA's scratch allocator.
 #define LMCONV_CUDA_CONTEXT                         \
@@ -124,3 +146,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LmconvCudaPoolBwd, lmconv::cuda::PoolBwd,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LmconvCudaPoolBwdGuided,
                               lmconv::cuda::PoolBwdGuided,
                               bind_pool_bwd_guided(LMCONV_CUDA_CONTEXT));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmconvCudaPoolTangent, lmconv::cuda::PoolTangent,
+                              bind_pool_tangent(LMCONV_CUDA_CONTEXT));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LmconvCudaPoolTangentGuided,
+                              lmconv::cuda::PoolTangentGuided,
+                              bind_pool_tangent_guided(LMCONV_CUDA_CONTEXT));

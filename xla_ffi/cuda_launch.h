@@ -11,7 +11,8 @@ namespace cuda {
 
 // Enqueues Body's kernel on `stream` in plan's geometry (one launch) and
 // returns the launch error, if any; it never waits for the device. Defined,
-// and instantiated for every ForwardBody and BackwardBody, in cuda.cu.
+// and instantiated for every ForwardBody, BackwardBody and TangentBody, in
+// cuda.cu.
 template <typename Body>
 cudaError_t launch(const LaunchPlan& plan, const typename Body::Args& args,
                    cudaStream_t stream);

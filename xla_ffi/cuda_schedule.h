@@ -31,6 +31,13 @@
 // each pixel leaves what it passes on in a per-block ring of two phases in the
 // workspace (float32 for halves, double for double), so there are no atomics
 // and the sum is taken in the same order as on the CPU.
+//
+// The tangent (forward-mode AD) is the forward's body with another per-pixel
+// step (ForwardBody<S, kGuided, /*kTangent=*/true>): it reads out instead of
+// writing it, and each pixel's running tangent t[p] (Compute<S>: float32 for
+// halves, never rounded) goes to tout, rounded once, and to a per-block ring
+// of two phases in the workspace, from which the next phase reads its
+// neighbours' t (both are always in the phase just before).
 #ifndef LMCONV_JAX_XLA_FFI_CUDA_SCHEDULE_H_
 #define LMCONV_JAX_XLA_FFI_CUDA_SCHEDULE_H_
 
@@ -147,12 +154,15 @@ struct LaunchPlan {
   int64_t threads;      // lanes * pixel_lanes
   int64_t phases;
   int64_t shared_bytes;  // per block; this schedule needs none
-  int64_t ring;          // backward workspace per block, in G's elements
+  int64_t ring;          // workspace per block, in Compute<S> elements
 };
+
+// Which kernel a plan is for: the geometry is the same, the workspace not.
+enum class Pass { kForward, kBackward, kTangent };
 
 // `multiprocessors`: the GPU's (the CUDA handler asks the device).
 inline LaunchPlan plan_launch(Direction d, int64_t batch, int64_t height,
-                              int64_t width, int64_t channels, bool backward,
+                              int64_t width, int64_t channels, Pass pass,
                               int64_t multiprocessors) {
   auto ceil_div = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
   LaunchPlan p;
@@ -178,7 +188,10 @@ inline LaunchPlan plan_launch(Direction d, int64_t batch, int64_t height,
   p.threads = p.lanes * p.pixel_lanes;
   p.phases = s.phases;
   p.shared_bytes = 0;
-  p.ring = backward ? 2 * s.slots * 2 * p.lanes : 0;
+  // Two phases of: G pushed to n1 and n2 (backward), t (tangent).
+  p.ring = pass == Pass::kBackward  ? 2 * s.slots * 2 * p.lanes
+           : pass == Pass::kTangent ? 2 * s.slots * p.lanes
+                                    : 0;
   return p;
 }
 
@@ -259,33 +272,77 @@ using Compute = typename StorageTraits<S>::Compute;
 
 // Forward: out[p] from x[p] and the outputs of its neighbours, which earlier
 // phases stored (so they are read back as stored).
-template <typename S, bool kGuided>
+//
+// kTangent: the same schedule with the tangent's per-pixel step. out is read
+// (the forward's result), and t[p] = pool_tangent[_guided](...) from tx[p]
+// (g[p], tg[p]) and the neighbours' t, which the phase before left in the
+// block's ring: ring[phase & 1][k][lane]. t is stored to tout rounded once;
+// the ring keeps it unrounded (Compute<S>), as the CPU kernel does.
+template <typename S, bool kGuided, bool kTangent = false>
 struct ForwardBody {
+  using Acc = Compute<S>;
   struct Args {
     LaunchPlan plan;
     const S* x;
     const S* g;  // null unless kGuided
-    S* out;
+    S* out;      // written by the forward, read by the tangent
+    // Tangent only (null otherwise):
+    const S* tx = nullptr;
+    const S* tg = nullptr;  // null unless kGuided
+    S* tout = nullptr;
+    Acc* ring = nullptr;    // plan.blocks * plan.ring elements
   };
 
   struct Step {
     using T = StorageTraits<S>;
     const Args& a;
     int64_t base;  // Lane::base
-    Compute<S> x[kBatch] = {}, o1[kBatch] = {}, o2[kBatch] = {},
-               g[kBatch] = {};
+    Acc* ring;     // tangent: this block's ring, at this lane
+    int64_t phase;
+    Acc x[kBatch] = {}, o1[kBatch] = {}, o2[kBatch] = {}, g[kBatch] = {};
+    // Tangent only.
+    Acc tx[kBatch] = {}, t1[kBatch] = {}, t2[kBatch] = {}, tg[kBatch] = {};
+
+    // t of pixel k of phase ph.
+    LMCONV_HDI Acc& slot(int64_t ph, int64_t k) const {
+      return ring[((ph & 1) * a.plan.sweep.slots + k) * a.plan.lanes];
+    }
+    // The ring index of q's neighbour at view offset n (in the phase before).
+    LMCONV_HDI int64_t slot_of(const Pixel& q, Offset n) const {
+      return a.plan.sweep.skew == 0 ? q.j + n.dc : q.i + n.dr;
+    }
 
     LMCONV_HDI void load(int u, const Pixel& q) {
+      const Sweep& s = a.plan.sweep;
       const int64_t p = base + q.at;
       x[u] = T::load(a.x[p]);
-      o1[u] = q.in1 ? T::load(a.out[p + a.plan.sweep.off1]) : x[u];
-      o2[u] = q.in2 ? T::load(a.out[p + a.plan.sweep.off2]) : x[u];
+      o1[u] = q.in1 ? T::load(a.out[p + s.off1]) : x[u];
+      o2[u] = q.in2 ? T::load(a.out[p + s.off2]) : x[u];
       if constexpr (kGuided) g[u] = T::load(a.g[p]);
+      if constexpr (kTangent) {
+        tx[u] = T::load(a.tx[p]);
+        t1[u] = q.in1 ? slot(phase - 1, slot_of(q, s.n1)) : Acc(0);
+        t2[u] = q.in2 ? slot(phase - 1, slot_of(q, s.n2)) : Acc(0);
+        if constexpr (kGuided) tg[u] = T::load(a.tg[p]);
+      }
     }
 
     LMCONV_HDI void store(int u, const Pixel& q) {
-      const Compute<S> m = pool_max(x[u], q.in1, o1[u], q.in2, o2[u]);
-      a.out[base + q.at] = T::store(kGuided ? pool_blend(g[u], m, x[u]) : m);
+      const Acc m = pool_max(x[u], q.in1, o1[u], q.in2, o2[u]);
+      if constexpr (kTangent) {
+        Acc t;
+        if constexpr (kGuided) {
+          t = pool_tangent_guided(x[u], m, q.in1, o1[u], q.in2, o2[u], g[u],
+                                  tx[u], t1[u], t2[u], tg[u]);
+        } else {
+          t = pool_tangent(x[u], m, q.in1, o1[u], q.in2, o2[u], tx[u], t1[u],
+                           t2[u]);
+        }
+        a.tout[base + q.at] = T::store(t);
+        slot(phase, q.k) = t;
+      } else {
+        a.out[base + q.at] = T::store(kGuided ? pool_blend(g[u], m, x[u]) : m);
+      }
     }
   };
 
@@ -293,10 +350,16 @@ struct ForwardBody {
                              int64_t phase, unsigned char* /*shared*/) {
     const Lane l = lane_of(a.plan, block, thread);
     if (!l.active) return;
-    Step step{a, l.base};
+    Step step{a, l.base,
+              kTangent ? a.ring + block * a.plan.ring + l.lane : nullptr,
+              phase};
     for_each_batch(a.plan, l, phase, step);
   }
 };
+
+// The tangent: the forward's schedule and body, the tangent's step.
+template <typename S, bool kGuided>
+using TangentBody = ForwardBody<S, kGuided, /*kTangent=*/true>;
 
 // Backward: step t runs forward phase phases - 1 - t. A pixel q pulls G[q] =
 // ct[q] + what the pixels whose n1 / n2 is q passed on; they are all in the

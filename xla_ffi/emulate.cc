@@ -11,8 +11,8 @@
 //   * fills the outputs and the workspace with NaN bytes first, so a pixel
 //     that is never written, or read before it is written, shows up as NaN.
 //
-// Targets (platform "cpu"): lmconv_emu_pool_{fwd,bwd}[_guided], with the
-// operands of the real targets and two more int64 attributes:
+// Targets (platform "cpu"): lmconv_emu_pool_{fwd,bwd,tangent}[_guided], with
+// the operands of the real targets and two more int64 attributes:
 // multiprocessors (what the CUDA handler asks the GPU; it shapes the plan)
 // and order (0: blocks and threads ascending, 1: descending).
 
@@ -122,6 +122,25 @@ ffi::Error EmuBwdGuided(ffi::AnyBuffer x, ffi::AnyBuffer g, ffi::AnyBuffer out,
                   &dg_buf, a.direction);
 }
 
+ffi::Error EmuTangent(ffi::AnyBuffer x, ffi::AnyBuffer out, ffi::AnyBuffer tx,
+                      ffi::Result<ffi::AnyBuffer> tout, EmulatorAttrs a) {
+  EmulatorBackend be(a);
+  poison(*tout);
+  return Tangent(be, "lmconv_emu_pool_tangent", x, nullptr, out, tx, nullptr,
+                 *tout, a.direction);
+}
+
+ffi::Error EmuTangentGuided(ffi::AnyBuffer x, ffi::AnyBuffer g,
+                            ffi::AnyBuffer out, ffi::AnyBuffer tx,
+                            ffi::AnyBuffer tg,
+                            ffi::Result<ffi::AnyBuffer> tout,
+                            EmulatorAttrs a) {
+  EmulatorBackend be(a);
+  poison(*tout);
+  return Tangent(be, "lmconv_emu_pool_tangent_guided", x, &g, out, tx, &tg,
+                 *tout, a.direction);
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace lmconv
@@ -140,3 +159,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     LmconvEmuPoolBwdGuided, lmconv::cuda::EmuBwdGuided,
     lmconv::bind_pool_bwd_guided<EmulatorAttrs>(xla::ffi::Ffi::Bind()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    LmconvEmuPoolTangent, lmconv::cuda::EmuTangent,
+    lmconv::bind_pool_tangent<EmulatorAttrs>(xla::ffi::Ffi::Bind()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    LmconvEmuPoolTangentGuided, lmconv::cuda::EmuTangentGuided,
+    lmconv::bind_pool_tangent_guided<EmulatorAttrs>(xla::ffi::Ffi::Bind()));

@@ -1,5 +1,5 @@
 // What every lmconv XLA FFI target has in common, whatever runs it: the
-// direction attributes, the operands of the four targets, the input checks
+// direction attributes, the operands of the six targets, the input checks
 // and the dtype dispatch. Used by the CUDA handlers and their CPU emulation
 // (cuda_ffi.h); cpu.cc has the same checks, word for word, and could include
 // this instead.
@@ -42,12 +42,14 @@ namespace lmconv {
 namespace ffi = xla::ffi;
 
 // ---------------------------------------------------------------------------
-// The four targets' operands and results, bound after a binding's contexts,
+// The six targets' operands and results, bound after a binding's contexts,
 // with the attributes as a struct A (DirectionAttrs, or one that extends it):
 //   lmconv_pool_fwd         (x)              -> out
 //   lmconv_pool_fwd_guided  (x, g)           -> out
 //   lmconv_pool_bwd         (x, out, ct)     -> dx
 //   lmconv_pool_bwd_guided  (x, g, out, ct)  -> dx, dguide
+//   lmconv_pool_tangent         (x, out, tx)         -> tout
+//   lmconv_pool_tangent_guided  (x, g, out, tx, tg)  -> tout
 // ---------------------------------------------------------------------------
 
 // kArgs buffer operands, then kRets buffer results, then the attributes.
@@ -79,6 +81,14 @@ auto bind_pool_bwd(B&& b) {
 template <typename A = DirectionAttrs, typename B>
 auto bind_pool_bwd_guided(B&& b) {
   return bind_buffers<4, 2, A>(std::forward<B>(b));
+}
+template <typename A = DirectionAttrs, typename B>
+auto bind_pool_tangent(B&& b) {
+  return bind_buffers<3, 1, A>(std::forward<B>(b));
+}
+template <typename A = DirectionAttrs, typename B>
+auto bind_pool_tangent_guided(B&& b) {
+  return bind_buffers<5, 1, A>(std::forward<B>(b));
 }
 
 // ---------------------------------------------------------------------------

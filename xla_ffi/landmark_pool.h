@@ -190,6 +190,35 @@ LMCONV_HDI PoolGrad<T> pool_backward_guided(T x, T m, bool in1, T o1,
 }
 
 // ---------------------------------------------------------------------------
+// Tangent step (forward-mode AD)
+// ---------------------------------------------------------------------------
+
+// The tangent t[p] of out[p], visited in forward scan order, given the
+// tangent tx = tx[p] and the neighbours' tangents t1 = t[p + n1], t2 =
+// t[p + n2] (final: neighbours are visited first). It is the tangent of the
+// winner of the forward max, chosen as in the backward (x, then n1, then n2;
+// nobody if m is NaN, then 0), so a tie never splits it and forward mode is
+// exactly the transpose of reverse mode. No guide (g = 1).
+template <typename T>
+LMCONV_HDI T pool_tangent(T x, T m, bool in1, T o1, bool in2, T o2, T tx,
+                          T t1, T t2) {
+  // Bitwise & (not &&) and selects: no branches, so loops vectorise.
+  const bool self = x >= m;
+  const bool take1 = !self & in1 & (o1 >= m);
+  const bool take2 = !self & !take1 & in2 & (o2 >= m);
+  return self ? tx : take1 ? t1 : take2 ? t2 : T(0);
+}
+
+// Guide s = g[p] with tangent tg: d(s * m + (1 - s) * x), with the winner's
+// tangent for dm, evaluated literally.
+template <typename T>
+LMCONV_HDI T pool_tangent_guided(T x, T m, bool in1, T o1, bool in2, T o2,
+                                 T s, T tx, T t1, T t2, T tg) {
+  const T win = pool_tangent(x, m, in1, o1, in2, o2, tx, t1, t2);
+  return s * win + (T(1) - s) * tx + (m - x) * tg;
+}
+
+// ---------------------------------------------------------------------------
 // Storage types
 // ---------------------------------------------------------------------------
 

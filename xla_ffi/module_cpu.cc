@@ -12,6 +12,8 @@ XLA_FFI_Error* LmconvPoolFwd(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* LmconvPoolFwdGuided(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* LmconvPoolBwd(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* LmconvPoolBwdGuided(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* LmconvPoolTangent(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* LmconvPoolTangentGuided(XLA_FFI_CallFrame* call_frame);
 }
 
 namespace {
@@ -34,6 +36,8 @@ NB_MODULE(_lmconv_cpu, m) {
     d["lmconv_pool_fwd_guided"] = encapsulate(LmconvPoolFwdGuided);
     d["lmconv_pool_bwd"] = encapsulate(LmconvPoolBwd);
     d["lmconv_pool_bwd_guided"] = encapsulate(LmconvPoolBwdGuided);
+    d["lmconv_pool_tangent"] = encapsulate(LmconvPoolTangent);
+    d["lmconv_pool_tangent_guided"] = encapsulate(LmconvPoolTangentGuided);
     return d;
   }, "Returns {target name: capsule} for jax.ffi.register_ffi_target.");
   m.def("build_info", [] {

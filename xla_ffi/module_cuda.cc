@@ -17,6 +17,8 @@ XLA_FFI_Error* LmconvCudaPoolFwd(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* LmconvCudaPoolFwdGuided(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* LmconvCudaPoolBwd(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* LmconvCudaPoolBwdGuided(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* LmconvCudaPoolTangent(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* LmconvCudaPoolTangentGuided(XLA_FFI_CallFrame* call_frame);
 }
 
 namespace {
@@ -43,6 +45,9 @@ NB_MODULE(_lmconv_cuda, m) {
     d["lmconv_pool_fwd_guided"] = encapsulate(LmconvCudaPoolFwdGuided);
     d["lmconv_pool_bwd"] = encapsulate(LmconvCudaPoolBwd);
     d["lmconv_pool_bwd_guided"] = encapsulate(LmconvCudaPoolBwdGuided);
+    d["lmconv_pool_tangent"] = encapsulate(LmconvCudaPoolTangent);
+    d["lmconv_pool_tangent_guided"] =
+        encapsulate(LmconvCudaPoolTangentGuided);
     return d;
   }, "Returns {target name: capsule} for jax.ffi.register_ffi_target.");
   m.def("build_info", [] {

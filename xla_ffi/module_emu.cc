@@ -14,6 +14,8 @@ XLA_FFI_Error* LmconvEmuPoolFwd(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* LmconvEmuPoolFwdGuided(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* LmconvEmuPoolBwd(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* LmconvEmuPoolBwdGuided(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* LmconvEmuPoolTangent(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* LmconvEmuPoolTangentGuided(XLA_FFI_CallFrame* call_frame);
 }
 
 namespace {
@@ -28,14 +30,21 @@ nb::dict launch_plan(int64_t row_step, int64_t col_step, int64_t n1_row,
                      int64_t n1_col, int64_t n2_row, int64_t n2_col,
                      int64_t batch, int64_t height, int64_t width,
                      int64_t channels, bool backward,
-                     int64_t multiprocessors) {
+                     int64_t multiprocessors, bool tangent) {
+  if (backward && tangent) {
+    throw nb::value_error("backward and tangent are different kernels");
+  }
   lmconv::Direction d;
   if (const char* why = lmconv::make_direction(row_step, col_step, n1_row,
                                                n1_col, n2_row, n2_col, &d)) {
     throw nb::value_error(why);
   }
   const lmconv::LaunchPlan p = lmconv::plan_launch(
-      d, batch, height, width, channels, backward, multiprocessors);
+      d, batch, height, width, channels,
+      backward  ? lmconv::Pass::kBackward
+      : tangent ? lmconv::Pass::kTangent
+                : lmconv::Pass::kForward,
+      multiprocessors);
   nb::dict r;
   r["blocks"] = p.blocks;
   r["threads"] = p.threads;
@@ -63,14 +72,18 @@ NB_MODULE(_lmconv_cuda_emu, m) {
     d["lmconv_emu_pool_fwd_guided"] = encapsulate(LmconvEmuPoolFwdGuided);
     d["lmconv_emu_pool_bwd"] = encapsulate(LmconvEmuPoolBwd);
     d["lmconv_emu_pool_bwd_guided"] = encapsulate(LmconvEmuPoolBwdGuided);
+    d["lmconv_emu_pool_tangent"] = encapsulate(LmconvEmuPoolTangent);
+    d["lmconv_emu_pool_tangent_guided"] =
+        encapsulate(LmconvEmuPoolTangentGuided);
     return d;
   }, "Returns {target name: capsule} for jax.ffi.register_ffi_target (cpu).");
   m.def("launch_plan", &launch_plan, nb::arg("row_step"), nb::arg("col_step"),
         nb::arg("n1_row"), nb::arg("n1_col"), nb::arg("n2_row"),
         nb::arg("n2_col"), nb::arg("batch"), nb::arg("height"),
         nb::arg("width"), nb::arg("channels"), nb::arg("backward"),
-        nb::arg("multiprocessors"),
-        "The CUDA launch of one pool call: grid, block, phases, workspace.");
+        nb::arg("multiprocessors"), nb::arg("tangent") = false,
+        "The CUDA launch of one pool call (forward, backward=True or "
+        "tangent=True): grid, block, phases, workspace.");
   m.def("build_info", [] {
     nb::dict d;
     d["cuda_compiled"] = bool(LMCONV_CUDA_COMPILED);

@@ -184,9 +184,14 @@ def test_grouped_pool_and_layer_sharded_over_batch(impl):
   compiled = grouped.lower(xs).compile()
   if impl == "ffi":
     assert found(compiled, COLLECTIVES) == []
-  np.testing.assert_array_equal(
-      compiled(xs), lmconv_jax.grouped_landmark_pool(x, GROUPS,
-                                                     implementation=impl))
+  want = lmconv_jax.grouped_landmark_pool(x, GROUPS, implementation=impl)
+  np.testing.assert_array_equal(compiled(xs), want)
+  # Sharded over channels the groups move between devices, but the answer
+  # and the output's sharding are unchanged.
+  xc = jax.device_put(x, NamedSharding(mesh, P("data", None, None, "model")))
+  out = grouped(xc)
+  np.testing.assert_array_equal(out, want)
+  assert spec_of(out) == spec_of(xc)
   layer = lmconv_jax.LandmarkConv(features=4, kernel_size=(3, 3),
                                   directions=GROUPS, implementation=impl)
   params = layer.init(jax.random.key(0), x)
