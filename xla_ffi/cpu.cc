@@ -16,120 +16,19 @@
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
-#include <sstream>
-#include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
-#include "landmark_pool.h"
-#include "xla/ffi/api/ffi.h"
+#include "ffi_common.h"
 
 namespace ffi = xla::ffi;
 
 namespace lmconv {
-
-// The direction as it arrives: six int64 attributes (Python ints).
-struct DirectionAttrs {
-  int64_t row_step, col_step, n1_row, n1_col, n2_row, n2_col;
-};
-
-}  // namespace lmconv
-
-XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
-    lmconv::DirectionAttrs, xla::ffi::StructMember<int64_t>("row_step"),
-    xla::ffi::StructMember<int64_t>("col_step"),
-    xla::ffi::StructMember<int64_t>("n1_row"),
-    xla::ffi::StructMember<int64_t>("n1_col"),
-    xla::ffi::StructMember<int64_t>("n2_row"),
-    xla::ffi::StructMember<int64_t>("n2_col"));
-
-namespace lmconv {
 namespace {
-
-// ---------------------------------------------------------------------------
-// Validation
-// ---------------------------------------------------------------------------
-
-// (batch, H, W, C): every dim before the last three is folded into batch.
-struct Geometry {
-  int64_t batch, height, width, channels;
-  int64_t size() const { return batch * height * width * channels; }
-};
-
-std::string dims_str(ffi::AnyBuffer::Dimensions dims) {
-  std::ostringstream s;
-  s << "(";
-  for (size_t k = 0; k < dims.size(); ++k) s << (k ? ", " : "") << dims[k];
-  s << (dims.size() == 1 ? ",)" : ")");
-  return s.str();
-}
-
-std::string dtype_str(ffi::DataType t) {
-  switch (t) {
-    case ffi::DataType::F32: return "float32";
-    case ffi::DataType::F64: return "float64";
-    case ffi::DataType::F16: return "float16";
-    case ffi::DataType::BF16: return "bfloat16";
-    default: {
-      std::ostringstream s;
-      s << "XLA " << static_cast<XLA_FFI_DataType>(t);
-      return s.str();
-    }
-  }
-}
-
-ffi::ErrorOr<Geometry> geometry_of(const char* target, ffi::AnyBuffer x) {
-  auto dims = x.dimensions();
-  if (dims.size() < 3) {
-    return ffi::Unexpected(ffi::Error::InvalidArgument(
-        std::string(target) + ": x must have rank >= 3, shape (..., H, W, C); "
-        "got shape " + dims_str(dims)));
-  }
-  const size_t r = dims.size();
-  Geometry g{1, dims[r - 3], dims[r - 2], dims[r - 1]};
-  for (size_t k = 0; k + 3 < r; ++k) g.batch *= dims[k];
-  return g;
-}
-
-// Every other operand and result must have exactly x's shape and dtype.
-ffi::Error check_like_x(const char* target, const char* name,
-                        ffi::AnyBuffer x, ffi::AnyBuffer other) {
-  auto xd = x.dimensions(), od = other.dimensions();
-  if (!std::equal(xd.begin(), xd.end(), od.begin(), od.end())) {
-    return ffi::Error::InvalidArgument(
-        std::string(target) + ": " + name + " must have x's shape " +
-        dims_str(xd) + "; got " + dims_str(od));
-  }
-  if (other.element_type() != x.element_type()) {
-    return ffi::Error::InvalidArgument(
-        std::string(target) + ": " + name + " must have x's dtype " +
-        dtype_str(x.element_type()) + "; got " +
-        dtype_str(other.element_type()));
-  }
-  return ffi::Error::Success();
-}
-
-ffi::ErrorOr<Direction> direction_of(const char* target, DirectionAttrs a) {
-  Direction d;
-  if (const char* why = make_direction(a.row_step, a.col_step, a.n1_row,
-                                       a.n1_col, a.n2_row, a.n2_col, &d)) {
-    std::ostringstream s;
-    s << target << ": invalid direction (row_step=" << a.row_step
-      << ", col_step=" << a.col_step << ", n1=(" << a.n1_row << ", "
-      << a.n1_col << "), n2=(" << a.n2_row << ", " << a.n2_col
-      << ")): " << why;
-    return ffi::Unexpected(ffi::Error::InvalidArgument(s.str()));
-  }
-  return d;
-}
-
-ffi::Error unsupported_dtype(const char* target, ffi::DataType t) {
-  return ffi::Error::InvalidArgument(
-      std::string(target) + ": unsupported dtype " + dtype_str(t) +
-      "; expected float32, float64, float16 or bfloat16");
-}
 
 // ---------------------------------------------------------------------------
 // Parallel schedule
@@ -513,38 +412,45 @@ void for_each_item(ffi::ThreadPool& pool, const Plan& plan, F item_fn) {
 // Handlers: one per target, each dispatching on the element type.
 // ---------------------------------------------------------------------------
 
-// Calls fn(S{}) with S the storage type of dtype t; false if unsupported.
-template <typename F>
-bool dispatch_dtype(ffi::DataType t, F&& fn) {
-  switch (t) {
-    case ffi::DataType::F32: fn(float{}); return true;
-    case ffi::DataType::F64: fn(double{}); return true;
-    case ffi::DataType::F16: fn(Half{}); return true;
-    case ffi::DataType::BF16: fn(BFloat16{}); return true;
-    default: return false;
-  }
-}
+// What every handler does first: checks the direction, x's rank, then each
+// other operand and result given (null ones are skipped) against x, in order;
+// plans the work. view is only set if there is work (plan.geo.size() > 0).
+struct Call {
+  Plan plan;
+  ScanView view;
+};
 
-template <typename S>
-S* data(ffi::AnyBuffer b) {
-  return static_cast<S*>(b.untyped_data());
+ffi::ErrorOr<Call> prepare(
+    const char* target, ffi::ThreadPool& pool, ffi::AnyBuffer x,
+    std::initializer_list<std::pair<const char*, const ffi::AnyBuffer*>>
+        others,
+    DirectionAttrs attrs) {
+  auto dir = direction_of(target, attrs);
+  if (dir.has_error()) return ffi::Unexpected(dir.error());
+  auto geo = geometry_of(target, x);
+  if (geo.has_error()) return ffi::Unexpected(geo.error());
+  for (const auto& [name, b] : others) {
+    if (!b) continue;
+    if (auto e = check_like_x(target, name, x, *b); e.failure()) {
+      return ffi::Unexpected(std::move(e));
+    }
+  }
+  Call c{make_plan(*geo, pool.num_threads()), {}};
+  if (c.plan.geo.size() > 0) {
+    c.view = make_scan_view(*dir, geo->height, geo->width, geo->channels);
+  }
+  return c;
 }
 
 ffi::Error Forward(const char* target, ffi::ThreadPool pool, ffi::AnyBuffer x,
                    const ffi::AnyBuffer* g, ffi::AnyBuffer out,
                    DirectionAttrs attrs) {
-  auto dir = direction_of(target, attrs);
-  if (dir.has_error()) return dir.error();
-  auto geo = geometry_of(target, x);
-  if (geo.has_error()) return geo.error();
-  if (g) {
-    if (auto e = check_like_x(target, "guide", x, *g); e.failure()) return e;
-  }
-  if (auto e = check_like_x(target, "out", x, out); e.failure()) return e;
-  const Plan plan = make_plan(*geo, pool.num_threads());
-  if (plan.geo.size() == 0) return ffi::Error::Success();
-  const ScanView v =
-      make_scan_view(*dir, geo->height, geo->width, geo->channels);
+  auto call = prepare(target, pool, x, {{"guide", g}, {"out", &out}}, attrs);
+  if (call.has_error()) return call.error();
+  const Plan& plan = call->plan;
+  const Geometry& geo = plan.geo;
+  if (geo.size() == 0) return ffi::Error::Success();
+  const ScanView& v = call->view;
   const bool ok = dispatch_dtype(x.element_type(), [&](auto tag) {
     using S = decltype(tag);
     const S* xp = data<S>(x);
@@ -553,12 +459,12 @@ ffi::Error Forward(const char* target, ffi::ThreadPool pool, ffi::AnyBuffer x,
       const S* gp = data<S>(*g);
       for_each_item(pool, plan, [&](int64_t off, int64_t n) {
         PoolPass<S, true> pass{xp + off, gp + off, op + off, v};
-        forward_item<S>(pass, v, geo->height, geo->width, n);
+        forward_item<S>(pass, v, geo.height, geo.width, n);
       });
     } else {  // g = 1: the fast path reads no guide
       for_each_item(pool, plan, [&](int64_t off, int64_t n) {
         PoolPass<S, false> pass{xp + off, nullptr, op + off, v};
-        forward_item<S>(pass, v, geo->height, geo->width, n);
+        forward_item<S>(pass, v, geo.height, geo.width, n);
       });
     }
   });
@@ -569,21 +475,18 @@ ffi::Error Backward(const char* target, ffi::ThreadPool pool,
                     ffi::AnyBuffer x, const ffi::AnyBuffer* g,
                     ffi::AnyBuffer out, ffi::AnyBuffer ct, ffi::AnyBuffer dx,
                     const ffi::AnyBuffer* dg, DirectionAttrs attrs) {
-  auto dir = direction_of(target, attrs);
-  if (dir.has_error()) return dir.error();
-  auto geo = geometry_of(target, x);
-  if (geo.has_error()) return geo.error();
-  if (g) {
-    if (auto e = check_like_x(target, "guide", x, *g); e.failure()) return e;
-    if (auto e = check_like_x(target, "dguide", x, *dg); e.failure()) return e;
-  }
-  if (auto e = check_like_x(target, "out", x, out); e.failure()) return e;
-  if (auto e = check_like_x(target, "ct", x, ct); e.failure()) return e;
-  if (auto e = check_like_x(target, "dx", x, dx); e.failure()) return e;
-  const Plan plan = make_plan(*geo, pool.num_threads());
-  if (plan.geo.size() == 0) return ffi::Error::Success();
-  const ScanView v =
-      make_scan_view(*dir, geo->height, geo->width, geo->channels);
+  auto call = prepare(target, pool, x,
+                      {{"guide", g},
+                       {"dguide", g ? dg : nullptr},
+                       {"out", &out},
+                       {"ct", &ct},
+                       {"dx", &dx}},
+                      attrs);
+  if (call.has_error()) return call.error();
+  const Plan& plan = call->plan;
+  const Geometry& geo = plan.geo;
+  if (geo.size() == 0) return ffi::Error::Success();
+  const ScanView& v = call->view;
   const bool ok = dispatch_dtype(x.element_type(), [&](auto tag) {
     using S = decltype(tag);
     const S* xp = data<S>(x);
@@ -595,14 +498,14 @@ ffi::Error Backward(const char* target, ffi::ThreadPool pool,
       S* dgp = data<S>(*dg);
       for_each_item(pool, plan, [&](int64_t off, int64_t n) {
         backward_item<S, true>(xp + off, gp + off, op + off, cp + off,
-                               dxp + off, dgp + off, v, geo->height,
-                               geo->width, n);
+                               dxp + off, dgp + off, v, geo.height,
+                               geo.width, n);
       });
     } else {
       for_each_item(pool, plan, [&](int64_t off, int64_t n) {
         backward_item<S, false>(xp + off, nullptr, op + off, cp + off,
-                                dxp + off, nullptr, v, geo->height,
-                                geo->width, n);
+                                dxp + off, nullptr, v, geo.height,
+                                geo.width, n);
       });
     }
   });
@@ -613,21 +516,18 @@ ffi::Error Tangent(const char* target, ffi::ThreadPool pool, ffi::AnyBuffer x,
                    const ffi::AnyBuffer* g, ffi::AnyBuffer out,
                    ffi::AnyBuffer tx, const ffi::AnyBuffer* tg,
                    ffi::AnyBuffer tout, DirectionAttrs attrs) {
-  auto dir = direction_of(target, attrs);
-  if (dir.has_error()) return dir.error();
-  auto geo = geometry_of(target, x);
-  if (geo.has_error()) return geo.error();
-  if (g) {
-    if (auto e = check_like_x(target, "guide", x, *g); e.failure()) return e;
-    if (auto e = check_like_x(target, "tguide", x, *tg); e.failure()) return e;
-  }
-  if (auto e = check_like_x(target, "out", x, out); e.failure()) return e;
-  if (auto e = check_like_x(target, "tx", x, tx); e.failure()) return e;
-  if (auto e = check_like_x(target, "tout", x, tout); e.failure()) return e;
-  const Plan plan = make_plan(*geo, pool.num_threads());
-  if (plan.geo.size() == 0) return ffi::Error::Success();
-  const ScanView v =
-      make_scan_view(*dir, geo->height, geo->width, geo->channels);
+  auto call = prepare(target, pool, x,
+                      {{"guide", g},
+                       {"tguide", g ? tg : nullptr},
+                       {"out", &out},
+                       {"tx", &tx},
+                       {"tout", &tout}},
+                      attrs);
+  if (call.has_error()) return call.error();
+  const Plan& plan = call->plan;
+  const Geometry& geo = plan.geo;
+  if (geo.size() == 0) return ffi::Error::Success();
+  const ScanView& v = call->view;
   const bool ok = dispatch_dtype(x.element_type(), [&](auto tag) {
     using S = decltype(tag);
     const S* xp = data<S>(x);
@@ -639,14 +539,14 @@ ffi::Error Tangent(const char* target, ffi::ThreadPool pool, ffi::AnyBuffer x,
       const S* tgp = data<S>(*tg);
       for_each_item(pool, plan, [&](int64_t off, int64_t n) {
         TangentPass<S, true> pass{xp + off, gp + off, op + off, txp + off,
-                                  tgp + off, tp + off, v, geo->width, n};
-        forward_item<S>(pass, v, geo->height, geo->width, n);
+                                  tgp + off, tp + off, v, geo.width, n};
+        forward_item<S>(pass, v, geo.height, geo.width, n);
       });
     } else {
       for_each_item(pool, plan, [&](int64_t off, int64_t n) {
         TangentPass<S, false> pass{xp + off, nullptr, op + off, txp + off,
-                                   nullptr, tp + off, v, geo->width, n};
-        forward_item<S>(pass, v, geo->height, geo->width, n);
+                                   nullptr, tp + off, v, geo.width, n};
+        forward_item<S>(pass, v, geo.height, geo.width, n);
       });
     }
   });
@@ -699,58 +599,26 @@ ffi::Error PoolTangentGuided(ffi::ThreadPool pool, ffi::AnyBuffer x,
 }  // namespace
 }  // namespace lmconv
 
+using lmconv::bind_pool_bwd;
+using lmconv::bind_pool_bwd_guided;
+using lmconv::bind_pool_fwd;
+using lmconv::bind_pool_fwd_guided;
+using lmconv::bind_pool_tangent;
+using lmconv::bind_pool_tangent_guided;
+
+// Every handler gets XLA's intra-op thread pool; operands as in ffi_common.h.
+#define LMCONV_CPU_CONTEXT ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LmconvPoolFwd, lmconv::PoolFwd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()   // x
-                                  .Ret<ffi::AnyBuffer>()   // out
-                                  .Attrs<lmconv::DirectionAttrs>());
-
+                              bind_pool_fwd(LMCONV_CPU_CONTEXT));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LmconvPoolFwdGuided, lmconv::PoolFwdGuided,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()   // x
-                                  .Arg<ffi::AnyBuffer>()   // guide
-                                  .Ret<ffi::AnyBuffer>()   // out
-                                  .Attrs<lmconv::DirectionAttrs>());
-
+                              bind_pool_fwd_guided(LMCONV_CPU_CONTEXT));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LmconvPoolBwd, lmconv::PoolBwd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()   // x
-                                  .Arg<ffi::AnyBuffer>()   // out
-                                  .Arg<ffi::AnyBuffer>()   // ct
-                                  .Ret<ffi::AnyBuffer>()   // dx
-                                  .Attrs<lmconv::DirectionAttrs>());
-
+                              bind_pool_bwd(LMCONV_CPU_CONTEXT));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LmconvPoolBwdGuided, lmconv::PoolBwdGuided,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()   // x
-                                  .Arg<ffi::AnyBuffer>()   // guide
-                                  .Arg<ffi::AnyBuffer>()   // out
-                                  .Arg<ffi::AnyBuffer>()   // ct
-                                  .Ret<ffi::AnyBuffer>()   // dx
-                                  .Ret<ffi::AnyBuffer>()   // dguide
-                                  .Attrs<lmconv::DirectionAttrs>());
-
+                              bind_pool_bwd_guided(LMCONV_CPU_CONTEXT));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LmconvPoolTangent, lmconv::PoolTangent,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()   // x
-                                  .Arg<ffi::AnyBuffer>()   // out
-                                  .Arg<ffi::AnyBuffer>()   // tx
-                                  .Ret<ffi::AnyBuffer>()   // tout
-                                  .Attrs<lmconv::DirectionAttrs>());
-
+                              bind_pool_tangent(LMCONV_CPU_CONTEXT));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LmconvPoolTangentGuided,
                               lmconv::PoolTangentGuided,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()   // x
-                                  .Arg<ffi::AnyBuffer>()   // guide
-                                  .Arg<ffi::AnyBuffer>()   // out
-                                  .Arg<ffi::AnyBuffer>()   // tx
-                                  .Arg<ffi::AnyBuffer>()   // tguide
-                                  .Ret<ffi::AnyBuffer>()   // tout
-                                  .Attrs<lmconv::DirectionAttrs>());
+                              bind_pool_tangent_guided(LMCONV_CPU_CONTEXT));

@@ -1,8 +1,7 @@
 // What every lmconv XLA FFI target has in common, whatever runs it: the
 // direction attributes, the operands of the six targets, the input checks
-// and the dtype dispatch. Used by the CUDA handlers and their CPU emulation
-// (cuda_ffi.h); cpu.cc has the same checks, word for word, and could include
-// this instead.
+// and the dtype dispatch. Used by the CPU handlers (cpu.cc), the CUDA
+// handlers and their CPU emulation (cuda_ffi.h), so all fail alike.
 #ifndef LMCONV_JAX_XLA_FFI_FFI_COMMON_H_
 #define LMCONV_JAX_XLA_FFI_FFI_COMMON_H_
 

@@ -5,25 +5,13 @@
 #include <nanobind/nanobind.h>
 
 #include "cuda_schedule.h"
-#include "xla/ffi/api/c_api.h"
+#include "nb_registrations.h"
 
 namespace nb = nanobind;
 
-extern "C" {
-XLA_FFI_Error* LmconvEmuPoolFwd(XLA_FFI_CallFrame* call_frame);
-XLA_FFI_Error* LmconvEmuPoolFwdGuided(XLA_FFI_CallFrame* call_frame);
-XLA_FFI_Error* LmconvEmuPoolBwd(XLA_FFI_CallFrame* call_frame);
-XLA_FFI_Error* LmconvEmuPoolBwdGuided(XLA_FFI_CallFrame* call_frame);
-XLA_FFI_Error* LmconvEmuPoolTangent(XLA_FFI_CallFrame* call_frame);
-XLA_FFI_Error* LmconvEmuPoolTangentGuided(XLA_FFI_CallFrame* call_frame);
-}
+LMCONV_DECLARE_POOL_HANDLERS(LmconvEmu)
 
 namespace {
-
-template <typename Fn>
-nb::capsule encapsulate(Fn* fn) {
-  return nb::capsule(reinterpret_cast<void*>(fn), "xla._CUSTOM_CALL_TARGET");
-}
 
 // The launch of one call, as the CUDA handler plans it.
 nb::dict launch_plan(int64_t row_step, int64_t col_step, int64_t n1_row,
@@ -67,15 +55,8 @@ nb::dict launch_plan(int64_t row_step, int64_t col_step, int64_t n1_row,
 NB_MODULE(_lmconv_cuda_emu, m) {
   m.doc() = "CPU emulation of the CUDA kernels of the landmark pool (tests).";
   m.def("registrations", [] {
-    nb::dict d;
-    d["lmconv_emu_pool_fwd"] = encapsulate(LmconvEmuPoolFwd);
-    d["lmconv_emu_pool_fwd_guided"] = encapsulate(LmconvEmuPoolFwdGuided);
-    d["lmconv_emu_pool_bwd"] = encapsulate(LmconvEmuPoolBwd);
-    d["lmconv_emu_pool_bwd_guided"] = encapsulate(LmconvEmuPoolBwdGuided);
-    d["lmconv_emu_pool_tangent"] = encapsulate(LmconvEmuPoolTangent);
-    d["lmconv_emu_pool_tangent_guided"] =
-        encapsulate(LmconvEmuPoolTangentGuided);
-    return d;
+    return lmconv::registrations("lmconv_emu_",
+                                 LMCONV_POOL_HANDLERS(LmconvEmu));
   }, "Returns {target name: capsule} for jax.ffi.register_ffi_target (cpu).");
   m.def("launch_plan", &launch_plan, nb::arg("row_step"), nb::arg("col_step"),
         nb::arg("n1_row"), nb::arg("n1_col"), nb::arg("n2_row"),
