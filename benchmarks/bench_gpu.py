@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import sys
 import time
@@ -44,6 +43,7 @@ from jax import lax
 
 import lmconv_jax
 from lmconv_jax import _ffi
+from lmconv_jax.benchmark import write_outputs
 from lmconv_jax.directions import DIRECTIONS
 
 SHAPES = {"lbylnet": (64, 32, 32, 128), "large": (32, 128, 128, 256)}
@@ -297,12 +297,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     print("(a smoke test off the GPU: these numbers say nothing about the "
           "targets)")
   print("\n".join(verdict(rows)))
-  if a.markdown:
-    with open(a.markdown, "w") as f:
-      f.write(table)
-  if a.json:
-    with open(a.json, "w") as f:
-      json.dump(dict(machine=info, rows=rows), f, indent=1)
+  write_outputs(table, rows, info, a.markdown, a.json)
   return rows
 
 

@@ -189,6 +189,17 @@ def markdown(rows: list[dict], info: Optional[dict] = None) -> str:
   return "\n".join(lines) + "\n"
 
 
+def write_outputs(table: str, rows: list[dict], info: dict,
+                  markdown_path: Optional[str], json_path: Optional[str]) -> None:
+  """Writes the table (markdown) and the rows with the machine (JSON) if asked."""
+  if markdown_path:
+    with open(markdown_path, "w") as f:
+      f.write(table)
+  if json_path:
+    with open(json_path, "w") as f:
+      json.dump(dict(machine=info, rows=rows), f, indent=1)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--shape", default=",".join(map(str, DEFAULT_SHAPE)),
@@ -208,12 +219,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
   info = machine()
   table = markdown(rows, info)
   print(table)
-  if a.markdown:
-    with open(a.markdown, "w") as f:
-      f.write(table)
-  if a.json:
-    with open(a.json, "w") as f:
-      json.dump(dict(machine=info, rows=rows), f, indent=1)
+  write_outputs(table, rows, info, a.markdown, a.json)
   return rows
 
 
