@@ -10,6 +10,7 @@ from lmconv_jax.landmarks import (grouped_landmark_map, grouped_landmarks,
 from lmconv_jax.linen import (LandmarkBlock, LandmarkConv, LandmarkConv4,
                               LandmarkConv8)
 from lmconv_jax import nnx
+from lmconv_jax._ffi import export_disabled_checks
 
 __version__ = "0.1.0"
 
@@ -18,5 +19,5 @@ __all__ = [
     "LEFT_RIGHT", "OCTANTS", "QUADRANTS", "TOP_BOTTOM",
     "grouped_landmark_pool", "landmark_pool", "landmark_pool_reference",
     "grouped_landmark_map", "grouped_landmarks", "landmark_map", "landmarks",
-    "LandmarkBlock", "LandmarkConv", "LandmarkConv4", "LandmarkConv8", "nnx",
+    "LandmarkBlock", "export_disabled_checks", "LandmarkConv", "LandmarkConv4", "LandmarkConv8", "nnx",
 ]

@@ -213,3 +213,21 @@ def _cuda_launch_plan(direction: Direction, shape, backward=False,
       **_direction_attrs(direction), batch=batch, height=h, width=w,
       channels=c, backward=backward, multiprocessors=multiprocessors,
       tangent=tangent))
+
+
+# Every FFI target name, in the order of the module docstring.
+TARGET_NAMES = tuple(name + suffix
+                     for name in _primitives.TARGETS.values()
+                     for suffix in ("", "_guided"))
+
+
+def export_disabled_checks() -> list:
+  """The ``disabled_checks`` that ``jax.export`` needs for our custom calls.
+
+  Example: ``jax.export.export(jax.jit(f),
+  disabled_checks=lmconv_jax.export_disabled_checks())(x)``. The process that
+  loads the exported module must ``import lmconv_jax`` (it registers them).
+  """
+  from jax import export
+  return [export.DisabledSafetyCheck.custom_call(name) for name in TARGET_NAMES]
+

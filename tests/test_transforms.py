@@ -354,6 +354,7 @@ DOCUMENTED_TARGETS = ("lmconv_pool_fwd", "lmconv_pool_fwd_guided",
 def test_export_needs_the_documented_custom_call_checks_disabled():
   from jax import export
   assert sorted(DOCUMENTED_TARGETS) == sorted(_ffi.build_info()["cpu"]["targets"])
+  assert sorted(DOCUMENTED_TARGETS) == sorted(_ffi.TARGET_NAMES)
   f = jax.jit(lambda x: lmconv_jax.landmark_pool(x, "tl", implementation="ffi"))
   x = jnp.ones((2, 3, 3, 1), jnp.float32)
   with pytest.raises(ValueError, match="lmconv_pool_fwd"):
@@ -362,6 +363,10 @@ def test_export_needs_the_documented_custom_call_checks_disabled():
             for name in DOCUMENTED_TARGETS]
   np.testing.assert_array_equal(
       export.export(f, disabled_checks=checks)(x).call(x), f(x))
+  helper = lmconv_jax.export_disabled_checks()
+  assert sorted(map(str, helper)) == sorted(map(str, checks))
+  np.testing.assert_array_equal(
+      export.export(f, disabled_checks=helper)(x).call(x), f(x))
 
 
 @pytest.mark.skipif(not HAS_FFI, reason="the CPU extension is not built")
