@@ -348,18 +348,20 @@ LMCONV_CPU_CLONES void backward_item(const S* x, const S* g, const S* out, const
       return scratch.data() + (i & 1) * width * n;
     }
   };
-  auto load_ct_row = [&](int64_t i) {
-    Acc* G = row_ptr(i);
-    const S* c = ct + v.start + i * v.row_stride;
-    for (int64_t j = 0; j < width; ++j) {
-      for (int64_t k = 0; k < n; ++k) {
-        G[j * g_col + k] = StorageTraits<S>::load(c[j * v.col_stride + k]);
-      }
-    }
+  // G of view pixel (i, j) := ct. Done one pixel at a time inside the pixel
+  // loop (not as a separate pass over the row), so the loads of ct overlap
+  // the math.
+  auto load_ct = [&](int64_t i, int64_t j) {
+    Acc* __restrict G = row_ptr(i) + j * g_col;
+    const S* __restrict c = ct + v.start + i * v.row_stride + j * v.col_stride;
+    for (int64_t k = 0; k < n; ++k) G[k] = StorageTraits<S>::load(c[k]);
   };
-  load_ct_row(height - 1);
+  for (int64_t j = width - 1; j >= 0; --j) load_ct(height - 1, j);
   for (int64_t i = height - 1; i >= 0; --i) {
-    if (i > 0) load_ct_row(i - 1);  // pushes from row i reach row i - 1
+    // Pushes from pixel (i, j) reach row i - 1 at columns j - 1 .. j + 1:
+    // column j - 1 of row i - 1 is loaded just before pixel j, the last
+    // column before the row starts.
+    if (i > 0) load_ct(i - 1, width - 1);
     Acc* G_row = row_ptr(i);
     // Offsets of the neighbours' G from G[p] (view rows dr are 0 or -1).
     const int64_t prev_row = i > 0 ? row_ptr(i - 1) - G_row : 0;
@@ -385,6 +387,7 @@ LMCONV_CPU_CLONES void backward_item(const S* x, const S* g, const S* out, const
         prefetch<0>(ct + q, n);
         if (kInPlace) prefetch<1>(dx + q, n);
       }
+      if (i > 0 && j > 0) load_ct(i - 1, j - 1);
       switch (inside(i, j, v.n1, height, width) * 2 +
               inside(i, j, v.n2, height, width)) {
         case 3: backward_pixel<S, kGuided, true, true>(x + p, gp, o1, o2, G, G + goff1, G + goff2, dx + p, dgp, n); break;
