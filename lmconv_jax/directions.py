@@ -4,13 +4,26 @@ A direction is a scan order (rows ascending or descending, columns ascending
 or descending; rows are the outer loop) and two neighbour offsets ``n1`` and
 ``n2`` whose outputs feed the current pixel, exactly as in docs/semantics.md.
 Every implementation (reference, CPU, CUDA) reads this table; nothing else
-knows what "top_left" means.
+knows what "top_left" means. The groupings (which directions pool which
+channel group, and which pools a group merges by max) live here too.
+
+A :class:`Direction` built by hand (not from the table) is accepted when it
+is valid by the same rules as the C++ ``make_direction``
+(xla_ffi/landmark_pool.h), checked by :func:`resolve`:
+
+* ``row_step`` and ``col_step`` are each +1 or -1;
+* every neighbour offset component is -1, 0 or +1;
+* ``n1 != n2``;
+* both neighbours are visited before the pixel in the scan order (rows
+  outer, columns inner) given by the steps.
+
+Every valid direction works identically in every implementation.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Union
+from typing import Iterable, Sequence, Union
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,10 +96,68 @@ _ALIASES: dict[str, Direction] = {d.alias: d for d in _TABLE}
 DirectionLike = Union[str, Direction]
 
 
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _visited_before(row_step: int, col_step: int, off) -> bool:
+  return off[0] * row_step < 0 or (off[0] == 0 and off[1] * col_step < 0)
+
+
+def validate(d: Direction) -> Direction:
+  """Checks a Direction by the rules of the C++ ``make_direction``.
+
+  Returns ``d`` (with its offsets as tuples of ints); raises a ValueError
+  that names the rule broken.
+  """
+  if not (_is_int(d.row_step) and _is_int(d.col_step)
+          and d.row_step in (1, -1) and d.col_step in (1, -1)):
+    raise ValueError(
+        f"Invalid Direction {d.name!r}: row_step and col_step must each be +1 "
+        f"or -1, got row_step={d.row_step!r}, col_step={d.col_step!r}.")
+  offs = []
+  for label, off in (("n1", d.n1), ("n2", d.n2)):
+    try:
+      off = tuple(off)
+    except TypeError:
+      off = None
+    if (off is None or len(off) != 2 or not all(_is_int(v) for v in off)
+        or not all(v in (-1, 0, 1) for v in off)):
+      raise ValueError(
+          f"Invalid Direction {d.name!r}: neighbour offset {label} must be a "
+          f"(row, col) pair with each entry in {{-1, 0, +1}}, got {label}="
+          f"{getattr(d, label)!r}.")
+    offs.append(off)
+  n1, n2 = offs
+  if n1 == n2:
+    raise ValueError(
+        f"Invalid Direction {d.name!r}: neighbours n1 and n2 must differ, got "
+        f"n1 = n2 = {n1}.")
+  for label, off in (("n1", n1), ("n2", n2)):
+    if not _visited_before(d.row_step, d.col_step, off):
+      raise ValueError(
+          f"Invalid Direction {d.name!r}: neighbours n1 and n2 must both be "
+          f"visited before the pixel in the scan order (rows outer, columns "
+          f"inner) given by row_step={d.row_step} and col_step={d.col_step}; "
+          f"{label}={off} is not. With these steps the earlier neighbours "
+          f"are {_earlier(d.row_step, d.col_step)}.")
+  if (n1, n2) != (d.n1, d.n2):
+    d = dataclasses.replace(d, n1=n1, n2=n2)
+  return d
+
+
+def _earlier(row_step: int, col_step: int) -> str:
+  offs = [(-row_step, -1), (-row_step, 0), (-row_step, 1), (0, -col_step)]
+  return ", ".join(str(o) for o in offs)
+
+
 def resolve(direction: DirectionLike) -> Direction:
-  """Returns the Direction for a readable name, an original alias or a Direction."""
+  """Returns the Direction for a readable name, an original alias or a Direction.
+
+  A Direction instance is validated (see the module docstring) and returned.
+  """
   if isinstance(direction, Direction):
-    return direction
+    return validate(direction)
   if isinstance(direction, str):
     found = DIRECTIONS.get(direction) or _ALIASES.get(direction)
     if found is not None:
@@ -95,3 +166,81 @@ def resolve(direction: DirectionLike) -> Direction:
   raise ValueError(
       f"Unknown landmark-pool direction {direction!r}. Valid directions are: "
       f"{names}. Use lmconv_jax.QUADRANTS or lmconv_jax.OCTANTS for the groups.")
+
+
+# --------------------------------------------------------------------------
+# Groupings. Each group is a tuple of directions whose pools are merged by
+# max (ties to the first listed, NaN propagates); a group of one direction is
+# a plain pool. Group k pools channels [k*C/P, (k+1)*C/P).
+
+TOP_BOTTOM = (("top_left", "top_right"), ("bottom_left", "bottom_right"))
+LEFT_RIGHT = (("top_left", "bottom_left"), ("top_right", "bottom_right"))
+ALL_QUADRANTS = (QUADRANTS,)
+GROUPINGS = {
+    "quadrants": tuple((d,) for d in QUADRANTS),   # P = 4 (PConv2d4)
+    "octants": tuple((d,) for d in OCTANTS),       # P = 8 (PConv2d8)
+    "top_bottom": TOP_BOTTOM,                      # P = 2, merged by max
+    "left_right": LEFT_RIGHT,                      # P = 2, merged by max
+    "all_quadrants": ALL_QUADRANTS,                # P = 1, merged by max
+}
+
+Grouping = Union[str, Direction,
+                 Iterable[Union[DirectionLike, Sequence[DirectionLike]]]]
+
+
+def _grouping_help() -> str:
+  return (f"a grouping name ({', '.join(map(repr, GROUPINGS))}) or a sequence "
+          f"of directions (each a direction name, a Direction, or a tuple of "
+          f"them merged by max)")
+
+
+def resolve_grouping(directions: Grouping) -> tuple[tuple[Direction, ...], ...]:
+  """Normalises a grouping to a tuple of groups of (validated) Directions.
+
+  Accepts a grouping name, a single direction, or any iterable (a generator
+  included) whose items are a direction or an iterable of directions.
+  """
+  if directions is None:
+    raise ValueError(
+        f"directions must be a grouping name or a sequence of directions, got "
+        f"None. Give {_grouping_help()}.")
+  if isinstance(directions, Direction):
+    return ((resolve(directions),),)
+  if isinstance(directions, str):
+    if directions in GROUPINGS:
+      directions = GROUPINGS[directions]
+    else:
+      try:
+        return ((resolve(directions),),)
+      except ValueError:
+        raise ValueError(
+            f"Unknown grouping {directions!r}: expected {_grouping_help()}."
+        ) from None
+  try:
+    items = list(directions)
+  except TypeError:
+    raise ValueError(
+        f"directions must be a grouping name or a sequence of directions, got "
+        f"{type(directions).__name__} {directions!r}. Give {_grouping_help()}."
+    ) from None
+  groups = []
+  for k, item in enumerate(items):
+    if isinstance(item, (str, Direction)):
+      groups.append((resolve(item),))
+      continue
+    try:
+      members = list(item)
+    except TypeError:
+      raise ValueError(
+          f"directions: group {k} is {type(item).__name__} {item!r}, not a "
+          f"direction or a tuple of directions. Give {_grouping_help()}."
+      ) from None
+    if not members:
+      raise ValueError(
+          f"directions: group {k} has no directions. Give each group at least "
+          f"one direction, e.g. ('top_left',) or ('top_left', 'top_right').")
+    groups.append(tuple(resolve(m) for m in members))
+  if not groups:
+    raise ValueError(
+        f"directions is empty (got {directions!r}). Give {_grouping_help()}.")
+  return tuple(groups)
