@@ -1,138 +1,548 @@
-"""The pure-jnp reference: landmark pooling with lax only, no custom call.
+"""The pure-jnp reference: grouped landmark pooling with lax only, no custom call.
 
-It is the executable form of docs/semantics.md and is differentiable by JAX
-itself. Gradients follow the SPEC tie rule (the whole gradient goes to the
-one winner chosen by precedence x, n1, n2) because the winner is selected
-with ``jnp.where`` on masks computed from the forward values, never with
-``lax.max`` (whose JVP splits ties 0.5/0.5).
+It is the executable form of docs/semantics.md, evaluated literally:
 
-Every direction is mapped to one of two canonical recurrences on a flipped
-and possibly transposed view, in which both neighbours come earlier:
+* :func:`grouped_forward` - the pool of every group (a group of several
+  directions is the max of their pools, ties to the first listed);
+* :func:`grouped_tangent` - its forward-mode derivative (the winner's
+  tangent, never split);
+* :func:`grouped_backward` - its VJP by the contract's backward formulas,
+  in the contract's order (no algebraically equal rewrite, no FMA).
 
-* "row" form: n1 = (-1, c1), n2 = (-1, c2): each row depends only on the
-  previous row, so a ``lax.scan`` over rows computes a whole row per step
-  (all octants, after transposing H and W for the column-wise ones);
-* "quadrant" form: n1 = (0, -1), n2 = (-1, 0): a scan over rows with an
-  inner scan over columns.
+Each recomputes what it needs from ``x`` and ``g``; none takes residuals. The
+JAX primitives wrap them (JVP = tangent, transpose = backward) on platforms
+without compiled kernels; :func:`landmark_pool_reference` is the public
+single-direction pool built on them.
+
+Schedule (issue 12). Every member pool of every group is cut into *phases*:
+sets of pixels whose two neighbours all lie in the phase just before, so a
+phase is computed at once. With (i, j) the pixel in the direction's scan
+order (rows and columns flipped so the scan runs ascending):
+
+* both neighbours in the previous column: phase j (W phases);
+* both in the previous row (the other octants): phase i (H phases);
+* (0, -1) and (-1, 0), the quadrants: phase i + j (H + W - 1 phases);
+* (0, -1) and (-1, +1) (valid, not in the table): phase 2i + j
+  (2(H - 1) + W phases).
+
+All members of all groups are padded to the longest phase count and the
+widest phase and stacked, so one ``lax.scan`` advances every group in the
+same steps: a pass of any grouping is at most H + W - 1 sequential steps
+(2H + W with a skew-2 direction). Pixels are read and written through
+static index tables (a gather from x, a scatter into the output), so no
+skewed copy of x is made; see docs/semantics.md for depths and memory.
+
+Precision: float16/bfloat16 compute in float32; a pool's output is stored
+(rounded once) before a neighbour reads it, the running cotangent G and the
+running tangent stay in float32, each output is rounded once. x and the
+guide are read with float32/float64 subnormals flushed to a zero of the
+same sign (docs/semantics.md, "Edges").
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from lmconv_jax.directions import Direction, DirectionLike, resolve
 
-_HALF = (jnp.float16, jnp.bfloat16)
+_HALF = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+
+Groups = Sequence[Sequence[Direction]]
 
 
-def _round_to(v: jax.Array, dtype) -> jax.Array:
-  """Rounds float32 `v` to the storage dtype, with an identity gradient.
+# --------------------------------------------------------------------------
+# Scalars: loads, the flush rule, the forward's max.
 
-  Neighbours read outputs as stored (docs/semantics.md, precision rules),
-  while the backward accumulates in float32 like the kernels do.
+def _compute_dtype(dtype) -> jnp.dtype:
+  dtype = jnp.dtype(dtype)
+  return jnp.dtype(jnp.float32) if dtype in _HALF else dtype
+
+
+def flush_subnormals(v: jax.Array) -> jax.Array:
+  """Reads subnormals of v's (float32 or float64) dtype as a zero of the same sign.
+
+  Written so that it does not depend on whether the runtime flushes
+  (``v * 0`` keeps the sign; -0.0 and NaN pass unchanged).
   """
-  if dtype not in _HALF:
-    return v
-  return v + lax.stop_gradient(v.astype(dtype).astype(v.dtype) - v)
+  tiny = jnp.finfo(v.dtype).tiny
+  return jnp.where(jnp.abs(v) < tiny, v * jnp.zeros((), v.dtype), v)
 
 
-def _step(x, a, a_ok, b, b_ok, g, dtype):
-  """One pixel (vectorised over whatever shape x has): the SPEC forward step."""
-  neg = jnp.array(-jnp.inf, x.dtype)
-  a = jnp.where(a_ok, a, neg)
-  b = jnp.where(b_ok, b, neg)
-  m_val = lax.max(lax.max(x, a), b)            # value; NaN propagates
-  mv = lax.stop_gradient(m_val)
-  take_x = x >= mv
-  take_a = ~take_x & a_ok & (lax.stop_gradient(a) >= mv)
-  take_b = ~take_x & ~take_a & b_ok & (lax.stop_gradient(b) >= mv)
-  # The winner carries the gradient; with NaN nobody wins and m is constant.
-  m = jnp.where(take_x, x, jnp.where(take_a, a, jnp.where(take_b, b, mv)))
-  if g is None:
-    return m
-  # The barrier keeps XLA from contracting the blend into an FMA, so it is
-  # evaluated literally, with the same roundings as the kernels.
+def _load(v: jax.Array, cd) -> jax.Array:
+  """An input (x or guide) as the kernels read it: compute dtype, flushed."""
+  return flush_subnormals(v.astype(cd))
+
+
+def _take_max(m, v):
+  """m := v if v > m or v is NaN (a NaN m stays): like lax.max, x first."""
+  return jnp.where(v != v, v, jnp.where(v > m, v, m))
+
+
+def _select(x, in1, o1, in2, o2):
+  """m and the winner masks (self, take1, take2) of the contract."""
+  m = jnp.where(in1, _take_max(x, o1), x)
+  m = jnp.where(in2, _take_max(m, o2), m)
+  self_ = x >= m
+  take1 = ~self_ & in1 & (o1 >= m)
+  take2 = ~self_ & ~take1 & in2 & (o2 >= m)
+  return m, self_, take1, take2
+
+
+def _blend(g, m, x):
+  """g * m + (1 - g) * x, literally: the barrier keeps XLA from an FMA."""
   gm, rest = lax.optimization_barrier((g * m, (1 - g) * x))
-  return _round_to(gm + rest, dtype)
+  return gm + rest
 
 
-def _shift_right(v):
-  """v[..., j-1, :] at column j (column axis -2); column 0 gets junk."""
-  return jnp.concatenate([v[..., :1, :], v[..., :-1, :]], axis=-2)
+# --------------------------------------------------------------------------
+# The plan: static index tables of the phases of every member pool.
+
+class _Plan(NamedTuple):
+  h: int
+  w: int
+  p: int                 # groups
+  m: int                 # member pools (sum of group sizes)
+  t: int                 # phases (sequential steps of one pass)
+  l: int                 # pixels per phase (padded)
+  r: int                 # rows per member in the member layout: h*w + l
+  members: tuple         # member indices of each group
+  grp: np.ndarray        # (M,) the group of each member
+  src: np.ndarray        # (T, M, L) row of x / g in the group layout
+  dst: np.ndarray        # (T, M, L) row of the pixel in the member layout
+  nb1: np.ndarray        # (T, M, L) row of neighbour n1 (own dummy if none)
+  nb2: np.ndarray
+  in1: np.ndarray        # (T, M, L) bool: pixel real and n1 inside
+  in2: np.ndarray
+  first: np.ndarray      # (T, M, L) row receiving the push applied first
+  second: np.ndarray
+  n2_first: np.ndarray   # (M,) bool: the n2 push is added before the n1 push
 
 
-def _row_form(x, g, c1, c2, dtype):
-  """Canonical row recurrence on (H, B, W, C) arrays, n = (-1, c1), (-1, c2)."""
-  h, _, w, _ = x.shape
-  col_ok = (jnp.arange(w) >= 1)[:, None]        # (W, 1): j - 1 exists
-  xs = (x, g, jnp.arange(h)) if g is not None else (x, jnp.arange(h))
+def _sweep(d: Direction, h: int, w: int):
+  """Phase and slot of every pixel (flat, row-major) for one direction."""
+  i, j = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+  i, j = i.ravel(), j.ravel()
+  fi = i if d.row_step > 0 else h - 1 - i
+  fj = j if d.col_step > 0 else w - 1 - j
+  v1 = (d.n1[0] * d.row_step, d.n1[1] * d.col_step)   # scan-order offsets
+  v2 = (d.n2[0] * d.row_step, d.n2[1] * d.col_step)
+  if v1[1] == -1 and v2[1] == -1:          # previous column
+    phase, slot = fj, fi
+  elif v1[0] == -1 and v2[0] == -1:        # previous row
+    phase, slot = fi, fj
+  else:                                    # (0, -1) with (-1, 0) or (-1, +1)
+    up = v1 if v1[0] == -1 else v2
+    assert {v1, v2} == {(0, -1), up} and up[1] in (0, 1), d
+    phase, slot = (1 + up[1]) * fi + fj, fi
+  # The pusher later in the scan order (rows outer) pushes first.
+  n2_first = (-v2[0], -v2[1]) > (-v1[0], -v1[1])
+  return phase, slot, n2_first
 
-  def body(prev, inp):
-    if g is not None:
-      xi, gi, i = inp
-    else:
-      (xi, i), gi = inp, None
-    row_ok = i > 0
-    a = _shift_right(prev) if c1 == -1 else prev
-    b = _shift_right(prev) if c2 == -1 else prev
-    a_ok = row_ok & (col_ok if c1 == -1 else True)
-    b_ok = row_ok & (col_ok if c2 == -1 else True)
-    out = _step(xi, a, a_ok, b, b_ok, gi, dtype)
-    return out, out
 
-  _, out = lax.scan(body, jnp.zeros_like(x[0]), xs)
+@functools.lru_cache(maxsize=256)
+def _plan(groups: tuple, h: int, w: int) -> _Plan:
+  hw = h * w
+  members = []
+  dirs, grp = [], []
+  for k, group in enumerate(groups):
+    ids = []
+    for d in group:
+      ids.append(len(dirs))
+      dirs.append(d)
+      grp.append(k)
+    members.append(tuple(ids))
+  sweeps = [_sweep(d, h, w) for d in dirs]
+  t = max(int(s[0].max()) + 1 for s in sweeps)
+  l = max(int(s[1].max()) + 1 for s in sweeps)
+  mm, r = len(dirs), hw + l
+  idx = np.int32 if mm * max(r, hw + 1) * len(groups) < 2**31 else np.int64
+  tt, ll = np.meshgrid(np.arange(t), np.arange(l), indexing="ij")
+  src = np.empty((t, mm, l), idx)
+  dst = np.empty((t, mm, l), idx)
+  nbs = [np.empty((t, mm, l), idx) for _ in range(2)]
+  ins = [np.zeros((t, mm, l), bool) for _ in range(2)]
+  n2f = np.zeros(mm, bool)
+  i_of = np.arange(hw) // w
+  j_of = np.arange(hw) % w
+  for m, (d, (phase, slot, n2_first)) in enumerate(zip(dirs, sweeps)):
+    n2f[m] = n2_first
+    pix = np.full((t, l), -1, np.int64)
+    pix[phase, slot] = np.arange(hw)
+    real = pix >= 0
+    dummy = m * r + hw + ll
+    src[:, m] = np.where(real, grp[m] * (hw + 1) + pix, grp[m] * (hw + 1) + hw)
+    dst[:, m] = np.where(real, m * r + pix, dummy)
+    for k, off in enumerate((d.n1, d.n2)):
+      ni, nj = i_of + off[0], j_of + off[1]
+      inside = (ni >= 0) & (ni < h) & (nj >= 0) & (nj < w)
+      nflat = np.where(inside, ni * w + nj, 0)
+      # Every neighbour is in the phase just before: a phase is one step.
+      assert np.all(phase[nflat[inside]] == phase[inside] - 1), d
+      p = np.where(real, pix, 0)
+      ok = real & inside[p]
+      nbs[k][:, m] = np.where(ok, m * r + nflat[p], dummy)
+      ins[k][:, m] = ok
+  n2 = n2f[None, :, None]
+  return _Plan(h, w, len(groups), mm, t, l, r, tuple(members), np.asarray(grp),
+               src, dst, nbs[0], nbs[1], ins[0], ins[1],
+               np.where(n2, nbs[1], nbs[0]), np.where(n2, nbs[0], nbs[1]), n2f)
+
+
+def sequential_steps(groups: Groups, h: int, w: int) -> int:
+  """Sequential steps of one pass (forward, backward or tangent) of a grouping."""
+  return _plan(_groups(groups), h, w).t
+
+
+def _groups(groups) -> tuple:
+  out = tuple(tuple(resolve(d) for d in g) for g in groups)
+  if not out or not all(out):
+    raise ValueError(f"groups must be a non-empty tuple of non-empty groups, "
+                     f"got {groups!r}")
   return out
 
 
-def _quadrant_form(x, g, dtype):
-  """Canonical quadrant recurrence on (H, B, W, C): n1 = (0,-1), n2 = (-1,0)."""
-  h, w = x.shape[0], x.shape[2]
+# --------------------------------------------------------------------------
+# Layouts. Group layout: (P * (HW + 1), N) rows of N = B * C/P values, row
+# k*(HW+1) + pixel, one zero row per group for padding slots. Member layout:
+# (M * R, N), row m*R + pixel, then L dummy rows (one per slot of a phase).
 
-  def row_body(prev_row, inp):
-    if g is not None:
-      xi, gi, i = inp
+def _to_groups(v, p):
+  b, h, w, c = v.shape
+  return v.reshape(b, h * w, p, c // p).transpose(2, 1, 0, 3).reshape(
+      p, h * w, b * (c // p))
+
+
+def _from_groups(v, b, h, w, c):
+  p = v.shape[0]
+  return v.reshape(p, h * w, b, c // p).transpose(2, 1, 0, 3).reshape(b, h, w, c)
+
+
+def _group_rows(v, p):
+  """(B, H, W, C) -> group layout with the zero padding row."""
+  v = _to_groups(v, p)
+  v = jnp.concatenate([v, jnp.zeros_like(v[:, :1])], axis=1)
+  return v.reshape(-1, v.shape[-1])
+
+
+def _member_rows(v, plan):
+  """(M, HW, N) -> member layout (dummy rows zero)."""
+  v = jnp.concatenate([v, jnp.zeros((plan.m, plan.l, v.shape[-1]), v.dtype)], 1)
+  return v.reshape(-1, v.shape[-1])
+
+
+def _member_images(buf, plan):
+  """Member layout -> (M, HW, N)."""
+  return buf.reshape(plan.m, plan.r, -1)[:, :plan.h * plan.w]
+
+
+def _get(buf, idx):
+  return buf.at[idx].get(mode="promise_in_bounds")
+
+
+class _Prepared(NamedTuple):
+  plan: _Plan
+  shape: tuple
+  b: int
+  dtype: jnp.dtype
+  cd: jnp.dtype
+  xg: jax.Array
+  gg: Optional[jax.Array]
+
+
+def _prepare(x, g, groups) -> _Prepared:
+  x = jnp.asarray(x)
+  groups = _groups(groups)
+  h, w, c = x.shape[-3:]
+  p = len(groups)
+  if c % p:
+    raise ValueError(f"x has {c} channels, which do not split into {p} groups")
+  b = int(np.prod(x.shape[:-3], dtype=np.int64))
+  dtype = jnp.dtype(x.dtype)
+  cd = _compute_dtype(dtype)
+  plan = _plan(groups, h, w)
+  xg = _group_rows(_load(x, cd).reshape(b, h, w, c), p)
+  gg = None
+  if g is not None:
+    gf = jnp.broadcast_to(_load(jnp.asarray(g), cd), x.shape)
+    gg = _group_rows(gf.reshape(b, h, w, c), p)
+  return _Prepared(plan, tuple(x.shape), b, dtype, cd, xg, gg)
+
+
+def _steps(plan: _Plan, *names):
+  return tuple(jnp.asarray(getattr(plan, n)) for n in names)
+
+
+# --------------------------------------------------------------------------
+# The passes.
+
+def _forward_scan(pr: _Prepared, txg=None, tgg=None):
+  """Forward pass in member layout; with txg, also the running tangent."""
+  plan, cd, sd = pr.plan, pr.cd, pr.dtype
+  n = pr.xg.shape[-1]
+  tangent = txg is not None
+
+  def body(carry, s):
+    src, dst, nb1, nb2, in1, in2 = s
+    out_buf = carry[0]
+    xv = _get(pr.xg, src)
+    o1 = _get(out_buf, nb1).astype(cd)
+    o2 = _get(out_buf, nb2).astype(cd)
+    i1, i2 = in1[..., None], in2[..., None]
+    m, self_, take1, take2 = _select(xv, i1, o1, i2, o2)
+    if pr.gg is None:
+      out = m
     else:
-      (xi, i), gi = inp, None
-    # Inner scan over columns of (W, B, C) views.
-    xc = jnp.moveaxis(xi, -2, 0)
-    uc = jnp.moveaxis(prev_row, -2, 0)
-    gc = None if gi is None else jnp.moveaxis(gi, -2, 0)
-
-    def col_body(left, cin):
-      if gc is not None:
-        xj, uj, gj, j = cin
+      gv = _get(pr.gg, src)
+      out = _blend(gv, m, xv)
+    new = (out_buf.at[dst].set(out.astype(sd), unique_indices=True,
+                               mode="promise_in_bounds"),)
+    if tangent:
+      t_buf = carry[1]
+      txv = _get(txg, src)
+      t1, t2 = _get(t_buf, nb1), _get(t_buf, nb2)
+      zero = jnp.zeros((), cd)
+      win = jnp.where(self_, txv, jnp.where(take1, t1, jnp.where(take2, t2, zero)))
+      if pr.gg is None:
+        tv = win
       else:
-        (xj, uj, j), gj = cin, None
-      out = _step(xj, left, j > 0, uj, i > 0, gj, dtype)
-      return out, out
+        tgv = _get(tgg, src)
+        a, bb, cc = lax.optimization_barrier(
+            (gv * win, (1 - gv) * txv, (m - xv) * tgv))
+        tv = lax.optimization_barrier(a + bb) + cc
+      new += (t_buf.at[dst].set(tv, unique_indices=True,
+                                mode="promise_in_bounds"),)
+    return new, None
 
-    cins = (xc, uc, gc, jnp.arange(w)) if gc is not None else (
-        xc, uc, jnp.arange(w))
-    _, row = lax.scan(col_body, jnp.zeros_like(xc[0]), cins)
-    row = jnp.moveaxis(row, 0, -2)
-    return row, row
-
-  xs = (x, g, jnp.arange(h)) if g is not None else (x, jnp.arange(h))
-  _, out = lax.scan(row_body, jnp.zeros_like(x[0]), xs)
-  return out
+  init = (jnp.zeros((plan.m * plan.r, n), sd),)
+  if tangent:
+    init += (jnp.zeros((plan.m * plan.r, n), cd),)
+  carry, _ = lax.scan(body, init, _steps(plan, "src", "dst", "nb1", "nb2",
+                                         "in1", "in2"))
+  return carry
 
 
-def _canonical(d: Direction):
-  """Flips (row, col), transpose flag and the canonical (c1, c2) or None."""
-  flip_r, flip_c = d.row_step < 0, d.col_step < 0
-  n1 = (d.n1[0] * d.row_step, d.n1[1] * d.col_step)   # offsets in scan order
-  n2 = (d.n2[0] * d.row_step, d.n2[1] * d.col_step)
-  if n1 == (0, -1) and n2 == (-1, 0):
-    return flip_r, flip_c, False, None                 # quadrant
-  if n1[0] == n2[0] == -1:
-    return flip_r, flip_c, False, (n1[1], n2[1])       # depends on prev row
-  if n1[1] == n2[1] == -1:                             # depends on prev column
-    return flip_r, flip_c, True, (n1[0], n2[0])
-  raise ValueError(f"direction {d} has no canonical form")
+def _merge(vals, plan):
+  """Members' stored outputs (M, HW, N) -> groups (P, HW, N) and the choices.
+
+  choices[k] is a list of (member, mask): where mask, member k's chain moved
+  to that member (first-listed wins ties, NaN wins).
+  """
+  outs, choices = [], []
+  for ids in plan.members:
+    out = vals[ids[0]]
+    ch = []
+    for mk in ids[1:]:
+      v = vals[mk]
+      c = (v > out) | jnp.isnan(v)
+      out = jnp.where(c, v, out)
+      ch.append((mk, c))
+    outs.append(out)
+    choices.append(ch)
+  return jnp.stack(outs), choices
+
+
+def _winner_masks(choices, plan):
+  """For each member, the mask of the pixels where it is the group's winner."""
+  masks = [None] * plan.m
+  for ids, ch in zip(plan.members, choices):
+    if not ch:
+      continue
+    win = jnp.zeros(ch[0][1].shape, jnp.int32)
+    for k, (_, c) in enumerate(ch, start=1):
+      win = jnp.where(c, k, win)
+    for k, mk in enumerate(ids):
+      masks[mk] = win == k
+  return masks
+
+
+def _finish(v_grp, pr):
+  """Group layout images (P, HW, N) -> x's shape."""
+  h, w, c = pr.shape[-3:]
+  return _from_groups(v_grp, pr.b, h, w, c).reshape(pr.shape)
+
+
+def _tangent_rows(t, pr, shape):
+  """A tangent of x (or of g, broadcast) in the group layout, compute dtype."""
+  h, w, c = pr.shape[-3:]
+  t = jnp.broadcast_to(jnp.asarray(t).astype(pr.dtype), shape).astype(pr.cd)
+  return _group_rows(jnp.broadcast_to(t, pr.shape).reshape(pr.b, h, w, c),
+                     pr.plan.p)
+
+
+def grouped_forward(x: jax.Array, g: Optional[jax.Array], groups) -> jax.Array:
+  """The grouped pool of x (..., H, W, C): group k pools channel block k.
+
+  ``g`` is None (g = 1: the exact max) or an array of x.ndim dims, each equal
+  to x's or 1, in x's dtype. ``groups``: tuple of P non-empty tuples of
+  Directions (a group of several is the max of their pools, first wins).
+  """
+  x = jnp.asarray(x)
+  if x.size == 0:
+    return x
+  pr = _prepare(x, g, groups)
+  (out_buf,) = _forward_scan(pr)
+  out, _ = _merge(_member_images(out_buf, pr.plan), pr.plan)
+  return _finish(out, pr)
+
+
+def _forward_and_tangent(x, g, tx, tg, groups):
+  x = jnp.asarray(x)
+  if x.size == 0:
+    return x, jnp.zeros_like(x)
+  pr = _prepare(x, g, groups)
+  txg = _tangent_rows(tx, pr, pr.shape)
+  tgg = None
+  if g is not None:
+    tgg = (jnp.zeros_like(pr.gg) if tg is None
+           else _tangent_rows(tg, pr, jnp.shape(g)))
+  out_buf, t_buf = _forward_scan(pr, txg, tgg)
+  plan = pr.plan
+  out, choices = _merge(_member_images(out_buf, plan), plan)
+  tm = _member_images(t_buf, plan).astype(pr.dtype)    # rounded once
+  touts = []
+  for ids, ch in zip(plan.members, choices):
+    t = tm[ids[0]]
+    for mk, c in ch:
+      t = jnp.where(c, tm[mk], t)
+    touts.append(t)
+  return _finish(out, pr), _finish(jnp.stack(touts), pr)
+
+
+def grouped_tangent(x: jax.Array, g: Optional[jax.Array], tx: jax.Array,
+                    tg: Optional[jax.Array], groups) -> jax.Array:
+  """The tangent of :func:`grouped_forward` at (x, g) along (tx, tg).
+
+  Per member: the winner's tangent (self: tx, take1 / take2: the
+  neighbour's), guided ``g*win + (1-g)*tx + (m-x)*tg`` literally; a merged
+  group's tangent is its winning member's. tg None means a zero tangent.
+  """
+  return _forward_and_tangent(x, g, tx, tg, groups)[1]
+
+
+def grouped_backward(x: jax.Array, g: Optional[jax.Array], ct: jax.Array,
+                     groups):
+  """The VJP of :func:`grouped_forward`: (dx, dg), dg None when g is None.
+
+  The contract's backward formulas in the contract's order. A merged group
+  sends each output pixel's cotangent to its winning member; the members'
+  dx (and dguide) are rounded to x's dtype and summed in member order. A
+  broadcast guide's gradient is the per-pixel dguide summed over its
+  broadcast dims (in float32 for the half types), rounded once.
+  """
+  x = jnp.asarray(x)
+  if x.size == 0:
+    return jnp.zeros_like(x), (None if g is None else jnp.zeros_like(g))
+  pr = _prepare(x, g, groups)
+  plan, cd, sd = pr.plan, pr.cd, pr.dtype
+  (out_buf,) = _forward_scan(pr)
+  _, choices = _merge(_member_images(out_buf, plan), plan)
+  masks = _winner_masks(choices, plan)
+  h, w, c = pr.shape[-3:]
+  ctg = _to_groups(jnp.asarray(ct).astype(sd).reshape(pr.b, h, w, c), plan.p)
+  zero_s = jnp.zeros((), sd)
+  ct_m = jnp.stack([ctg[plan.grp[mk]] if masks[mk] is None
+                    else jnp.where(masks[mk], ctg[plan.grp[mk]], zero_s)
+                    for mk in range(plan.m)])
+  G0 = _member_rows(ct_m.astype(cd), plan)
+  n2f = jnp.asarray(plan.n2_first)[:, None, None]
+  guided = pr.gg is not None
+
+  def body(carry, s):
+    src, dst, nb1, nb2, in1, in2, first, second = s
+    G_buf = carry[0]
+    G = _get(G_buf, dst)                     # final: every push has arrived
+    xv = _get(pr.xg, src)
+    o1 = _get(out_buf, nb1).astype(cd)
+    o2 = _get(out_buf, nb2).astype(cd)
+    i1, i2 = in1[..., None], in2[..., None]
+    m, self_, take1, take2 = _select(xv, i1, o1, i2, o2)
+    zero = jnp.zeros((), cd)
+    if not guided:
+      dx = jnp.where(self_, G, zero)
+      p1 = jnp.where(take1, G, zero)
+      p2 = jnp.where(take2, G, zero)
+    else:
+      one = jnp.ones((), cd)
+      sv = _get(pr.gg, src)
+      selff = self_.astype(cd)
+      t1 = (one - selff) * (i1 & (o1 >= m)).astype(cd)
+      t2 = (one - selff) * (one - t1) * (i2 & (o2 >= m)).astype(cd)
+      a, bb = lax.optimization_barrier((sv * selff, one - sv))
+      dx = (a + bb) * G
+      dg = (m - xv) * G
+      p1 = (sv * t1) * G
+      p2 = (sv * t2) * G
+    f = jnp.where(n2f, p2, p1)
+    sc = jnp.where(n2f, p1, p2)
+    G_buf = G_buf.at[first].add(f, mode="promise_in_bounds")
+    G_buf = G_buf.at[second].add(sc, mode="promise_in_bounds")
+    # dx[p] (rounded to the storage dtype) replaces G[p], never read again.
+    G_buf = G_buf.at[dst].set(dx.astype(sd).astype(cd), unique_indices=True,
+                              mode="promise_in_bounds")
+    new = (G_buf,)
+    if guided:
+      new += (carry[1].at[dst].set(dg.astype(sd), unique_indices=True,
+                                   mode="promise_in_bounds"),)
+    return new, None
+
+  init = (G0,)
+  if guided:
+    init += (jnp.zeros((plan.m * plan.r, G0.shape[-1]), sd),)
+  carry, _ = lax.scan(body, init, _steps(plan, "src", "dst", "nb1", "nb2",
+                                         "in1", "in2", "first", "second"),
+                      reverse=True)
+
+  def per_group(v):
+    out = []
+    for ids in plan.members:
+      acc = v[ids[0]]
+      for mk in ids[1:]:
+        acc = acc + v[mk]                    # in the storage dtype
+      out.append(acc)
+    return _finish(jnp.stack(out), pr)
+
+  dx = per_group(_member_images(carry[0], plan).astype(sd))
+  if not guided:
+    return dx, None
+  dg = per_group(_member_images(carry[1], plan))
+  gshape = tuple(jnp.shape(g))
+  axes = tuple(i for i, (a, bdim) in enumerate(zip(gshape, pr.shape))
+               if a == 1 and bdim != 1)
+  if axes:
+    dg = jnp.sum(dg.astype(cd), axis=axes, keepdims=True).astype(sd)
+  return dx, dg.reshape(gshape)
+
+
+# --------------------------------------------------------------------------
+# The public single-direction pool (custom_jvp: its tangent is
+# grouped_tangent's, and JAX transposes that for reverse mode).
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _pool_plain(groups, x):
+  return grouped_forward(x, None, groups)
+
+
+@_pool_plain.defjvp
+def _pool_plain_jvp(groups, primals, tangents):
+  (x,), (tx,) = primals, tangents
+  return _forward_and_tangent(x, None, tx, None, groups)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _pool_guided(groups, x, g):
+  return grouped_forward(x, g, groups)
+
+
+@_pool_guided.defjvp
+def _pool_guided_jvp(groups, primals, tangents):
+  (x, g), (tx, tg) = primals, tangents
+  return _forward_and_tangent(x, g, tx, tg, groups)
 
 
 def landmark_pool_reference(x: jax.Array, direction: DirectionLike,
@@ -143,44 +553,13 @@ def landmark_pool_reference(x: jax.Array, direction: DirectionLike,
   checking beyond what jnp does: use :func:`lmconv_jax.landmark_pool` with
   ``implementation="reference"`` for the checked public entry point.
   """
-  d = resolve(direction)
+  groups = ((resolve(direction),),)
   x = jnp.asarray(x)
-  dtype = x.dtype
-  batch = x.shape[:-3]
-  h, w, c = x.shape[-3:]
   if x.size == 0:
     return x
-  cdt = jnp.float32 if dtype in _HALF else dtype
-  xv = x.reshape((-1, h, w, c)).astype(cdt)
-  gv = None
-  if guide is not None:
-    gv = jnp.broadcast_to(jnp.asarray(guide).astype(dtype), x.shape)
-    gv = gv.reshape((-1, h, w, c)).astype(cdt)
-  flip_r, flip_c, transpose, cc = _canonical(d)
-
-  def to_canon(v):
-    if flip_r:
-      v = jnp.flip(v, 1)
-    if flip_c:
-      v = jnp.flip(v, 2)
-    if transpose:
-      v = jnp.swapaxes(v, 1, 2)
-    return jnp.moveaxis(v, 1, 0)                      # (H', B, W', C)
-
-  def from_canon(v):
-    v = jnp.moveaxis(v, 0, 1)
-    if transpose:
-      v = jnp.swapaxes(v, 1, 2)
-    if flip_c:
-      v = jnp.flip(v, 2)
-    if flip_r:
-      v = jnp.flip(v, 1)
-    return v
-
-  xc = to_canon(xv)
-  gc = None if gv is None else to_canon(gv)
-  if cc is None:
-    out = _quadrant_form(xc, gc, dtype)
-  else:
-    out = _row_form(xc, gc, cc[0], cc[1], dtype)
-  return from_canon(out).astype(dtype).reshape(batch + (h, w, c))
+  if guide is None:
+    return _pool_plain(groups, x)
+  g = jnp.asarray(guide).astype(x.dtype)
+  g = g.reshape((1,) * (x.ndim - g.ndim) + g.shape)
+  np.broadcast_shapes(g.shape, x.shape)
+  return _pool_guided(groups, x, g)
