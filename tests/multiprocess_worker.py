@@ -10,7 +10,9 @@ a few jitted optax steps with the batch sharded over one global mesh. Run as
 with XLA_FLAGS=--xla_force_host_platform_device_count=N set for the
 multi-process run (N devices per process). Each process writes
 DIR/result_<name>.npz (losses, parameters and BatchNorm statistics after the
-last step) and DIR/hlo_<name>.txt (the compiled training step). This is also
+last step, and the logits of the trained model exported with jax.export and
+called back), DIR/hlo_<name>.txt (the compiled training step) and
+DIR/hlo_export_<name>.txt (the compiled exported model). This is also
 the runnable example of docs/multidevice.md's recipe.
 """
 
@@ -139,7 +141,34 @@ def run(args) -> None:
     assert loss.sharding.is_fully_replicated, loss.sharding
     losses.append(float(loss))      # replicated: every process has it
 
-  flat = {"loss": np.asarray(losses)}
+  # jax.export of the trained model for inference, batch-sharded over every
+  # device of every process: the module holds no Python partitioning
+  # callbacks, so the deserialized call partitions our custom calls itself.
+  from jax import export
+  from jax.experimental import multihost_utils
+
+  def predict(params, batch_stats, images):
+    return model.apply({"params": params, "batch_stats": batch_stats},
+                       images, train=False)
+
+  images, _ = global_batch(STEPS)
+  exported = export.export(
+      jax.jit(predict, out_shardings=batch),
+      disabled_checks=lmconv_jax.export_disabled_checks())(
+          params, batch_stats, images)
+  call = jax.jit(export.deserialize(exported.serialize()).call)
+  compiled = call.lower(params, batch_stats, images).compile()
+  with open(os.path.join(args.out, f"hlo_export_{args.name}.txt"), "w") as f:
+    f.write(compiled.as_text())
+  logits = compiled(params, batch_stats, images)
+  per_device = GLOBAL_BATCH // jax.device_count()
+  assert logits.sharding.shard_shape(logits.shape)[0] == per_device, (
+      logits.sharding)
+
+  flat = {"loss": np.asarray(losses),
+          # sharded over the processes: gathered to every process to read it
+          "logits": multihost_utils.process_allgather(logits, tiled=True),
+          "exported_devices": np.asarray(exported.nr_devices)}
   for kind, tree in (("params", params), ("batch_stats", batch_stats)):
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
       assert leaf.sharding.is_fully_replicated, (path, leaf.sharding)

@@ -8,8 +8,10 @@ sharded over all 4 devices (tests/multiprocess_worker.py; docs/multidevice.md
 is the recipe). A third process runs the same steps on the same data on one
 device. Checked: the losses, parameters and BatchNorm statistics agree; every
 pool runs on its own shard (no activation moves between devices around our
-custom calls); the processes exit cleanly; and a process that fails, or a run
-that hangs, fails the test at once with every process killed.
+custom calls); the trained model, exported with jax.export and called back
+in both processes, partitions itself and gives the same logits; the
+processes exit cleanly; and a process that fails, or a run that hangs, fails
+the test at once with every process killed.
 """
 
 import dataclasses
@@ -167,8 +169,9 @@ def test_two_processes_train_like_one(training_run):
   assert list(single["devices"]) == [1, 1, 1]          # devices, local, procs
   assert list(procs[0]["devices"]) == [PROCESSES * DEVICES_PER_PROCESS,
                                        DEVICES_PER_PROCESS, PROCESSES]
-  keys = set(single.files) - {"devices"}
-  assert {k.split("[")[0] for k in keys} == {"loss", "params", "batch_stats"}
+  keys = set(single.files) - {"devices", "exported_devices"}
+  assert {k.split("[")[0] for k in keys} == {"loss", "params", "batch_stats",
+                                             "logits"}
   assert any("LandmarkConv8" in k for k in keys)
   assert any("LandmarkBlock" in k for k in keys)
   for key in sorted(keys):
@@ -181,10 +184,11 @@ def test_two_processes_train_like_one(training_run):
     # 8 images (the loss mean, the BatchNorm statistics, each parameter's
     # gradient over 8 * 12 * 12 pixels). Each ordering errs by at most
     # ~log2(1152) * 2**-24 ~ 7e-7 of the summed magnitudes; after 3 SGD steps
-    # the differences measured here are <= 1e-7 in the parameters and
-    # <= 1e-6 (relative) in the statistics. rtol 1e-5 with atol 1e-6 (for
-    # entries near 0: biases ~1e-3) leaves ~10x margin, while a pool on the
-    # wrong shard or a missing gradient all-reduce moves results by 1e-3 to 1.
+    # the differences measured here are <= 1e-7 in the parameters, <= 1e-6
+    # (relative) in the statistics and the exported model's logits. rtol 1e-5
+    # with atol 1e-6 (for entries near 0: biases ~1e-3) leaves ~10x margin,
+    # while a pool on the wrong shard or a missing gradient all-reduce moves
+    # results by 1e-3 to 1.
     np.testing.assert_allclose(procs[0][key], single[key], rtol=1e-5,
                                atol=1e-6, err_msg=key)
 
@@ -215,6 +219,25 @@ def test_each_pool_runs_on_its_own_shard(training_run):
       if re.search(r"\ball-reduce(-start)?\(", line):
         assert "12,12" not in line.split("all-reduce")[0], line[:300]
     assert "all-reduce" in hlo        # the gradients are summed, somewhere
+
+
+def test_exported_model_partitions_itself_in_every_process(training_run):
+  """jax.export over 2 processes: the exported module names 4 devices, and
+  its deserialized call runs the custom calls on per-device shards with no
+  communication at all (inference on a batch-sharded input)."""
+  out, _ = training_run
+  assert int(np.load(out / "result_process0.npz")["exported_devices"]) == 4
+  per_device = GLOBAL_BATCH // (PROCESSES * DEVICES_PER_PROCESS)
+  for i in range(PROCESSES):
+    hlo = (out / f"hlo_export_process{i}.txt").read_text()
+    calls = lmconv_calls(hlo)
+    assert calls, i
+    for line in calls:
+      shape = re.search(r"= \(?[a-z0-9]+\[(\d+)[,\]]", line)
+      assert shape and int(shape.group(1)) == per_device, line[:300]
+    moves = [m for m in MOVES + ("all-reduce",)
+             if re.search(rf"\b{m}(-start)?\(", hlo)]
+    assert moves == [], (moves, i)
 
 
 # --------------------------------------------------------------------------
