@@ -83,6 +83,7 @@ def train(model, train_data: RelationData, test_data: RelationData,
   step_times = []
   compile_seconds = 0.0
   start = time.perf_counter()
+  last_sync, last_k = start, 0      # set at k == 1, before their first use
   bar = tqdm(total=config.steps, desc=desc, disable=not progress, leave=True,
              unit="step", dynamic_ncols=True)
   try:
