@@ -18,7 +18,10 @@ import os
 import pathlib
 import platform
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
 from typing import Optional, Sequence
 
 EXIT_OK, EXIT_USAGE, EXIT_MISSING, EXIT_INTERRUPTED = 0, 2, 3, 130
@@ -134,7 +137,47 @@ def _default_out() -> pathlib.Path:
   return out
 
 
+# What `demo` imports beyond the library: the [demo] extra.
+DEMO_EXTRA = ("optax", "tqdm", "matplotlib")
+
+
+def _require_demo_extra(figures: bool = True) -> None:
+  """One line naming what to install when the [demo] extra is missing."""
+  missing = []
+  for name in DEMO_EXTRA:
+    if name == "matplotlib" and not figures:
+      continue
+    try:
+      importlib.import_module(name)
+    except ImportError:
+      missing.append(name)
+  if missing:
+    raise UsageError(
+        f"the demo needs {', '.join(missing)}, which come with the demo "
+        f"extra: pip install 'lmconv-jax[demo]' (in a checkout: pip install "
+        f"-e '.[demo]')")
+
+
+def _check_writable_folder(out: pathlib.Path, option: str) -> None:
+  """Creates ``out`` and writes a probe file there, so that a run never ends
+  unable to save its results (``os.access`` is no test for root)."""
+  if out.exists() and not out.is_dir():
+    raise UsageError(f"{option} {str(out)!r} exists and is not a folder.")
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UsageError(
+        f"{option} {str(out)!r}: cannot create the folder ({e.strerror}).")
+  try:
+    with tempfile.NamedTemporaryFile(dir=out, prefix=".lmconv_write_check"):
+      pass
+  except OSError as e:
+    raise UsageError(f"{option} {str(out)!r}: cannot write there "
+                     f"({e.strerror}); pick another folder.") from None
+
+
 def cmd_demo(args) -> int:
+  _require_demo_extra(figures=not args.no_figures)
   from lmconv_jax.demo.experiment import DemoConfig, format_table, run_demo
   from lmconv_jax import ops
 
@@ -160,13 +203,7 @@ def cmd_demo(args) -> int:
   except NotImplementedError as e:
     raise MissingError(str(e)) from None
   out = pathlib.Path(args.out) if args.out else _default_out()
-  if out.exists() and not out.is_dir():
-    raise UsageError(f"--out {str(out)!r} exists and is not a folder.")
-  try:
-    out.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise UsageError(
-        f"--out {str(out)!r}: cannot create the folder ({e.strerror}).")
+  _check_writable_folder(out, "--out")
   log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
   results = run_demo(config, out,
                      progress=not (args.no_progress or args.quiet),
@@ -176,6 +213,10 @@ def cmd_demo(args) -> int:
   print(format_table(results))
   print()
   print(results["verdict"])
+  if args.quick:
+    print("(--quick is a smoke test of the install and the pipeline, too "
+          "small to show the effect; run the demo without --quick for the "
+          "comparison.)")
   files = ["results.json"] + results["figures"]
   print(f"wrote {', '.join(files)} to {out}/ ({results['total_seconds']:.0f} s "
         f"in all)")
@@ -194,11 +235,51 @@ def _version(module: str) -> Optional[str]:
 
 CUDA_HINT = (
     "To get the CUDA kernels: on a Linux machine with an NVIDIA GPU, install "
-    "a CUDA build of jax (pip install -U \"jax[cuda12]\") and the CUDA "
-    "toolkit, put nvcc on PATH (e.g. export PATH=/usr/local/cuda/bin:$PATH) "
-    "and rebuild from the source checkout: ./scripts/setup.sh (or "
-    ".venv/bin/python -m pip install --no-build-isolation -e .). CMake "
-    "compiles the CUDA code whenever it finds nvcc.")
+    "the CUDA toolkit and a CUDA build of jax for the same major version "
+    "({jax_cuda}), put nvcc on PATH (e.g. export "
+    "PATH=/usr/local/cuda/bin:$PATH) and rebuild from the source checkout: "
+    "./scripts/setup.sh (or .venv/bin/python -m pip install "
+    "--no-build-isolation -e .). CMake compiles the CUDA code whenever it "
+    "finds nvcc.")
+
+
+def _nvcc_cuda_version() -> Optional[str]:
+  """The CUDA version of the nvcc on PATH, e.g. "13.0", or None."""
+  nvcc = shutil.which("nvcc")
+  if nvcc is None:
+    return None
+  try:
+    text = subprocess.run([nvcc, "--version"], capture_output=True, text=True,
+                          timeout=20).stdout
+  except (OSError, subprocess.SubprocessError):
+    return None
+  found = re.search(r"release (\d+\.\d+)", text)
+  return found.group(1) if found else None
+
+
+def cuda_advice(build: dict, gpu_seen: bool,
+                nvcc_version: Optional[str] = None) -> Optional[str]:
+  """How to get or use the CUDA kernels, for the CUDA version they were built
+  with (build_info's "cuda_runtime"), else nvcc's; None if nothing to do."""
+  cuda = build.get("cuda") or {}
+  if cuda.get("built"):
+    if gpu_seen:
+      return None
+    runtime = cuda.get("cuda_runtime")
+    if not runtime:
+      return None
+    major = str(runtime).split(".")[0]
+    return (f"The CUDA kernels are built (CUDA {runtime}) but JAX sees no "
+            f"GPU: to run them, on a machine with an NVIDIA GPU, install "
+            f"jax's CUDA {major} build: pip install -U \"jax[cuda{major}]\".")
+  if nvcc_version:
+    major = nvcc_version.split(".")[0]
+    jax_cuda = (f"nvcc here is CUDA {nvcc_version}: pip install -U "
+                f"\"jax[cuda{major}]\"")
+  else:
+    jax_cuda = ("pip install -U \"jax[cuda13]\" for CUDA 13, "
+                "\"jax[cuda12]\" for CUDA 12")
+  return CUDA_HINT.format(jax_cuda=jax_cuda)
 
 
 def gather_info() -> dict:
@@ -238,7 +319,11 @@ def gather_info() -> dict:
       kernels=kernels, build_info_error=build.get("error"),
       default_backend=jax.default_backend(),
       platform=platform_, devices=devices, auto_implementation=auto,
-      cuda_hint=None if kernels["cuda"]["built"] else CUDA_HINT,
+      cuda_hint=cuda_advice(
+          dict(build, cuda=kernels["cuda"]),
+          gpu_seen=any(d["platform"] in ("gpu", "cuda") for d in devices),
+          nvcc_version=(None if kernels["cuda"]["built"]
+                        else _nvcc_cuda_version())),
       warning=("JAX sees a GPU but the CUDA kernels are not built: landmark "
                "pools run the pure-jnp reference there (much slower)."
                if gpu_without_kernels else None))
@@ -358,12 +443,24 @@ def cmd_bench(args) -> int:
 
 
 def _writable(text: str) -> str:
-  parent = pathlib.Path(text).resolve().parent
+  """An output file name that can be written: checked (by opening it for
+  appending, and removing it again if it was new) before anything runs."""
+  path = pathlib.Path(text)
+  parent = path.resolve().parent
   if not parent.is_dir():
     raise argparse.ArgumentTypeError(f"folder {str(parent)!r} does not exist")
-  if pathlib.Path(text).is_dir():
+  if path.is_dir():
     raise argparse.ArgumentTypeError(
         f"{text!r} is a folder, expected a file name")
+  existed = path.exists()
+  try:
+    with open(path, "a"):
+      pass
+  except OSError as e:
+    raise argparse.ArgumentTypeError(
+        f"cannot write {text!r} ({e.strerror})") from None
+  if not existed:
+    path.unlink()
   return text
 
 

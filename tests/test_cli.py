@@ -2,6 +2,8 @@
 
 import io
 import json
+import os
+import pathlib
 import subprocess
 import sys
 import types
@@ -51,6 +53,8 @@ def test_quick_demo_succeeds_and_prints_the_table(quick_demo):
   for name in ("box 3x3", "LandmarkConv8"):
     assert name in err and "100/100" in err
   assert "Traceback" not in err
+  # Whatever the verdict, --quick says it is a smoke test, not the result.
+  assert "--quick is a smoke test" in out
 
 
 def test_quick_demo_results_json_holds_sane_numbers(quick_demo):
@@ -138,6 +142,83 @@ def test_out_that_is_a_file_is_a_usage_error(capsys, tmp_path):
   assert code == 2 and "exists and is not a folder" in err
 
 
+def unwritable_folder(tmp_path) -> pathlib.Path:
+  """A folder nobody may create files in: a read-only one, or for root (who
+  writes anywhere a mode allows) sysfs."""
+  if os.geteuid() != 0:
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder
+  if os.path.isdir("/sys"):
+    try:
+      open("/sys/lmconv_write_check", "w").close()
+    except OSError:
+      return pathlib.Path("/sys")
+  pytest.skip("no folder here that root cannot write to")
+
+
+def test_unwritable_out_exits_2_before_any_training(capsys, tmp_path,
+                                                    monkeypatch):
+  from lmconv_jax.demo import experiment
+
+  def run_demo(*args, **kwargs):
+    raise AssertionError("training started")
+  monkeypatch.setattr(experiment, "run_demo", run_demo)
+  out = unwritable_folder(tmp_path)
+  code, stdout, err = run_cli(capsys, "demo", "--quick", "--out", str(out))
+  assert code == 2, err
+  assert f"--out {str(out)!r}: cannot write there" in err
+  assert err.count("\n") == 1 and "Traceback" not in err and stdout == ""
+  # A new folder that cannot be created: the same, before training.
+  code, _, err = run_cli(capsys, "demo", "--quick", "--out",
+                         str(out / "new" / "run"))
+  assert code == 2 and "cannot create the folder" in err
+
+
+@pytest.mark.parametrize("option", ["--json", "--markdown"])
+def test_unwritable_bench_output_exits_2_before_benchmarking(
+    capsys, tmp_path, monkeypatch, option):
+  calls = []
+  fake = types.SimpleNamespace(run=lambda **kw: calls.append(kw) or [])
+  monkeypatch.setitem(sys.modules, "lmconv_jax.benchmark", fake)
+  target = unwritable_folder(tmp_path) / "bench.out"
+  code, out, err = run_cli(capsys, "bench", option, str(target))
+  assert code == 2 and calls == []
+  assert f"{option}: cannot write {str(target)!r}" in err
+  assert "Traceback" not in err and out == ""
+
+
+def test_bench_output_check_leaves_files_as_they_were(tmp_path):
+  new, old = tmp_path / "new.json", tmp_path / "old.md"
+  old.write_text("kept")
+  assert cli._writable(str(new)) == str(new) and not new.exists()
+  assert cli._writable(str(old)) == str(old) and old.read_text() == "kept"
+
+
+def test_demo_without_the_demo_extra_says_what_to_install(capsys,
+                                                          monkeypatch):
+  monkeypatch.setitem(sys.modules, "optax", None)      # import optax fails
+  monkeypatch.setitem(sys.modules, "tqdm", None)
+  code, out, err = run_cli(capsys, "demo", "--quick")
+  assert code == 2 and out == ""
+  assert err.count("\n") == 1 and "Traceback" not in err
+  assert "needs optax, tqdm" in err and "pip install 'lmconv-jax[demo]'" in err
+
+
+def test_cuda_advice_names_the_cuda_version_of_the_build():
+  built = {"cuda": {"built": True, "cuda_runtime": "13.0"}}
+  advice = cli.cuda_advice(built, gpu_seen=False)
+  assert 'pip install -U "jax[cuda13]"' in advice and "cuda12" not in advice
+  assert cli.cuda_advice(built, gpu_seen=True) is None
+  missing = {"cuda": {"built": False}}
+  advice = cli.cuda_advice(missing, gpu_seen=False, nvcc_version="12.8")
+  assert advice.startswith("To get the CUDA kernels")
+  assert '"jax[cuda12]"' in advice and "cuda13" not in advice
+  advice = cli.cuda_advice(missing, gpu_seen=False)      # no nvcc found
+  assert '"jax[cuda13]" for CUDA 13' in advice and "CUDA 12" in advice
+
+
 def test_ffi_asked_for_but_not_built_exits_3(capsys, tmp_path, monkeypatch):
   monkeypatch.setattr(_ffi, "has_kernels", lambda platform: False)
   code, _, err = run_cli(capsys, "demo", "--quick", "--implementation", "ffi",
@@ -176,6 +257,11 @@ def test_info_shows_versions_kernels_devices(capsys):
     assert "float32, float64, float16, bfloat16" in out
   if "cuda" not in built:
     assert "To get the CUDA kernels" in out and "nvcc" in out
+  runtime = _ffi.build_info().get("cuda", {}).get("cuda_runtime")
+  if runtime and "cuda" in built:   # the advice matches the build's CUDA
+    major = runtime.split(".")[0]
+    others = {"12", "13"} - {major}
+    assert all(f"jax[cuda{m}]" not in out for m in others)
 
 
 def test_info_json(capsys):
