@@ -141,19 +141,17 @@ def _default_out() -> pathlib.Path:
 DEMO_EXTRA = ("optax", "tqdm", "matplotlib")
 
 
-def _require_demo_extra(figures: bool = True) -> None:
+def _require_demo_extra(names=DEMO_EXTRA, command: str = "demo") -> None:
   """One line naming what to install when the [demo] extra is missing."""
   missing = []
-  for name in DEMO_EXTRA:
-    if name == "matplotlib" and not figures:
-      continue
+  for name in names:
     try:
       importlib.import_module(name)
     except ImportError:
       missing.append(name)
   if missing:
     raise UsageError(
-        f"the demo needs {', '.join(missing)}, which come with the demo "
+        f"the {command} needs {', '.join(missing)}, which come with the demo "
         f"extra: pip install 'lmconv-jax[demo]' (in a checkout: pip install "
         f"-e '.[demo]')")
 
@@ -177,7 +175,8 @@ def _check_writable_folder(out: pathlib.Path, option: str) -> None:
 
 
 def cmd_demo(args) -> int:
-  _require_demo_extra(figures=not args.no_figures)
+  _require_demo_extra([n for n in DEMO_EXTRA
+                       if n != "matplotlib" or not args.no_figures])
   from lmconv_jax.demo.experiment import DemoConfig, format_table, run_demo
   from lmconv_jax import ops
 
@@ -398,6 +397,7 @@ def _load_benchmark():
 
 def cmd_bench(args) -> int:
   from lmconv_jax import ops
+  _require_demo_extra(("tqdm",), "benchmark")     # its progress bar
   bench = _load_benchmark()
   try:                      # the suite times the FFI kernels: they must exist
     ops._choose("ffi", "bench")

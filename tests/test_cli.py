@@ -206,6 +206,25 @@ def test_demo_without_the_demo_extra_says_what_to_install(capsys,
   assert "needs optax, tqdm" in err and "pip install 'lmconv-jax[demo]'" in err
 
 
+def test_bench_without_the_demo_extra_says_what_to_install(capsys,
+                                                           monkeypatch):
+  monkeypatch.setitem(sys.modules, "tqdm", None)
+  code, out, err = run_cli(capsys, "bench")
+  assert code == 2 and out == "" and err.count("\n") == 1
+  assert "the benchmark needs tqdm" in err and "lmconv-jax[demo]" in err
+
+
+def test_the_library_imports_no_demo_dependency(tmp_path):
+  """`import lmconv_jax` (and its layers) needs only the runtime deps; optax
+  is not checked: flax itself requires and imports it."""
+  code = ("import sys, lmconv_jax, lmconv_jax.nnx; "
+          "print(sorted(m for m in ('tqdm', 'matplotlib') if m in sys.modules))")
+  run = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                       text=True, cwd=tmp_path)
+  assert run.returncode == 0, run.stderr
+  assert run.stdout.strip() == "[]"
+
+
 def test_cuda_advice_names_the_cuda_version_of_the_build():
   built = {"cuda": {"built": True, "cuda_runtime": "13.0"}}
   advice = cli.cuda_advice(built, gpu_seen=False)
