@@ -327,38 +327,48 @@ def _forward_scan(pr: _Prepared, txg=None, tgg=None):
   return carry
 
 
+def _table(plan):
+  """(P, K) member ids of each group (padded with its first) and validity."""
+  k = max(len(ids) for ids in plan.members)
+  tab = np.array([ids + (ids[0],) * (k - len(ids)) for ids in plan.members])
+  ok = np.array([[j < len(ids) for j in range(k)] for ids in plan.members])
+  return tab, ok
+
+
 def _merge(vals, plan):
-  """Members' stored outputs (M, HW, N) -> groups (P, HW, N) and the choices.
+  """Members' stored outputs (M, HW, N) -> groups (P, HW, N), winner (or None).
 
-  choices[k] is a list of (member, mask): where mask, member k's chain moved
-  to that member (first-listed wins ties, NaN wins).
+  The first-listed-wins chain ``out = where((p_k > out) | isnan(p_k), p_k,
+  out)``; winner[k] is the position (in its group) of the member it ends on.
   """
-  outs, choices = [], []
-  for ids in plan.members:
-    out = vals[ids[0]]
-    ch = []
-    for mk in ids[1:]:
-      v = vals[mk]
-      c = (v > out) | jnp.isnan(v)
-      out = jnp.where(c, v, out)
-      ch.append((mk, c))
-    outs.append(out)
-    choices.append(ch)
-  return jnp.stack(outs), choices
+  tab, ok = _table(plan)
+  out = vals[tab[:, 0]]
+  win = None
+  for j in range(1, tab.shape[1]):
+    v = vals[tab[:, j]]
+    c = ((v > out) | jnp.isnan(v)) & jnp.asarray(ok[:, j])[:, None, None]
+    out = jnp.where(c, v, out)
+    win = jnp.where(c, j, 0 if win is None else win)
+  return out, win
 
 
-def _winner_masks(choices, plan):
-  """For each member, the mask of the pixels where it is the group's winner."""
-  masks = [None] * plan.m
-  for ids, ch in zip(plan.members, choices):
-    if not ch:
-      continue
-    win = jnp.zeros(ch[0][1].shape, jnp.int32)
-    for k, (_, c) in enumerate(ch, start=1):
-      win = jnp.where(c, k, win)
-    for k, mk in enumerate(ids):
-      masks[mk] = win == k
-  return masks
+def _pick(vals, win, plan):
+  """Per group, the winning member's value of vals (M, HW, N)."""
+  tab, _ = _table(plan)
+  out = vals[tab[:, 0]]
+  for j in range(1, tab.shape[1]):
+    out = jnp.where(win == j, vals[tab[:, j]], out)
+  return out
+
+
+def _sum_members(vals, plan):
+  """Per group, the members' values summed in member order, in vals' dtype."""
+  tab, ok = _table(plan)
+  acc = vals[tab[:, 0]]
+  for j in range(1, tab.shape[1]):
+    acc = jnp.where(jnp.asarray(ok[:, j])[:, None, None],
+                    acc + vals[tab[:, j]], acc)
+  return acc
 
 
 def _finish(v_grp, pr):
@@ -403,15 +413,10 @@ def _forward_and_tangent(x, g, tx, tg, groups):
            else _tangent_rows(tg, pr, jnp.shape(g)))
   out_buf, t_buf = _forward_scan(pr, txg, tgg)
   plan = pr.plan
-  out, choices = _merge(_member_images(out_buf, plan), plan)
+  out, win = _merge(_member_images(out_buf, plan), plan)
   tm = _member_images(t_buf, plan).astype(pr.dtype)    # rounded once
-  touts = []
-  for ids, ch in zip(plan.members, choices):
-    t = tm[ids[0]]
-    for mk, c in ch:
-      t = jnp.where(c, tm[mk], t)
-    touts.append(t)
-  return _finish(out, pr), _finish(jnp.stack(touts), pr)
+  t = tm[_table(plan)[0][:, 0]] if win is None else _pick(tm, win, plan)
+  return _finish(out, pr), _finish(t, pr)
 
 
 def grouped_tangent(x: jax.Array, g: Optional[jax.Array], tx: jax.Array,
@@ -441,14 +446,14 @@ def grouped_backward(x: jax.Array, g: Optional[jax.Array], ct: jax.Array,
   pr = _prepare(x, g, groups)
   plan, cd, sd = pr.plan, pr.cd, pr.dtype
   (out_buf,) = _forward_scan(pr)
-  _, choices = _merge(_member_images(out_buf, plan), plan)
-  masks = _winner_masks(choices, plan)
+  _, win = _merge(_member_images(out_buf, plan), plan)
   h, w, c = pr.shape[-3:]
   ctg = _to_groups(jnp.asarray(ct).astype(sd).reshape(pr.b, h, w, c), plan.p)
-  zero_s = jnp.zeros((), sd)
-  ct_m = jnp.stack([ctg[plan.grp[mk]] if masks[mk] is None
-                    else jnp.where(masks[mk], ctg[plan.grp[mk]], zero_s)
-                    for mk in range(plan.m)])
+  ct_m = ctg[plan.grp]
+  if win is not None:      # the cotangent goes to the winning member only
+    rank = np.concatenate([np.arange(len(ids)) for ids in plan.members])
+    ct_m = jnp.where(win[plan.grp] == jnp.asarray(rank)[:, None, None], ct_m,
+                     jnp.zeros((), sd))
   G0 = _member_rows(ct_m.astype(cd), plan)
   n2f = jnp.asarray(plan.n2_first)[:, None, None]
   guided = pr.gg is not None
@@ -499,13 +504,7 @@ def grouped_backward(x: jax.Array, g: Optional[jax.Array], ct: jax.Array,
                       reverse=True)
 
   def per_group(v):
-    out = []
-    for ids in plan.members:
-      acc = v[ids[0]]
-      for mk in ids[1:]:
-        acc = acc + v[mk]                    # in the storage dtype
-      out.append(acc)
-    return _finish(jnp.stack(out), pr)
+    return _finish(_sum_members(v, plan), pr)   # in the storage dtype
 
   dx = per_group(_member_images(carry[0], plan).astype(sd))
   if not guided:

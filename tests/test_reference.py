@@ -1,4 +1,5 @@
-"""The pure-jnp reference against the SPEC, by hand and by an independent oracle."""
+"""The pure-jnp reference against the contract: by hand, and bit for bit
+against the independent oracle (tests/spec_oracle.py) in every dtype."""
 
 import jax
 import jax.numpy as jnp
@@ -9,12 +10,19 @@ from jax.test_util import check_grads
 
 import lmconv_jax
 from lmconv_jax import DIRECTIONS, OCTANTS, QUADRANTS
+from lmconv_jax import reference as R
+from lmconv_jax.directions import GROUPINGS, resolve_grouping
 from lmconv_jax.reference import landmark_pool_reference as ref
 
+import fuzz
 import inputs
 import spec_oracle
 
 ALL = QUADRANTS + OCTANTS
+TABLE = tuple((DIRECTIONS[n],) for n in ALL)
+
+# Compiled once per (groups, shapes, dtype), shared with the fuzz tests.
+FWD, BWD, TAN = fuzz.FWD, fuzz.BWD, fuzz.TAN
 
 
 def _vjp(x, d, g, ct):
@@ -25,6 +33,48 @@ def _vjp(x, d, g, ct):
   return (out,) + f(ct)
 
 
+def _tie_heavy(shape, seed=0):
+  """The tie-heavy kinds of tests/inputs.py stacked along the batch axis."""
+  return np.concatenate([inputs.make_x(k, (1,) + shape[1:], seed=seed + i)
+                         for i, k in enumerate(inputs.KINDS)])
+
+
+def _tie_heavy_case(groups, dtype, guide_kind, shape, seed=0):
+  dt = fuzz.np_dtype(dtype)
+  x = _tie_heavy(shape, seed).astype(dt)
+  gshape = fuzz._guide_shape(guide_kind, x.shape)
+  rng = np.random.default_rng(seed + 10)
+  g = tg = None
+  if gshape is not None:
+    g = rng.choice([0.0, 0.5, 1.0, 1.5, -0.5], size=gshape).astype(dt)
+    tg = rng.integers(-3, 4, gshape).astype(dt)
+  ct = inputs.make_ct(x.shape, seed + 2).astype(dt)
+  tx = inputs.make_ct(x.shape, seed + 3).astype(dt)
+  return fuzz.Case(x, g, ct, tx, tg, groups, guide_kind)
+
+
+# Every guide shape in float32; none, full and one broadcast in the others.
+_GRID = [("float32", k) for k in fuzz.GUIDE_KINDS] + [
+    (d, k) for d in fuzz.DTYPES[1:] for k in ("none", "full", "per_batch")]
+
+
+@pytest.mark.parametrize("dtype,guide_kind", _GRID)
+def test_grouped_matches_oracle_bit_for_bit(dtype, guide_kind):
+  """All 48 valid directions (the table's 12 among them) as groups, plus
+  merged groups of mixed sweep kinds, in one grouped call (H != W), on the
+  tie-heavy inputs of tests/inputs.py."""
+  groups = fuzz.ALL_GROUPS
+  fuzz.check_reference(_tie_heavy_case(groups, dtype, guide_kind,
+                                       fuzz.SHAPE))
+
+
+@pytest.mark.parametrize("name", list(GROUPINGS))
+def test_named_groupings_match_oracle(name):
+  groups = resolve_grouping(name)
+  fuzz.check_reference(_tie_heavy_case(groups, "float32", "per_channel",
+                                       (1, 3, 5, 2 * len(groups)), seed=5))
+
+
 def test_direction_table_names_and_aliases():
   assert QUADRANTS == ("top_left", "top_right", "bottom_left", "bottom_right")
   assert [DIRECTIONS[n].alias for n in QUADRANTS] == ["tl", "tr", "bl", "br"]
@@ -33,25 +83,29 @@ def test_direction_table_names_and_aliases():
     assert lmconv_jax.directions.resolve(d.alias) is d
 
 
-@pytest.mark.parametrize("direction", ALL)
-@pytest.mark.parametrize("kind", inputs.KINDS)
-@pytest.mark.parametrize("guided", [False, True])
-def test_reference_matches_oracle_forward_and_backward(direction, kind, guided):
-  d = DIRECTIONS[direction]
-  shape = (2, 4, 5, 3)
-  x = inputs.make_x(kind, shape)
-  g = inputs.make_guide("full", shape, tie_heavy=True) if guided else None
-  ct = inputs.make_ct(shape)
-  out, dx, dg = _vjp(jnp.asarray(x), d, None if g is None else jnp.asarray(g),
-                     jnp.asarray(ct))
-  want_dx, want_dg = spec_oracle.backward(x, d, g, ct)
-  if g is None:  # max and integer cotangents: exact
-    np.testing.assert_array_equal(out, spec_oracle.forward(x, d))
-    np.testing.assert_array_equal(dx, want_dx)
-  else:
-    np.testing.assert_allclose(out, spec_oracle.forward(x, d, g), rtol=1e-13, atol=1e-13)
-    np.testing.assert_allclose(dx, want_dx, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(dg, want_dg, rtol=1e-12, atol=1e-12)
+def test_public_reference_equals_the_grouped_functions():
+  """landmark_pool_reference: forward, VJP (unguided exact: integer
+  cotangents) and JVP equal grouped_* (a quadrant, a row and a column octant;
+  the transforms' tests cover the rest)."""
+  x = _tie_heavy((1, 4, 5, 2))
+  g = np.random.default_rng(3).choice([0.0, 0.5, 1.0, 1.5], size=x.shape)
+  ct = inputs.make_ct(x.shape)
+  xs = jnp.asarray(np.concatenate([x] * len(ALL), axis=-1))
+  gs = jnp.asarray(np.concatenate([g] * len(ALL), axis=-1))
+  cts = jnp.asarray(np.concatenate([ct] * len(ALL), axis=-1))
+  want = FWD(xs, None, TABLE)
+  want_dx, _ = BWD(xs, None, cts, TABLE)
+  want_t = TAN(xs, gs, cts, gs, TABLE)
+  for k, d in enumerate(ALL):
+    if d not in ("top_right", "north_northwest", "west_southwest"):
+      continue
+    blk = slice(2 * k, 2 * k + 2)
+    out, dx, _ = _vjp(jnp.asarray(x), d, None, jnp.asarray(ct))
+    np.testing.assert_array_equal(out, want[..., blk])
+    np.testing.assert_array_equal(dx, want_dx[..., blk])
+    _, t = jax.jvp(lambda x, g: ref(x, d, g), (jnp.asarray(x), jnp.asarray(g)),
+                   (jnp.asarray(ct), jnp.asarray(g)))
+    np.testing.assert_array_equal(t, want_t[..., blk])
 
 
 def test_tie_between_self_and_neighbour_goes_to_self():
@@ -62,24 +116,41 @@ def test_tie_between_self_and_neighbour_goes_to_self():
 
 def test_tie_between_neighbours_goes_to_n1_never_split():
   # top_left: n1 = left, n2 = up. out[1,1] = max(1, left=2, up=2): left wins.
+  tl, br = (DIRECTIONS["top_left"],), (DIRECTIONS["bottom_right"],)
   x = jnp.array([[0.0, 2.0], [2.0, 1.0]])[None, ..., None]
   ct = jnp.array([[0.0, 0.0], [0.0, 1.0]])[None, ..., None]
-  out, dx, _ = _vjp(x, "top_left", None, ct)
-  np.testing.assert_array_equal(out[0, ..., 0], [[0, 2], [2, 2]])
-  np.testing.assert_array_equal(dx[0, ..., 0], [[0.0, 0.0], [1.0, 0.0]])
+  np.testing.assert_array_equal(FWD(x, None, (tl,))[0, ..., 0], [[0, 2], [2, 2]])
+  np.testing.assert_array_equal(BWD(x, None, ct, (tl,))[0][0, ..., 0],
+                                [[0.0, 0.0], [1.0, 0.0]])
   # bottom_right: n1 = right, n2 = down. out[0,0] = max(1, right=2, down=2).
   x = jnp.array([[1.0, 2.0], [2.0, 0.0]])[None, ..., None]
   ct = jnp.array([[1.0, 0.0], [0.0, 0.0]])[None, ..., None]
-  _, dx, _ = _vjp(x, "bottom_right", None, ct)
-  np.testing.assert_array_equal(dx[0, ..., 0], [[0.0, 1.0], [0.0, 0.0]])
+  np.testing.assert_array_equal(BWD(x, None, ct, (br,))[0][0, ..., 0],
+                                [[0.0, 1.0], [0.0, 0.0]])
+
+
+def test_merged_group_tie_goes_to_first_member_never_split():
+  # max(top_left, top_right) on a constant row: both pools tie everywhere.
+  groups = ((DIRECTIONS["top_left"], DIRECTIONS["top_right"]),)
+  x = jnp.full((1, 1, 3, 1), 2.0)
+  ct = jnp.array([1.0, 2.0, 3.0]).reshape(1, 1, 3, 1)
+  dx, _ = BWD(x, None, ct, groups)
+  np.testing.assert_array_equal(dx[0, 0, :, 0], [1.0, 2.0, 3.0])
+  # [1, 3, 2]: top_left gives [1, 3, 3], top_right [3, 3, 2]; pixel 0 is
+  # top_right's (3 > 1), pixel 1 a tie (top_left's), pixel 2 top_left's.
+  x = jnp.array([1.0, 3.0, 2.0]).reshape(1, 1, 3, 1)
+  np.testing.assert_array_equal(FWD(x, None, groups)[0, 0, :, 0], [3, 3, 3])
+  dx, _ = BWD(x, None, ct, groups)
+  np.testing.assert_array_equal(dx[0, 0, :, 0], [0.0, 6.0, 0.0])
+  t = TAN(x, None, jnp.array([10.0, 20.0, 30.0]).reshape(1, 1, 3, 1), None,
+          groups)
+  np.testing.assert_array_equal(t[0, 0, :, 0], [20.0, 20.0, 20.0])
 
 
 def test_constant_plane_gradient_stays_in_place():
-  x = jnp.full((1, 4, 4, 2), 3.0)
+  x = jnp.full((1, 4, 4, 2 * len(ALL)), 3.0)
   ct = jnp.asarray(inputs.make_ct(x.shape))
-  for d in ALL:
-    _, dx, _ = _vjp(x, d, None, ct)
-    np.testing.assert_array_equal(dx, ct)
+  np.testing.assert_array_equal(BWD(x, None, ct, TABLE)[0], ct)
 
 
 def test_guided_pixel_by_hand():
@@ -94,44 +165,48 @@ def test_guided_pixel_by_hand():
   np.testing.assert_array_equal(dx[0, ..., 0], [[0.25, 0.75]])
   # dguide = (m - x) * G: (3 - 3) * 0.25 and (3 - 1) * 1.
   np.testing.assert_array_equal(dg[0, ..., 0], [[0.0, 2.0]])
+  dx2, dg2 = BWD(x, g, ct, ((DIRECTIONS["top_left"],),))
+  np.testing.assert_array_equal(dx2, dx)
+  np.testing.assert_array_equal(dg2, dg)
 
 
-@pytest.mark.parametrize("direction", QUADRANTS)
-def test_unguided_quadrant_is_two_cumulative_maxima(direction):
-  d = DIRECTIONS[direction]
+def test_unguided_quadrant_is_two_cumulative_maxima():
   x = jnp.asarray(inputs.make_x("random", (2, 6, 7, 3)))
-  want = lax.cummax(x, axis=1, reverse=d.row_step < 0)
-  want = lax.cummax(want, axis=2, reverse=d.col_step < 0)
-  np.testing.assert_array_equal(ref(x, d), want)
+  out = FWD(jnp.concatenate([x] * 4, -1), None, TABLE[:4])
+  for k, name in enumerate(QUADRANTS):
+    d = DIRECTIONS[name]
+    want = lax.cummax(x, axis=1, reverse=d.row_step < 0)
+    want = lax.cummax(want, axis=2, reverse=d.col_step < 0)
+    np.testing.assert_array_equal(out[..., 3 * k:3 * k + 3], want)
 
 
-@pytest.mark.parametrize("direction", OCTANTS)
-def test_unguided_octant_is_max_over_its_region(direction):
-  d = DIRECTIONS[direction]
+def test_unguided_octant_is_max_over_its_region():
   x = inputs.make_x("random", (1, 7, 6, 1))
-  out = np.asarray(ref(jnp.asarray(x), d))
-  # The region is the cone of integer combinations of the two offsets.
-  (a, b), (c, e) = d.n1, d.n2
-  det = a * e - b * c
-  for i in range(7):
-    for j in range(6):
-      region = []
-      for ii in range(7):
-        for jj in range(6):
-          di, dj = ii - i, jj - j
-          p = (di * e - dj * c) / det   # di = p*a + q*c, dj = p*b + q*e
-          q = (a * dj - b * di) / det
-          if p >= 0 and q >= 0:
-            region.append(x[0, ii, jj, 0])
-      assert out[0, i, j, 0] == max(region)
+  out = np.asarray(FWD(jnp.asarray(np.concatenate([x] * 8, -1)), None,
+                       TABLE[4:]))
+  for k, name in enumerate(OCTANTS):
+    d = DIRECTIONS[name]
+    # The region is the cone of integer combinations of the two offsets.
+    (a, b), (c, e) = d.n1, d.n2
+    det = a * e - b * c
+    for i in range(7):
+      for j in range(6):
+        region = []
+        for ii in range(7):
+          for jj in range(6):
+            di, dj = ii - i, jj - j
+            p = (di * e - dj * c) / det   # di = p*a + q*c, dj = p*b + q*e
+            q = (a * dj - b * di) / det
+            if p >= 0 and q >= 0:
+              region.append(x[0, ii, jj, 0])
+        assert out[0, i, j, k] == max(region), name
 
 
-@pytest.mark.parametrize("direction", ["top_left", "east_northeast", "south_southeast"])
-def test_check_grads_float64_tie_free(direction):
+def test_check_grads_float64_tie_free():
   x = jnp.asarray(inputs.make_x("random", (1, 4, 5, 2), seed=3))
   g = jnp.asarray(inputs.make_guide("full", x.shape, seed=4))
-  check_grads(lambda x: ref(x, direction), (x,), order=1, modes=("rev",))
-  check_grads(lambda x, g: ref(x, direction, g), (x, g), order=1, modes=("rev",))
+  check_grads(lambda x, g: ref(x, "east_northeast", g), (x, g), order=1,
+              modes=("fwd", "rev"))
 
 
 def test_nan_in_region_makes_output_nan_like_lax_max():
@@ -149,7 +224,8 @@ def test_inf_is_an_ordinary_value_without_guide():
   x = np.zeros((1, 3, 3, 1))
   x[0, 0, 0, 0] = np.inf
   x[0, 2, 2, 0] = -np.inf
-  out = np.asarray(ref(jnp.asarray(x), "top_left"))[0, ..., 0]
-  assert np.all(out == np.inf)
-  out = np.asarray(ref(jnp.asarray(x), "bottom_right"))[0, ..., 0]
-  assert out[2, 2] == -np.inf and out[1, 1] == 0 and out[0, 0] == np.inf
+  out = np.asarray(FWD(jnp.asarray(np.concatenate([x, x], -1)), None,
+                       (TABLE[0], TABLE[3])))
+  assert np.all(out[0, ..., 0] == np.inf)
+  assert out[0, 2, 2, 1] == -np.inf and out[0, 1, 1, 1] == 0
+  assert out[0, 0, 0, 1] == np.inf
