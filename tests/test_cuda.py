@@ -1,23 +1,28 @@
-"""The CUDA kernels, verified where there is no GPU, and on one where there is.
+"""The CUDA kernels of the grouped pool, verified where there is no GPU, and
+on one where there is.
 
 1. Emulation. ``lmconv_jax._lmconv_cuda_emu`` runs the CUDA kernel bodies
    (xla_ffi/cuda_schedule.h, the code cuda.cu launches) on the CPU for every
    block and thread of the launch the CUDA handler would make, phase by phase,
-   behind FFI targets of its own. Its outputs and workspace start as NaN, so an
-   element never written, or read before it is written, shows. The tests pin:
-   bit-for-bit equality with the CPU kernels on the whole grid (12 directions x
-   4 dtypes x 4 guide modes, shapes, NaN/inf, plans with split channels, blocks
-   and threads run in reverse), agreement with the pure-jnp reference on the
-   grid (test_ffi.py's tolerances; one jit per dtype for all of it) and with
-   the SPEC oracle (float64), forward and backward.
-2. Lowering. On this CPU-only machine, ``jax.jit(f).trace(x).lower(
-   lowering_platforms=("cuda",))`` of forward and backward for every direction
-   holds our custom calls and no while loop (the reference is all while loops).
-3. GPU (``-m gpu``; skipped without an NVIDIA GPU): the grid against the
-   reference on the device, and a tensor of more than 2**31 elements.
+   behind FFI targets of its own (tests/emulator.py). Its outputs and
+   workspace start as NaN, so an element never written, or read before it is
+   written, shows. The tests pin bit-for-bit equality with the CPU kernels
+   (the grouped targets lmconv_pool_*, called directly) over the grid: every
+   direction, the groupings quadrants / octants / top_bottom / left_right /
+   all_quadrants and a custom mixed one, guides full / (C,) / per batch /
+   none, 4 dtypes, tie-heavy inputs, NaN and inf, forward, tangent and
+   backward (the guide's gradient at its own shape), blocks and threads of
+   each phase run in both orders, and plans for several multiprocessor
+   counts.
+2. The race and bounds detector (emulator, order bit 2) runs over the whole
+   grid; a planted race and a planted out-of-bounds read fail it.
+3. Launch plans: one launch per pass for the whole grouping (plus the
+   reduction of a broadcast guide's gradient).
+4. Lowering for "cuda" through the public API, on this CPU-only machine.
+5. GPU (``-m gpu``; skipped without an NVIDIA GPU): the CUDA targets on the
+   device against the CPU kernels and the emulation, bit for bit.
 """
 
-import functools
 import re
 
 import jax
@@ -29,17 +34,35 @@ import lmconv_jax
 from lmconv_jax import _ffi
 from lmconv_jax.directions import DIRECTIONS, Direction
 
+import emulator
 import inputs
-import spec_oracle
-import test_ffi   # the CPU kernels' grid: same dtypes, shapes and tolerances
-from test_ffi import ALL, DTYPES, assert_close
+from emulator import CHECK, PLANT_OUT_OF_BOUNDS, PLANT_RACE, REVERSE
 
-GUIDED_MODES = ("full", "per_channel", "per_batch")
 CPU = jax.devices("cpu")[0]
+DTYPES = {"float32": jnp.float32, "float64": jnp.float64,
+          "float16": jnp.float16, "bfloat16": jnp.bfloat16}
+
+SKEWED = Direction("skewed", "skewed", +1, +1, (0, -1), (-1, +1),
+                   "left neighbour and the one up and to the right")
+# Every kind of sweep in one grouping: 1 to 4 members, quadrants, row and
+# column octants, the skew-2 wavefront, merged in mixed orders.
+MIXED = ((SKEWED,),
+         ("north_northeast", "bottom_right"),
+         ("west_northwest", "south_southwest", "top_right"),
+         ("bottom_left", "east_northeast", "south_southeast",
+          "east_southeast"))
+GROUPINGS = {"quadrants": "quadrants", "octants": "octants",
+             "top_bottom": "top_bottom", "left_right": "left_right",
+             "all_quadrants": "all_quadrants", "mixed": MIXED}
+GUIDE_MODES = ("none", "full", "per_channel", "per_batch")
 
 needs_emulator = pytest.mark.skipif(
-    _ffi._EMULATOR is None or not _ffi.has_kernels("cpu"),
+    emulator.EMULATOR is None or not _ffi.has_kernels("cpu"),
     reason="the CUDA emulator or the CPU extension is not built")
+
+
+def n_groups(grouping):
+  return len(emulator.resolve_groups(grouping))
 
 
 @pytest.fixture(autouse=True)
@@ -54,31 +77,42 @@ def _on_the_cpu_unless_marked_gpu(request):
 
 
 # --------------------------------------------------------------------------
-# Inputs and the three ways to run one case.
+# Inputs and running one case.
 
-def grid_case(dtype, shape=(2, 5, 6, 3), seed=0):
-  """x (one slice per input kind), {guide mode: full-shape guide}, ct."""
+def grid_case(dtype, grouping, hw=(5, 6), per_group=3, seed=0):
+  """{x, guides by mode, ct, tx, tguides}: x stacks the input kinds (ties
+  everywhere: small integers, post-ReLU zeros, a constant plane, normals)
+  along a leading axis, shape (4, 2, H, W, P * per_group)."""
+  c = n_groups(grouping) * per_group
+  shape = (2,) + tuple(hw) + (c,)
   x = np.stack([inputs.make_x(k, shape, seed) for k in inputs.KINDS])
-  guides = {m: np.broadcast_to(inputs.make_guide(m, x.shape,
-                                                 tie_heavy=m == "full"),
-                               x.shape) for m in GUIDED_MODES}
-  ct = inputs.make_ct(x.shape)
+  rng = np.random.default_rng(seed + 7)
+  guides = {"none": None,
+            "full": rng.choice([0.0, 0.5, 1.0, 1.5, -0.5], size=x.shape),
+            "per_channel": rng.uniform(-0.5, 1.5, (c,)),
+            "per_batch": rng.uniform(-0.5, 1.5, x.shape[:-3] + (1, 1, 1))}
   dt = DTYPES[dtype]
-  guides = {m: jnp.asarray(g, dt) for m, g in guides.items()}
-  return jnp.asarray(x, dt), guides, jnp.asarray(ct, dt)
+  ct = inputs.make_ct(x.shape)
+  tx = inputs.make_ct(x.shape, seed=3)
+  tguides = {m: None if g is None else
+             jnp.asarray(inputs.make_ct(np.shape(g), seed=4), dt)
+             for m, g in guides.items()}
+  return dict(x=jnp.asarray(x, dt),
+              guides={m: None if g is None else jnp.asarray(g, dt)
+                      for m, g in guides.items()},
+              ct=jnp.asarray(ct, dt), tx=jnp.asarray(tx, dt), tguides=tguides)
 
 
-def emulated(d, x, g, ct, **plan):
-  """(out, dx, dguide) from the CUDA kernels' CPU emulation (on the CPU)."""
-  x, g, ct = jax.device_put((x, g, ct), CPU)
-  out = _ffi._emulated_pool_forward(x, g, d, **plan)
-  return (out,) + _ffi._emulated_pool_backward(x, g, out, ct, d, **plan)
-
-
-def public(d, x, g, ct):
-  """(out, dx, dguide) from landmark_pool(implementation="ffi") and jax.vjp,
-  on the device x is on."""
-  return test_ffi._vjp_fn(d, "ffi", g is not None)(x, g, ct)
+def run(x, g, grouping, ct, tx, tg, **how):
+  """(out, members, tout, dx, dguide) of one implementation: emulated=True
+  (with multiprocessors, order) or False (the CPU kernels). The tangent and
+  the backward take the CPU forward's out and members, so each pass is
+  compared on its own."""
+  fwd = emulator.forward(x, g, grouping, **how)
+  base = emulator.forward(x, g, grouping, emulated=False)
+  tout = emulator.tangent(x, g, grouping, *base, tx, tg, **how)
+  dx, dg = emulator.backward(x, g, grouping, *base, ct, **how)
+  return tuple(fwd) + (tout, dx, dg)
 
 
 def bits(a):
@@ -87,346 +121,310 @@ def bits(a):
   return a.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[a.itemsize])
 
 
-def assert_same_bits(got, want):
-  for g, w in zip(got, want):
-    assert (g is None) == (w is None)
-    if g is not None:
-      assert g.dtype == w.dtype and g.shape == w.shape
-      np.testing.assert_array_equal(bits(g), bits(w))
+NAMES = ("out", "members", "tout", "dx", "dguide")
 
 
-def assert_matches_reference(got, want, dtype, guided):
-  """test_ffi.py's rules: exact with g = 1, a few ulps of scale otherwise."""
-  out, dx, dg = got
-  rout, rdx, rdg = want
-  assert_close(out, rout, dtype, exact=not guided)
-  scale = float(jnp.max(jnp.abs(jnp.asarray(rdx, jnp.float32))))
-  assert_close(dx, rdx, dtype, exact=not guided and dtype in ("float32",
-                                                                "float64"),
-               scale=scale)
-  if guided:
-    dscale = float(jnp.max(jnp.abs(jnp.asarray(rdg, jnp.float32))))
-    assert_close(dg, rdg, dtype, exact=False, scale=dscale)
+def member_slots(grouping, shape):
+  """Which elements of `members` ((..., K, H, W, C)) a grouping defines:
+  member k of a group of m > 1 members, k < m, at the group's channels; the
+  other slots are left unwritten by every back end."""
+  groups = emulator.resolve_groups(grouping)
+  k = max(len(g) for g in groups)
+  cg = shape[-1] // len(groups)
+  used = np.zeros((k, shape[-1]), bool)
+  for p, g in enumerate(groups):
+    if len(g) > 1:
+      used[:len(g), p * cg:(p + 1) * cg] = True
+  return used[:, None, None, :]
 
 
-@functools.lru_cache(maxsize=None)
-def reference_grid(dtype, device_kind="cpu"):
-  """{(direction, guide mode): (out, dx, dguide)} of the jnp reference.
-
-  One jit for all directions and guide modes (the guided modes stacked along
-  a new batch axis): compiling the reference's nested scans is what costs.
-  """
-  x, guides, ct = grid_case(dtype)
-  g3 = jnp.stack([guides[m] for m in GUIDED_MODES])
-  x3, ct3 = (jnp.broadcast_to(a, g3.shape) for a in (x, ct))
-
-  def grid(x, ct, x3, g3, ct3):
-    res = {}
-    for name in ALL:
-      pool = functools.partial(lmconv_jax.landmark_pool_reference,
-                               direction=name)
-      out, vjp = jax.vjp(pool, x)
-      res[name, "none"] = (out,) + vjp(ct) + (None,)
-      out, vjp = jax.vjp(lambda x, g: pool(x, guide=g), x3, g3)
-      dx, dg = vjp(ct3)
-      for k, m in enumerate(GUIDED_MODES):
-        res[name, m] = (out[k], dx[k], dg[k])
-    return res
-
-  device = jax.devices(device_kind)[0]
-  args = jax.device_put((x, ct, x3, g3, ct3), device)
-  return jax.jit(grid)(*args)
+def assert_same_bits(got, want, grouping=None):
+  for name, g, w in zip(NAMES, got, want):
+    assert (g is None) == (w is None), name
+    if g is None:
+      continue
+    assert g.dtype == w.dtype and g.shape == w.shape, name
+    g, w = bits(g), bits(w)
+    if name == "members" and g.size:
+      used = np.broadcast_to(member_slots(grouping, w.shape), w.shape)
+      g, w = g[used], w[used]
+    np.testing.assert_array_equal(g, w, err_msg=name)
 
 
 # --------------------------------------------------------------------------
-# 1. Emulation
-
-@needs_emulator
-@pytest.mark.parametrize("guide_mode", inputs.GUIDE_MODES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("direction", ALL)
-def test_emulated_cuda_kernels_equal_cpu_kernels_bit_for_bit(
-    direction, dtype, guide_mode):
-  d = DIRECTIONS[direction]
-  x, guides, ct = grid_case(dtype)
-  g = guides.get(guide_mode)
-  assert_same_bits(emulated(d, x, g, ct), public(d, x, g, ct))
-
+# 1 + 2. Emulation equals the CPU kernels, under the race detector
 
 @needs_emulator
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_emulated_cuda_kernels_match_reference(dtype):
-  """Every direction and guide mode against lmconv_jax's jnp reference."""
-  x, guides, ct = grid_case(dtype)
-  ref = reference_grid(dtype)
-  for direction in ALL:
-    for mode in inputs.GUIDE_MODES:
-      g = guides.get(mode)
-      got = emulated(DIRECTIONS[direction], x, g, ct)
-      assert_matches_reference(got, ref[direction, mode], dtype, g is not None)
+@pytest.mark.parametrize("grouping", GROUPINGS)
+def test_emulation_equals_cpu_kernels_bit_for_bit(grouping, dtype):
+  """Every guide mode, forward / tangent / backward; the emulation runs once
+  with the race and bounds detector (blocks ascending, an H200's 132
+  multiprocessors) and once with the blocks and threads of each phase in
+  reverse (one multiprocessor: the same plan here, C / P = 3)."""
+  grouping = GROUPINGS[grouping]
+  case = grid_case(dtype, grouping)
+  for mode in GUIDE_MODES:
+    args = (case["x"], case["guides"][mode], grouping, case["ct"], case["tx"],
+            case["tguides"][mode])
+    want = run(*args, emulated=False)
+    assert not np.isnan(np.asarray(want[0], np.float32)).any()
+    for how in (dict(multiprocessors=132, order=CHECK),
+                dict(multiprocessors=1, order=REVERSE)):
+      assert_same_bits(run(*args, emulated=True, **how), want, grouping)
+
+
+WIDE = {"top_bottom": (1, 7, 9, 2 * 70),   # 3 chunks of 32 (last partial)
+        "quadrants": (2, 6, 5, 4 * 40),
+        "mixed": (1, 5, 8, 4 * 33)}
 
 
 @needs_emulator
-@pytest.mark.parametrize("guide_mode", inputs.GUIDE_MODES)
-@pytest.mark.parametrize("direction", ALL)
-def test_emulated_cuda_kernels_match_spec_oracle_float64(direction, guide_mode):
-  d = DIRECTIONS[direction]
-  x, guides, ct = grid_case("float64")
-  g = guides.get(guide_mode)
-  out, dx, dg = emulated(d, x, g, ct)
-  xs, gs, cs = (None if a is None else np.asarray(a).reshape(
-      (-1,) + a.shape[-3:]) for a in (x, g, ct))
-  want_dx, want_dg = spec_oracle.backward(xs, d, gs, cs)
-  tol = dict(rtol=1e-12, atol=1e-12)
-  np.testing.assert_allclose(np.asarray(out).reshape(xs.shape),
-                             spec_oracle.forward(xs, d, gs), **tol)
-  np.testing.assert_allclose(np.asarray(dx).reshape(xs.shape), want_dx, **tol)
-  if g is not None:
-    np.testing.assert_allclose(np.asarray(dg).reshape(xs.shape), want_dg, **tol)
-
-
-SHAPES = {**test_ffi.SHAPES,
-          "wide_channels": (2, 4, 5, 70)}  # 3 channel chunks, the last partial
-
-
-@needs_emulator
-@pytest.mark.parametrize("guided", [False, True])
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("direction", ALL)
-def test_emulated_cuda_kernels_all_shapes(direction, shape, guided):
-  d = DIRECTIONS[direction]
-  shp = SHAPES[shape]
-  x = jnp.asarray(inputs.make_x("small_int", shp, 5))
-  g = jnp.asarray(inputs.make_guide("full", shp)) if guided else None
-  ct = jnp.asarray(inputs.make_ct(shp))
-  assert_same_bits(emulated(d, x, g, ct), public(d, x, g, ct))
+@pytest.mark.parametrize("grouping", WIDE)
+def test_emulation_is_the_same_for_every_plan_and_thread_order(grouping):
+  """Wide groups split into channel chunks, more chunks when there are more
+  multiprocessors; several pixel batches per thread; every plan and order
+  changes no bit, and the detector finds nothing."""
+  g = GROUPINGS[grouping]
+  shape = WIDE[grouping]
+  x = jnp.asarray(inputs.make_x("small_int", shape, 5), jnp.float32)
+  guide = jnp.asarray(inputs.make_guide("per_channel", shape, tie_heavy=True),
+                      jnp.float32)
+  ct = jnp.asarray(inputs.make_ct(shape), jnp.float32)
+  tx = jnp.asarray(inputs.make_ct(shape, seed=3), jnp.float32)
+  tg = jnp.asarray(inputs.make_ct(guide.shape, seed=4), jnp.float32)
+  lanes = {emulator.launch_plan(g, shape, multiprocessors=m)["lanes"]
+           for m in (1, 10**6)}
+  assert lanes == {32, 16}   # the plans really differ
+  for gd, tgd in ((None, None), (guide, tg)):
+    want = run(x, gd, g, ct, tx, tgd, emulated=False)
+    for how in (dict(multiprocessors=1, order=CHECK),
+                dict(multiprocessors=10**6, order=CHECK | REVERSE),
+                dict(multiprocessors=8, order=REVERSE)):
+      assert_same_bits(run(x, gd, g, ct, tx, tgd, emulated=True, **how), want,
+                       g)
 
 
 @needs_emulator
-@pytest.mark.parametrize("guided", [False, True])
-@pytest.mark.parametrize("direction", ALL)
-def test_emulated_threads_with_several_pixel_batches_per_phase(direction,
-                                                               guided):
+@pytest.mark.parametrize("grouping", ["octants", "all_quadrants", "mixed"])
+def test_emulated_nan_and_inf_equal_cpu_kernels(grouping):
+  g = GROUPINGS[grouping]
+  shape = (2, 6, 5, 4 * n_groups(g))
+  x = inputs.make_x("small_int", shape)
+  for where, value in {(0, 2, 3, 1): np.nan, (1, 4, 1, 0): np.inf,
+                       (1, 1, 1, 2): -np.inf, (0, 0, 0, 0): np.nan,
+                       (1, 5, 4, shape[-1] - 1): np.nan}.items():
+    x[where] = value
+  guide = inputs.make_guide("full", shape, tie_heavy=True)
+  ct = inputs.make_ct(shape)
+  tx = inputs.make_ct(shape, seed=3)
+  tx[1, 2, 2, 0] = np.nan
+  for dtype in ("float32", "bfloat16"):
+    a = [jnp.asarray(v, DTYPES[dtype]) for v in (x, guide, ct, tx)]
+    for gd in (None, a[1]):
+      tg = None if gd is None else a[3]
+      want = run(a[0], gd, g, a[2], a[3], tg, emulated=False)
+      assert np.isnan(np.asarray(want[0], np.float32)).sum() > 2
+      assert_same_bits(run(a[0], gd, g, a[2], a[3], tg, emulated=True,
+                           order=CHECK), want, g)
+
+
+@needs_emulator
+def test_emulated_subnormal_inputs_equal_cpu_kernels():
+  """x and the guide flush subnormals on load; the arithmetic flushes too
+  (FTZ/DAZ, as the GPU's -ftz=true for float32)."""
+  shape = (2, 4, 5, 8)
+  rng = np.random.default_rng(3)
+  x = rng.choice([1e-40, -1e-40, 0.0, 1.0, -1.0, 2e-38], size=shape)
+  guide = rng.choice([1e-40, 0.5, 1e-38, 1.0], size=shape)
+  ct = rng.choice([1e-40, 1.0, 1e-38, -2.0], size=shape)
+  for dtype in ("float32", "bfloat16"):
+    a = [jnp.asarray(v, DTYPES[dtype]) for v in (x, guide, ct)]
+    for grouping in ("quadrants", "top_bottom"):
+      for gd in (None, a[1], a[1][:1, :1, :1, :]):
+        want = run(a[0], gd, grouping, a[2], a[2], None if gd is None else gd,
+                   emulated=False)
+        assert_same_bits(run(a[0], gd, grouping, a[2], a[2],
+                             None if gd is None else gd, emulated=True,
+                             order=CHECK), want, grouping)
+
+
+@needs_emulator
+def test_emulated_guide_of_any_broadcast_shape():
+  """Guides broadcast along any dims (scalar-like, per row, per column, per
+  leading dim) come back with their gradient at their own shape."""
+  shape = (3, 2, 4, 5, 6)
+  x = jnp.asarray(inputs.make_x("relu", shape, 2), jnp.float64)
+  ct = jnp.asarray(inputs.make_ct(shape), jnp.float64)
+  rng = np.random.default_rng(4)
+  for gshape in [(1, 1, 1, 1, 1), (1, 2, 4, 1, 1), (3, 1, 1, 5, 6),
+                 (1, 1, 4, 5, 1), (3, 2, 1, 1, 6)]:
+    g = jnp.asarray(rng.uniform(-0.5, 1.5, gshape), jnp.float64)
+    tg = jnp.asarray(rng.normal(size=gshape), jnp.float64)
+    for grouping in ("left_right", MIXED[1:3] + MIXED[1:2]):
+      want = run(x, g, grouping, ct, ct, tg, emulated=False)
+      assert want[4].shape == gshape
+      assert_same_bits(run(x, g, grouping, ct, ct, tg, emulated=True,
+                           order=CHECK | REVERSE), want, grouping)
+      plan = emulator.launch_plan(grouping, shape, "backward",
+                                  guide_shape=gshape)
+      assert plan["launches"] == 2
+      assert plan["reduce_blocks"] * plan["reduce_threads"] >= np.prod(gshape)
+
+
+@needs_emulator
+def test_emulated_several_pixel_batches_per_thread():
   """Images large enough that each thread takes more than one batch of
   kBatch = 4 pixels per phase, the last batch partial."""
-  d = DIRECTIONS[direction]
-  shape = (1, 70, 75, 32)
-  plan = _ffi._cuda_launch_plan(d, shape, multiprocessors=1)
-  assert plan["lanes"] == 32 and plan["pixel_lanes"] == 8   # 9 pixels each
-  x = jnp.asarray(inputs.make_x("relu", shape, 6))
-  g = jnp.asarray(inputs.make_guide("full", shape)) if guided else None
-  ct = jnp.asarray(inputs.make_ct(shape))
-  assert_same_bits(emulated(d, x, g, ct, multiprocessors=1),
-                   public(d, x, g, ct))
+  shape = (1, 40, 45, 128)
+  plan = emulator.launch_plan("quadrants", shape, multiprocessors=1)
+  assert plan["lanes"] == 32 and plan["pixel_lanes"] == 8
+  assert plan["pixels_per_batch"] < 40   # 40-pixel diagonals: 2 batches
+  x = jnp.asarray(inputs.make_x("relu", shape, 6), jnp.float32)
+  ct = jnp.asarray(inputs.make_ct(shape), jnp.float32)
+  want = run(x, None, "quadrants", ct, ct, None, emulated=False)
+  assert_same_bits(run(x, None, "quadrants", ct, ct, None, emulated=True,
+                       multiprocessors=1, order=REVERSE), want)
 
 
 @needs_emulator
-@pytest.mark.parametrize("direction", ["top_left", "bottom_right",
-                                       "north_northeast", "west_southwest"])
-def test_emulation_is_the_same_for_every_plan_and_thread_order(direction):
-  """Splitting channels into more blocks, or running the blocks and threads of
-  a phase in reverse (a race within a phase would show), changes no bit."""
-  d = DIRECTIONS[direction]
-  x, guides, ct = grid_case("float32", shape=(2, 7, 9, 40))
-  for g in (None, guides["full"]):
-    want = emulated(d, x, g, ct)
-    for plan in (dict(multiprocessors=1), dict(multiprocessors=10**6),
-                 dict(multiprocessors=1, order=1),
-                 dict(multiprocessors=10**6, order=1)):
-      assert_same_bits(emulated(d, x, g, ct, **plan), want)
-  plans = {_ffi._cuda_launch_plan(d, x.shape, multiprocessors=m)["lanes"]
-           for m in (1, 10**6)}
-  assert plans == {32, 16}   # both plans really differ
+def test_race_detector_catches_a_planted_race():
+  """The test hook makes the forward read the next pixel of its own phase,
+  which another thread writes in that phase: the detector names it."""
+  shape = (1, 6, 7, 8)
+  x = jnp.asarray(inputs.make_x("random", shape), jnp.float32)
+  for grouping in ("quadrants", "octants", "top_bottom"):
+    assert emulator.launch_plan(grouping, shape)["pixel_lanes"] > 1
+    emulator.emulated_forward(x, None, grouping, order=CHECK)  # clean
+    with pytest.raises(Exception, match=r"race: .* (read|write)"):
+      emulator.emulated_forward(x, None, grouping, order=CHECK | PLANT_RACE)
+    with pytest.raises(Exception, match=r"race: .*in the same phase"):
+      emulator.emulated_forward(x, None, grouping,
+                                order=CHECK | PLANT_RACE | REVERSE)
 
 
 @needs_emulator
-@pytest.mark.parametrize("direction", ["top_left", "bottom_right",
-                                       "north_northeast", "east_southeast"])
-def test_emulated_nan_and_inf_equal_cpu_kernels(direction):
-  x = inputs.make_x("small_int", (2, 6, 5, 3))
-  for where, value in {(0, 2, 3, 1): np.nan, (1, 4, 1, 0): np.inf,
-                       (1, 1, 1, 2): -np.inf, (0, 0, 0, 0): np.nan}.items():
-    x[where] = value
-  g = inputs.make_guide("full", x.shape, tie_heavy=True)
-  ct = inputs.make_ct(x.shape)
-  d = DIRECTIONS[direction]
-  for dtype in ("float32", "bfloat16"):
-    args = [jnp.asarray(a, DTYPES[dtype]) for a in (x, g, ct)]
-    for guide in (None, args[1]):
-      got = emulated(d, args[0], guide, args[2])
-      assert np.isnan(np.asarray(got[0], np.float32)).sum() > 2
-      assert_same_bits(got, public(d, args[0], guide, args[2]))
-
-
-SKEWED = Direction("skewed", "skewed", +1, +1, (0, -1), (-1, +1),
-                   "left neighbour and the one up and to the right")
+def test_bounds_detector_catches_a_planted_out_of_bounds_read():
+  shape = (1, 6, 7, 4)
+  x = jnp.asarray(inputs.make_x("random", shape), jnp.float32)
+  with pytest.raises(Exception, match=r"out of bounds: read of x element 168"):
+    emulator.emulated_forward(x, None, "quadrants",
+                              order=CHECK | PLANT_OUT_OF_BOUNDS)
 
 
 @needs_emulator
-def test_emulated_skewed_wavefront_direction_matches_cpu_and_oracle():
-  """A valid direction that is neither an octant nor a quadrant (n = (0,-1)
-  and (-1,+1)): the wavefront with phase 2i + j."""
-  assert _ffi._cuda_launch_plan(SKEWED, (1, 4, 5, 2))["skew"] == 2
-  x = inputs.make_x("small_int", (2, 6, 7, 3), 3)
-  g = inputs.make_guide("full", x.shape, tie_heavy=True)
-  ct = inputs.make_ct(x.shape)
-  for guide in (None, g):
-    jg = None if guide is None else jnp.asarray(guide)
-    out, dx, dg = emulated(SKEWED, jnp.asarray(x), jg, jnp.asarray(ct))
-    cpu_out = _ffi.pool_forward(jnp.asarray(x), jg, SKEWED)
-    cpu_dx, cpu_dg = _ffi.pool_backward(jnp.asarray(x), jg, cpu_out,
-                                        jnp.asarray(ct), SKEWED)
-    assert_same_bits((out, dx, dg), (cpu_out, cpu_dx, cpu_dg))
-    want_dx, want_dg = spec_oracle.backward(x, SKEWED, guide, ct)
-    np.testing.assert_allclose(out, spec_oracle.forward(x, SKEWED, guide),
-                               rtol=1e-13, atol=1e-13)
-    np.testing.assert_allclose(dx, want_dx, rtol=1e-12, atol=1e-12)
+def test_planted_faults_need_the_detector():
+  """Without the detector bit the hooks are off (a real out-of-bounds read
+  would be undefined behaviour): the results are the clean ones."""
+  shape = (1, 6, 7, 8)
+  x = jnp.asarray(inputs.make_x("random", shape), jnp.float32)
+  want = emulator.emulated_forward(x, None, "octants")
+  got = emulator.emulated_forward(x, None, "octants",
+                                  order=PLANT_RACE | PLANT_OUT_OF_BOUNDS)
+  assert_same_bits(got, want)
 
 
 @needs_emulator
 def test_emulated_zero_size_arrays_are_no_launch():
-  for shape in [(0, 4, 4, 2), (2, 0, 4, 2), (2, 4, 0, 2), (2, 4, 4, 0)]:
+  for shape in [(0, 4, 4, 4), (2, 0, 4, 4), (2, 4, 0, 4), (2, 4, 4, 0)]:
     x = jnp.zeros(shape, jnp.float32)
-    out, dx, _ = emulated(DIRECTIONS["top_left"], x, None, x)
-    assert out.shape == dx.shape == shape
+    g = jnp.ones((1, 1, 1, shape[-1]), jnp.float32)
+    for grouping in ("quadrants", "all_quadrants"):
+      out, members = emulator.emulated_forward(x, g, grouping, order=CHECK)
+      dx, dg = emulator.emulated_backward(x, g, grouping, out, members, x,
+                                          order=CHECK)
+      assert out.shape == dx.shape == shape
+      np.testing.assert_array_equal(dg, np.zeros(g.shape))
 
 
 @needs_emulator
-def test_cuda_handler_checks_reach_python():
-  """The checks are shared by the CUDA and emulated handlers (cuda_ffi.h)."""
+def test_emulator_handler_checks_reach_python():
+  """The checks are ffi_common.h's, shared by every back end."""
+  x = jnp.ones((1, 3, 3, 4), jnp.float32)
   bad = Direction("bad", "bad", +1, +1, (0, -1), (0, -1), "n1 == n2")
-  x = jnp.ones((1, 3, 3, 2), jnp.float32)
+  call = jax.ffi.ffi_call("lmconv_emu_pool_fwd",
+                          (jax.ShapeDtypeStruct(x.shape, x.dtype),
+                           jax.ShapeDtypeStruct((1, 0, 3, 3, 4), x.dtype)))
+  attrs = dict(group_sizes=np.array([1], np.int64),
+               directions=np.array([bad.row_step, bad.col_step, *bad.n1,
+                                    *bad.n2], np.int64),
+               multiprocessors=np.int64(132), order=np.int64(0))
   with pytest.raises(Exception, match="n1 and n2 must differ"):
-    _ffi._emulated_pool_forward(x, None, bad)
+    call(x, **attrs)
   with pytest.raises(Exception, match="unsupported dtype"):
-    _ffi._emulated_pool_forward(jnp.ones((1, 3, 3, 2), jnp.int32), None,
-                                DIRECTIONS["top_left"])
-  with pytest.raises(Exception, match="rank >= 3"):
-    _ffi._emulated_pool_forward(jnp.ones((3, 2), jnp.float32), None,
-                                DIRECTIONS["top_left"])
+    emulator.emulated_forward(jnp.ones((1, 3, 3, 4), jnp.int32), None,
+                              "quadrants")
+  with pytest.raises(Exception, match="do not split into 8"):
+    emulator.emulated_forward(x, None, "octants")
+  with pytest.raises(Exception, match="multiprocessors must be >= 1"):
+    emulator.emulated_forward(x, None, "quadrants", multiprocessors=0)
 
 
 @needs_emulator
 def test_build_info_says_when_nvcc_was_missing(monkeypatch):
   """A build without nvcc is CPU only and `python -m lmconv_jax info` (which
-  prints _ffi.build_info()) says why."""
-  class NoCudaBuild:
-    @staticmethod
-    def build_info():
-      return {"cuda_compiled": False, "cuda_compiler": ""}
+  prints _ffi.build_info()) says so."""
   monkeypatch.setattr(_ffi, "_MODULES",
                       {k: v for k, v in _ffi._MODULES.items() if k != "cuda"})
-  monkeypatch.setattr(_ffi, "_EMULATOR", NoCudaBuild)
   info = _ffi.build_info()
   assert info["platforms"] == ("cpu",)
   assert not info["cuda"]["built"]
-  assert "no CUDA compiler (nvcc)" in info["cuda"]["error"]
-
-
-@needs_emulator
-@pytest.mark.parametrize("direction", ALL)
-def test_launch_plan_is_one_parallel_launch(direction):
-  """The geometry the CUDA handler launches (and the emulator runs): one
-  launch per call; octants take one phase per row or column, quadrants one
-  per anti-diagonal; channels are split so the GPU has work; only the
-  backward needs a workspace."""
-  d = DIRECTIONS[direction]
-  b, h, w, c = 64, 32, 48, 32
-  fwd = _ffi._cuda_launch_plan(d, (b, h, w, c))        # on an H100
-  bwd = _ffi._cuda_launch_plan(d, (b, h, w, c), backward=True)
-  assert fwd["launches"] == bwd["launches"] == 1
-  assert fwd["phases"] == bwd["phases"]
-  if d.is_quadrant:
-    assert (fwd["skew"], fwd["phases"]) == (1, h + w - 1)
-  else:
-    scans_columns = d.n1[1] == d.n2[1] != 0
-    assert fwd["skew"] == 0 and fwd["transposed"] == scans_columns
-    assert fwd["phases"] == (w if scans_columns else h)
-  assert fwd["lanes"] == 16 and fwd["blocks"] == b * c // 16   # 2 chunks
-  assert fwd["threads"] == 256
-  assert fwd["workspace_elements"] == 0 < bwd["workspace_elements"]
-  assert fwd["shared_bytes"] == 0
-
-
-def tangent_case(dtype, guided, shape=(2, 5, 6, 3)):
-  """(x, guide, tx, tguide): grid_case's x (every input kind, so ties
-  everywhere) and tie-heavy guide, with NaNs in x and tx; guide and tguide
-  are None unless guided."""
-  x, guides, _ = grid_case(dtype, shape)
-  x = np.array(x, np.float64)
-  x[0, 1, 2, 3, 1] = x[2, 0, 0, 0, 0] = x[3, 1, 4, 5, 2] = np.nan
-  tx = inputs.make_ct(x.shape, seed=3)
-  tx[2, 0, 3, 2, 1] = np.nan   # x is constant there: x wins, t is NaN
-  dt = DTYPES[dtype]
-  g = guides["full"] if guided else None
-  tg = jnp.asarray(inputs.make_ct(x.shape, seed=4), dt) if guided else None
-  return jnp.asarray(x, dt), g, jnp.asarray(tx, dt), tg
-
-
-def tangents(d, x, g, tx, tg, **plan):
-  """(CPU kernel's tout, emulated CUDA kernel's tout) from the same out."""
-  x, g, tx, tg = jax.device_put((x, g, tx, tg), CPU)
-  out = _ffi.pool_forward(x, g, d)
-  return (_ffi._emulated_pool_tangent(x, g, out, tx, tg, d, **plan),
-          _ffi.pool_tangent(x, g, out, tx, tg, d))
-
-
-@needs_emulator
-@pytest.mark.parametrize("guided", [False, True])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("direction", ALL)
-def test_emulated_tangent_equals_cpu_tangent_bit_for_bit(direction, dtype,
-                                                         guided):
-  """The CUDA tangent kernel (emulated) against the CPU one: halves keep the
-  running tangent in float32 on both, so every bit agrees."""
-  d = DIRECTIONS[direction]
-  got, want = tangents(d, *tangent_case(dtype, guided))
-  assert np.isnan(np.asarray(got, np.float32)).any()
-  assert_same_bits([got], [want])
-
-
-@needs_emulator
-@pytest.mark.parametrize("direction", ["top_left", "bottom_right",
-                                       "north_northeast", "west_southwest"])
-def test_emulated_tangent_is_the_same_for_every_plan_and_thread_order(
-    direction):
-  """Several pixel batches per thread and phase, split channels, reversed
-  threads: the ring of the last two phases' tangents has no race."""
-  d = DIRECTIONS[direction]
-  plan = _ffi._cuda_launch_plan(d, (8, 37, 45, 32), tangent=True,
-                                multiprocessors=1)
-  assert plan["lanes"] == 32 and plan["pixel_lanes"] == 8   # 5 or 6 pixels
-  for dtype in ("float32", "bfloat16"):
-    for guided in (False, True):
-      args = tangent_case(dtype, guided, shape=(2, 37, 45, 32))
-      want = tangents(d, *args)[1]
-      for plan in (dict(multiprocessors=1), dict(multiprocessors=1, order=1),
-                   dict(multiprocessors=10**6, order=1)):
-        assert_same_bits([tangents(d, *args, **plan)[0]], [want])
-
-
-@needs_emulator
-@pytest.mark.parametrize("direction", ALL)
-def test_tangent_launch_plan_is_the_forward_launch(direction):
-  """The tangent is one launch in the forward's geometry, with a workspace
-  of two phases of float32 (or double) tangents per block."""
-  d = DIRECTIONS[direction]
-  shape = (64, 32, 48, 32)
-  fwd = _ffi._cuda_launch_plan(d, shape)
-  tan = _ffi._cuda_launch_plan(d, shape, tangent=True)
-  bwd = _ffi._cuda_launch_plan(d, shape, backward=True)
-  geometry = ("blocks", "threads", "phases", "lanes", "pixel_lanes", "skew",
-              "shared_bytes", "launches")
-  assert {k: tan[k] for k in geometry} == {k: fwd[k] for k in geometry}
-  slots = fwd["view_width"] if fwd["skew"] == 0 else fwd["view_height"]
-  assert tan["workspace_elements"] == fwd["blocks"] * 2 * slots * fwd["lanes"]
-  assert 2 * tan["workspace_elements"] == bwd["workspace_elements"]
-  with pytest.raises(ValueError, match="different kernels"):
-    _ffi._cuda_launch_plan(d, shape, backward=True, tangent=True)
 
 
 # --------------------------------------------------------------------------
-# 2. Lowering for CUDA on a machine without a GPU
+# 3. Launch plans
+
+def expected_phases(grouping, shape, pass_):
+  h, w = shape[-3:-1]
+  per_dir = lambda d: (h + w - 1 if d.is_quadrant else
+                       (w if d.n1[1] == d.n2[1] != 0 else h))
+  return max(sum(per_dir(d) for d in grp) +
+             (1 if pass_ == "forward" and len(grp) > 1 else 0)
+             for grp in emulator.resolve_groups(grouping))
+
+
+@needs_emulator
+@pytest.mark.parametrize("shape", [(32, 16, 16, 128), (8, 64, 64, 64)])
+@pytest.mark.parametrize("grouping", GROUPINGS)
+def test_launch_plan_is_one_launch_for_the_whole_grouping(grouping, shape):
+  """(image, group, channel chunk) blocks; one launch per pass; the phases of
+  the group with the most; only tangent and backward need a workspace; the
+  kernel arguments fit CUDA's 4 KB."""
+  g = GROUPINGS[grouping]
+  p = n_groups(g)
+  if shape[-1] % p:
+    pytest.skip("channels do not split")
+  for pass_ in ("forward", "tangent", "backward"):
+    plan = emulator.launch_plan(g, shape, pass_)
+    assert plan["launches"] == 1
+    assert plan["blocks"] == shape[0] * p * plan["chunks"]
+    assert plan["chunks"] * plan["lanes"] >= shape[-1] // p
+    assert plan["phases"] == expected_phases(g, shape, pass_)
+    assert plan["threads"] <= 256 and plan["threads"] % plan["lanes"] == 0
+    assert (plan["workspace_elements"] == 0) == (pass_ == "forward")
+    assert plan["shared_bytes"] == 0
+    assert plan["kernel_args_bytes"] <= 4096
+  guided = emulator.launch_plan(g, shape, "backward",
+                                guide_shape=(shape[-1],))
+  assert guided["launches"] == 2   # + the reduction of dguide
+  full = emulator.launch_plan(g, shape, "backward", guide_shape=shape)
+  assert full["launches"] == 1
+
+
+@needs_emulator
+def test_launch_plan_fills_the_gpu_with_a_small_batch():
+  """LBYLNet's (32, 16, 16, 128) quadrants: 32 images x 4 groups = 128
+  blocks of 32 channels, under an H200's 132 multiprocessors, so the
+  channels are split once more."""
+  plan = emulator.launch_plan("quadrants", (32, 16, 16, 128))
+  assert (plan["lanes"], plan["blocks"]) == (16, 256)
+  plan = emulator.launch_plan("quadrants", (32, 16, 16, 128),
+                              multiprocessors=100)
+  assert (plan["lanes"], plan["blocks"]) == (32, 128)
+
+
+# --------------------------------------------------------------------------
+# 4. Lowering for CUDA on a machine without a GPU (the public API)
 
 needs_cuda_build = pytest.mark.skipif(
     not _ffi.has_kernels("cuda"),
@@ -443,6 +441,9 @@ def custom_call_targets(text):
 
 def has_loop(text):
   return re.search(r"stablehlo\.while|\bwhile\b", text) is not None
+
+
+ALL = tuple(DIRECTIONS)
 
 
 @needs_cuda_build
@@ -467,28 +468,26 @@ def test_cuda_lowering_is_our_custom_calls_and_no_loop(direction, guided):
   assert set(custom_call_targets(text)) == {f"lmconv_pool_fwd{suffix}",
                                             f"lmconv_pool_bwd{suffix}"}
   assert not has_loop(text)
-  ref = cuda_hlo(lambda x, g: lmconv_jax.landmark_pool_reference(
-      x, direction, g), x, g)
-  assert has_loop(ref)     # what the kernels replace
 
 
 @needs_cuda_build
-@pytest.mark.parametrize("grouping", ["quadrants", "octants"])
-def test_cuda_lowering_of_grouped_pools(grouping):
+@pytest.mark.parametrize("grouping", ["quadrants", "octants", "top_bottom",
+                                      "left_right", "all_quadrants"])
+def test_cuda_lowering_of_grouped_pools_is_two_custom_calls(grouping):
+  """Forward + backward of any grouping: one custom call each, no slicing
+  or concatenation of x outside the kernels."""
   x = jnp.ones((2, 8, 8, 16), jnp.float32)
   f = lambda x: lmconv_jax.grouped_landmark_pool(x, grouping,
                                                  implementation="ffi")
   text = cuda_hlo(jax.grad(lambda x: (f(x) * x).sum()), x)
-  n = 4 if grouping == "quadrants" else 8
-  targets = custom_call_targets(text)
-  assert targets.count("lmconv_pool_fwd") == n
-  assert targets.count("lmconv_pool_bwd") == n
+  assert custom_call_targets(text) == ["lmconv_pool_bwd", "lmconv_pool_fwd"]
+  assert "concatenate" not in text
   assert not has_loop(text)
 
 
 @needs_cuda_build
 @pytest.mark.parametrize("guided", [False, True])
-@pytest.mark.parametrize("direction", ALL)
+@pytest.mark.parametrize("direction", ["top_left", "east_southeast"])
 def test_cuda_lowering_of_jvp_is_the_tangent_kernel_and_no_loop(direction,
                                                                 guided):
   x = jnp.ones((2, 5, 6, 3), jnp.float32)
@@ -509,7 +508,7 @@ def test_cuda_lowering_of_jvp_is_the_tangent_kernel_and_no_loop(direction,
 
 
 # --------------------------------------------------------------------------
-# 3. On a GPU
+# 5. On a GPU
 
 def _gpu():
   try:
@@ -525,40 +524,55 @@ def needs_gpu(f):
   return pytest.mark.gpu(f)
 
 
+def on_gpu(*arrays):
+  return [None if a is None else jax.device_put(a, _gpu()) for a in arrays]
+
+
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("direction", ALL)
-def test_gpu_kernels_match_reference_and_emulation(direction, dtype):
-  """The grid on the GPU against the reference on the GPU, and bit for bit
-  against the emulation of the same kernels."""
-  d = DIRECTIONS[direction]
-  gpu = _gpu()
-  x, guides, ct = grid_case(dtype)
-  ref = reference_grid(dtype, "gpu")
-  for mode in inputs.GUIDE_MODES:
-    g = guides.get(mode)
-    got = public(d, *jax.device_put((x, g, ct), gpu))
-    assert got[0].devices() == {gpu}
-    assert_matches_reference(got, ref[direction, mode], dtype, g is not None)
-    if _ffi._EMULATOR is not None:
-      assert_same_bits([None if a is None else jax.device_get(a) for a in got],
-                       emulated(d, x, g, ct))
+@pytest.mark.parametrize("grouping", GROUPINGS)
+def test_gpu_kernels_equal_cpu_kernels_and_emulation(grouping, dtype):
+  """The grouped CUDA targets on the device (the same names, platform CUDA)
+  against the CPU kernels and the emulation, bit for bit, every guide mode
+  and pass. float64 with subnormal results is not covered (the GPU does not
+  flush float64; these inputs make none)."""
+  g = GROUPINGS[grouping]
+  case = grid_case(dtype, g)
+  for mode in GUIDE_MODES:
+    args = (case["x"], case["guides"][mode], g, case["ct"], case["tx"],
+            case["tguides"][mode])
+    want = run(*args, emulated=False)
+    x, gd, ct, tx, tg = on_gpu(args[0], args[1], args[3], args[4], args[5])
+    fwd = emulator.forward(x, gd, g, emulated=False)
+    assert fwd[0].devices() == {_gpu()}
+    base = on_gpu(*want[:2])
+    tout = emulator.tangent(x, gd, g, *base, tx, tg, emulated=False)
+    dx, dg = emulator.backward(x, gd, g, *base, ct, emulated=False)
+    got = [None if a is None else jax.device_get(a)
+           for a in tuple(fwd) + (tout, dx, dg)]
+    assert_same_bits(got, want, g)
+    if emulator.EMULATOR is not None:
+      with jax.default_device(CPU):
+        assert_same_bits(got, run(*args, emulated=True, order=CHECK), g)
 
 
 @needs_gpu
-@pytest.mark.parametrize("shape", SHAPES)
-def test_gpu_kernels_all_shapes(shape):
-  gpu = _gpu()
-  shp = SHAPES[shape]
-  x = jnp.asarray(inputs.make_x("small_int", shp, 5))
-  g = jnp.asarray(inputs.make_guide("full", shp))
-  ct = jnp.asarray(inputs.make_ct(shp))
-  for direction in ALL:
-    d = DIRECTIONS[direction]
-    for guide in (None, g):
-      got = public(d, *jax.device_put((x, guide, ct), gpu))
-      assert_same_bits([None if a is None else jax.device_get(a) for a in got],
-                       emulated(d, x, guide, ct))
+@pytest.mark.parametrize("grouping", WIDE)
+def test_gpu_kernels_wide_channels(grouping):
+  g = GROUPINGS[grouping]
+  shape = WIDE[grouping]
+  x = jnp.asarray(inputs.make_x("small_int", shape, 5), jnp.float32)
+  guide = jnp.asarray(inputs.make_guide("per_channel", shape), jnp.float32)
+  ct = jnp.asarray(inputs.make_ct(shape), jnp.float32)
+  for gd in (None, guide):
+    want = run(x, gd, g, ct, ct, gd, emulated=False)
+    xg, gg, cg = on_gpu(x, gd, ct)
+    fwd = emulator.forward(xg, gg, g, emulated=False)
+    base = on_gpu(*want[:2])
+    tout = emulator.tangent(xg, gg, g, *base, cg, gg, emulated=False)
+    dx, dg = emulator.backward(xg, gg, g, *base, cg, emulated=False)
+    assert_same_bits([None if a is None else jax.device_get(a)
+                      for a in tuple(fwd) + (tout, dx, dg)], want, g)
 
 
 @needs_gpu
@@ -575,8 +589,8 @@ def test_gpu_kernels_index_past_2_to_the_31():
   key = jax.random.key(0)
   x = jax.device_put(jax.random.normal(key, shape, jnp.float32), gpu)
   d = DIRECTIONS["bottom_right"]
-  out = jax.jit(lambda x: lmconv_jax.landmark_pool(
-      x, d, implementation="ffi"))(x)
+  out = jax.jit(lambda x: emulator.forward(x, None, ((d,),),
+                                           emulated=False)[0])(x)
   want = jax.jit(lambda x: jax.lax.cummax(jax.lax.cummax(
       x, axis=1, reverse=True), axis=2, reverse=True))(x)
   assert bool(jnp.array_equal(out, want))
@@ -585,29 +599,3 @@ def test_gpu_kernels_index_past_2_to_the_31():
       x, d, implementation="ffi").sum()))(x)
   # Every pixel's gradient lands on its landmark: the total is the pixel count.
   assert float(jnp.sum(dx, dtype=jnp.float64)) == np.prod(shape)
-
-
-@needs_gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_gpu_tangent_kernels_match_emulation(dtype):
-  """jax.jvp on the GPU (lmconv_pool_tangent[_guided]) against the emulation
-  of the same kernels, bit for bit, and the CPU tangent kernel."""
-  gpu = _gpu()
-  for direction in ALL:
-    d = DIRECTIONS[direction]
-    for guided in (False, True):
-      x, g, tx, tg = tangent_case(dtype, guided)
-      on_gpu = jax.device_put((x, g, tx, tg), gpu)
-      if guided:
-        f = lambda x, g: lmconv_jax.landmark_pool(x, d, g,
-                                                  implementation="ffi")
-        out, tout = jax.jit(lambda *a: jax.jvp(f, a[:2], a[2:]))(
-            *on_gpu)
-      else:
-        f = lambda x: lmconv_jax.landmark_pool(x, d, implementation="ffi")
-        out, tout = jax.jit(lambda x, tx: jax.jvp(f, (x,), (tx,)))(
-            on_gpu[0], on_gpu[2])
-      assert tout.devices() == {gpu}
-      got, want = tangents(d, x, g, tx, tg)
-      assert_same_bits([jax.device_get(tout)], [got])
-      assert_same_bits([jax.device_get(tout)], [want])

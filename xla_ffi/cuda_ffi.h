@@ -1,19 +1,23 @@
-// The XLA FFI side of the CUDA kernels, written once for the real launch
-// (cuda_handlers.cc) and for the CPU emulation (emulate.cc): input checks,
-// dtype dispatch, the launch plan and the kernel arguments. What differs is a
-// Backend:
+// The phased back end: what the CUDA handlers (cuda_handlers.cc) and their
+// CPU emulation (emulate.cc) have in common. Both are handlers.inc's six
+// handlers over PhasedBackend<Platform>, which turns a checked Call
+// (ffi_common.h) into the launch plan and kernel arguments of
+// cuda_schedule.h and hands them to a Platform:
 //
 //   ffi::ErrorOr<int64_t> multiprocessors();       // the GPU's
 //   ffi::ErrorOr<void*> workspace(size_t bytes);   // device scratch
+//   ffi::Error zero(void* p, size_t bytes);        // device memset
+//   void poison(void* p, size_t bytes);            // emulator: NaN bytes
+//   int flags();                                   // emulator test hooks
 //   template <typename Body>
-//   ffi::Error launch(const LaunchPlan&, const typename Body::Args&);
+//   ffi::Error launch(const Launch&, const typename Body::Args&);
 //
-// The checks (ffi_common.h) are those of cpu.cc, so both platforms fail alike.
+// One launch per pass for the whole grouping, plus the reduction of a
+// broadcast guide's gradient in the guided backward (a second, small launch).
 #ifndef LMCONV_JAX_XLA_FFI_CUDA_FFI_H_
 #define LMCONV_JAX_XLA_FFI_CUDA_FFI_H_
 
 #include <cstdint>
-#include <initializer_list>
 #include <limits>
 #include <string>
 #include <utility>
@@ -22,144 +26,188 @@
 #include "ffi_common.h"
 
 namespace lmconv {
-namespace cuda {
 
-template <typename S>
-const S* data_or_null(const ffi::AnyBuffer* b) {
-  return b ? data<S>(*b) : nullptr;
+static_assert(kPlanMaxMembers == kMaxMembers, "grouping limits differ");
+static_assert(kPlanMaxGroups == kMaxGroups, "grouping limits differ");
+static_assert(kPlanMaxDirections == kMaxDirections, "grouping limits differ");
+
+// A kernel launch: grid, block, phases (a barrier after each), shared bytes.
+struct Launch {
+  int64_t blocks, threads, phases, shared_bytes;
+};
+
+inline Launch main_launch(const LaunchPlan& p) {
+  return Launch{p.blocks, p.threads, p.phases, p.shared_bytes};
+}
+inline Launch reduce_launch(const LaunchPlan& p) {
+  return Launch{p.reduce_blocks, p.reduce_threads, 1, 0};
 }
 
-// Checks the operands, plans the launch; plan->blocks == 0 if there is
-// nothing to do.
-template <typename Backend>
-ffi::Error prepare(Backend& be, const char* target, ffi::AnyBuffer x,
-                   std::initializer_list<std::pair<const char*,
-                                                   const ffi::AnyBuffer*>>
-                       others,
-                   DirectionAttrs attrs, Pass pass, LaunchPlan* plan) {
-  auto dir = direction_of(target, attrs);
-  if (dir.has_error()) return dir.error();
-  auto geo = geometry_of(target, x);
-  if (geo.has_error()) return geo.error();
-  for (const auto& [name, buffer] : others) {
-    if (!buffer) continue;
-    if (auto e = check_like_x(target, name, x, *buffer); e.failure()) return e;
+// The plan of a checked call.
+inline LaunchPlan plan_for(const Call& c, Pass pass, int64_t multiprocessors) {
+  PlanInput in;
+  in.batch = c.geo.batch;
+  in.height = c.geo.height;
+  in.width = c.geo.width;
+  in.channels = c.geo.channels;
+  const Grouping& gr = c.grouping;
+  in.groups = gr.groups;
+  int total = 0;
+  for (int g = 0; g < gr.groups; ++g) {
+    in.members[g] = gr.members[g];
+    in.first[g] = gr.first[g];
+    total += gr.members[g];
   }
-  plan->blocks = 0;
-  if (geo->size() == 0) return ffi::Error::Success();
-  auto multiprocessors = be.multiprocessors();
-  if (multiprocessors.has_error()) return multiprocessors.error();
-  *plan = plan_launch(*dir, geo->batch, geo->height, geo->width,
-                      geo->channels, pass, *multiprocessors);
-  if (plan->blocks > std::numeric_limits<int32_t>::max()) {
-    return ffi::Error::InvalidArgument(
-        std::string(target) + ": " + std::to_string(plan->blocks) +
-        " (batch x channel chunks) thread blocks is more than a CUDA grid "
-        "holds; split the batch");
+  for (int k = 0; k < total; ++k) in.dirs[k] = gr.dirs[k];
+  in.guided = c.guided;
+  in.guide_full = c.guided && c.guide.full;
+  const GuideLayout& l = c.guide;
+  const int lead = c.guided ? l.lead : 0;
+  in.rank = lead + 3;
+  for (int k = 0; k < lead; ++k) {
+    in.x_dims[k] = l.x_lead[k];
+    in.g_strides[k] = l.g_stride[k];
   }
-  return ffi::Error::Success();
+  in.x_dims[lead] = c.geo.height;
+  in.x_dims[lead + 1] = c.geo.width;
+  in.x_dims[lead + 2] = c.geo.channels;
+  in.g_strides[lead] = c.guided ? l.row_stride : 0;
+  in.g_strides[lead + 1] = c.guided ? l.col_stride : 0;
+  in.g_strides[lead + 2] = c.guided ? l.channel_stride : 0;
+  in.g_elements = c.guided ? l.elements : 0;
+  return plan_launch(in, pass, multiprocessors);
 }
 
-template <typename Backend>
-ffi::Error Forward(Backend& be, const char* target, ffi::AnyBuffer x,
-                   const ffi::AnyBuffer* g, ffi::AnyBuffer out,
-                   DirectionAttrs attrs) {
-  LaunchPlan plan;
-  if (auto e = prepare(be, target, x, {{"guide", g}, {"out", &out}}, attrs,
-                       Pass::kForward, &plan);
-      e.failure() || plan.blocks == 0) {
-    return e;
-  }
-  ffi::Error result;
-  const bool ok = dispatch_dtype(x.element_type(), [&](auto tag) {
-    using S = decltype(tag);
-    auto run = [&](auto body) {
-      using Body = decltype(body);
-      result = be.template launch<Body>(
-          plan, typename Body::Args{plan, data<S>(x), data_or_null<S>(g),
-                                    data<S>(out)});
-    };
-    if (g) run(ForwardBody<S, true>{});
-    else run(ForwardBody<S, false>{});  // g = 1: reads no guide
-  });
-  return ok ? std::move(result) : unsupported_dtype(target, x.element_type());
-}
+template <typename Platform>
+class PhasedBackend {
+ public:
+  explicit PhasedBackend(Platform platform) : pf_(std::move(platform)) {}
 
-template <typename Backend>
-ffi::Error Backward(Backend& be, const char* target, ffi::AnyBuffer x,
-                    const ffi::AnyBuffer* g, ffi::AnyBuffer out,
-                    ffi::AnyBuffer ct, ffi::AnyBuffer dx,
-                    const ffi::AnyBuffer* dg, DirectionAttrs attrs) {
-  LaunchPlan plan;
-  if (auto e = prepare(be, target, x,
-                       {{"guide", g}, {"dguide", dg}, {"out", &out},
-                        {"ct", &ct}, {"dx", &dx}},
-                       attrs, Pass::kBackward, &plan);
-      e.failure() || plan.blocks == 0) {
-    return e;
-  }
-  ffi::Error result;
-  const bool ok = dispatch_dtype(x.element_type(), [&](auto tag) {
-    using S = decltype(tag);
-    auto ring = be.workspace(static_cast<size_t>(plan.blocks * plan.ring) *
-                             sizeof(Compute<S>));
-    if (ring.has_error()) {
-      result = ring.error();
-      return;
+  ffi::Error zero(void* p, size_t bytes) { return pf_.zero(p, bytes); }
+
+  template <typename S>
+  ffi::Error forward(const Call& c, const Buffers<S>& b) {
+    LaunchPlan plan;
+    if (auto e = plan_of(c, Pass::kForward, &plan); e.failure()) return e;
+    KernelArgs<S> a = args_of(plan, b);
+    a.out = b.out_w;
+    pf_.poison(a.out, bytes<S>(plan.size));
+    if (c.has_members) {
+      pf_.poison(a.members, bytes<S>(plan.max_members * plan.size));
     }
-    auto run = [&](auto body) {
-      using Body = decltype(body);
-      result = be.template launch<Body>(
-          plan, typename Body::Args{plan, data<S>(x), data_or_null<S>(g),
-                                    data<S>(out), data<S>(ct), data<S>(dx),
-                                    dg ? data<S>(*dg) : nullptr,
-                                    static_cast<Compute<S>*>(*ring)});
-    };
-    if (g) run(BackwardBody<S, true>{});
-    else run(BackwardBody<S, false>{});
-  });
-  return ok ? std::move(result) : unsupported_dtype(target, x.element_type());
-}
-
-// The tangent of out = pool(x[, g]) along tx (and tg when guided): one
-// launch of the forward's schedule with the tangent's step (TangentBody).
-template <typename Backend>
-ffi::Error Tangent(Backend& be, const char* target, ffi::AnyBuffer x,
-                   const ffi::AnyBuffer* g, ffi::AnyBuffer out,
-                   ffi::AnyBuffer tx, const ffi::AnyBuffer* tg,
-                   ffi::AnyBuffer tout, DirectionAttrs attrs) {
-  LaunchPlan plan;
-  if (auto e = prepare(be, target, x,
-                       {{"guide", g}, {"tguide", tg}, {"out", &out},
-                        {"tx", &tx}, {"tout", &tout}},
-                       attrs, Pass::kTangent, &plan);
-      e.failure() || plan.blocks == 0) {
-    return e;
+    if (c.guided) return pf_.template launch<ForwardBody<S, true>>(main_launch(plan), a);
+    return pf_.template launch<ForwardBody<S, false>>(main_launch(plan), a);
   }
-  ffi::Error result;
-  const bool ok = dispatch_dtype(x.element_type(), [&](auto tag) {
-    using S = decltype(tag);
-    auto ring = be.workspace(static_cast<size_t>(plan.blocks * plan.ring) *
-                             sizeof(Compute<S>));
-    if (ring.has_error()) {
-      result = ring.error();
-      return;
+
+  template <typename S>
+  ffi::Error tangent(const Call& c, const Buffers<S>& b) {
+    LaunchPlan plan;
+    if (auto e = plan_of(c, Pass::kTangent, &plan); e.failure()) return e;
+    KernelArgs<S> a = args_of(plan, b);
+    pf_.poison(a.tout, bytes<S>(plan.size));
+    if (auto e = ring(plan, &a); e.failure()) return e;
+    if (c.guided) return pf_.template launch<TangentBody<S, true>>(main_launch(plan), a);
+    return pf_.template launch<TangentBody<S, false>>(main_launch(plan), a);
+  }
+
+  template <typename S>
+  ffi::Error backward(const Call& c, const Buffers<S>& b) {
+    LaunchPlan plan;
+    if (auto e = plan_of(c, Pass::kBackward, &plan); e.failure()) return e;
+    KernelArgs<S> a = args_of(plan, b);
+    pf_.poison(a.dx, bytes<S>(plan.size));
+    if (auto e = ring(plan, &a); e.failure()) return e;
+    if (!c.guided) {
+      return pf_.template launch<BackwardBody<S, false>>(main_launch(plan), a);
     }
-    auto run = [&](auto body) {
-      using Body = decltype(body);
-      result = be.template launch<Body>(
-          plan, typename Body::Args{plan, data<S>(x), data_or_null<S>(g),
-                                    data<S>(out), data<S>(tx),
-                                    data_or_null<S>(tg), data<S>(tout),
-                                    static_cast<Compute<S>*>(*ring)});
-    };
-    if (g) run(TangentBody<S, true>{});
-    else run(TangentBody<S, false>{});
-  });
-  return ok ? std::move(result) : unsupported_dtype(target, x.element_type());
+    pf_.poison(a.dg, bytes<S>(plan.g_elements));
+    a.dg_pixels = a.dg;
+    if (!c.guide.full) {  // per pixel first, then summed over broadcast dims
+      auto w = pf_.workspace(bytes<S>(plan.size));
+      if (w.has_error()) return w.error();
+      a.dg_pixels = static_cast<S*>(*w);
+    }
+    if (auto e = pf_.template launch<BackwardBody<S, true>>(main_launch(plan), a);
+        e.failure() || c.guide.full) {
+      return e;
+    }
+    return pf_.template launch<ReduceBody<S>>(reduce_launch(plan), a);
+  }
+
+ private:
+  template <typename S>
+  static size_t bytes(int64_t n) {
+    return static_cast<size_t>(n) * sizeof(S);
+  }
+
+  ffi::Error plan_of(const Call& c, Pass pass, LaunchPlan* plan) {
+    auto mp = pf_.multiprocessors();
+    if (mp.has_error()) return mp.error();
+    *plan = plan_for(c, pass, *mp);
+    if (plan->blocks > std::numeric_limits<int32_t>::max() ||
+        plan->reduce_blocks > std::numeric_limits<int32_t>::max()) {
+      return ffi::Error::InvalidArgument(
+          "lmconv_jax CUDA kernels: " + std::to_string(plan->blocks) +
+          " (batch x groups x channel chunks) thread blocks is more than a "
+          "CUDA grid holds; split the batch");
+    }
+    return ffi::Error::Success();
+  }
+
+  template <typename S>
+  KernelArgs<S> args_of(const LaunchPlan& plan, const Buffers<S>& b) {
+    KernelArgs<S> a;
+    a.plan = plan;
+    a.x = b.x;
+    a.g = b.g;
+    a.out = const_cast<S*>(b.out);  // only the forward's body writes it
+    a.members = b.members;
+    a.tx = b.tx;
+    a.tg = b.tg;
+    a.tout = b.tout;
+    a.ct = b.ct;
+    a.dx = b.dx;
+    a.dg_pixels = nullptr;
+    a.dg = b.dg;
+    a.ring = nullptr;
+    a.flags = pf_.flags();
+    return a;
+  }
+
+  template <typename S>
+  ffi::Error ring(const LaunchPlan& plan, KernelArgs<S>* a) {
+    auto w = pf_.workspace(bytes<Compute<S>>(plan.blocks * plan.ring));
+    if (w.has_error()) return w.error();
+    a->ring = static_cast<Compute<S>*>(*w);
+    return ffi::Error::Success();
+  }
+
+  Platform pf_;
+};
+
+// The guide layout for given shapes (module_emu.cc's launch_plan, which has
+// no buffers): what ffi_common.h's guide_layout_of computes.
+inline GuideLayout guide_layout_from_dims(const int64_t* xd, const int64_t* gd,
+                                          int r) {
+  GuideLayout l;
+  l.full = std::equal(xd, xd + r, gd);
+  const int64_t gc = gd[r - 1], gw = gd[r - 2], gh = gd[r - 3];
+  l.channel_stride = gc == 1 ? 0 : 1;
+  l.col_stride = gw == 1 ? 0 : gc;
+  l.row_stride = gh == 1 ? 0 : gw * gc;
+  l.height = gh;
+  l.width = gw;
+  l.lead = r - 3;
+  int64_t stride = gh * gw * gc;
+  for (int k = l.lead - 1; k >= 0; --k) {
+    l.x_lead[k] = xd[k];
+    l.g_stride[k] = gd[k] == 1 ? 0 : stride;
+    stride *= gd[k];
+  }
+  l.elements = stride;
+  return l;
 }
 
-}  // namespace cuda
 }  // namespace lmconv
 
 #endif  // LMCONV_JAX_XLA_FFI_CUDA_FFI_H_

@@ -4,17 +4,20 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstdint>
+
 #include "cuda_schedule.h"
 
 namespace lmconv {
 namespace cuda {
 
-// Enqueues Body's kernel on `stream` in plan's geometry (one launch) and
-// returns the launch error, if any; it never waits for the device. Defined,
-// and instantiated for every ForwardBody, BackwardBody and TangentBody, in
-// cuda.cu.
+// Enqueues Body's kernel on `stream` with `blocks` x `threads` and `phases`
+// phases (one launch) and returns the launch error, if any; it never waits
+// for the device. Defined, and instantiated for every ForwardBody,
+// TangentBody, BackwardBody and ReduceBody, in cuda.cu.
 template <typename Body>
-cudaError_t launch(const LaunchPlan& plan, const typename Body::Args& args,
+cudaError_t launch(int64_t blocks, int64_t threads, int64_t phases,
+                   int64_t shared_bytes, const typename Body::Args& args,
                    cudaStream_t stream);
 
 }  // namespace cuda

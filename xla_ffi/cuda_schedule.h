@@ -1,6 +1,6 @@
-// The CUDA schedule of the landmark pool, written once for the GPU (cuda.cu)
-// and for its CPU emulation (emulate.cc), so the emulator runs the very code
-// the GPU runs.
+// The CUDA schedule of the grouped landmark pool, written once for the GPU
+// (cuda.cu) and for its CPU emulation (emulate.cc), so the emulator runs the
+// very code the GPU runs.
 //
 // A kernel is a sequence of phases with a block-wide barrier after each one.
 // Its body is a LMCONV_HD function Body::run(args, block, thread, phase,
@@ -9,35 +9,54 @@
 // emulator loops phases, then blocks, then threads of the same geometry.
 // plan_launch() is the one place that decides that geometry.
 //
-// The schedule. Every direction is seen through a view of the image (flipped,
-// and transposed for the directions that depend on the previous column) in
-// which both neighbours come earlier, and the view is cut into phases whose
-// pixels are independent, so one phase is computed at once:
+// One launch per pass covers the whole grouping (ffi_common.h: P groups of
+// C / P contiguous channels, each of 1 to 4 member directions merged by max).
+// A block owns one (image, group, channel chunk of `lanes` channels); its
+// threads are (channel lane, pixel lane) pairs, channels fastest, so a warp
+// reads whole runs of contiguous channels (NHWC). The block runs its group's
+// members one after the other, each member's sweep a run of phases; a merged
+// group's forward adds one merge phase (out = max of the member pools, ties
+// to the first). The launch has max over groups of those phases; a block
+// past its own phases only meets the barriers.
+//
+// The sweep of one direction. Every direction is seen through a view of the
+// image (flipped, and transposed for the directions that depend on the
+// previous column) in which both neighbours come earlier, and the view is cut
+// into phases whose pixels are independent, so one phase is computed at once:
 //   * skew 0 ("row" form, all octants): both neighbours are in the previous
 //     view row; phase = view row i, its pixels k = j.
 //   * skew 1 (quadrants, n = (0,-1) and (-1,0)) and skew 2 (n = (0,-1) and
 //     (-1,+1), no named direction has it): phase = skew * i + j, an
 //     anti-diagonal wavefront; its pixels are indexed by their row k = i.
-// A block owns one image and a chunk of `lanes` channels; its threads are
-// (channel lane, pixel lane) pairs, channels fastest, so a warp reads whole
-// runs of contiguous channels (NHWC). A thread takes the pixels k = pixel
-// lane, + pixel_lanes, ... of each phase, loading up to kBatch pixels before
-// it stores any (the pixels of a phase are independent), so several loads are
-// in flight per thread.
+// A thread takes the pixels k = pixel lane, + pixel_lanes, ... of each phase,
+// loading up to kBatch pixels before it stores any (the pixels of a phase are
+// independent), so several loads are in flight per thread.
 //
-// The backward runs the phases in reverse and pulls instead of pushing: a
-// pixel q gets G[q] = ct[q] + what the (at most two) pixels whose n1 / n2 is q
-// passed on. Those are always in the phase just before (in reverse order), and
-// each pixel leaves what it passes on in a per-block ring of two phases in the
-// workspace (float32 for halves, double for double), so there are no atomics
-// and the sum is taken in the same order as on the CPU.
+// The backward runs each member's phases in reverse and pulls instead of
+// pushing: a pixel q gets G[q] = ct[q] (routed: only where this member won
+// the merge) + what the (at most two) pixels whose n1 / n2 is q passed on.
+// Those are always in the phase just before (in reverse order), and each
+// pixel leaves what it passes on in a per-block ring of two phases in the
+// workspace (float32 for halves, double for double), reused by the group's
+// members in turn, so there are no atomics and the sum is taken in the same
+// order as on the CPU. Member 0 writes dx (and the guide's gradient); later
+// members add theirs, rounded to the storage type, as cpu.cc does. A guide
+// broadcast along some dims gets its per-pixel gradient in a workspace of x's
+// size, which a second, small kernel (ReduceBody) sums over the broadcast
+// dims, one thread per guide element, in x's element order (cpu.cc's order):
+// deterministic, no atomics.
 //
-// The tangent (forward-mode AD) is the forward's body with another per-pixel
-// step (ForwardBody<S, kGuided, /*kTangent=*/true>): it reads out instead of
-// writing it, and each pixel's running tangent t[p] (Compute<S>: float32 for
-// halves, never rounded) goes to tout, rounded once, and to a per-block ring
-// of two phases in the workspace, from which the next phase reads its
-// neighbours' t (both are always in the phase just before).
+// The tangent (forward-mode AD) is the forward's schedule with another
+// per-pixel step: it reads the member's pool instead of writing it, and each
+// pixel's running tangent t[p] (Compute<S>: float32 for halves, never
+// rounded) goes to a per-block ring of two phases, from which the next phase
+// reads its neighbours' t, and to tout, rounded once; in a merged group only
+// the member that won the merge at p writes tout[p] (the winner is found from
+// the member pools, the forward's residuals), so no merge phase is needed.
+//
+// Memory accesses of the bodies go through ld() / st() (below): plain loads
+// and stores on the GPU; in the emulator build (LMCONV_EMULATOR) they are
+// recorded per phase by the race and bounds detector of emulate.cc.
 #ifndef LMCONV_JAX_XLA_FFI_CUDA_SCHEDULE_H_
 #define LMCONV_JAX_XLA_FFI_CUDA_SCHEDULE_H_
 
@@ -48,12 +67,45 @@
 namespace lmconv {
 
 // ---------------------------------------------------------------------------
+// Instrumented memory accesses
+// ---------------------------------------------------------------------------
+
+#if defined(LMCONV_EMULATOR)
+// emulate.cc: records (buffer, element, block, thread, phase, read/write);
+// returns false, and the access is not made, if it is out of bounds.
+bool emu_trace(const void* base, int64_t index, bool write);
+template <typename T>
+inline T ld(const T* base, int64_t i) {
+  return emu_trace(base, i, false) ? base[i] : T{};
+}
+template <typename T>
+inline void st(T* base, int64_t i, T v) {
+  if (emu_trace(base, i, true)) base[i] = v;
+}
+#else
+template <typename T>
+LMCONV_HDI T ld(const T* base, int64_t i) {
+  return base[i];
+}
+template <typename T>
+LMCONV_HDI void st(T* base, int64_t i, T v) {
+  base[i] = v;
+}
+#endif
+
+// Emulator-only test hooks (Args::flags): a deliberately broken schedule, so
+// the tests know the detector works. Ignored by the GPU build.
+constexpr int kPlantRace = 1;         // forward reads a neighbour of its phase
+constexpr int kPlantOutOfBounds = 2;  // forward reads one element past x
+
+// ---------------------------------------------------------------------------
 // The view and its phases
 // ---------------------------------------------------------------------------
 
 struct Sweep {
   int64_t height, width;    // view extents
   int64_t row_stride, col_stride, start;  // element offsets, as in ScanView
+  int64_t g_row_stride, g_col_stride, g_start;  // the same in the guide
   Offset n1, n2;            // neighbour offsets in the view
   int64_t off1, off2;       // element offsets from a pixel to n1, n2
   bool transposed;          // view rows are image columns
@@ -61,13 +113,20 @@ struct Sweep {
   bool n2_first;            // backward: add n2's pull before n1's
   int64_t phases;
   int64_t slots;            // k is in [0, slots)
+  int64_t per_phase;        // the most pixels a phase has
 };
 
 LMCONV_HDI Offset swap_axes(Offset o) { return Offset{o.dc, o.dr}; }
 
+// Where the guide is, unflipped: element strides (0 along a broadcast dim)
+// and its own height and width.
+struct GuideStrides {
+  int64_t row, col, height, width;
+};
+
 // Sweep of a valid direction (make_direction) over (height, width, channels).
 LMCONV_HDI Sweep make_sweep(Direction d, int64_t height, int64_t width,
-                            int64_t channels) {
+                            int64_t channels, GuideStrides gs) {
   const ScanView v = make_scan_view(d, height, width, channels);
   Sweep s;
   s.height = height;
@@ -75,6 +134,10 @@ LMCONV_HDI Sweep make_sweep(Direction d, int64_t height, int64_t width,
   s.row_stride = v.row_stride;
   s.col_stride = v.col_stride;
   s.start = v.start;
+  s.g_row_stride = d.row_step * gs.row;
+  s.g_col_stride = d.col_step * gs.col;
+  s.g_start = (d.row_step < 0 ? (gs.height - 1) * gs.row : 0) +
+              (d.col_step < 0 ? (gs.width - 1) * gs.col : 0);
   s.n1 = v.n1;
   s.n2 = v.n2;
   s.off1 = v.off1;
@@ -88,6 +151,9 @@ LMCONV_HDI Sweep make_sweep(Direction d, int64_t height, int64_t width,
     s.width = height;
     s.row_stride = v.col_stride;
     s.col_stride = v.row_stride;
+    const int64_t t = s.g_row_stride;
+    s.g_row_stride = s.g_col_stride;
+    s.g_col_stride = t;
     s.n1 = swap_axes(v.n1);
     s.n2 = swap_axes(v.n2);
   }
@@ -95,11 +161,14 @@ LMCONV_HDI Sweep make_sweep(Direction d, int64_t height, int64_t width,
     s.skew = 0;
     s.phases = s.height;
     s.slots = s.width;
+    s.per_phase = s.width;
   } else {  // one neighbour is (0, -1), the other (-1, 0) or (-1, +1)
     const Offset up = s.n1.dr == -1 ? s.n1 : s.n2;
     s.skew = up.dc == 0 ? 1 : 2;
     s.phases = s.skew * (s.height - 1) + s.width;
     s.slots = s.height;
+    const int64_t diag = (s.width + s.skew - 1) / s.skew;
+    s.per_phase = s.height < diag ? s.height : diag;
   }
   return s;
 }
@@ -141,59 +210,195 @@ constexpr int kBatch = 4;             // pixels a thread loads before it stores
 // time is its number of phases, and blocks past what the GPU holds at once
 // run in a second wave.
 constexpr int64_t kBlocksPerMultiprocessor = 1;
-
-struct LaunchPlan {
-  Sweep sweep;
-  int64_t channels;     // C
-  int64_t image;        // elements per image, H * W * C
-  int64_t lanes;        // channels per block
-  int64_t chunks;       // channel chunks per image
-  int64_t pixel_lanes;  // threads per channel lane
-  // The launch: grid, block, phases (a barrier after each), shared memory.
-  int64_t blocks;       // batch * chunks
-  int64_t threads;      // lanes * pixel_lanes
-  int64_t phases;
-  int64_t shared_bytes;  // per block; this schedule needs none
-  int64_t ring;          // workspace per block, in Compute<S> elements
-};
+// The grouping's limits (ffi_common.h checks the attributes against the same
+// numbers; cuda_ffi.h static_asserts that they agree).
+constexpr int kPlanMaxMembers = 4;
+constexpr int kPlanMaxGroups = 64;
+constexpr int kPlanMaxDirections = 64;
+constexpr int kPlanMaxRank = 11;
+constexpr int64_t kReduceThreads = 256;
 
 // Which kernel a plan is for: the geometry is the same, the workspace not.
 enum class Pass { kForward, kBackward, kTangent };
 
+// The buffers of KernelArgs, as bits of a body's kWrites (what it may write;
+// the emulator's detector refuses any other write).
+enum Buffer {
+  kBufX, kBufG, kBufOut, kBufMembers, kBufTx, kBufTg, kBufTout, kBufCt,
+  kBufDx, kBufDgPixels, kBufDg, kBufRing, kBufCount
+};
+constexpr unsigned buffer_bit(Buffer b) { return 1u << b; }
+
+// What plan_launch needs to know about one call (cuda_ffi.h fills it from a
+// checked ffi_common.h Call).
+struct PlanInput {
+  int64_t batch, height, width, channels;
+  int groups;
+  int members[kPlanMaxGroups];
+  int first[kPlanMaxGroups];
+  Direction dirs[kPlanMaxDirections];
+  bool guided;
+  bool guide_full;        // the guide has x's shape
+  int rank;               // x's rank (lead dims + 3)
+  int64_t x_dims[kPlanMaxRank];
+  int64_t g_strides[kPlanMaxRank];  // guide element strides; 0: broadcast
+  int64_t g_elements;
+};
+
+// The kernel arguments' geometry: everything a body needs, by value (about
+// 3 KB: inside CUDA's 4 KB of kernel parameters).
+struct LaunchPlan {
+  int64_t batch, height, width, channels;
+  int64_t image;            // elements per image, H * W * C
+  int64_t size;             // elements of x
+  int groups;
+  int64_t group_channels;   // C / P
+  int max_members;          // K
+  int members[kPlanMaxGroups];
+  int first[kPlanMaxGroups];
+  Direction dirs[kPlanMaxDirections];
+  int64_t dir_phases[kPlanMaxDirections];  // each direction's sweep phases
+  // The guide (its own shape; read through strides, never broadcast).
+  bool guided, guide_full;
+  int rank;
+  int64_t x_dims[kPlanMaxRank];
+  int64_t g_strides[kPlanMaxRank];
+  int64_t g_elements;
+  GuideStrides guide;       // of the (H, W) dims
+  int64_t g_channel_stride;
+  // The launch: grid, block, phases (a barrier after each), shared memory.
+  int64_t lanes;            // channels per block
+  int64_t chunks;           // channel chunks per group
+  int64_t pixel_lanes;      // threads per channel lane
+  int64_t blocks;           // batch * groups * chunks
+  int64_t threads;          // lanes * pixel_lanes
+  int64_t phases;
+  int64_t shared_bytes;     // per block; this schedule needs none
+  int64_t max_slots;        // the most pixels per phase of any sweep's ring
+  int64_t ring;             // workspace per block, in Compute<S> elements
+  // The second launch of a guided backward with a broadcast guide: the
+  // reduction of the per-pixel guide gradient (0 blocks: none).
+  int64_t reduce_blocks, reduce_threads;
+  int64_t launches;
+};
+
+LMCONV_HDI GuideStrides no_guide() { return GuideStrides{0, 0, 1, 1}; }
+
+LMCONV_HDI Sweep sweep_of(const LaunchPlan& p, int dir) {
+  return make_sweep(p.dirs[dir], p.height, p.width, p.channels,
+                    p.guided ? p.guide : no_guide());
+}
+
 // `multiprocessors`: the GPU's (the CUDA handler asks the device).
-inline LaunchPlan plan_launch(Direction d, int64_t batch, int64_t height,
-                              int64_t width, int64_t channels, Pass pass,
+inline LaunchPlan plan_launch(const PlanInput& in, Pass pass,
                               int64_t multiprocessors) {
   auto ceil_div = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
   LaunchPlan p;
-  p.sweep = make_sweep(d, height, width, channels);
-  p.channels = channels;
-  p.image = height * width * channels;
-  p.lanes = channels < kMaxLanes ? channels : kMaxLanes;
-  while (batch * ceil_div(channels, p.lanes) <
+  p.batch = in.batch;
+  p.height = in.height;
+  p.width = in.width;
+  p.channels = in.channels;
+  p.image = in.height * in.width * in.channels;
+  p.size = in.batch * p.image;
+  p.groups = in.groups;
+  p.group_channels = in.channels / in.groups;
+  p.max_members = 0;
+  int total = 0;
+  for (int g = 0; g < in.groups; ++g) {
+    p.members[g] = in.members[g];
+    p.first[g] = in.first[g];
+    if (in.members[g] > p.max_members) p.max_members = in.members[g];
+    total += in.members[g];
+  }
+  for (int k = 0; k < kPlanMaxGroups - in.groups; ++k) {
+    p.members[in.groups + k] = p.first[in.groups + k] = 0;
+  }
+  p.guided = in.guided;
+  p.guide_full = in.guided && in.guide_full;
+  p.rank = in.rank;
+  for (int k = 0; k < kPlanMaxRank; ++k) {
+    p.x_dims[k] = k < in.rank ? in.x_dims[k] : 1;
+    p.g_strides[k] = k < in.rank && in.guided ? in.g_strides[k] : 0;
+  }
+  p.g_elements = in.guided ? in.g_elements : 0;
+  const int r = in.rank;
+  p.guide = in.guided ? GuideStrides{p.g_strides[r - 3], p.g_strides[r - 2],
+                                     p.g_strides[r - 3] ? in.height : 1,
+                                     p.g_strides[r - 2] ? in.width : 1}
+                      : no_guide();
+  p.g_channel_stride = in.guided ? p.g_strides[r - 1] : 0;
+  // Channel chunks: split a group's channels while the GPU is short of
+  // blocks.
+  const int64_t cg = p.group_channels;
+  const int64_t units = in.batch * in.groups;
+  p.lanes = cg < kMaxLanes ? cg : kMaxLanes;
+  while (units * ceil_div(cg, p.lanes) <
              kBlocksPerMultiprocessor * multiprocessors &&
          p.lanes >= 2 * kMinLanes) {
     p.lanes = ceil_div(p.lanes, 2);
   }
-  p.chunks = ceil_div(channels, p.lanes);
-  const Sweep& s = p.sweep;
-  int64_t per_phase = s.width;  // the most pixels a phase has
-  if (s.skew != 0) {
-    per_phase = ceil_div(s.width, s.skew);
-    if (s.height < per_phase) per_phase = s.height;
+  p.chunks = ceil_div(cg, p.lanes);
+  // Phases: each group runs its members' sweeps in turn (+ a merge phase in
+  // the forward of a merged group); threads: enough for the widest phase.
+  int64_t per_phase = 1;
+  p.max_slots = 0;
+  for (int k = 0; k < kPlanMaxDirections; ++k) {
+    p.dirs[k] = k < total ? in.dirs[k] : Direction{1, 1, {0, -1}, {-1, 0}};
+    p.dir_phases[k] = 0;
+    if (k >= total) continue;
+    const Sweep s = sweep_of(p, k);
+    p.dir_phases[k] = s.phases;
+    if (s.per_phase > per_phase) per_phase = s.per_phase;
+    if (s.slots > p.max_slots) p.max_slots = s.slots;
+  }
+  p.phases = 0;
+  for (int g = 0; g < in.groups; ++g) {
+    int64_t n = 0;
+    for (int m = 0; m < p.members[g]; ++m) n += p.dir_phases[p.first[g] + m];
+    if (pass == Pass::kForward && p.members[g] > 1) n += 1;  // the merge
+    if (n > p.phases) p.phases = n;
   }
   p.pixel_lanes = kMaxThreads / p.lanes;
   if (per_phase < p.pixel_lanes) p.pixel_lanes = per_phase;
-  p.blocks = batch * p.chunks;
+  p.blocks = units * p.chunks;
   p.threads = p.lanes * p.pixel_lanes;
-  p.phases = s.phases;
   p.shared_bytes = 0;
   // Two phases of: G pushed to n1 and n2 (backward), t (tangent).
-  p.ring = pass == Pass::kBackward  ? 2 * s.slots * 2 * p.lanes
-           : pass == Pass::kTangent ? 2 * s.slots * p.lanes
+  p.ring = pass == Pass::kBackward  ? 2 * p.max_slots * 2 * p.lanes
+           : pass == Pass::kTangent ? 2 * p.max_slots * p.lanes
                                     : 0;
+  const bool reduce = pass == Pass::kBackward && p.guided && !p.guide_full;
+  p.reduce_threads = reduce ? kReduceThreads : 0;
+  p.reduce_blocks = reduce ? ceil_div(p.g_elements, kReduceThreads) : 0;
+  p.launches = reduce && p.reduce_blocks > 0 ? 2 : 1;
   return p;
 }
+
+// ---------------------------------------------------------------------------
+// Kernel arguments: one struct for every body
+// ---------------------------------------------------------------------------
+
+template <typename S>
+using Compute = typename StorageTraits<S>::Compute;
+
+// Null where a pass has no such buffer.
+template <typename S>
+struct KernelArgs {
+  LaunchPlan plan;
+  const S* x;
+  const S* g;         // the guide, at its own shape
+  S* out;             // written by the forward, read by the others
+  S* members;         // (..., K, H, W, C): member pools of merged groups
+  const S* tx;        // tangent
+  const S* tg;        // tangent of the guide, at the guide's shape
+  S* tout;
+  const S* ct;        // backward
+  S* dx;
+  S* dg_pixels;       // backward: the guide's gradient per pixel, x's layout
+  S* dg;              // reduction: the guide's gradient, the guide's shape
+  Compute<S>* ring;   // plan.blocks * plan.ring elements
+  int flags;          // emulator test hooks (kPlantRace, ...); 0 on the GPU
+};
 
 // ---------------------------------------------------------------------------
 // Kernel bodies
@@ -201,23 +406,64 @@ inline LaunchPlan plan_launch(Direction d, int64_t batch, int64_t height,
 
 // What thread `thread` of block `block` works on.
 struct Lane {
-  bool active;     // false for the lanes past the last channel
+  bool active;     // false for the lanes past the group's last channel
   int64_t lane;    // channel lane in the block
+  int64_t image, group;
   int64_t base;    // element offset of (image, channel); pixels add to it
+  int64_t g_base;  // the same in the guide
   int64_t k0;      // first pixel index; then every pixel_lanes-th
 };
 
+// Element offset in the guide of image b's first element.
+LMCONV_HDI int64_t guide_image_offset(const LaunchPlan& p, int64_t b) {
+  int64_t off = 0;
+  for (int k = p.rank - 4; k >= 0; --k) {
+    off += (b % p.x_dims[k]) * p.g_strides[k];
+    b /= p.x_dims[k];
+  }
+  return off;
+}
+
 LMCONV_HDI Lane lane_of(const LaunchPlan& p, int64_t block, int64_t thread) {
-  const int64_t image = block / p.chunks;
-  const int64_t lane = thread % p.lanes;
-  const int64_t c = (block % p.chunks) * p.lanes + lane;
-  return Lane{c < p.channels, lane, image * p.image + c, thread / p.lanes};
+  const int64_t per_image = p.groups * p.chunks;
+  Lane l;
+  l.image = block / per_image;
+  l.group = (block % per_image) / p.chunks;
+  l.lane = thread % p.lanes;
+  const int64_t in_group = (block % p.chunks) * p.lanes + l.lane;
+  const int64_t c = l.group * p.group_channels + in_group;
+  l.active = in_group < p.group_channels;
+  l.base = l.image * p.image + c;
+  l.g_base = p.guided ? guide_image_offset(p, l.image) + c * p.g_channel_stride
+                      : 0;
+  l.k0 = thread / p.lanes;
+  return l;
+}
+
+// Which member's sweep of the block's group runs at `phase`, and its own
+// phase index; member == members for the merge phase, -1 past the end.
+struct MemberPhase {
+  int member;
+  int64_t local;
+};
+
+LMCONV_HDI MemberPhase member_phase(const LaunchPlan& p, int64_t group,
+                                    int64_t phase) {
+  int64_t start = 0;
+  const int members = p.members[group];
+  for (int k = 0; k < members; ++k) {
+    const int64_t n = p.dir_phases[p.first[group] + k];
+    if (phase < start + n) return MemberPhase{k, phase - start};
+    start += n;
+  }
+  return MemberPhase{phase == start && members > 1 ? members : -1, 0};
 }
 
 // One pixel of a phase: where it is and which neighbours exist.
 struct Pixel {
   int64_t k, i, j;
   int64_t at;      // element offset from Lane::base
+  int64_t g_at;    // element offset from Lane::g_base
   bool in1, in2;   // n1, n2 inside the image
 };
 
@@ -226,6 +472,7 @@ LMCONV_HDI Pixel pixel(const Sweep& s, int64_t phase, int64_t k) {
   q.k = k;
   pixel_at(s, phase, k, &q.i, &q.j);
   q.at = s.start + q.i * s.row_stride + q.j * s.col_stride;
+  q.g_at = s.g_start + q.i * s.g_row_stride + q.j * s.g_col_stride;
   q.in1 = inside(q.i, q.j, s.n1, s.height, s.width);
   q.in2 = inside(q.i, q.j, s.n2, s.height, s.width);
   return q;
@@ -239,176 +486,306 @@ LMCONV_HDI Pixel pixel(const Sweep& s, int64_t phase, int64_t k) {
 #define LMCONV_UNROLL_BATCH _Pragma("GCC unroll 4")
 #endif
 
-// Runs a body's step over the lane's pixels of `phase` (k = k0, k0 +
-// pixel_lanes, ...), kBatch at a time: step.load(u, pixel) for the whole
+// Runs a body's step over the lane's pixels of `phase` of sweep s (k = k0,
+// k0 + pixel_lanes, ...), kBatch at a time: step.load(u, pixel) for the whole
 // batch, then step.store(u, pixel). The pixels of a phase are independent, so
 // a thread has several loads in flight before it stores. The loops run to
 // kBatch (unrolled: the step's arrays stay in registers) and stop at the end.
 template <typename Step>
-LMCONV_HDI void for_each_batch(const LaunchPlan& p, const Lane& l,
-                               int64_t phase, Step& step) {
+LMCONV_HDI void for_each_batch(const Sweep& s, int64_t pixel_lanes,
+                               const Lane& l, int64_t phase, Step& step) {
   int64_t lo, end;
-  phase_pixels(p.sweep, phase, &lo, &end);
+  phase_pixels(s, phase, &lo, &end);
   int64_t k = l.k0;
-  if (k < lo) k += (lo - k + p.pixel_lanes - 1) / p.pixel_lanes * p.pixel_lanes;
-  for (; k < end; k += kBatch * p.pixel_lanes) {
+  if (k < lo) k += (lo - k + pixel_lanes - 1) / pixel_lanes * pixel_lanes;
+  for (; k < end; k += kBatch * pixel_lanes) {
     Pixel px[kBatch] = {};
     LMCONV_UNROLL_BATCH
     for (int u = 0; u < kBatch; ++u) {
-      if (k + u * p.pixel_lanes >= end) break;
-      px[u] = pixel(p.sweep, phase, k + u * p.pixel_lanes);
+      if (k + u * pixel_lanes >= end) break;
+      px[u] = pixel(s, phase, k + u * pixel_lanes);
       step.load(u, px[u]);
     }
     LMCONV_UNROLL_BATCH
     for (int u = 0; u < kBatch; ++u) {
-      if (k + u * p.pixel_lanes >= end) break;
+      if (k + u * pixel_lanes >= end) break;
       step.store(u, px[u]);
     }
   }
 }
 
-template <typename S>
-using Compute = typename StorageTraits<S>::Compute;
+// `members` is (..., K, H, W, C) (ffi_common.h): member k of image b starts
+// at element (b * K + k) * H*W*C. The offset from x's element b * H*W*C + e
+// to member k's element e:
+LMCONV_HDI int64_t member_offset(const LaunchPlan& p, int64_t image, int k) {
+  return (image * (p.max_members - 1) + k) * p.image;
+}
 
-// Forward: out[p] from x[p] and the outputs of its neighbours, which earlier
-// phases stored (so they are read back as stored).
-//
-// kTangent: the same schedule with the tangent's per-pixel step. out is read
-// (the forward's result), and t[p] = pool_tangent[_guided](...) from tx[p]
-// (g[p], tg[p]) and the neighbours' t, which the phase before left in the
-// block's ring: ring[phase & 1][k][lane]. t is stored to tout rounded once;
-// the ring keeps it unrounded (Compute<S>), as the CPU kernel does.
-template <typename S, bool kGuided, bool kTangent = false>
+// The member pool a merged group's member k reads or writes: out for a
+// single-member group, its slot of `members` otherwise (as an offset from
+// the pixel's element in x).
+template <typename S>
+struct PoolRef {
+  S* base;
+  int64_t offset;
+};
+
+template <typename S>
+LMCONV_HDI PoolRef<S> pool_of(const KernelArgs<S>& a, int members,
+                              int64_t image, int k) {
+  if (members == 1) return PoolRef<S>{a.out, 0};
+  return PoolRef<S>{a.members, member_offset(a.plan, image, k)};
+}
+
+// The member that won the merge at x's element p of image `image`
+// (landmark_pool.h's rule), and its value.
+template <typename S>
+LMCONV_HDI int winner_at(const KernelArgs<S>& a, int members, int64_t image,
+                         int64_t p, Compute<S>* best) {
+  return merge_winner(
+      members,
+      [&](int k) {
+        return StorageTraits<S>::load(
+            ld<S>(a.members, p + member_offset(a.plan, image, k)));
+      },
+      best);
+}
+
+// Forward: member k's pool at p from x[p] (g[p]) and the pool at its
+// neighbours, which earlier phases stored (so they are read back as stored).
+// Then, for a merged group, the merge phase: out = max of the member pools.
+template <typename S, bool kGuided>
 struct ForwardBody {
+  static constexpr Pass kPass = Pass::kForward;
+  static constexpr unsigned kWrites =
+      buffer_bit(kBufOut) | buffer_bit(kBufMembers);
+  using Args = KernelArgs<S>;
   using Acc = Compute<S>;
-  struct Args {
-    LaunchPlan plan;
-    const S* x;
-    const S* g;  // null unless kGuided
-    S* out;      // written by the forward, read by the tangent
-    // Tangent only (null otherwise):
-    const S* tx = nullptr;
-    const S* tg = nullptr;  // null unless kGuided
-    S* tout = nullptr;
-    Acc* ring = nullptr;    // plan.blocks * plan.ring elements
-  };
 
   struct Step {
     using T = StorageTraits<S>;
     const Args& a;
-    int64_t base;  // Lane::base
-    Acc* ring;     // tangent: this block's ring, at this lane
+    const Sweep& s;
+    int64_t base, g_base;  // Lane's
+    PoolRef<S> pool;
     int64_t phase;
     Acc x[kBatch] = {}, o1[kBatch] = {}, o2[kBatch] = {}, g[kBatch] = {};
-    // Tangent only.
-    Acc tx[kBatch] = {}, t1[kBatch] = {}, t2[kBatch] = {}, tg[kBatch] = {};
-
-    // t of pixel k of phase ph.
-    LMCONV_HDI Acc& slot(int64_t ph, int64_t k) const {
-      return ring[((ph & 1) * a.plan.sweep.slots + k) * a.plan.lanes];
-    }
-    // The ring index of q's neighbour at view offset n (in the phase before).
-    LMCONV_HDI int64_t slot_of(const Pixel& q, Offset n) const {
-      return a.plan.sweep.skew == 0 ? q.j + n.dc : q.i + n.dr;
-    }
 
     LMCONV_HDI void load(int u, const Pixel& q) {
-      const Sweep& s = a.plan.sweep;
-      const int64_t p = base + q.at;
-      x[u] = T::load(a.x[p]);
-      o1[u] = q.in1 ? T::load(a.out[p + s.off1]) : x[u];
-      o2[u] = q.in2 ? T::load(a.out[p + s.off2]) : x[u];
-      if constexpr (kGuided) g[u] = T::load(a.g[p]);
-      if constexpr (kTangent) {
-        tx[u] = T::load(a.tx[p]);
-        t1[u] = q.in1 ? slot(phase - 1, slot_of(q, s.n1)) : Acc(0);
-        t2[u] = q.in2 ? slot(phase - 1, slot_of(q, s.n2)) : Acc(0);
-        if constexpr (kGuided) tg[u] = T::load(a.tg[p]);
+      const int64_t p = pool.offset + base + q.at;
+      x[u] = T::load_input(ld<S>(a.x, base + q.at));
+      o1[u] = q.in1 ? T::load(ld<S>(pool.base, p + s.off1)) : x[u];
+      o2[u] = q.in2 ? T::load(ld<S>(pool.base, p + s.off2)) : x[u];
+      if constexpr (kGuided) {
+        g[u] = T::load_input(ld<S>(a.g, g_base + q.g_at));
       }
+#if defined(LMCONV_EMULATOR)
+      if (a.flags & kPlantRace) {  // the next pixel of this phase: a race
+        int64_t lo, hi;
+        phase_pixels(s, phase, &lo, &hi);
+        if (q.k + 1 < hi) {
+          (void)ld<S>(pool.base, pool.offset + base +
+                                     pixel(s, phase, q.k + 1).at);
+        }
+      }
+      if (a.flags & kPlantOutOfBounds) (void)ld<S>(a.x, a.plan.size);
+#endif
     }
 
     LMCONV_HDI void store(int u, const Pixel& q) {
       const Acc m = pool_max(x[u], q.in1, o1[u], q.in2, o2[u]);
-      if constexpr (kTangent) {
-        Acc t;
-        if constexpr (kGuided) {
-          t = pool_tangent_guided(x[u], m, q.in1, o1[u], q.in2, o2[u], g[u],
-                                  tx[u], t1[u], t2[u], tg[u]);
-        } else {
-          t = pool_tangent(x[u], m, q.in1, o1[u], q.in2, o2[u], tx[u], t1[u],
-                           t2[u]);
-        }
-        a.tout[base + q.at] = T::store(t);
-        slot(phase, q.k) = t;
-      } else {
-        a.out[base + q.at] = T::store(kGuided ? pool_blend(g[u], m, x[u]) : m);
-      }
+      st<S>(pool.base, pool.offset + base + q.at,
+            T::store(kGuided ? pool_blend(g[u], m, x[u]) : m));
     }
   };
 
   static LMCONV_HDI void run(const Args& a, int64_t block, int64_t thread,
                              int64_t phase, unsigned char* /*shared*/) {
-    const Lane l = lane_of(a.plan, block, thread);
+    const LaunchPlan& p = a.plan;
+    const Lane l = lane_of(p, block, thread);
     if (!l.active) return;
-    Step step{a, l.base,
-              kTangent ? a.ring + block * a.plan.ring + l.lane : nullptr,
-              phase};
-    for_each_batch(a.plan, l, phase, step);
+    const int members = p.members[l.group];
+    const MemberPhase mp = member_phase(p, l.group, phase);
+    if (mp.member < 0) return;
+    if (mp.member == members) {  // the merge phase
+      using T = StorageTraits<S>;
+      const int64_t pixels = p.height * p.width;
+      for (int64_t q = l.k0; q < pixels; q += p.pixel_lanes) {
+        const int64_t e = l.base + q * p.channels;
+        Acc best;
+        winner_at(a, members, l.image, e, &best);
+        st<S>(a.out, e, T::store(best));
+      }
+      return;
+    }
+    const Sweep s = sweep_of(p, p.first[l.group] + mp.member);
+    Step step{a, s, l.base, l.g_base, pool_of(a, members, l.image, mp.member),
+              mp.local};
+    for_each_batch(s, p.pixel_lanes, l, mp.local, step);
   }
 };
 
-// The tangent: the forward's schedule and body, the tangent's step.
+// The tangent: member k's t[p] = pool_tangent[_guided](...) from tx[p] (g[p],
+// tg[p]) and the neighbours' t, which the phase before left in the block's
+// ring: ring[phase & 1][k][lane]. t is stored to tout rounded once (in a
+// merged group only by the member that won at p); the ring keeps it
+// unrounded (Compute<S>), as the CPU kernel does.
 template <typename S, bool kGuided>
-using TangentBody = ForwardBody<S, kGuided, /*kTangent=*/true>;
-
-// Backward: step t runs forward phase phases - 1 - t. A pixel q pulls G[q] =
-// ct[q] + what the pixels whose n1 / n2 is q passed on; they are all in the
-// phase run just before, and left it in the block's ring, which holds for the
-// last two phases what each pixel k passed to its n1 and n2:
-// ring[phase & 1][k][n1 or n2][lane].
-template <typename S, bool kGuided>
-struct BackwardBody {
+struct TangentBody {
+  static constexpr Pass kPass = Pass::kTangent;
+  static constexpr unsigned kWrites =
+      buffer_bit(kBufTout) | buffer_bit(kBufRing);
+  using Args = KernelArgs<S>;
   using Acc = Compute<S>;
-  struct Args {
-    LaunchPlan plan;
-    const S* x;
-    const S* g;  // null unless kGuided
-    const S* out;
-    const S* ct;
-    S* dx;
-    S* dg;       // null unless kGuided
-    Acc* ring;   // plan.blocks * plan.ring elements
-  };
 
   struct Step {
     using T = StorageTraits<S>;
     const Args& a;
-    int64_t base;      // Lane::base
-    Acc* ring;         // this block's ring, at this lane
+    const Sweep& s;
+    int64_t base, g_base;
+    int64_t ring;   // this block's ring, at this lane (index into a.ring)
+    PoolRef<S> pool;
+    int64_t image;
+    int members, member;
+    int64_t phase;
+    Acc x[kBatch] = {}, o1[kBatch] = {}, o2[kBatch] = {}, g[kBatch] = {};
+    Acc tx[kBatch] = {}, t1[kBatch] = {}, t2[kBatch] = {}, tg[kBatch] = {};
+
+    // Index of t of pixel k of phase ph.
+    LMCONV_HDI int64_t slot(int64_t ph, int64_t k) const {
+      return ring + ((ph & 1) * s.slots + k) * a.plan.lanes;
+    }
+    // The ring index of q's neighbour at view offset n (in the phase before).
+    LMCONV_HDI int64_t slot_of(const Pixel& q, Offset n) const {
+      return s.skew == 0 ? q.j + n.dc : q.i + n.dr;
+    }
+
+    LMCONV_HDI void load(int u, const Pixel& q) {
+      const int64_t p = base + q.at;
+      x[u] = T::load_input(ld<S>(a.x, p));
+      o1[u] = q.in1 ? T::load(ld<S>(pool.base, pool.offset + p + s.off1))
+                    : x[u];
+      o2[u] = q.in2 ? T::load(ld<S>(pool.base, pool.offset + p + s.off2))
+                    : x[u];
+      tx[u] = T::load(ld<S>(a.tx, p));
+      t1[u] = q.in1 ? ld<Acc>(a.ring, slot(phase - 1, slot_of(q, s.n1)))
+                    : Acc(0);
+      t2[u] = q.in2 ? ld<Acc>(a.ring, slot(phase - 1, slot_of(q, s.n2)))
+                    : Acc(0);
+      if constexpr (kGuided) {
+        g[u] = T::load_input(ld<S>(a.g, g_base + q.g_at));
+        tg[u] = T::load(ld<S>(a.tg, g_base + q.g_at));
+      }
+    }
+
+    LMCONV_HDI void store(int u, const Pixel& q) {
+      const Acc m = pool_max(x[u], q.in1, o1[u], q.in2, o2[u]);
+      Acc t;
+      if constexpr (kGuided) {
+        t = pool_tangent_guided(x[u], m, q.in1, o1[u], q.in2, o2[u], g[u],
+                                tx[u], t1[u], t2[u], tg[u]);
+      } else {
+        t = pool_tangent(x[u], m, q.in1, o1[u], q.in2, o2[u], tx[u], t1[u],
+                         t2[u]);
+      }
+      const int64_t p = base + q.at;
+      Acc best;
+      if (members == 1 || winner_at(a, members, image, p, &best) == member) {
+        st<S>(a.tout, p, T::store(t));
+      }
+      st<Acc>(a.ring, slot(phase, q.k), t);
+    }
+  };
+
+  static LMCONV_HDI void run(const Args& a, int64_t block, int64_t thread,
+                             int64_t phase, unsigned char* /*shared*/) {
+    const LaunchPlan& p = a.plan;
+    const Lane l = lane_of(p, block, thread);
+    if (!l.active) return;
+    const int members = p.members[l.group];
+    const MemberPhase mp = member_phase(p, l.group, phase);
+    if (mp.member < 0 || mp.member == members) return;
+    const Sweep s = sweep_of(p, p.first[l.group] + mp.member);
+    Step step{a,
+              s,
+              l.base,
+              l.g_base,
+              block * p.ring + l.lane,
+              pool_of(a, members, l.image, mp.member),
+              l.image,
+              members,
+              mp.member,
+              mp.local};
+    for_each_batch(s, p.pixel_lanes, l, mp.local, step);
+  }
+};
+
+// Backward: step t of member k runs forward phase phases - 1 - t of its
+// sweep. A pixel q pulls G[q] = ct[q] (where k won, in a merged group) + what
+// the pixels whose n1 / n2 is q passed on; they are all in the phase run just
+// before, and left it in the block's ring, which holds for the last two
+// phases what each pixel k passed to its n1 and n2:
+// ring[phase & 1][k][n1 or n2][lane]. The first step of a sweep pulls
+// nothing (its pixels are the sources of none), so the ring needs no reset
+// between the members.
+template <typename S, bool kGuided>
+struct BackwardBody {
+  static constexpr Pass kPass = Pass::kBackward;
+  static constexpr unsigned kWrites =
+      buffer_bit(kBufDx) | buffer_bit(kBufDgPixels) | buffer_bit(kBufRing);
+  using Args = KernelArgs<S>;
+  using Acc = Compute<S>;
+
+  struct Step {
+    using T = StorageTraits<S>;
+    const Args& a;
+    const Sweep& s;
+    int64_t base, g_base;
+    int64_t ring;
+    PoolRef<S> pool;
+    int64_t image;
+    int members, member;
     int64_t phase;
     Acc G[kBatch] = {}, x[kBatch] = {}, o1[kBatch] = {}, o2[kBatch] = {},
         g[kBatch] = {};
 
-    LMCONV_HDI Acc& slot(int64_t ph, int64_t k, int which) const {
-      return ring[(((ph & 1) * a.plan.sweep.slots + k) * 2 + which) *
-                  a.plan.lanes];
+    LMCONV_HDI int64_t slot(int64_t ph, int64_t k, int which) const {
+      return ring + (((ph & 1) * s.slots + k) * 2 + which) * a.plan.lanes;
     }
 
     LMCONV_HDI void load(int u, const Pixel& q) {
-      const Sweep& s = a.plan.sweep;
       const int64_t p = base + q.at;
-      G[u] = T::load(a.ct[p]);
+      const Acc c = T::load(ld<S>(a.ct, p));
+      Acc best;
+      G[u] = members == 1 || winner_at(a, members, image, p, &best) == member
+                 ? c
+                 : Acc(0);
       for (int t = 0; t < 2; ++t) {  // in the CPU's order
         const int which = (t == 0) == s.n2_first ? 1 : 0;
         const Offset n = which ? s.n2 : s.n1;
         if (inside(q.i, q.j, Offset{-n.dr, -n.dc}, s.height, s.width)) {
-          G[u] += slot(phase + 1, s.skew == 0 ? q.j - n.dc : q.i - n.dr, which);
+          G[u] += ld<Acc>(a.ring, slot(phase + 1,
+                                       s.skew == 0 ? q.j - n.dc : q.i - n.dr,
+                                       which));
         }
       }
-      x[u] = T::load(a.x[p]);
-      o1[u] = q.in1 ? T::load(a.out[p + s.off1]) : x[u];
-      o2[u] = q.in2 ? T::load(a.out[p + s.off2]) : x[u];
-      if constexpr (kGuided) g[u] = T::load(a.g[p]);
+      x[u] = T::load_input(ld<S>(a.x, p));
+      o1[u] = q.in1 ? T::load(ld<S>(pool.base, pool.offset + p + s.off1))
+                    : x[u];
+      o2[u] = q.in2 ? T::load(ld<S>(pool.base, pool.offset + p + s.off2))
+                    : x[u];
+      if constexpr (kGuided) {
+        g[u] = T::load_input(ld<S>(a.g, g_base + q.g_at));
+      }
+    }
+
+    // out[p] = r (first member) or out[p] + r rounded (later members).
+    LMCONV_HDI void put(S* out, int64_t p, Acc r) const {
+      if (member == 0) {
+        st<S>(out, p, T::store(r));
+      } else {
+        st<S>(out, p, T::store(T::load(ld<S>(out, p)) + T::load(T::store(r))));
+      }
     }
 
     LMCONV_HDI void store(int u, const Pixel& q) {
@@ -418,23 +795,92 @@ struct BackwardBody {
         const Acc m = pool_max(x[u], q.in1, o1[u], q.in2, o2[u]);
         r = pool_backward_guided(x[u], m, q.in1, o1[u], q.in2, o2[u], g[u],
                                  G[u]);
-        a.dg[p] = T::store(r.dguide);
+        put(a.dg_pixels, p, r.dguide);
       } else {
         r = pool_backward(x[u], q.in1, o1[u], q.in2, o2[u], G[u]);
       }
-      a.dx[p] = T::store(r.dx);
-      slot(phase, q.k, 0) = r.to_n1;
-      slot(phase, q.k, 1) = r.to_n2;
+      put(a.dx, p, r.dx);
+      st<Acc>(a.ring, slot(phase, q.k, 0), r.to_n1);
+      st<Acc>(a.ring, slot(phase, q.k, 1), r.to_n2);
     }
   };
 
   static LMCONV_HDI void run(const Args& a, int64_t block, int64_t thread,
                              int64_t step, unsigned char* /*shared*/) {
-    const Lane l = lane_of(a.plan, block, thread);
+    const LaunchPlan& p = a.plan;
+    const Lane l = lane_of(p, block, thread);
     if (!l.active) return;
-    Step st{a, l.base, a.ring + block * a.plan.ring + l.lane,
-            a.plan.phases - 1 - step};
-    for_each_batch(a.plan, l, st.phase, st);
+    const int members = p.members[l.group];
+    const MemberPhase mp = member_phase(p, l.group, step);
+    if (mp.member < 0 || mp.member == members) return;
+    const int dir = p.first[l.group] + mp.member;
+    const Sweep s = sweep_of(p, dir);
+    Step st_{a,
+             s,
+             l.base,
+             l.g_base,
+             block * p.ring + l.lane,
+             pool_of(a, members, l.image, mp.member),
+             l.image,
+             members,
+             mp.member,
+             p.dir_phases[dir] - 1 - mp.local};
+    for_each_batch(s, p.pixel_lanes, l, st_.phase, st_);
+  }
+};
+
+// The second launch of a guided backward whose guide is broadcast: guide
+// element e = block * reduce_threads + thread gets the sum, in Compute<S>,
+// of the per-pixel gradient over the x elements that read it, in x's element
+// order (cpu.cc's reduce_guide adds in the same order), rounded once.
+template <typename S>
+struct ReduceBody {
+  static constexpr Pass kPass = Pass::kBackward;
+  static constexpr unsigned kWrites = buffer_bit(kBufDg);
+  using Args = KernelArgs<S>;
+  using Acc = Compute<S>;
+
+  static LMCONV_HDI void run(const Args& a, int64_t block, int64_t thread,
+                             int64_t /*phase*/, unsigned char* /*shared*/) {
+    using T = StorageTraits<S>;
+    const LaunchPlan& p = a.plan;
+    const int64_t e = block * p.reduce_threads + thread;
+    if (e >= p.g_elements) return;
+    const int r = p.rank;
+    // x's element strides; e's coordinates along the guide's own dims.
+    int64_t xs[kPlanMaxRank], idx[kPlanMaxRank];
+    int64_t stride = 1;
+    for (int k = r - 1; k >= 0; --k) {
+      xs[k] = stride;
+      stride *= p.x_dims[k];
+    }
+    int64_t rest = e, base = 0;
+    for (int k = r - 1; k >= 0; --k) {
+      const bool bcast = p.g_strides[k] == 0;
+      const int64_t gdim = bcast ? 1 : p.x_dims[k];
+      const int64_t c = rest % gdim;
+      rest /= gdim;
+      base += c * xs[k];
+      idx[k] = 0;
+    }
+    // An odometer over the broadcast dims, innermost fastest: x's order.
+    Acc acc(0);
+    int64_t off = base;
+    for (;;) {
+      acc += T::load(ld<S>(a.dg_pixels, off));
+      int k = r - 1;
+      for (; k >= 0; --k) {
+        if (p.g_strides[k] != 0 || p.x_dims[k] == 1) continue;
+        if (++idx[k] < p.x_dims[k]) {
+          off += xs[k];
+          break;
+        }
+        off -= (p.x_dims[k] - 1) * xs[k];
+        idx[k] = 0;
+      }
+      if (k < 0) break;
+    }
+    st<S>(a.dg, e, T::store(acc));
   }
 };
 

@@ -1,167 +1,349 @@
-// CPU emulation of the CUDA kernels: the FFI handlers of cuda_ffi.h with a
-// Backend that, instead of launching a kernel, runs its body (cuda_schedule.h,
-// compiled here for the host) for every block and thread of the real launch
-// geometry, phase by phase: all threads of all blocks finish a phase before
-// any starts the next, as __syncthreads() guarantees within a block. Blocks
-// are independent, so running them in lock step is one valid GPU order.
+// CPU emulation of the CUDA kernels: handlers.inc's six handlers over the
+// phased back end (cuda_ffi.h) with a platform that, instead of launching a
+// kernel, runs its body (cuda_schedule.h, compiled here for the host) for
+// every block and thread of the real launch geometry, phase by phase: all
+// threads of all blocks finish a phase before any starts the next, as
+// __syncthreads() guarantees within a block. Blocks are independent, so
+// running them in lock step is one valid GPU order.
 //
 // To catch what the GPU could do differently, the emulator
 //   * can run the blocks and threads of each phase in reverse order (a body
-//     that read another thread's output of the same phase would differ), and
+//     that read another thread's output of the same phase would differ),
 //   * fills the outputs and the workspace with NaN bytes first, so a pixel
-//     that is never written, or read before it is written, shows up as NaN.
+//     that is never written, or read before it is written, shows up as NaN,
+//   * and, on request, checks every memory access of the bodies (their ld()
+//     and st()): the race and bounds detector. Within one phase of one
+//     block, no element may be written by one thread and read or written by
+//     another (the barrier between phases cannot order those); across blocks
+//     (which no barrier orders) no element may be written by one block and
+//     read or written by another in the whole launch; every access must lie
+//     inside the buffer it is made through, writes only to the buffers the
+//     body may write (Body::kWrites), and workspace ring accesses inside the
+//     block's own ring. The first violation fails the call with a message
+//     that names the buffer, the element, the phase and both threads.
+// It computes with subnormals flushed (FTZ/DAZ), as the CPU kernels do and
+// as the GPU build does for float32 (cuda.cu: -ftz=true).
 //
-// Targets (platform "cpu"): lmconv_emu_pool_{fwd,bwd,tangent}[_guided], with
-// the operands of the real targets and two more int64 attributes:
-// multiprocessors (what the CUDA handler asks the GPU; it shapes the plan)
-// and order (0: blocks and threads ascending, 1: descending).
+// Targets (platform "cpu"): lmconv_emu_pool_{fwd,fwd_guided,tangent,
+// tangent_guided,bwd,bwd_guided}, with the operands and attributes of the
+// real targets and two more int64 attributes: multiprocessors (what the
+// CUDA handler asks the GPU; it shapes the plan) and order, a bit set:
+//   1: run blocks and threads descending (else ascending),
+//   2: run the race and bounds detector,
+//   4: test hook: plant a race (the forward reads a pixel of its own phase
+//      that another thread writes),
+//   8: test hook: plant an out-of-bounds read (one element past x).
 
+#ifndef LMCONV_EMULATOR  // CMakeLists.txt defines it for the whole module
+#define LMCONV_EMULATOR 1
+#endif
+
+#include <algorithm>
 #include <cstring>
+#include <deque>
+#include <memory>
+#include <sstream>
+#include <string>
 #include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
 
 #include "cuda_ffi.h"
 
 namespace lmconv {
-
-// The direction, then the emulator's own two attributes (decoded flat, in
-// this order, by aggregate initialisation).
-struct EmulatorAttrs {
-  DirectionAttrs direction;
-  int64_t multiprocessors, order;
-};
-
-}  // namespace lmconv
-
-XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(
-    lmconv::EmulatorAttrs, LMCONV_DIRECTION_ATTR_MEMBERS,
-    xla::ffi::StructMember<int64_t>("multiprocessors"),
-    xla::ffi::StructMember<int64_t>("order"));
-
-namespace lmconv {
-namespace cuda {
 namespace {
 
-// Runs Body like cuda.cu's phased kernel: phases, then blocks, then threads,
-// each block with its own shared memory.
-template <typename Body>
-void emulate(const LaunchPlan& plan, const typename Body::Args& args,
-             bool reverse) {
-  std::vector<unsigned char> shared(plan.blocks * plan.shared_bytes);
-  for (int64_t phase = 0; phase < plan.phases; ++phase) {
-    for (int64_t b = 0; b < plan.blocks; ++b) {
-      const int64_t block = reverse ? plan.blocks - 1 - b : b;
-      for (int64_t t = 0; t < plan.threads; ++t) {
-        const int64_t thread = reverse ? plan.threads - 1 - t : t;
-        Body::run(args, block, thread, phase,
-                  shared.data() + block * plan.shared_bytes);
-      }
+constexpr int64_t kOrderReverse = 1;
+constexpr int64_t kOrderCheck = 2;
+constexpr int64_t kOrderPlantRace = 4;
+constexpr int64_t kOrderPlantOutOfBounds = 8;
+
+const char* const kBufferNames[kBufCount] = {
+    "x", "guide", "out", "members", "tx", "tguide", "tout", "ct", "dx",
+    "dguide (per pixel)", "dguide", "workspace ring"};
+
+// The race and bounds detector: the state of every element of every buffer
+// in the current launch.
+class Tracer {
+ public:
+  struct Region {
+    const char* base;
+    int64_t elements;
+    size_t elem_bytes;
+    Buffer id;
+    bool writable;
+    int64_t per_block;  // > 0: block b may touch only [b, b + 1) * per_block
+  };
+
+  void add(Buffer id, const void* base, int64_t elements, size_t elem_bytes,
+           bool writable, int64_t per_block = 0) {
+    if (!base || elements <= 0) return;
+    for (const Region& r : regions_) {
+      if (r.base == base) return;  // the same buffer under two names
     }
+    regions_.push_back(Region{static_cast<const char*>(base), elements,
+                              elem_bytes, id, writable, per_block});
+    states_.emplace_back(static_cast<size_t>(elements));
   }
+
+  void at(int64_t phase, int64_t block, int64_t thread, int64_t threads) {
+    phase_ = phase;
+    block_ = block;
+    thread_ = thread;
+    threads_ = threads;
+  }
+
+  bool access(const void* base, int64_t index, bool write) {
+    if (!error_.empty()) return false;
+    size_t k = 0;
+    for (; k < regions_.size(); ++k) {
+      if (regions_[k].base == base) break;
+    }
+    if (k == regions_.size()) {
+      std::ostringstream s;
+      s << "an access through a pointer that is no buffer of the call ("
+        << base << ", element " << index << "; buffers:";
+      for (const Region& r : regions_) {
+        s << " " << kBufferNames[r.id] << "=" << static_cast<const void*>(r.base);
+      }
+      s << ")";
+      fail(s.str());
+      return false;
+    }
+    const Region& r = regions_[k];
+    if (index < 0 || index >= r.elements) {
+      std::ostringstream s;
+      s << "out of bounds: " << (write ? "write to " : "read of ")
+        << kBufferNames[r.id] << " element " << index << " (it has "
+        << r.elements << ")";
+      fail(s.str());
+      return false;
+    }
+    if (write && !r.writable) {
+      fail(std::string("write to the read-only buffer ") + kBufferNames[r.id] +
+           " element " + std::to_string(index));
+      return false;
+    }
+    if (r.per_block > 0 && index / r.per_block != block_) {
+      std::ostringstream s;
+      s << "out of bounds: " << (write ? "write to " : "read of ")
+        << kBufferNames[r.id] << " element " << index
+        << ", outside the block's own ring [" << block_ * r.per_block << ", "
+        << (block_ + 1) * r.per_block << ")";
+      fail(s.str());
+      return false;
+    }
+    State& e = states_[k][static_cast<size_t>(index)];
+    const int64_t me = block_ * threads_ + thread_;
+    // Across blocks: nothing orders them within a launch.
+    if (e.block < 0) e.block = block_;
+    if (e.block != block_) e.multi_block = true;
+    e.written |= write;
+    if (e.multi_block && e.written) {
+      race(r, index, write, "another block", e.block);
+      return false;
+    }
+    // Within a block: the phase's barrier orders only different phases.
+    if (e.phase != phase_) {
+      e.phase = phase_;
+      e.writer = -1;
+      e.reader = -1;
+    }
+    if (e.writer >= 0 && e.writer != me) {
+      race(r, index, write, "written by", e.writer);
+      return false;
+    }
+    if (write) {
+      if (e.reader == kMany || (e.reader >= 0 && e.reader != me)) {
+        race(r, index, write, "read by", e.reader);
+        return false;
+      }
+      e.writer = me;
+    } else {
+      e.reader = e.reader == -1 || e.reader == me ? me : kMany;
+    }
+    return true;
+  }
+
+  const std::string& error() const { return error_; }
+
+ private:
+  static constexpr int64_t kMany = -2;
+  struct State {
+    int64_t phase = -1;
+    int64_t writer = -1;  // block * threads + thread, this phase
+    int64_t reader = -1;  // the same, or kMany
+    int64_t block = -1;   // the first block that touched it in the launch
+    bool multi_block = false, written = false;
+  };
+
+  void fail(const std::string& what) {
+    if (!error_.empty()) return;
+    std::ostringstream s;
+    s << "lmconv_jax CUDA emulator: " << what << ", in phase " << phase_
+      << " by block " << block_ << " thread " << thread_;
+    error_ = s.str();
+  }
+
+  void race(const Region& r, int64_t index, bool write, const char* other,
+            int64_t who) {
+    std::ostringstream s;
+    s << "race: " << (write ? "write to " : "read of ") << kBufferNames[r.id]
+      << " element " << index << ", ";
+    if (who == kMany) {
+      s << other << " several other threads in the same phase";
+    } else if (std::string(other) == "another block") {
+      s << "touched by block " << who << " (and written) in the same launch";
+    } else {
+      s << other << " block " << who / threads_ << " thread "
+        << who % threads_ << " in the same phase";
+    }
+    fail(s.str());
+  }
+
+  std::vector<Region> regions_;
+  std::deque<std::vector<State>> states_;
+  int64_t phase_ = 0, block_ = 0, thread_ = 0, threads_ = 1;
+  std::string error_;
+};
+
+thread_local Tracer* tracer = nullptr;
+
+}  // namespace
+
+bool emu_trace(const void* base, int64_t index, bool write) {
+  return tracer == nullptr || tracer->access(base, index, write);
 }
 
-void poison(void* data, size_t bytes) { std::memset(data, 0xFF, bytes); }
+namespace {
 
-class EmulatorBackend {
+// XLA's CPU runtime mode, and the GPU's for float32 (-ftz=true).
+class FlushDenormals {
  public:
-  explicit EmulatorBackend(const EmulatorAttrs& a)
-      : multiprocessors_(a.multiprocessors), reverse_(a.order != 0) {}
+#if defined(__x86_64__) || defined(__i386__)
+  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040u); }
+  ~FlushDenormals() { _mm_setcsr(saved_); }
 
-  ffi::ErrorOr<int64_t> multiprocessors() const { return multiprocessors_; }
+ private:
+  unsigned saved_;
+#endif
+};
 
-  ffi::ErrorOr<void*> workspace(size_t bytes) {
-    workspace_.resize(bytes / sizeof(double) + 1);  // aligned for any G
-    poison(workspace_.data(), workspace_.size() * sizeof(double));
-    return static_cast<void*>(workspace_.data());
+// Registers the buffers of one launch of Body with the tracer.
+template <typename Body>
+void add_buffers(Tracer& t, const typename Body::Args& a) {
+  using S = std::remove_const_t<std::remove_pointer_t<decltype(a.x)>>;
+  const LaunchPlan& p = a.plan;
+  const unsigned w = Body::kWrites;
+  auto add = [&](Buffer id, const void* base, int64_t n, size_t bytes,
+                 int64_t per_block = 0) {
+    t.add(id, base, n, bytes, (w & buffer_bit(id)) != 0, per_block);
+  };
+  const size_t s = sizeof(S);
+  add(kBufX, a.x, p.size, s);
+  add(kBufG, a.g, p.g_elements, s);
+  add(kBufOut, a.out, p.size, s);
+  add(kBufMembers, a.members, p.max_members * p.size, s);
+  add(kBufTx, a.tx, p.size, s);
+  add(kBufTg, a.tg, p.g_elements, s);
+  add(kBufTout, a.tout, p.size, s);
+  add(kBufCt, a.ct, p.size, s);
+  add(kBufDx, a.dx, p.size, s);
+  add(kBufDgPixels, a.dg_pixels, p.size, s);
+  add(kBufDg, a.dg, p.g_elements, s);
+  add(kBufRing, a.ring, p.blocks * p.ring, sizeof(Compute<S>), p.ring);
+}
+
+class EmulatorPlatform {
+ public:
+  EmulatorPlatform(int64_t multiprocessors, int64_t order)
+      : multiprocessors_(multiprocessors), order_(order) {}
+
+  ffi::ErrorOr<int64_t> multiprocessors() const {
+    if (multiprocessors_ < 1) {
+      return ffi::Unexpected(ffi::Error::InvalidArgument(
+          "lmconv_emu: multiprocessors must be >= 1"));
+    }
+    return multiprocessors_;
   }
 
+  ffi::ErrorOr<void*> workspace(size_t bytes) {
+    // Owned by the platform (the back end), which outlives the launches.
+    workspace_.emplace_back(bytes / sizeof(double) + 1);  // aligned for any G
+    std::vector<double>& w = workspace_.back();
+    poison(w.data(), w.size() * sizeof(double));
+    return static_cast<void*>(w.data());
+  }
+
+  ffi::Error zero(void* p, size_t bytes) {
+    std::memset(p, 0, bytes);
+    return ffi::Error::Success();
+  }
+
+  void poison(void* p, size_t bytes) {
+    if (p) std::memset(p, 0xFF, bytes);  // NaN in every float type
+  }
+
+  // The planted faults only with the detector on, which stops them.
+  int flags() const {
+    if (!(order_ & kOrderCheck)) return 0;
+    return ((order_ & kOrderPlantRace) ? kPlantRace : 0) |
+           ((order_ & kOrderPlantOutOfBounds) ? kPlantOutOfBounds : 0);
+  }
+
+  // Runs Body like cuda.cu's phased kernel: phases, then blocks, then
+  // threads, each block with its own shared memory.
   template <typename Body>
-  ffi::Error launch(const LaunchPlan& plan, const typename Body::Args& args) {
-    emulate<Body>(plan, args, reverse_);
+  ffi::Error launch(const Launch& l, const typename Body::Args& args) {
+    FlushDenormals ftz;
+    std::unique_ptr<Tracer> t;
+    if (order_ & kOrderCheck) {
+      t = std::make_unique<Tracer>();
+      add_buffers<Body>(*t, args);
+    }
+    tracer = t.get();
+    const bool reverse = (order_ & kOrderReverse) != 0;
+    std::vector<unsigned char> shared(
+        static_cast<size_t>(l.blocks * l.shared_bytes) + 1);
+    for (int64_t phase = 0; phase < l.phases; ++phase) {
+      for (int64_t b = 0; b < l.blocks; ++b) {
+        const int64_t block = reverse ? l.blocks - 1 - b : b;
+        for (int64_t k = 0; k < l.threads; ++k) {
+          const int64_t thread = reverse ? l.threads - 1 - k : k;
+          if (t) t->at(phase, block, thread, l.threads);
+          Body::run(args, block, thread, phase,
+                    shared.data() + block * l.shared_bytes);
+        }
+      }
+      if (t && !t->error().empty()) break;
+    }
+    tracer = nullptr;
+    if (t && !t->error().empty()) return ffi::Error::Internal(t->error());
     return ffi::Error::Success();
   }
 
  private:
   int64_t multiprocessors_;
-  bool reverse_;
-  std::vector<double> workspace_;
+  int64_t order_;
+  std::deque<std::vector<double>> workspace_;
 };
 
-void poison(ffi::AnyBuffer b) { poison(b.untyped_data(), b.size_bytes()); }
-
-ffi::Error EmuFwd(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out,
-                  EmulatorAttrs a) {
-  EmulatorBackend be(a);
-  poison(*out);
-  return Forward(be, "lmconv_emu_pool_fwd", x, nullptr, *out, a.direction);
-}
-
-ffi::Error EmuFwdGuided(ffi::AnyBuffer x, ffi::AnyBuffer g,
-                        ffi::Result<ffi::AnyBuffer> out, EmulatorAttrs a) {
-  EmulatorBackend be(a);
-  poison(*out);
-  return Forward(be, "lmconv_emu_pool_fwd_guided", x, &g, *out,
-                 a.direction);
-}
-
-ffi::Error EmuBwd(ffi::AnyBuffer x, ffi::AnyBuffer out, ffi::AnyBuffer ct,
-                  ffi::Result<ffi::AnyBuffer> dx, EmulatorAttrs a) {
-  EmulatorBackend be(a);
-  poison(*dx);
-  return Backward(be, "lmconv_emu_pool_bwd", x, nullptr, out, ct, *dx,
-                  nullptr, a.direction);
-}
-
-ffi::Error EmuBwdGuided(ffi::AnyBuffer x, ffi::AnyBuffer g, ffi::AnyBuffer out,
-                        ffi::AnyBuffer ct, ffi::Result<ffi::AnyBuffer> dx,
-                        ffi::Result<ffi::AnyBuffer> dg, EmulatorAttrs a) {
-  EmulatorBackend be(a);
-  ffi::AnyBuffer dg_buf = *dg;
-  poison(*dx);
-  poison(dg_buf);
-  return Backward(be, "lmconv_emu_pool_bwd_guided", x, &g, out, ct, *dx,
-                  &dg_buf, a.direction);
-}
-
-ffi::Error EmuTangent(ffi::AnyBuffer x, ffi::AnyBuffer out, ffi::AnyBuffer tx,
-                      ffi::Result<ffi::AnyBuffer> tout, EmulatorAttrs a) {
-  EmulatorBackend be(a);
-  poison(*tout);
-  return Tangent(be, "lmconv_emu_pool_tangent", x, nullptr, out, tx, nullptr,
-                 *tout, a.direction);
-}
-
-ffi::Error EmuTangentGuided(ffi::AnyBuffer x, ffi::AnyBuffer g,
-                            ffi::AnyBuffer out, ffi::AnyBuffer tx,
-                            ffi::AnyBuffer tg,
-                            ffi::Result<ffi::AnyBuffer> tout,
-                            EmulatorAttrs a) {
-  EmulatorBackend be(a);
-  poison(*tout);
-  return Tangent(be, "lmconv_emu_pool_tangent_guided", x, &g, out, tx, &tg,
-                 *tout, a.direction);
-}
+using EmulatorBackend = PhasedBackend<EmulatorPlatform>;
 
 }  // namespace
-}  // namespace cuda
 }  // namespace lmconv
 
-using lmconv::EmulatorAttrs;
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    LmconvEmuPoolFwd, lmconv::cuda::EmuFwd,
-    lmconv::bind_pool_fwd<EmulatorAttrs>(xla::ffi::Ffi::Bind()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    LmconvEmuPoolFwdGuided, lmconv::cuda::EmuFwdGuided,
-    lmconv::bind_pool_fwd_guided<EmulatorAttrs>(xla::ffi::Ffi::Bind()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    LmconvEmuPoolBwd, lmconv::cuda::EmuBwd,
-    lmconv::bind_pool_bwd<EmulatorAttrs>(xla::ffi::Ffi::Bind()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    LmconvEmuPoolBwdGuided, lmconv::cuda::EmuBwdGuided,
-    lmconv::bind_pool_bwd_guided<EmulatorAttrs>(xla::ffi::Ffi::Bind()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    LmconvEmuPoolTangent, lmconv::cuda::EmuTangent,
-    lmconv::bind_pool_tangent<EmulatorAttrs>(xla::ffi::Ffi::Bind()));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    LmconvEmuPoolTangentGuided, lmconv::cuda::EmuTangentGuided,
-    lmconv::bind_pool_tangent_guided<EmulatorAttrs>(xla::ffi::Ffi::Bind()));
+// The six handlers (handlers.inc), with the emulator's two attributes.
+#define LMCONV_BACKEND lmconv::EmulatorBackend
+#define LMCONV_SYMBOL(name) LmconvEmu##name
+#define LMCONV_TARGET(name) "lmconv_emu_" name
+#define LMCONV_CONTEXT_PARAMS
+#define LMCONV_BIND xla::ffi::Ffi::Bind()
+#define LMCONV_EXTRA_ATTR_PARAMS , int64_t multiprocessors, int64_t order
+#define LMCONV_EXTRA_ATTRS \
+  .Attr<int64_t>("multiprocessors").Attr<int64_t>("order")
+#define LMCONV_MAKE_BACKEND \
+  EmulatorBackend(EmulatorPlatform(multiprocessors, order))
+#include "handlers.inc"

@@ -3,8 +3,15 @@
 // the CUDA handlers would use, and whether this build compiled the CUDA code.
 
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
-#include "cuda_schedule.h"
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "cuda_ffi.h"
 #include "nb_registrations.h"
 
 namespace nb = nanobind;
@@ -13,41 +20,74 @@ LMCONV_DECLARE_POOL_HANDLERS(LmconvEmu)
 
 namespace {
 
-// The launch of one call, as the CUDA handler plans it.
-nb::dict launch_plan(int64_t row_step, int64_t col_step, int64_t n1_row,
-                     int64_t n1_col, int64_t n2_row, int64_t n2_col,
-                     int64_t batch, int64_t height, int64_t width,
-                     int64_t channels, bool backward,
-                     int64_t multiprocessors, bool tangent) {
-  if (backward && tangent) {
-    throw nb::value_error("backward and tangent are different kernels");
+// The launches of one call, as the CUDA handler plans them.
+nb::dict launch_plan(std::vector<int64_t> group_sizes,
+                     std::vector<int64_t> directions,
+                     std::vector<int64_t> shape, const std::string& pass,
+                     int64_t multiprocessors,
+                     std::optional<std::vector<int64_t>> guide_shape) {
+  lmconv::Call c;
+  const xla::ffi::Span<const int64_t> sizes(group_sizes.data(),
+                                            group_sizes.size());
+  const xla::ffi::Span<const int64_t> dirs(directions.data(),
+                                           directions.size());
+  if (auto e = lmconv::grouping_of("launch_plan", sizes, dirs, &c.grouping);
+      e.failure()) {
+    throw nb::value_error(e.message().c_str());
   }
-  lmconv::Direction d;
-  if (const char* why = lmconv::make_direction(row_step, col_step, n1_row,
-                                               n1_col, n2_row, n2_col, &d)) {
-    throw nb::value_error(why);
+  const int r = static_cast<int>(shape.size());
+  if (r < 3 || r > 11) throw nb::value_error("shape must have rank 3 to 11");
+  c.geo = lmconv::Geometry{1, shape[r - 3], shape[r - 2], shape[r - 1]};
+  for (int k = 0; k + 3 < r; ++k) c.geo.batch *= shape[k];
+  if (c.geo.channels % c.grouping.groups != 0) {
+    throw nb::value_error("channels do not split into the groups");
   }
-  const lmconv::LaunchPlan p = lmconv::plan_launch(
-      d, batch, height, width, channels,
-      backward  ? lmconv::Pass::kBackward
-      : tangent ? lmconv::Pass::kTangent
-                : lmconv::Pass::kForward,
-      multiprocessors);
-  nb::dict r;
-  r["blocks"] = p.blocks;
-  r["threads"] = p.threads;
-  r["phases"] = p.phases;
-  r["shared_bytes"] = p.shared_bytes;
-  r["workspace_elements"] = p.blocks * p.ring;
-  r["lanes"] = p.lanes;
-  r["pixel_lanes"] = p.pixel_lanes;
-  r["skew"] = p.sweep.skew;
-  r["transposed"] = p.sweep.transposed;
-  r["view_height"] = p.sweep.height;
-  r["view_width"] = p.sweep.width;
-  r["pixels_per_batch"] = p.pixel_lanes * lmconv::kBatch;
-  r["launches"] = 1;
-  return r;
+  c.group_channels = c.geo.channels / c.grouping.groups;
+  c.has_members = c.grouping.max_members > 1;
+  c.guided = guide_shape.has_value();
+  if (c.guided) {
+    if (static_cast<int>(guide_shape->size()) != r) {
+      throw nb::value_error("guide_shape must have x's rank");
+    }
+    c.guide = lmconv::guide_layout_from_dims(shape.data(),
+                                             guide_shape->data(), r);
+  }
+  lmconv::Pass p;
+  if (pass == "forward") p = lmconv::Pass::kForward;
+  else if (pass == "backward") p = lmconv::Pass::kBackward;
+  else if (pass == "tangent") p = lmconv::Pass::kTangent;
+  else throw nb::value_error("pass must be 'forward', 'backward' or 'tangent'");
+  const lmconv::LaunchPlan lp = lmconv::plan_for(c, p, multiprocessors);
+  nb::dict d;
+  d["blocks"] = lp.blocks;
+  d["threads"] = lp.threads;
+  d["phases"] = lp.phases;
+  d["shared_bytes"] = lp.shared_bytes;
+  d["workspace_elements"] = lp.blocks * lp.ring;
+  d["lanes"] = lp.lanes;
+  d["chunks"] = lp.chunks;
+  d["pixel_lanes"] = lp.pixel_lanes;
+  d["pixels_per_batch"] = lp.pixel_lanes * lmconv::kBatch;
+  d["launches"] = lp.launches;
+  d["reduce_blocks"] = lp.reduce_blocks;
+  d["reduce_threads"] = lp.reduce_threads;
+  d["kernel_args_bytes"] = sizeof(lmconv::KernelArgs<float>);
+  nb::list sweeps;
+  int total = 0;
+  for (int g = 0; g < c.grouping.groups; ++g) total += c.grouping.members[g];
+  for (int k = 0; k < total; ++k) {
+    const lmconv::Sweep s = lmconv::sweep_of(lp, k);
+    nb::dict sd;
+    sd["phases"] = s.phases;
+    sd["skew"] = s.skew;
+    sd["transposed"] = s.transposed;
+    sd["view_height"] = s.height;
+    sd["view_width"] = s.width;
+    sd["slots"] = s.slots;
+    sweeps.append(sd);
+  }
+  d["sweeps"] = sweeps;
+  return d;
 }
 
 }  // namespace
@@ -58,13 +98,12 @@ NB_MODULE(_lmconv_cuda_emu, m) {
     return lmconv::registrations("lmconv_emu_",
                                  LMCONV_POOL_HANDLERS(LmconvEmu));
   }, "Returns {target name: capsule} for jax.ffi.register_ffi_target (cpu).");
-  m.def("launch_plan", &launch_plan, nb::arg("row_step"), nb::arg("col_step"),
-        nb::arg("n1_row"), nb::arg("n1_col"), nb::arg("n2_row"),
-        nb::arg("n2_col"), nb::arg("batch"), nb::arg("height"),
-        nb::arg("width"), nb::arg("channels"), nb::arg("backward"),
-        nb::arg("multiprocessors"), nb::arg("tangent") = false,
-        "The CUDA launch of one pool call (forward, backward=True or "
-        "tangent=True): grid, block, phases, workspace.");
+  m.def("launch_plan", &launch_plan, nb::arg("group_sizes"),
+        nb::arg("directions"), nb::arg("shape"), nb::arg("pass_"),
+        nb::arg("multiprocessors"), nb::arg("guide_shape") = nb::none(),
+        "The CUDA launches of one grouped call (pass_: 'forward', "
+        "'backward' or 'tangent'): grid, block, phases, workspace, and each "
+        "direction's sweep.");
   m.def("build_info", [] {
     nb::dict d;
     d["cuda_compiled"] = bool(LMCONV_CUDA_COMPILED);

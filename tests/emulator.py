@@ -1,0 +1,165 @@
+"""Test helpers: the CUDA kernels' CPU emulation, and the CPU kernels, called
+directly through their grouped FFI targets (not through the package's
+primitives).
+
+The emulator module ``lmconv_jax._lmconv_cuda_emu`` (xla_ffi/emulate.cc) runs
+the CUDA kernel bodies on the CPU for every block and thread of the launch the
+CUDA handler would make. Its targets ``lmconv_emu_pool_*`` are registered here
+(platform "cpu"), not by the package. The CPU targets ``lmconv_pool_*`` are
+the ones ``import lmconv_jax`` registers.
+
+Operands (xla_ffi/handlers.inc):
+  pool_fwd[_guided]      (x[, g])                      -> out, members
+  pool_tangent[_guided]  (x[, g], out, members, tx[, tg]) -> tout
+  pool_bwd[_guided]      (x[, g], out, members, ct)    -> dx[, dg]
+with attributes group_sizes (int64[P]) and directions (int64[6 * sum]); the
+emulator also takes multiprocessors and order (a bit set: 1 reverse the
+blocks and threads of each phase, 2 run the race and bounds detector, 4 plant
+a race, 8 plant an out-of-bounds read).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import lmconv_jax  # registers the CPU targets lmconv_pool_*
+from lmconv_jax import _ffi  # noqa: F401
+
+try:
+  from lmconv_jax import _lmconv_cuda_emu as EMULATOR
+except ImportError:  # built without the emulator (LMCONV_EMULATOR=OFF)
+  EMULATOR = None
+
+if EMULATOR is not None:
+  for _name, _capsule in EMULATOR.registrations().items():
+    jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")
+
+REVERSE, CHECK, PLANT_RACE, PLANT_OUT_OF_BOUNDS = 1, 2, 4, 8
+
+
+def resolve_groups(groups):
+  """A tuple of tuples of Directions, from a grouping name or sequence."""
+  resolve = getattr(lmconv_jax, "directions").resolve_grouping
+  return resolve(groups)
+
+
+def grouping_attrs(groups):
+  groups = resolve_groups(groups)
+  return dict(
+      group_sizes=np.array([len(g) for g in groups], np.int64),
+      directions=np.array([v for g in groups for d in g
+                           for v in (d.row_step, d.col_step, d.n1[0], d.n1[1],
+                                     d.n2[0], d.n2[1])], np.int64))
+
+
+def guide_at_rank(guide, x):
+  """The guide at x's rank, 1s where broadcast ((C,) -> (1, ..., 1, C))."""
+  if guide is None:
+    return None
+  guide = jnp.asarray(guide, x.dtype)
+  return guide.reshape((1,) * (x.ndim - guide.ndim) + guide.shape)
+
+
+def _members_shape(groups, x):
+  """(..., K, H, W, C) for K > 1 (member k of image b at (b*K + k)*H*W*C),
+  else (..., 0, H, W, C)."""
+  k = max(len(g) for g in resolve_groups(groups))
+  return x.shape[:-3] + (k if k > 1 else 0,) + x.shape[-3:]
+
+
+def _attrs(groups, emulated, multiprocessors, order):
+  a = grouping_attrs(groups)
+  if emulated:
+    a["multiprocessors"] = np.int64(multiprocessors)
+    a["order"] = np.int64(order)
+  return a
+
+
+def _target(name, guided, emulated):
+  return ("lmconv_emu_" if emulated else "lmconv_") + name + (
+      "_guided" if guided else "")
+
+
+def _sds(shape, dtype):
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def forward(x, guide, groups, *, emulated, multiprocessors=132, order=0):
+  """(out, members) of the grouped pool."""
+  x = jnp.asarray(x)
+  g = guide_at_rank(guide, x)
+  call = jax.ffi.ffi_call(
+      _target("pool_fwd", g is not None, emulated),
+      (_sds(x.shape, x.dtype), _sds(_members_shape(groups, x), x.dtype)))
+  args = (x,) if g is None else (x, g)
+  return call(*args, **_attrs(groups, emulated, multiprocessors, order))
+
+
+def tangent(x, guide, groups, out, members, tx, tguide=None, *, emulated,
+            multiprocessors=132, order=0):
+  """tout: the tangent of the grouped pool along tx (and tguide)."""
+  x = jnp.asarray(x)
+  g = guide_at_rank(guide, x)
+  call = jax.ffi.ffi_call(_target("pool_tangent", g is not None, emulated),
+                          _sds(x.shape, x.dtype))
+  if g is None:
+    args = (x, out, members, jnp.asarray(tx, x.dtype))
+  else:
+    args = (x, g, out, members, jnp.asarray(tx, x.dtype),
+            guide_at_rank(tguide, x))
+  return call(*args, **_attrs(groups, emulated, multiprocessors, order))
+
+
+def backward(x, guide, groups, out, members, ct, *, emulated,
+             multiprocessors=132, order=0):
+  """(dx, dguide): dguide at the guide's own shape (at x's rank), or None."""
+  x = jnp.asarray(x)
+  g = guide_at_rank(guide, x)
+  ct = jnp.asarray(ct, x.dtype)
+  if g is None:
+    call = jax.ffi.ffi_call(_target("pool_bwd", False, emulated),
+                            _sds(x.shape, x.dtype))
+    dx = call(x, out, members, ct,
+              **_attrs(groups, emulated, multiprocessors, order))
+    return dx, None
+  call = jax.ffi.ffi_call(_target("pool_bwd", True, emulated),
+                          (_sds(x.shape, x.dtype), _sds(g.shape, x.dtype)))
+  return tuple(call(x, g, out, members, ct,
+                    **_attrs(groups, emulated, multiprocessors, order)))
+
+
+def emulated_forward(x, guide, groups, *, multiprocessors=132, order=0):
+  """(out, members) from the emulated CUDA forward kernel."""
+  return forward(x, guide, groups, emulated=True,
+                 multiprocessors=multiprocessors, order=order)
+
+
+def emulated_tangent(x, guide, groups, out, members, tx, tguide=None, *,
+                     multiprocessors=132, order=0):
+  """tout from the emulated CUDA tangent kernel."""
+  return tangent(x, guide, groups, out, members, tx, tguide, emulated=True,
+                 multiprocessors=multiprocessors, order=order)
+
+
+def emulated_backward(x, guide, groups, out, members, ct, *,
+                      multiprocessors=132, order=0):
+  """(dx, dguide) from the emulated CUDA backward kernel(s)."""
+  return backward(x, guide, groups, out, members, ct, emulated=True,
+                  multiprocessors=multiprocessors, order=order)
+
+
+def launch_plan(groups, shape, pass_="forward", *, multiprocessors=132,
+                guide_shape=None):
+  """The CUDA launch(es) of one grouped call, as the CUDA handler plans them:
+  blocks, threads, phases, workspace, lanes, launches (2 for a guided
+  backward with a broadcast guide: the reduction), each direction's sweep."""
+  a = grouping_attrs(groups)
+  shape = tuple(int(s) for s in shape)
+  if guide_shape is not None:
+    guide_shape = tuple(int(s) for s in guide_shape)
+    guide_shape = (1,) * (len(shape) - len(guide_shape)) + guide_shape
+  return EMULATOR.launch_plan([int(v) for v in a["group_sizes"]],
+                              [int(v) for v in a["directions"]], list(shape),
+                              pass_, int(multiprocessors), guide_shape)
