@@ -46,9 +46,12 @@ def run(args) -> None:
   # GPU run would use NCCL without any setting).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if args.num_processes > 1:
-    # Short timeouts: a dead peer ends the run in seconds, not minutes.
+    # Short timeouts: a dead peer ends the run in seconds, not minutes. The
+    # coordinator (process 0) listens on that address only, not on every
+    # interface (the default).
     jax.distributed.initialize(
         coordinator_address=args.coordinator,
+        coordinator_bind_address=args.coordinator,
         num_processes=args.num_processes, process_id=args.process_id,
         initialization_timeout=60, heartbeat_timeout_seconds=10,
         shutdown_timeout_seconds=20)
