@@ -195,6 +195,7 @@ def main() -> None:
   args = parser.parse_args()
   args.name = (f"process{args.process_id}" if args.num_processes > 1
                else "single")
+  os.makedirs(args.out, exist_ok=True)
   try:
     run(args)
   except BaseException:               # noqa: BLE001 - report, then exit hard
