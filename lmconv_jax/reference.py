@@ -475,9 +475,13 @@ def grouped_backward(x: jax.Array, g: Optional[jax.Array], ct: jax.Array,
     else:
       one = jnp.ones((), cd)
       sv = _get(pr.gg, src)
-      selff = self_.astype(cd)
-      t1 = (one - selff) * (i1 & (o1 >= m)).astype(cd)
-      t2 = (one - selff) * (one - t1) * (i2 & (o2 >= m)).astype(cd)
+      # The barrier hides that these are 0/1 (XLA would turn s * [bool]
+      # into a select, which drops the NaN of inf * 0).
+      selff, k1, k2 = lax.optimization_barrier(
+          (self_.astype(cd), (i1 & (o1 >= m)).astype(cd),
+           (i2 & (o2 >= m)).astype(cd)))
+      t1 = (one - selff) * k1
+      t2 = (one - selff) * (one - t1) * k2
       a, bb = lax.optimization_barrier((sv * selff, one - sv))
       dx = (a + bb) * G
       dg = (m - xv) * G
