@@ -288,19 +288,32 @@ def test_emulated_several_pixel_batches_per_thread():
 
 
 @needs_emulator
-def test_race_detector_catches_a_planted_race():
-  """The test hook makes the forward read the next pixel of its own phase,
-  which another thread writes in that phase: the detector names it."""
+@pytest.mark.parametrize("grouping", ["quadrants", "octants", "top_bottom"])
+def test_race_detector_catches_a_planted_race(grouping):
+  """The test hook makes each body read what another thread writes in the
+  same phase: the forward the next pixel's pool, the tangent and the
+  backward the next pixel's slot of the workspace ring. The detector names
+  the buffer and both threads, whichever thread runs first."""
   shape = (1, 6, 7, 8)
   x = jnp.asarray(inputs.make_x("random", shape), jnp.float32)
-  for grouping in ("quadrants", "octants", "top_bottom"):
-    assert emulator.launch_plan(grouping, shape)["pixel_lanes"] > 1
-    emulator.emulated_forward(x, None, grouping, order=CHECK)  # clean
-    with pytest.raises(Exception, match=r"race: .* (read|write)"):
-      emulator.emulated_forward(x, None, grouping, order=CHECK | PLANT_RACE)
-    with pytest.raises(Exception, match=r"race: .*in the same phase"):
-      emulator.emulated_forward(x, None, grouping,
-                                order=CHECK | PLANT_RACE | REVERSE)
+  assert emulator.launch_plan(grouping, shape)["pixel_lanes"] > 1
+  out, members = emulator.emulated_forward(x, None, grouping, order=CHECK)
+  passes = {
+      "pool": lambda o: emulator.emulated_forward(x, None, grouping, order=o),
+      "workspace ring": lambda o: emulator.emulated_tangent(
+          x, None, grouping, out, members, x, order=o),
+      "workspace ring ": lambda o: emulator.emulated_backward(
+          x, None, grouping, out, members, x, order=o)}
+  for buffer, call in passes.items():
+    call(CHECK)  # clean
+    buffer = buffer.strip()
+    if buffer == "pool":
+      buffer = "members" if grouping == "top_bottom" else "out"
+    for order in (CHECK | PLANT_RACE, CHECK | PLANT_RACE | REVERSE):
+      with pytest.raises(Exception, match=(
+          rf"race: (read of|write to) {buffer} element \d+, "
+          rf"(read|written) by block \d+ thread \d+ in the same phase")):
+        call(order)
 
 
 @needs_emulator

@@ -27,8 +27,9 @@ template <typename Body>
 __global__ void __launch_bounds__(kMaxThreads, 2)
     phased_kernel(const typename Body::Args args, int64_t phases) {
   extern __shared__ unsigned char shared[];
+  const Lane lane = Body::begin(args, blockIdx.x, threadIdx.x);
   for (int64_t phase = 0; phase < phases; ++phase) {
-    Body::run(args, blockIdx.x, threadIdx.x, phase, shared);
+    Body::run(args, lane, phase, shared);
     __syncthreads();
   }
 }

@@ -3,10 +3,12 @@
 // very code the GPU runs.
 //
 // A kernel is a sequence of phases with a block-wide barrier after each one.
-// Its body is a LMCONV_HD function Body::run(args, block, thread, phase,
-// shared) that does one thread's work of one phase; cuda.cu's __global__
-// wrapper is a loop over phases with __syncthreads() in between, and the
-// emulator loops phases, then blocks, then threads of the same geometry.
+// Its body is two LMCONV_HD functions: Body::begin(args, block, thread), what
+// a thread works on (its Lane, decoded once), and Body::run(args, lane,
+// phase, shared), one thread's work of one phase; cuda.cu's __global__
+// wrapper is begin, then a loop over phases with __syncthreads() in between,
+// and the emulator loops phases, then blocks, then threads of the same
+// geometry.
 // plan_launch() is the one place that decides that geometry.
 //
 // One launch per pass covers the whole grouping (ffi_common.h: P groups of
@@ -95,7 +97,8 @@ LMCONV_HDI void st(T* base, int64_t i, T v) {
 
 // Emulator-only test hooks (Args::flags): a deliberately broken schedule, so
 // the tests know the detector works. Ignored by the GPU build.
-constexpr int kPlantRace = 1;         // forward reads a neighbour of its phase
+constexpr int kPlantRace = 1;         // a body reads what another thread
+                                      // writes in the same phase
 constexpr int kPlantOutOfBounds = 2;  // forward reads one element past x
 
 // ---------------------------------------------------------------------------
@@ -217,6 +220,7 @@ constexpr int kPlanMaxGroups = 64;
 constexpr int kPlanMaxDirections = 64;
 constexpr int kPlanMaxRank = 11;
 constexpr int64_t kReduceThreads = 256;
+constexpr int kReduceBatch = 8;     // loads in flight per reducing thread
 
 // Which kernel a plan is for: the geometry is the same, the workspace not.
 enum class Pass { kForward, kBackward, kTangent };
@@ -406,6 +410,7 @@ struct KernelArgs {
 
 // What thread `thread` of block `block` works on.
 struct Lane {
+  int64_t block, thread;
   bool active;     // false for the lanes past the group's last channel
   int64_t lane;    // channel lane in the block
   int64_t image, group;
@@ -427,6 +432,8 @@ LMCONV_HDI int64_t guide_image_offset(const LaunchPlan& p, int64_t b) {
 LMCONV_HDI Lane lane_of(const LaunchPlan& p, int64_t block, int64_t thread) {
   const int64_t per_image = p.groups * p.chunks;
   Lane l;
+  l.block = block;
+  l.thread = thread;
   l.image = block / per_image;
   l.group = (block % per_image) / p.chunks;
   l.lane = thread % p.lanes;
@@ -599,10 +606,13 @@ struct ForwardBody {
     }
   };
 
-  static LMCONV_HDI void run(const Args& a, int64_t block, int64_t thread,
-                             int64_t phase, unsigned char* /*shared*/) {
+  static LMCONV_HDI Lane begin(const Args& a, int64_t block, int64_t thread) {
+    return lane_of(a.plan, block, thread);
+  }
+
+  static LMCONV_HDI void run(const Args& a, const Lane& l, int64_t phase,
+                             unsigned char* /*shared*/) {
     const LaunchPlan& p = a.plan;
-    const Lane l = lane_of(p, block, thread);
     if (!l.active) return;
     const int members = p.members[l.group];
     const MemberPhase mp = member_phase(p, l.group, phase);
@@ -676,6 +686,13 @@ struct TangentBody {
         g[u] = T::load_input(ld<S>(a.g, g_base + q.g_at));
         tg[u] = T::load(ld<S>(a.tg, g_base + q.g_at));
       }
+#if defined(LMCONV_EMULATOR)
+      if (a.flags & kPlantRace) {  // the ring slot the next pixel writes now
+        int64_t lo, hi;
+        phase_pixels(s, phase, &lo, &hi);
+        if (q.k + 1 < hi) (void)ld<Acc>(a.ring, slot(phase, q.k + 1));
+      }
+#endif
     }
 
     LMCONV_HDI void store(int u, const Pixel& q) {
@@ -697,10 +714,13 @@ struct TangentBody {
     }
   };
 
-  static LMCONV_HDI void run(const Args& a, int64_t block, int64_t thread,
-                             int64_t phase, unsigned char* /*shared*/) {
+  static LMCONV_HDI Lane begin(const Args& a, int64_t block, int64_t thread) {
+    return lane_of(a.plan, block, thread);
+  }
+
+  static LMCONV_HDI void run(const Args& a, const Lane& l, int64_t phase,
+                             unsigned char* /*shared*/) {
     const LaunchPlan& p = a.plan;
-    const Lane l = lane_of(p, block, thread);
     if (!l.active) return;
     const int members = p.members[l.group];
     const MemberPhase mp = member_phase(p, l.group, phase);
@@ -710,7 +730,7 @@ struct TangentBody {
               s,
               l.base,
               l.g_base,
-              block * p.ring + l.lane,
+              l.block * p.ring + l.lane,
               pool_of(a, members, l.image, mp.member),
               l.image,
               members,
@@ -777,6 +797,13 @@ struct BackwardBody {
       if constexpr (kGuided) {
         g[u] = T::load_input(ld<S>(a.g, g_base + q.g_at));
       }
+#if defined(LMCONV_EMULATOR)
+      if (a.flags & kPlantRace) {  // the ring slot the next pixel writes now
+        int64_t lo, hi;
+        phase_pixels(s, phase, &lo, &hi);
+        if (q.k + 1 < hi) (void)ld<Acc>(a.ring, slot(phase, q.k + 1, 0));
+      }
+#endif
     }
 
     // out[p] = r (first member) or out[p] + r rounded (later members).
@@ -805,10 +832,13 @@ struct BackwardBody {
     }
   };
 
-  static LMCONV_HDI void run(const Args& a, int64_t block, int64_t thread,
-                             int64_t step, unsigned char* /*shared*/) {
+  static LMCONV_HDI Lane begin(const Args& a, int64_t block, int64_t thread) {
+    return lane_of(a.plan, block, thread);
+  }
+
+  static LMCONV_HDI void run(const Args& a, const Lane& l, int64_t step,
+                             unsigned char* /*shared*/) {
     const LaunchPlan& p = a.plan;
-    const Lane l = lane_of(p, block, thread);
     if (!l.active) return;
     const int members = p.members[l.group];
     const MemberPhase mp = member_phase(p, l.group, step);
@@ -819,7 +849,7 @@ struct BackwardBody {
              s,
              l.base,
              l.g_base,
-             block * p.ring + l.lane,
+             l.block * p.ring + l.lane,
              pool_of(a, members, l.image, mp.member),
              l.image,
              members,
@@ -840,11 +870,19 @@ struct ReduceBody {
   using Args = KernelArgs<S>;
   using Acc = Compute<S>;
 
-  static LMCONV_HDI void run(const Args& a, int64_t block, int64_t thread,
+  static LMCONV_HDI Lane begin(const Args& /*a*/, int64_t block,
+                               int64_t thread) {
+    Lane l{};
+    l.block = block;
+    l.thread = thread;
+    return l;
+  }
+
+  static LMCONV_HDI void run(const Args& a, const Lane& l,
                              int64_t /*phase*/, unsigned char* /*shared*/) {
     using T = StorageTraits<S>;
     const LaunchPlan& p = a.plan;
-    const int64_t e = block * p.reduce_threads + thread;
+    const int64_t e = l.block * p.reduce_threads + l.thread;
     if (e >= p.g_elements) return;
     const int r = p.rank;
     // x's element strides; e's coordinates along the guide's own dims.
@@ -863,12 +901,32 @@ struct ReduceBody {
       base += c * xs[k];
       idx[k] = 0;
     }
-    // An odometer over the broadcast dims, innermost fastest: x's order.
+    // The innermost broadcast dim runs in the inner loop, kReduceBatch loads
+    // in flight before they are added (in order: the sum is sequential);
+    // an odometer walks the other broadcast dims, innermost fastest: x's
+    // element order.
+    int inner = -1;
+    for (int k = r - 1; k >= 0 && inner < 0; --k) {
+      if (p.g_strides[k] == 0 && p.x_dims[k] > 1) inner = k;
+    }
+    const int64_t n = inner < 0 ? 1 : p.x_dims[inner];
+    const int64_t step = inner < 0 ? 0 : xs[inner];
     Acc acc(0);
     int64_t off = base;
     for (;;) {
-      acc += T::load(ld<S>(a.dg_pixels, off));
-      int k = r - 1;
+      for (int64_t i = 0; i < n; i += kReduceBatch) {
+        Acc v[kReduceBatch];
+        LMCONV_UNROLL_BATCH
+        for (int u = 0; u < kReduceBatch; ++u) {
+          v[u] = i + u < n ? T::load(ld<S>(a.dg_pixels, off + (i + u) * step))
+                           : Acc(0);
+        }
+        LMCONV_UNROLL_BATCH
+        for (int u = 0; u < kReduceBatch; ++u) {
+          if (i + u < n) acc += v[u];
+        }
+      }
+      int k = inner - 1;
       for (; k >= 0; --k) {
         if (p.g_strides[k] != 0 || p.x_dims[k] == 1) continue;
         if (++idx[k] < p.x_dims[k]) {

@@ -293,8 +293,9 @@ class EmulatorPlatform {
            ((order_ & kOrderPlantOutOfBounds) ? kPlantOutOfBounds : 0);
   }
 
-  // Runs Body like cuda.cu's phased kernel: phases, then blocks, then
-  // threads, each block with its own shared memory.
+  // Runs Body like cuda.cu's phased kernel: each thread's begin, then
+  // phases, then blocks, then threads, each block with its own shared
+  // memory.
   template <typename Body>
   ffi::Error launch(const Launch& l, const typename Body::Args& args) {
     FlushDenormals ftz;
@@ -307,13 +308,19 @@ class EmulatorPlatform {
     const bool reverse = (order_ & kOrderReverse) != 0;
     std::vector<unsigned char> shared(
         static_cast<size_t>(l.blocks * l.shared_bytes) + 1);
+    std::vector<Lane> lanes(static_cast<size_t>(l.blocks * l.threads));
+    for (int64_t b = 0; b < l.blocks; ++b) {
+      for (int64_t k = 0; k < l.threads; ++k) {
+        lanes[b * l.threads + k] = Body::begin(args, b, k);
+      }
+    }
     for (int64_t phase = 0; phase < l.phases; ++phase) {
       for (int64_t b = 0; b < l.blocks; ++b) {
         const int64_t block = reverse ? l.blocks - 1 - b : b;
         for (int64_t k = 0; k < l.threads; ++k) {
           const int64_t thread = reverse ? l.threads - 1 - k : k;
           if (t) t->at(phase, block, thread, l.threads);
-          Body::run(args, block, thread, phase,
+          Body::run(args, lanes[block * l.threads + thread], phase,
                     shared.data() + block * l.shared_bytes);
         }
       }
