@@ -63,6 +63,13 @@ ALL_GROUPS = tuple((d,) for d in VALID_DIRECTIONS) + (
 SHAPE = (4, 4, 3, len(ALL_GROUPS))
 
 
+# (dtype, guide kind) pairs the tests run at SHAPE: every guide shape in
+# float32, no guide and a full one in the others, one broadcast in bfloat16.
+TEST_GRID = ([("float32", k) for k in GUIDE_KINDS]
+             + [(d, k) for d in DTYPES[1:] for k in ("none", "full")]
+             + [("bfloat16", "per_batch")])
+
+
 class Case(NamedTuple):
   x: np.ndarray                  # (B, H, W, C) in dtype
   guide: Optional[np.ndarray]    # None or x.ndim dims, each x's or 1
