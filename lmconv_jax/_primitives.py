@@ -1,56 +1,49 @@
-"""The FFI kernels as JAX primitives: one set of rules for every transformation.
+"""The grouped landmark pool as JAX primitives: one set of rules for every
+transformation and every platform.
 
-Three primitives, on operands that all have x's shape ``(..., H, W, C)`` and
-dtype (the guide is broadcast by lmconv_jax.ops before it gets here):
+Three primitives. ``groups`` is a tuple of P groups, each a tuple of
+Directions (several: merged by max, ties to the first listed); x is
+``(..., H, W, C)``; the guide g has x's rank with each dim x's or 1 (it is
+never broadcast to x's size); ``members`` is ``(..., K, H, W, C)`` with K the
+most members of a group when K > 1, else ``(..., 0, H, W, C)``: each merged
+member's pool, which the forward writes and the derivatives read.
 
-  pool_p           (x[, g])                  -> out
-  pool_tangent_p   (x, [g], out, tx[, tg])   -> tout       linear in (tx, tg)
-  pool_backward_p  (x, [g], out, ct)         -> dx[, dg]   pool_tangent_p transposed
+  pool_p           (x[, g])                          -> out, members
+  pool_tangent_p   (x, [g], out, members, tx[, tg])  -> tout     linear in tx, tg
+  pool_backward_p  (x, [g], out, members, ct)        -> dx[, dg] its transpose
 
 * Autodiff: the JVP of ``pool_p`` is ``pool_tangent_p`` (the tangent follows
   the winners of the forward max, docs/semantics.md) and the transpose of
-  ``pool_tangent_p`` is ``pool_backward_p``. So ``jvp``, ``linearize``,
-  ``jacfwd`` and ``grad``, ``vjp``, ``jacrev`` all come from this one pair of
-  rules and agree; reverse mode keeps the residuals of the old custom_vjp
-  (x, g and out) and its kernel, so it costs the same.
+  ``pool_tangent_p`` is ``pool_backward_p``, so forward and reverse mode come
+  from one pair of rules and agree on ties.
 * vmap: the kernels fold every dim in front of (H, W, C) into their batch, so
-  a batch dim there is left where it is (no copy) and one elsewhere is moved
-  to the front; an unbatched operand is broadcast. One custom call per pool,
-  however deep the vmap nest.
-* Lowering: one XLA FFI custom call, ``lmconv_pool_{fwd,tangent,bwd}`` plus
-  ``_guided``, with the direction as six int64 attributes. Under a
-  multi-device ``jit`` the call is wrapped in ``custom_partitioning`` with the
-  Shardy rule ``... h w c -> ... h w c`` (h, w need replication): leading
-  dims and channels stay sharded and each device runs the kernel on its
-  shard; an H or W sharding is all-gathered first, since every output pixel
-  depends on a whole quadrant of the image. Everywhere else (one device,
-  pmap, shard_map, ``jax.export``) it is the plain custom call, marked batch
-  partitionable (``num_batch_dims`` + a Shardy rule) so that an exported
-  module, which cannot carry Python partitioning callbacks, still partitions
-  over leading dims without Python. docs/transforms.md has the details.
+  a mapped dim there stays where it is and one elsewhere is moved to the
+  front; an unmapped guide gets a size-1 dim (no broadcast). One custom call
+  per pass however deep the vmap nest.
+* Lowering, per platform (``implementation``): on a platform whose kernels
+  this build compiled ("cpu", "cuda"), "ffi" and "auto" lower to one XLA FFI
+  custom call per pass, ``lmconv_pool_{fwd,tangent,bwd}[_guided]``, with the
+  grouping as two int64-array attributes; everywhere else (TPU, ROCm, a
+  build without nvcc) and always for "reference", they lower to the pure-jnp
+  reference (lmconv_jax/reference.py), so one traced function lowers and
+  exports for several platforms at once. "ffi" on a platform without kernels
+  is an error. Multi-device partitioning is lmconv_jax/_sharding.py.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.custom_partitioning import custom_partitioning
+import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir, xla
-from jax.sharding import NamedSharding, PartitionSpec
 
-from lmconv_jax.directions import Direction
-
-try:  # custom_partitioning needs the device assignment when it is lowered.
-  from jax._src import dispatch as _dispatch
-  _NEEDS_DEVICES = _dispatch.prim_requires_devices_during_lowering
-except (ImportError, AttributeError):  # pragma: no cover - older/newer jax
-  _NEEDS_DEVICES = set()
+from lmconv_jax import _sharding, reference
 
 pool_p = Primitive("lmconv_pool")
+pool_p.multiple_results = True
 pool_tangent_p = Primitive("lmconv_pool_tangent")
 pool_backward_p = Primitive("lmconv_pool_backward")
 pool_backward_p.multiple_results = True
@@ -59,15 +52,37 @@ pool_backward_p.multiple_results = True
 TARGETS = {pool_p: "lmconv_pool_fwd", pool_tangent_p: "lmconv_pool_tangent",
            pool_backward_p: "lmconv_pool_bwd"}
 PRIMITIVES = tuple(TARGETS)
+TARGET_NAMES = tuple(name + suffix for name in TARGETS.values()
+                     for suffix in ("", "_guided"))
+IMPLEMENTATIONS = ("auto", "reference", "ffi")
+
+
+def max_members(groups) -> int:
+  """K: the most directions merged in one group."""
+  return max(len(g) for g in groups)
+
+
+def members_shape(x_shape, groups) -> tuple:
+  k = max_members(groups)
+  return tuple(x_shape[:-3]) + (k if k > 1 else 0,) + tuple(x_shape[-3:])
+
+
+def grouping_attrs(groups) -> dict:
+  """The two int64-array attributes of every target (names in handlers.inc)."""
+  return dict(
+      group_sizes=np.array([len(g) for g in groups], np.int64),
+      directions=np.array([v for g in groups for d in g
+                           for v in (d.row_step, d.col_step, d.n1[0], d.n1[1],
+                                     d.n2[0], d.n2[1])], np.int64))
 
 
 # --------------------------------------------------------------------------
-# The calls lmconv_jax._ffi makes. Operands must already have x's shape.
+# Binding.
 
 def _varying_axes(a) -> frozenset:
   """The shard_map axes ``a`` varies over (empty outside shard_map)."""
   t = jax.typeof(a)
-  mat = getattr(t, "mat", None)  # this jax: aval.mat.varying; older: aval.vma
+  mat = getattr(t, "mat", None)  # jax 0.12: aval.mat.varying; 0.11: aval.vma
   return frozenset(getattr(mat, "varying", None) or getattr(t, "vma", ()) or ())
 
 
@@ -86,68 +101,68 @@ def _bind(prim, *operands, **params):
   return prim.bind(*operands, **params)
 
 
-def pool(x, g: Optional[jax.Array], direction: Direction):
-  """out = landmark pool of x in ``direction`` (g None: the unguided kernel)."""
+def grouped_pool(x, g, groups, implementation: str):
+  """out of the grouped pool (g None: the unguided kernel). Inputs checked."""
   operands = (x,) if g is None else (x, g)
-  return _bind(pool_p, *operands, direction=direction, guided=g is not None,
-               local=False)
-
-
-def pool_tangent(x, g, out, tx, tg, direction: Direction):
-  """The tangent of ``out = pool(x, g)`` for tangents tx (and tg if guided)."""
-  guided = g is not None
-  operands = (x, g, out, tx, tg) if guided else (x, out, tx)
-  return _bind(pool_tangent_p, *operands, direction=direction, guided=guided,
-               local=False)
-
-
-def pool_backward(x, g, out, ct, direction: Direction):
-  """(dx, dguide) for cotangent ct of ``out = pool(x, g)``; dguide None if g is."""
-  guided = g is not None
-  operands = (x, g, out, ct) if guided else (x, out, ct)
-  grads = _bind(pool_backward_p, *operands, direction=direction, guided=guided,
-                local=False)
-  return (grads[0], grads[1]) if guided else (grads[0], None)
+  out, _ = _bind(pool_p, *operands, groups=groups, guided=g is not None,
+                 implementation=implementation)
+  return out
 
 
 # --------------------------------------------------------------------------
-# Evaluation and abstract evaluation.
+# Abstract evaluation.
 
-def _abstract_eval(prim):
-  def rule(*avals, direction, guided, local):
-    del direction, local
-    x = avals[0]
-    for a in avals[1:]:
-      assert a.shape == x.shape and a.dtype == x.dtype, (prim, avals)
-    out = x.update(weak_type=False)
-    if prim is pool_backward_p:
-      return [out, out] if guided else [out]
-    return out
-  return rule
+def _pool_abstract(*avals, groups, guided, implementation):
+  del guided, implementation
+  x = avals[0]
+  return [x.update(weak_type=False),
+          x.update(shape=members_shape(x.shape, groups), weak_type=False)]
 
 
-for _p in PRIMITIVES:
+def _tangent_abstract(*avals, groups, guided, implementation):
+  del groups, guided, implementation
+  return avals[0].update(weak_type=False)
+
+
+def _backward_abstract(*avals, groups, guided, implementation):
+  del groups, implementation
+  x = avals[0].update(weak_type=False)
+  return [x, avals[1].update(weak_type=False)] if guided else [x]
+
+
+for _p, _rule in ((pool_p, _pool_abstract), (pool_tangent_p, _tangent_abstract),
+                  (pool_backward_p, _backward_abstract)):
   _p.def_impl(functools.partial(xla.apply_primitive, _p))
-  _p.def_abstract_eval(_abstract_eval(_p))
-  _NEEDS_DEVICES.add(_p)
+  _p.def_abstract_eval(_rule)
+  _sharding.needs_devices_during_lowering(_p)
 
 
 # --------------------------------------------------------------------------
 # Autodiff: JVP of the pool, transpose of its tangent.
 
-def _pool_jvp(primals, tangents, *, direction, guided, local):
-  params = dict(direction=direction, guided=guided, local=local)
-  out = _bind(pool_p, *primals, **params)
+def _zero(aval):
+  return ad.Zero(aval.to_tangent_aval())
+
+
+def _pool_jvp(primals, tangents, **params):
+  out, members = _bind(pool_p, *primals, **params)
+  zero_members = _zero(jax.typeof(members))
   if all(type(t) is ad.Zero for t in tangents):
-    return out, ad.Zero(out.aval.to_tangent_aval())
+    return (out, members), (_zero(jax.typeof(out)), zero_members)
   # A symbolic zero becomes a real one: the tangent kernel reads every input.
   tangents = [ad.instantiate_zeros(t) for t in tangents]
-  x, g = primals[0], (primals[1:] if guided else ())
-  tout = _bind(pool_tangent_p, x, *g, out, *tangents, **params)
-  return out, tout
+  x, g = primals[0], primals[1:]
+  tout = _bind(pool_tangent_p, x, *g, out, members, *tangents, **params)
+  # members is a residual of our own rules, not differentiated further.
+  return (out, members), (tout, zero_members)
 
 
-def _pool_tangent_transpose(ct, *operands, direction, guided, local):
+def _n_linear(prim, guided: bool) -> int:
+  """How many trailing operands ``prim`` is linear in (the rest are known)."""
+  return 2 if prim is pool_tangent_p and guided else 1
+
+
+def _pool_tangent_transpose(ct, *operands, groups, guided, implementation):
   n_lin = _n_linear(pool_tangent_p, guided)
   known, linear = operands[:-n_lin], operands[-n_lin:]
   assert not any(ad.is_undefined_primal(v) for v in known), (
@@ -155,48 +170,44 @@ def _pool_tangent_transpose(ct, *operands, direction, guided, local):
   nones = [None] * len(known)
   if type(ct) is ad.Zero:
     return nones + [None] * n_lin
-  grads = _bind(pool_backward_p, *known, ct, direction=direction,
-                guided=guided, local=local)
+  grads = _bind(pool_backward_p, *known, ct, groups=groups, guided=guided,
+                implementation=implementation)
   return nones + [gr if ad.is_undefined_primal(v) else None
                   for gr, v in zip(grads, linear)]
-
-
-ad.primitive_jvps[pool_p] = _pool_jvp
-ad.primitive_transposes[pool_tangent_p] = _pool_tangent_transpose
-
-
-def _n_linear(prim, guided: bool) -> int:
-  """How many trailing operands ``prim`` is linear in (the rest: x, g, out)."""
-  return 2 if prim is pool_tangent_p and guided else 1
 
 
 def _linear_jvp(prim, what):
   """JVP of pool_tangent_p / pool_backward_p, linear in trailing operands.
 
-  With x, g and out held fixed (their tangents symbolic zeros, as in the
-  jvp of a linearized or VJP function) it is the primitive itself applied
-  to the tangents. Anything else is a second derivative of the pool.
+  With x, g, out and members held fixed (their tangents symbolic zeros, as
+  in the jvp of a linearized or VJP function) it is the primitive itself
+  applied to the tangents. Anything else is a second derivative of the pool.
   """
   def rule(primals, tangents, **params):
     n_lin = _n_linear(prim, params["guided"])
     if not all(type(t) is ad.Zero for t in tangents[:-n_lin]):
+      if params["implementation"] == "reference":
+        # A second derivative: JAX differentiates the reference's jnp.
+        fn = functools.partial(_reference_rule(prim), **params)
+        tangents = [ad.instantiate_zeros(t) for t in tangents]
+        return jax.jvp(fn, primals, tangents)
       raise NotImplementedError(
           f"lmconv_jax: the FFI pool is differentiable once (forward or "
           f"reverse mode), not twice ({what} depends on x and the guide "
           f"piecewise). For second derivatives use "
-          f"implementation='reference', whose derivatives JAX derives itself.")
+          f"implementation='reference', whose derivatives of the pool's "
+          f"derivatives JAX derives itself.")
     out = _bind(prim, *primals, **params)
     lin = tangents[-n_lin:]
     if all(type(t) is ad.Zero for t in lin):
-      zero = lambda o: ad.Zero(o.aval.to_tangent_aval())
-      return out, ([zero(o) for o in out] if prim.multiple_results
-                   else zero(out))
+      return out, ([_zero(jax.typeof(o)) for o in out] if prim.multiple_results
+                   else _zero(jax.typeof(out)))
     lin = [ad.instantiate_zeros(t) for t in lin]
     return out, _bind(prim, *primals[:-n_lin], *lin, **params)
   return rule
 
 
-def _backward_transpose(cts, *operands, direction, guided, local):
+def _backward_transpose(cts, *operands, groups, guided, implementation):
   """pool_backward_p is linear in ct; its transpose is the tangent."""
   known, ct = operands[:-1], operands[-1]
   assert ad.is_undefined_primal(ct) and not any(
@@ -204,11 +215,13 @@ def _backward_transpose(cts, *operands, direction, guided, local):
   if all(type(c) is ad.Zero for c in cts):
     return [None] * len(operands)
   cts = [ad.instantiate_zeros(c) for c in cts]
-  tangent = _bind(pool_tangent_p, *known, *cts, direction=direction,
-                  guided=guided, local=local)
+  tangent = _bind(pool_tangent_p, *known, *cts, groups=groups, guided=guided,
+                  implementation=implementation)
   return [None] * len(known) + [tangent]
 
 
+ad.primitive_jvps[pool_p] = _pool_jvp
+ad.primitive_transposes[pool_tangent_p] = _pool_tangent_transpose
 ad.primitive_jvps[pool_tangent_p] = _linear_jvp(pool_tangent_p, "its tangent")
 ad.primitive_jvps[pool_backward_p] = _linear_jvp(pool_backward_p,
                                                  "its gradient")
@@ -218,22 +231,46 @@ ad.primitive_transposes[pool_backward_p] = _backward_transpose
 # --------------------------------------------------------------------------
 # vmap: fold the mapped axis into the kernel's batch.
 
+def _operand_kinds(prim, guided: bool) -> tuple:
+  """What each operand is: "x" (x's shape), "g" (the guide's), "m" (members)."""
+  g = ("g",) if guided else ()
+  if prim is pool_p:
+    return ("x",) + g
+  if prim is pool_tangent_p:
+    return ("x",) + g + ("x", "m", "x") + g
+  return ("x",) + g + ("x", "m", "x")
+
+
 def _batch_rule(prim):
   def rule(args, dims, **params):
-    mapped = [(a, d) for a, d in zip(args, dims) if d is not None]
-    ref, ref_dim = mapped[0]
-    size, rank = ref.shape[ref_dim], ref.ndim
+    kinds = _operand_kinds(prim, params["guided"])
+    ref, ref_dim, ref_kind = next((a, d, k) for a, d, k in zip(args, dims, kinds)
+                                  if d is not None and k != "m")
+    size = ref.shape[ref_dim]
+    rank = ref.ndim if ref_kind == "x" else ref.ndim  # the guide has x's rank
     # Dims in front of (H, W, C) are the kernel's batch already: stay there.
     to = ref_dim if ref_dim < rank - 3 else 0
+    # An unmapped guide gets a size-1 dim (it broadcasts), unless the guide
+    # and its tangent must agree in shape (one of them is mapped) or the
+    # guide's gradient must come back per mapped element (the backward).
+    full_guides = prim is pool_backward_p or any(
+        d is not None for d, k in zip(dims, kinds) if k == "g")
 
-    def align(a, d):
+    def align(a, d, kind):
       if d is None:  # batching.not_mapped
         a = jnp.expand_dims(a, to)
+        if kind == "g" and not full_guides:
+          return a  # a size-1 dim: the guide broadcasts
         return jnp.broadcast_to(a, a.shape[:to] + (size,) + a.shape[to + 1:])
       return jnp.moveaxis(a, d, to)
 
-    out = _bind(prim, *[align(a, d) for a, d in zip(args, dims)], **params)
-    return out, ([to] * len(out) if prim.multiple_results else to)
+    outs = _bind(prim, *[align(a, d, k) for a, d, k in zip(args, dims, kinds)],
+                 **params)
+    if prim is pool_p:
+      return outs, [to, to]
+    if prim is pool_backward_p:
+      return outs, [to] * len(outs)
+    return outs, to
   return rule
 
 
@@ -242,135 +279,93 @@ for _p in PRIMITIVES:
 
 
 # --------------------------------------------------------------------------
-# Lowering.
+# Lowering: the reference anywhere, our custom call where compiled.
 
-def direction_attrs(direction: Direction) -> dict:
-  """The six int64 attributes of every target (names match cpu.cc)."""
-  return dict(row_step=int(direction.row_step),
-              col_step=int(direction.col_step),
-              n1_row=int(direction.n1[0]), n1_col=int(direction.n1[1]),
-              n2_row=int(direction.n2[0]), n2_col=int(direction.n2[1]))
-
-
-def _factor_name(k: int) -> str:
-  """Shardy's factor names: i, j, ..., z, then z_1, z_2, ..."""
-  letters = "ijklmnopqrstuvwxyz"
-  return letters[k] if k < len(letters) else f"z_{k - len(letters) + 1}"
-
-
-def _batch_partitionable_attrs(ctx) -> dict:
-  """Marks the call as partitionable over the dims in front of (H, W, C).
-
-  XLA's batch partitioner (``jax.ffi.register_ffi_target_as_batch_partitionable``)
-  reads ``num_batch_dims``; Shardy needs the same fact as a sharding rule:
-  leading dims are free factors, h, w and c must be replicated.
-  """
-  avals = list(ctx.avals_in) + list(ctx.avals_out)
-  shape = avals[0].shape
-  if not all(isinstance(d, int) for d in shape):
-    return {}  # symbolic shapes (shape-polymorphic export): no rule
-  nb = len(shape) - 3
-  names = [_factor_name(k) for k in range(len(shape))]
-  one = "[" + ", ".join(names) + "]"
-  sizes = ", ".join(f"{n}={s}" for n, s in zip(names, shape))
-  rule = (f"#sdy.op_sharding_rule<({', '.join([one] * len(ctx.avals_in))})"
-          f"->({', '.join([one] * len(ctx.avals_out))}) {{{sizes}}} "
-          f"need_replication={{{', '.join(names[nb:])}}}>")
-  return {"mhlo.frontend_attributes":
-              mlir.ir_attribute({"num_batch_dims": str(nb)}),
-          "sdy.sharding_rule": mlir.ir.Attribute.parse(rule)}
+def _reference_rule(prim):
+  """The primitive as pure jnp (reference.py), for mlir.lower_fun."""
+  def fn(*operands, groups, guided, implementation):
+    del implementation
+    if prim is pool_p:
+      x, g = operands[0], (operands[1] if guided else None)
+      out = reference.grouped_forward(x, g, groups)
+      return [out, jnp.zeros(members_shape(x.shape, groups), x.dtype)]
+    if prim is pool_tangent_p:
+      if guided:
+        x, g, _, _, tx, tg = operands
+      else:
+        (x, _, _, tx), g, tg = operands, None, None
+      return reference.grouped_tangent(x, g, tx, tg, groups)
+    if guided:
+      x, g, _, _, ct = operands
+    else:
+      (x, _, _, ct), g = operands, None
+    dx, dg = reference.grouped_backward(x, g, ct, groups)
+    return [dx, dg] if guided else [dx]
+  return fn
 
 
-def _partitioned_by_jax(ctx) -> bool:
-  """True where XLA's SPMD partitioner will split this call across devices.
-
-  Not for export (a serialized module cannot call back into Python), not on
-  one device, and not where every mesh axis is manual (shard_map) or the
-  computation is replicated per device (pmap): there the plain call already
-  runs on per-device data.
-  """
-  if ctx.module_context.lowering_parameters.for_export:
-    return False
-  axis_context = ctx.module_context.axis_context
-  manual = getattr(axis_context, "manual_axes", None)
-  if manual is not None:  # shard_map (SPMDAxisContext)
-    return set(manual) != set(axis_context.mesh.axis_names)
-  return getattr(axis_context, "num_devices", 1) > 1  # jit (ShardingContext)
+def _ffi_call_lowering(prim, ctx, *operands, groups, guided):
+  target = TARGETS[prim] + ("_guided" if guided else "")
+  lower = jax.ffi.ffi_lowering(
+      target, extra_attributes=_sharding.batch_partitionable_attrs(ctx) or None)
+  return lower(ctx, *operands, **grouping_attrs(groups))
 
 
-_H_W_C = "... h w c"
+def ffi_call(prim, operands, groups, guided):
+  """The custom call behind ``prim`` as a jax.ffi.ffi_call (no primitive):
+  what each device runs inside a partitioned call."""
+  target = TARGETS[prim] + ("_guided" if guided else "")
+  x = operands[0]
+  like = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
+  if prim is pool_p:
+    results = (like(x), jax.ShapeDtypeStruct(members_shape(x.shape, groups),
+                                             x.dtype))
+  elif prim is pool_tangent_p:
+    results = like(x)
+  else:
+    results = (like(x), like(operands[1])) if guided else (like(x),)
+  return jax.ffi.ffi_call(target, results)(*operands, **grouping_attrs(groups))
 
 
-def _einsum_rule(n_in: int, n_out: int) -> str:
-  return ", ".join([_H_W_C] * n_in) + " -> " + ", ".join([_H_W_C] * n_out)
+def _lowering(prim, platform: str, compiled: bool):
+  reference_lowering = mlir.lower_fun(_reference_rule(prim),
+                                      multiple_results=prim.multiple_results)
 
-
-def _keep_batch_and_channels(mesh, sharding, ndim: int):
-  """The operand's sharding with H and W replicated (leading dims, C kept)."""
-  spec = getattr(sharding, "spec", None)
-  if spec is None:  # not a NamedSharding: replicate (correct, not fast)
-    return NamedSharding(mesh, PartitionSpec())
-  spec = tuple(spec) + (None,) * (ndim - len(spec))
-  return NamedSharding(mesh, PartitionSpec(*spec[:-3], None, None, spec[-1]))
-
-
-@functools.lru_cache(maxsize=None)
-def _partitioned_call(prim, direction: Direction, guided: bool, n_in: int):
-  """``prim`` wrapped in custom_partitioning: per-device calls on shards."""
-  params = dict(direction=direction, guided=guided, local=True)
-
-  def per_device(*operands):
-    return prim.bind(*operands, **params)
-
-  call = custom_partitioning(per_device)
-
-  def partition(mesh, arg_shapes, result_shape):
-    # Shardy has already made the operands agree (the rule says so); the
-    # result's sharding is the one it chose for the whole op.
-    first = jax.tree.leaves(result_shape)[0]
-    sharding = _keep_batch_and_channels(mesh, first.sharding, len(first.shape))
-    results = jax.tree.map(lambda _: sharding, result_shape)
-    return mesh, per_device, results, (sharding,) * len(arg_shapes)
-
-  n_out = 2 if prim is pool_backward_p and guided else 1
-  call.def_partition(partition=partition,
-                     sharding_rule=_einsum_rule(n_in, n_out),
-                     need_replication_factors=("h", "w"))
-  return call
-
-
-def _lowering(prim, platform: str, targets: Optional[frozenset]):
-  def rule(ctx, *operands, direction, guided, local):
-    target = TARGETS[prim] + ("_guided" if guided else "")
-    if targets is not None and target not in targets:
+  def rule(ctx, *operands, groups, guided, implementation):
+    params = dict(groups=groups, guided=guided, implementation=implementation)
+    if implementation == "reference" or (implementation == "auto" and
+                                         not compiled):
+      return reference_lowering(ctx, *operands, **params)
+    if not compiled:
       raise NotImplementedError(
-          f"lmconv_jax: the {platform} kernels have no target {target!r} "
-          f"(compiled: {', '.join(sorted(targets))}); rebuild lmconv_jax "
-          f"(pip install --no-build-isolation -e .) or use "
-          f"implementation='reference'.")
-    if not local and _partitioned_by_jax(ctx):
-      call = _partitioned_call(prim, direction, guided, len(operands))
-      return mlir.lower_fun(call, multiple_results=prim.multiple_results)(
-          ctx, *operands)
-    lower = jax.ffi.ffi_lowering(
-        target, extra_attributes=_batch_partitionable_attrs(ctx) or None)
-    return lower(ctx, *operands, **direction_attrs(direction))
+          f"lmconv_jax: implementation='ffi' has no kernels for platform "
+          f"{platform!r} in this build; use implementation='auto' (which "
+          f"lowers to the pure-jnp reference there) or 'reference'.")
+    if _sharding.partitioned_by_jax(ctx):
+      return _sharding.partitioned_lowering(ffi_call, prim, ctx, operands,
+                                            groups, guided)
+    return _ffi_call_lowering(prim, ctx, *operands, groups=groups,
+                              guided=guided)
   return rule
 
 
-def register_lowerings(platform: str, targets=None) -> None:
-  """Lowers the primitives on ``platform`` ("cpu", "cuda") to the FFI targets.
+def register_lowerings(compiled_platforms) -> None:
+  """Lowers the primitives on every platform.
 
-  Called by lmconv_jax._ffi for every platform: with ``targets``, the names
-  this build compiled for it (lowering a primitive whose target is missing
-  raises, naming the fix); with None (no kernels for that platform here),
-  lowering still works, so that jax.export can target a platform this build
-  cannot run, and the loading process must provide the kernels.
+  ``compiled_platforms``: {platform ("cpu", "cuda"): the target names this
+  build compiled for it}. Those platforms get our custom calls; every other
+  platform, including one jax names later (a default rule), the reference.
   """
-  if targets is not None:
-    targets = frozenset(targets)
-    for name in targets:
-      jax.ffi.register_ffi_target_as_batch_partitionable(name)
   for prim in PRIMITIVES:
-    mlir.register_lowering(prim, _lowering(prim, platform, targets),
-                           platform=platform)
+    mlir.register_lowering(prim, _lowering(prim, "any", compiled=False))
+    for platform in ("cpu", "cuda", "rocm", "tpu"):
+      names = compiled_platforms.get(platform)
+      if names is not None:
+        missing = [t for t in TARGET_NAMES if t not in names]
+        if missing:
+          raise ImportError(
+              f"lmconv_jax: the {platform} extension lacks targets {missing}; "
+              f"it is stale: rebuild lmconv_jax "
+              f"(pip install --no-build-isolation -e .).")
+      mlir.register_lowering(prim, _lowering(prim, platform, names is not None),
+                             platform=platform)

@@ -126,9 +126,9 @@ def landmark_map(x: jax.Array, direction: DirectionLike,
     int32 array ``(..., H, W, C, 2)``: the (row, col) of each landmark.
   """
   d = resolve(direction)
-  x = ops._check_x(x, "landmark_map")
-  g = ops._check_guide(guide, x, "landmark_map")
-  ops._choose(implementation, "landmark_map")
+  x = ops.check_x(x, "landmark_map")
+  g = ops.check_guide(guide, x, "landmark_map")
+  ops.resolve_implementation(implementation, "landmark_map")
   if x.size == 0:
     return jnp.zeros(x.shape + (2,), jnp.int32)
   return _landmark_map(x, g, d, implementation)
@@ -191,7 +191,7 @@ def landmarks(x: jax.Array, direction: DirectionLike, query: Query,
     [[0, 0]]
   """
   where = "landmarks"
-  x = ops._check_x(x, where)
+  x = ops.check_x(x, where)
   i, j = _check_query(query, x.shape, where)
   return landmark_map(x, direction, guide, implementation=implementation)[
       ..., i, j, :, :]
@@ -211,14 +211,9 @@ def grouped_landmark_map(x: jax.Array, directions: ops.Grouping, *,
   """
   where = "grouped_landmark_map"
   groups = ops.resolve_grouping(directions)
-  x = ops._check_x(x, where)
-  ops._choose(implementation, where)
-  p, c = len(groups), x.shape[-1]
-  if c % p:
-    raise ValueError(
-        f"{where}: x has {c} channels, which do not split into {p} equal "
-        f"groups (one per direction group). Use a channel count that is a "
-        f"multiple of {p}.")
+  x = ops.check_x(x, where)
+  ops.resolve_implementation(implementation, where)
+  ops.check_channels(x.shape[-1], len(groups), where)
   if x.size == 0:
     return jnp.zeros(x.shape + (2,), jnp.int32)
   return _grouped_map(x, groups, implementation)
@@ -237,7 +232,7 @@ def _grouped_map(x, groups, implementation):
       if best_val is None:
         best_val, best_at = val, at
       else:
-        wins = (val > best_val) | jnp.isnan(val)   # as ops._max_first_wins
+        wins = (val > best_val) | jnp.isnan(val)   # the merge rule (docs/semantics.md)
         best_at = jnp.where(wins[..., None], at, best_at)
         best_val = jnp.where(wins, val, best_val)
     maps.append(best_at)
@@ -255,7 +250,7 @@ def grouped_landmarks(x: jax.Array, directions: ops.Grouping, query: Query, *,
   Returns:
     int32 array ``(..., C, 2)``, channels in the order of ``x``.
   """
-  x = ops._check_x(x, "grouped_landmarks")
+  x = ops.check_x(x, "grouped_landmarks")
   i, j = _check_query(query, x.shape, "grouped_landmarks")
   return grouped_landmark_map(x, directions, implementation=implementation)[
       ..., i, j, :, :]

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 import lmconv_jax
-from lmconv_jax import _ffi
+from lmconv_jax import _ffi, _primitives
 
 X = jnp.zeros((2, 4, 5, 8), jnp.float32)
 
@@ -72,7 +72,7 @@ def test_unknown_implementation(fn):
 
 def test_ffi_without_kernel_for_platform_names_the_fix(monkeypatch):
   monkeypatch.setattr(_ffi, "has_kernels", lambda platform: False)
-  with pytest.raises(NotImplementedError, match=r"no kernel for platform 'cpu'.*nvcc.*info"):
+  with pytest.raises(NotImplementedError, match=r"no kernel for platform 'cpu'.*CPU extension.*info"):
     lmconv_jax.landmark_pool(X, "tl", implementation="ffi")
   # "auto" falls back to the reference instead of failing.
   out = lmconv_jax.landmark_pool(X, "tl", implementation="auto")
@@ -80,9 +80,11 @@ def test_ffi_without_kernel_for_platform_names_the_fix(monkeypatch):
 
 
 def test_errors_are_raised_before_tracing(monkeypatch):
-  """Checks run in Python at trace time: the kernels are never reached."""
+  """Checks run in Python at trace time: the primitive is never bound."""
   calls = []
-  monkeypatch.setattr(_ffi, "pool_forward", lambda *a: calls.append(a))
+  real = _primitives.grouped_pool
+  monkeypatch.setattr(_primitives, "grouped_pool",
+                      lambda *a: calls.append(a) or real(*a))
   for bad in (lambda: lmconv_jax.landmark_pool(jnp.zeros((4, 4)), "tl"),
               lambda: lmconv_jax.landmark_pool(X, "nowhere"),
               lambda: lmconv_jax.landmark_pool(X, "tl", jnp.ones((7,)))):

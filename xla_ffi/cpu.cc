@@ -1,27 +1,41 @@
-// CPU back end of the landmark pool: the schedule and the XLA FFI handlers.
+// CPU back end of the grouped landmark pool: the schedule. The handlers are
+// handlers.inc (shared with the CUDA back end and its emulation); the
+// per-pixel math is landmark_pool.h.
 //
-// The per-pixel math is in landmark_pool.h (shared with CUDA). Here, every
-// direction is mapped to a strided view scanned rows ascending, columns
+// Every direction is mapped to a strided view scanned rows ascending, columns
 // ascending (landmark_pool.h: ScanView), and one templated kernel walks it.
-// Work items are (batch, channel block) pairs; within an item the inner loop
-// runs over contiguous channels so the compiler vectorises it. Items run in
-// parallel on XLA's intra-op thread pool.
+// Work items are (image, group, channel block) triples; within an item the
+// inner loop runs over contiguous channels so the compiler vectorises it.
+// Items run in parallel on XLA's intra-op thread pool.
 //
-// Residuals: the forward saves nothing beyond its output. The backward takes
-// x and out and recomputes m[p] = max(x[p], out[p+n1], out[p+n2]) with the
-// forward's tie rule, which is exact because out is what the forward stored.
+// What the backward saves, and why: the forward's residuals are x, the guide
+// at its own shape, out and, for a grouping with a merged group (K > 1
+// members), `members` (K x the size of x: each member's pool). The backward
+// recomputes every pixel's max m[p] = max(x[p], o[p+n1], o[p+n2]) from x and
+// the member's stored pool o, with the forward's tie rule, which is exact
+// because o is what the forward stored; so nothing else is saved. Saving the
+// member pools costs memory only for merged groups, and saves one forward
+// sweep per member in the backward (recomputing them would make the
+// all_quadrants backward 4 sweeps slower). A merged group's backward finds,
+// per pixel, the member that won the merge (one byte per element of scratch),
+// then runs each member's backward with the cotangent routed to its winners.
+// A broadcast guide's gradient is written per pixel into scratch, then summed
+// over the broadcast dims in a fixed order (no atomics: deterministic).
 
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
-#include <initializer_list>
 #include <memory>
 #include <mutex>
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
 
 #include "ffi_common.h"
 
@@ -36,27 +50,31 @@ namespace {
 
 // Channel blocks of at most this many elements keep a row of a work item in
 // L1/L2 for wide images; blocks are multiples of 16 elements (whole vectors).
-constexpr int64_t kMaxChannelBlock = 128;
+constexpr int64_t kMaxChannelBlock = 64;
 constexpr int64_t kMinChannelBlock = 16;
 // Below this many elements, threads cost more than they save.
 constexpr int64_t kMinParallelElements = 1 << 15;
 
 struct Plan {
   Geometry geo;
+  int groups;
+  int64_t group_channels;
   int64_t block;    // channels per work item
-  int64_t nblocks;  // channel blocks per image
-  int64_t items() const { return geo.batch * nblocks; }
+  int64_t nblocks;  // channel blocks per group
+  int64_t items() const { return geo.batch * groups * nblocks; }
 };
 
-Plan make_plan(Geometry geo, int64_t threads) {
-  int64_t block = std::min(geo.channels, kMaxChannelBlock);
-  auto nblocks = [&] { return (geo.channels + block - 1) / block; };
+Plan make_plan(const Call& c, int64_t threads) {
+  const int64_t cg = c.group_channels;
+  int64_t block = std::min(cg, kMaxChannelBlock);
+  auto nblocks = [&] { return (cg + block - 1) / block; };
   // Split channels further only while there is too little work to go round.
-  while (geo.batch * nblocks() < threads && block >= 2 * kMinChannelBlock) {
+  while (c.geo.batch * c.grouping.groups * nblocks() < threads &&
+         block >= 2 * kMinChannelBlock) {
     block = (block / 2 + kMinChannelBlock - 1) / kMinChannelBlock *
             kMinChannelBlock;
   }
-  return Plan{geo, block, nblocks()};
+  return Plan{c.geo, c.grouping.groups, cg, block, nblocks()};
 }
 
 // Runs fn(0), ..., fn(n - 1) on the calling thread and on at most
@@ -103,33 +121,76 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, int64_t elements,
 }
 
 // ---------------------------------------------------------------------------
-// Kernels: one work item = one image of the batch, channels [c0, c0 + n).
-// Pointers are offset to (image, c0); pixel offsets come from the ScanView.
+// Kernels: one work item = one image, one group, channels [c0, c0 + n).
+// Pointers are offset to (image, c0); pixel offsets come from the ScanView
+// (x and every buffer of x's layout) and the GuideView (the guide).
 // ---------------------------------------------------------------------------
 
 template <typename S>
 using Compute = typename StorageTraits<S>::Compute;
 
-// The item kernels are compiled for AVX2 and for the baseline ISA, picked at
-// load time (gcc/clang function multiversioning); the pixel loops are forced
-// inline so they are vectorised for the clone they land in.
+// The item kernels are compiled for x86-64-v3 (AVX2, F16C) and for the
+// baseline ISA, picked at load time (gcc/clang function multiversioning); the
+// pixel loops are forced inline so they are vectorised for the clone they
+// land in. FP contraction is off for the whole file (CMakeLists.txt), so
+// the FMA the v3 clone may use never fuses our blend.
 #if defined(__x86_64__) && defined(__ELF__)
-#define LMCONV_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#define LMCONV_CPU_CLONES \
+  __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define LMCONV_CPU_CLONES
 #endif
 #define LMCONV_INLINE inline __attribute__((always_inline))
 
-template <typename S, bool kGuided, bool kIn1, bool kIn2>
+// XLA's CPU runtime computes with subnormals flushed (FTZ and DAZ), and so
+// does the jnp reference; the kernels set the same mode for each work item
+// (whatever thread runs it) and restore it after. docs/semantics.md.
+class FlushDenormals {
+ public:
+#if defined(__x86_64__) || defined(__i386__)
+  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040u); }
+  ~FlushDenormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned saved_;
+#endif
+};
+
+// Where the guide of a direction's view pixel (i, j) is, from the item's
+// first guide element: broadcast dims have stride 0.
+struct GuideView {
+  int64_t start, row_stride, col_stride;
+};
+
+GuideView make_guide_view(Direction d, const GuideLayout& l) {
+  GuideView v;
+  v.row_stride = d.row_step * l.row_stride;
+  v.col_stride = d.col_step * l.col_stride;
+  v.start = (d.row_step < 0 ? (l.height - 1) * l.row_stride : 0) +
+            (d.col_step < 0 ? (l.width - 1) * l.col_stride : 0);
+  return v;
+}
+
+// The guide value for channel c: per channel, or one for all channels.
+template <bool kGuideVec, typename S>
+LMCONV_INLINE auto guide_at(const S* g, int64_t c) {
+  return StorageTraits<S>::load_input(g[kGuideVec ? c : 0]);
+}
+
+template <typename S, bool kGuided, bool kGuideVec, bool kIn1, bool kIn2>
 LMCONV_INLINE void forward_pixel(const S* __restrict x, const S* __restrict g,
-                   S* __restrict out, const S* __restrict o1,
-                   const S* __restrict o2, int64_t n) {
+                                 S* __restrict out, const S* __restrict o1,
+                                 const S* __restrict o2, int64_t n) {
   using T = StorageTraits<S>;
   for (int64_t c = 0; c < n; ++c) {
-    const auto xv = T::load(x[c]);
+    const auto xv = T::load_input(x[c]);
     const auto m = pool_max(xv, kIn1, kIn1 ? T::load(o1[c]) : xv, kIn2,
                             kIn2 ? T::load(o2[c]) : xv);
-    out[c] = T::store(kGuided ? pool_blend(T::load(g[c]), m, xv) : m);
+    if constexpr (kGuided) {
+      out[c] = T::store(pool_blend(guide_at<kGuideVec>(g, c), m, xv));
+    } else {
+      out[c] = T::store(m);
+    }
   }
 }
 
@@ -163,38 +224,43 @@ LMCONV_INLINE int64_t ahead(const ScanView& v, int64_t i, int64_t j, int64_t p,
 // The passes that visit pixels in forward scan order. A pass says what one
 // pixel does (pixel<kIn1, kIn2>(p, j): p its element offset, j its view
 // column; kIn1 / kIn2 whether n1 / n2 are inside), what to prefetch for a
-// later pixel, and what to set up at the start of a view row; forward_item
+// later pixel, and what to set up at the start of view row i; forward_item
 // walks the image once for any of them.
 
-// The pool: out[p] from x[p] (g[p]) and the outputs of its neighbours.
-template <typename S, bool kGuided>
+// The pool: out[p] from x[p] (g) and the outputs of its neighbours.
+template <typename S, bool kGuided, bool kGuideVec>
 struct PoolPass {
   const S* x;
-  const S* g;
+  const S* g;  // the item's first guide element
   S* out;
   const ScanView& v;
+  GuideView gv;
+  bool prefetch_guide;  // the guide has x's layout
+  const S* g_row = nullptr;
 
-  LMCONV_INLINE void begin_row(int64_t) {}
+  LMCONV_INLINE void begin_row(int64_t i) {
+    if (kGuided) g_row = g + gv.start + i * gv.row_stride;
+  }
   LMCONV_INLINE void prefetch_pixel(int64_t q, int64_t n) const {
     prefetch<0>(x + q, n);
-    if (kGuided) prefetch<0>(g + q, n);
+    if (kGuided && prefetch_guide) prefetch<0>(g + q, n);
     prefetch<1>(out + q, n);
   }
   template <bool kIn1, bool kIn2>
-  LMCONV_INLINE void pixel(int64_t p, int64_t, int64_t n) {
-    forward_pixel<S, kGuided, kIn1, kIn2>(x + p, kGuided ? g + p : nullptr,
-                                          out + p, out + p + v.off1,
-                                          out + p + v.off2, n);
+  LMCONV_INLINE void pixel(int64_t p, int64_t j, int64_t n) {
+    forward_pixel<S, kGuided, kGuideVec, kIn1, kIn2>(
+        x + p, kGuided ? g_row + j * gv.col_stride : nullptr, out + p,
+        out + p + v.off1, out + p + v.off2, n);
   }
 };
 
-// The tangent of a pool already computed (out is read, not written):
-// t[p] from tx[p] (g[p], tg[p]) and the tangents of the winners. Like G in
-// the backward, the running tangent t (type Compute<S>) lives in the output
+// The tangent of a pool already computed (o, its output, is read): t[p]
+// from tx[p] (g, tg) and the tangents of the winners. Like G in the
+// backward, the running tangent t (type Compute<S>) lives in the output
 // buffer for float and double; halves keep two view rows of it in a float
 // scratch (neighbours are in the same or the previous view row) and store
 // each t[p] rounded once.
-template <typename S, bool kGuided, bool kIn1, bool kIn2>
+template <typename S, bool kGuided, bool kGuideVec, bool kIn1, bool kIn2>
 LMCONV_INLINE void tangent_pixel(const S* __restrict x, const S* __restrict g,
                                  const S* __restrict o1, const S* __restrict o2,
                                  const S* __restrict tx, const S* __restrict tg,
@@ -205,7 +271,7 @@ LMCONV_INLINE void tangent_pixel(const S* __restrict x, const S* __restrict g,
   using T = StorageTraits<S>;
   using Acc = Compute<S>;
   for (int64_t c = 0; c < n; ++c) {
-    const auto xv = T::load(x[c]);
+    const auto xv = T::load_input(x[c]);
     const auto o1v = kIn1 ? T::load(o1[c]) : xv;
     const auto o2v = kIn2 ? T::load(o2[c]) : xv;
     const Acc t1v = kIn1 ? t1[c] : Acc(0);
@@ -213,8 +279,9 @@ LMCONV_INLINE void tangent_pixel(const S* __restrict x, const S* __restrict g,
     const auto m = pool_max(xv, kIn1, o1v, kIn2, o2v);
     Acc r;
     if constexpr (kGuided) {
-      r = pool_tangent_guided(xv, m, kIn1, o1v, kIn2, o2v, T::load(g[c]),
-                              T::load(tx[c]), t1v, t2v, T::load(tg[c]));
+      r = pool_tangent_guided(xv, m, kIn1, o1v, kIn2, o2v,
+                              guide_at<kGuideVec>(g, c), T::load(tx[c]), t1v,
+                              t2v, T::load(tg[kGuideVec ? c : 0]));
     } else {
       r = pool_tangent(xv, m, kIn1, o1v, kIn2, o2v, T::load(tx[c]), t1v, t2v);
     }
@@ -223,7 +290,7 @@ LMCONV_INLINE void tangent_pixel(const S* __restrict x, const S* __restrict g,
   }
 }
 
-template <typename S, bool kGuided>
+template <typename S, bool kGuided, bool kGuideVec>
 struct TangentPass {
   using Acc = Compute<S>;
   static constexpr bool kInPlace = std::is_same_v<S, Acc>;
@@ -234,12 +301,14 @@ struct TangentPass {
   const S* tg;
   S* tout;
   const ScanView& v;
+  GuideView gv;
   int64_t width, n;
   std::vector<Acc> scratch = std::vector<Acc>(kInPlace ? 0 : 2 * width * n);
   // t of view pixel (i, j) is at row + j * t_col, channels contiguous.
   const int64_t t_col = kInPlace ? v.col_stride : n;
   Acc* row = nullptr;
   int64_t toff1 = 0, toff2 = 0;  // from t[p] to t[p + n1], t[p + n2]
+  int64_t g_row = 0;
 
   Acc* row_ptr(int64_t i) {
     if constexpr (kInPlace) {
@@ -253,22 +322,22 @@ struct TangentPass {
     const int64_t prev_row = i > 0 ? row_ptr(i - 1) - row : 0;
     toff1 = (v.n1.dr ? prev_row : 0) + v.n1.dc * t_col;
     toff2 = (v.n2.dr ? prev_row : 0) + v.n2.dc * t_col;
+    g_row = gv.start + i * gv.row_stride;
   }
   LMCONV_INLINE void prefetch_pixel(int64_t q, int64_t n_) const {
     prefetch<0>(x + q, n_);
     prefetch<0>(out + q + v.off1, n_);  // may be outside: harmless
     prefetch<0>(out + q + v.off2, n_);
     prefetch<0>(tx + q, n_);
-    if (kGuided) prefetch<0>(g + q, n_);
-    if (kGuided) prefetch<0>(tg + q, n_);
     prefetch<1>(tout + q, n_);
   }
   template <bool kIn1, bool kIn2>
   LMCONV_INLINE void pixel(int64_t p, int64_t j, int64_t n_) {
     Acc* t = row + j * t_col;
-    tangent_pixel<S, kGuided, kIn1, kIn2>(
-        x + p, kGuided ? g + p : nullptr, out + p + v.off1, out + p + v.off2,
-        tx + p, kGuided ? tg + p : nullptr, t + toff1, t + toff2, t,
+    const int64_t gq = g_row + j * gv.col_stride;
+    tangent_pixel<S, kGuided, kGuideVec, kIn1, kIn2>(
+        x + p, kGuided ? g + gq : nullptr, out + p + v.off1, out + p + v.off2,
+        tx + p, kGuided ? tg + gq : nullptr, t + toff1, t + toff2, t,
         kInPlace ? nullptr : tout + p, n_);
   }
 };
@@ -294,30 +363,54 @@ LMCONV_CPU_CLONES void forward_item(Pass& pass, const ScanView& v,
   }
 }
 
-// G (the running cotangent of out, type Compute<S>) lives in the dx buffer
-// when S is its own compute type (float, double): each G[p] is final when p
-// is visited, is read, then overwritten by dx[p], and pushes only go to
-// neighbours, which are visited later. Halves keep G in a float scratch of
-// two rows, since pushes reach at most the previous row of the view.
-// All pointers are __restrict: the ranges [p, p + n) they cover are disjoint
-// (n1 != n2, and a neighbour is at least one pixel = C >= n elements away).
-template <typename S, bool kGuided, bool kIn1, bool kIn2>
+// The backward of one member's pool over one item.
+//
+// G (the running cotangent of the member's pool, type Compute<S>) lives in
+// the dx buffer when S is its own compute type and dx is not accumulated
+// (the first member): each G[p] is final when p is visited, is read, then
+// overwritten by dx[p], and pushes only go to neighbours, which are visited
+// later. Otherwise G is in a scratch of two view rows, since pushes reach at
+// most the previous row of the view.
+//
+// kMasked: a merged group's member; G starts as ct where this member won the
+// merge (winner[p] == member) and 0 elsewhere. kAccum: dx and dg already
+// hold the earlier members' gradients; this member's, rounded to S, is added
+// (in S), as composing the pools in jnp would.
+template <typename S>
+struct BackwardArgs {
+  const S* x;
+  const S* g;        // the item's first guide element
+  GuideView gv;
+  const S* o;        // the member's pool (out, or its slot of members)
+  const S* ct;
+  S* dx;
+  S* dg;             // x's layout (the guide's gradient per pixel)
+  const uint8_t* winner;  // x's layout; kMasked only
+  int member;
+  const ScanView* v;
+  int64_t height, width, n;
+};
+
+template <typename S, bool kGuided, bool kGuideVec, bool kAccum, bool kIn1,
+          bool kIn2>
 LMCONV_INLINE void backward_pixel(const S* __restrict x, const S* __restrict g,
-                    const S* __restrict o1, const S* __restrict o2,
-                    Compute<S>* __restrict G, Compute<S>* __restrict G1,
-                    Compute<S>* __restrict G2, S* __restrict dx,
-                    S* __restrict dg, int64_t n) {
+                                  const S* __restrict o1,
+                                  const S* __restrict o2,
+                                  Compute<S>* __restrict G,
+                                  Compute<S>* __restrict G1,
+                                  Compute<S>* __restrict G2, S* __restrict dx,
+                                  S* __restrict dg, int64_t n) {
   using T = StorageTraits<S>;
-  constexpr bool kInPlace = std::is_same_v<S, Compute<S>>;
+  constexpr bool kInPlace = std::is_same_v<S, Compute<S>> && !kAccum;
   for (int64_t c = 0; c < n; ++c) {
-    const auto xv = T::load(x[c]);
+    const auto xv = T::load_input(x[c]);
     const auto o1v = kIn1 ? T::load(o1[c]) : xv;
     const auto o2v = kIn2 ? T::load(o2[c]) : xv;
     PoolGrad<Compute<S>> r;
     if constexpr (kGuided) {
       const auto m = pool_max(xv, kIn1, o1v, kIn2, o2v);
-      r = pool_backward_guided(xv, m, kIn1, o1v, kIn2, o2v, T::load(g[c]),
-                               G[c]);
+      r = pool_backward_guided(xv, m, kIn1, o1v, kIn2, o2v,
+                               guide_at<kGuideVec>(g, c), G[c]);
     } else {
       r = pool_backward(xv, kIn1, o1v, kIn2, o2v, G[c]);
     }
@@ -325,36 +418,53 @@ LMCONV_INLINE void backward_pixel(const S* __restrict x, const S* __restrict g,
     if constexpr (kIn2) G2[c] += r.to_n2;
     if constexpr (kInPlace) {
       G[c] = r.dx;  // G is dx
+    } else if constexpr (kAccum) {
+      dx[c] = T::store(T::load(dx[c]) + T::load(T::store(r.dx)));
     } else {
       dx[c] = T::store(r.dx);
     }
-    if constexpr (kGuided) dg[c] = T::store(r.dguide);
+    if constexpr (kGuided) {
+      if constexpr (kAccum) {
+        dg[c] = T::store(T::load(dg[c]) + T::load(T::store(r.dguide)));
+      } else {
+        dg[c] = T::store(r.dguide);
+      }
+    }
   }
 }
 
-template <typename S, bool kGuided>
-LMCONV_CPU_CLONES void backward_item(const S* x, const S* g, const S* out, const S* ct, S* dx,
-                   S* dg, const ScanView& v, int64_t height, int64_t width,
-                   int64_t n) {
+template <typename S, bool kGuided, bool kGuideVec, bool kMasked, bool kAccum>
+LMCONV_CPU_CLONES void backward_item(const BackwardArgs<S>& a) {
   using Acc = Compute<S>;
-  constexpr bool kInPlace = std::is_same_v<S, Acc>;
+  constexpr bool kInPlace = std::is_same_v<S, Acc> && !kAccum;
+  const ScanView& v = *a.v;
+  const int64_t height = a.height, width = a.width, n = a.n;
   std::vector<Acc> scratch(kInPlace ? 0 : 2 * width * n);
   // G of view pixel (i, j) is at row_ptr(i) + j * g_col, channels contiguous.
   const int64_t g_col = kInPlace ? v.col_stride : n;
   auto row_ptr = [&](int64_t i) -> Acc* {
     if constexpr (kInPlace) {
-      return reinterpret_cast<Acc*>(dx) + v.start + i * v.row_stride;
+      return reinterpret_cast<Acc*>(a.dx) + v.start + i * v.row_stride;
     } else {
       return scratch.data() + (i & 1) * width * n;
     }
   };
-  // G of view pixel (i, j) := ct. Done one pixel at a time inside the pixel
-  // loop (not as a separate pass over the row), so the loads of ct overlap
-  // the math.
+  // G of view pixel (i, j) := ct (routed). Done one pixel at a time inside
+  // the pixel loop, so the loads of ct overlap the math.
   auto load_ct = [&](int64_t i, int64_t j) {
     Acc* __restrict G = row_ptr(i) + j * g_col;
-    const S* __restrict c = ct + v.start + i * v.row_stride + j * v.col_stride;
-    for (int64_t k = 0; k < n; ++k) G[k] = StorageTraits<S>::load(c[k]);
+    const int64_t q = v.start + i * v.row_stride + j * v.col_stride;
+    const S* __restrict c = a.ct + q;
+    if constexpr (kMasked) {
+      const uint8_t* __restrict w = a.winner + q;
+      const uint8_t me = static_cast<uint8_t>(a.member);
+      for (int64_t k = 0; k < n; ++k) {
+        const Acc ck = StorageTraits<S>::load(c[k]);
+        G[k] = w[k] == me ? ck : Acc(0);
+      }
+    } else {
+      for (int64_t k = 0; k < n; ++k) G[k] = StorageTraits<S>::load(c[k]);
+    }
   };
   for (int64_t j = width - 1; j >= 0; --j) load_ct(height - 1, j);
   for (int64_t i = height - 1; i >= 0; --i) {
@@ -367,261 +477,337 @@ LMCONV_CPU_CLONES void backward_item(const S* x, const S* g, const S* out, const
     const int64_t prev_row = i > 0 ? row_ptr(i - 1) - G_row : 0;
     const int64_t goff1 = (v.n1.dr ? prev_row : 0) + v.n1.dc * g_col;
     const int64_t goff2 = (v.n2.dr ? prev_row : 0) + v.n2.dc * g_col;
+    const int64_t g_row = a.gv.start + i * a.gv.row_stride;
     for (int64_t j = width - 1; j >= 0; --j) {
       const int64_t p = v.start + i * v.row_stride + j * v.col_stride;
       Acc* G = G_row + j * g_col;
-      const S* gp = kGuided ? g + p : nullptr;
-      S* dgp = kGuided ? dg + p : nullptr;
-      const S* o1 = out + p + v.off1;
-      const S* o2 = out + p + v.off2;
+      const S* gp = kGuided ? a.g + g_row + j * a.gv.col_stride : nullptr;
+      S* dgp = kGuided ? a.dg + p : nullptr;
+      const S* o1 = a.o + p + v.off1;
+      const S* o2 = a.o + p + v.off2;
       if (const int64_t q = ahead<true>(v, i, j, p, height, width); q >= 0) {
-        prefetch<0>(x + q, n);
-        prefetch<0>(out + q + v.off1, n);  // may be outside: harmless
-        prefetch<0>(out + q + v.off2, n);
-        if (kGuided) prefetch<0>(g + q, n);
-        if (kGuided) prefetch<1>(dg + q, n);
-        if (!kInPlace) prefetch<1>(dx + q, n);
+        prefetch<0>(a.x + q, n);
+        prefetch<0>(a.o + q + v.off1, n);  // may be outside: harmless
+        prefetch<0>(a.o + q + v.off2, n);
+        if (kGuided) prefetch<1>(a.dg + q, n);
+        if (!kInPlace) prefetch<1>(a.dx + q, n);
       }
       if (i >= 2) {  // row i - 2 of ct and of G is loaded before row i - 1
         const int64_t q = v.start + (i - 2) * v.row_stride + j * v.col_stride;
-        prefetch<0>(ct + q, n);
-        if (kInPlace) prefetch<1>(dx + q, n);
+        prefetch<0>(a.ct + q, n);
+        if (kInPlace) prefetch<1>(a.dx + q, n);
       }
       if (i > 0 && j > 0) load_ct(i - 1, j - 1);
+#define LMCONV_BWD_PIXEL(IN1, IN2)                                          \
+  backward_pixel<S, kGuided, kGuideVec, kAccum, IN1, IN2>(                  \
+      a.x + p, gp, o1, o2, G, G + goff1, G + goff2, a.dx + p, dgp, n)
       switch (inside(i, j, v.n1, height, width) * 2 +
               inside(i, j, v.n2, height, width)) {
-        case 3: backward_pixel<S, kGuided, true, true>(x + p, gp, o1, o2, G, G + goff1, G + goff2, dx + p, dgp, n); break;
-        case 2: backward_pixel<S, kGuided, true, false>(x + p, gp, o1, o2, G, G + goff1, G + goff2, dx + p, dgp, n); break;
-        case 1: backward_pixel<S, kGuided, false, true>(x + p, gp, o1, o2, G, G + goff1, G + goff2, dx + p, dgp, n); break;
-        default: backward_pixel<S, kGuided, false, false>(x + p, gp, o1, o2, G, G + goff1, G + goff2, dx + p, dgp, n); break;
+        case 3: LMCONV_BWD_PIXEL(true, true); break;
+        case 2: LMCONV_BWD_PIXEL(true, false); break;
+        case 1: LMCONV_BWD_PIXEL(false, true); break;
+        default: LMCONV_BWD_PIXEL(false, false); break;
+      }
+#undef LMCONV_BWD_PIXEL
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The item loop and the per-pixel passes outside the scans.
+// ---------------------------------------------------------------------------
+
+struct Item {
+  int64_t b, group, c0, n;
+  int64_t offset;        // element offset of (image b, channel c0) in x
+  int64_t guide_offset;  // of the item's first guide element
+  int64_t image;         // H * W * C
+  int max_members;       // K
+  // Element offset of member k's pool of this item in `members`, which is
+  // (..., K, H, W, C): image b's member k starts at (b * K + k) * image.
+  int64_t member(int k) const {
+    return (b * max_members + k) * image + c0;
+  }
+};
+
+// Runs fn(item) over every work item of the plan.
+template <typename F>
+void for_each_item(ffi::ThreadPool& pool, const Plan& plan, const Call& c,
+                   F fn) {
+  const Geometry& geo = plan.geo;
+  const int64_t image = geo.height * geo.width * geo.channels;
+  const int64_t per_image = plan.groups * plan.nblocks;
+  parallel_for(pool, plan.items(), geo.size(), [&](int64_t k) {
+    FlushDenormals ftz;
+    Item it;
+    it.b = k / per_image;
+    it.group = (k % per_image) / plan.nblocks;
+    const int64_t c_in_group = (k % plan.nblocks) * plan.block;
+    it.c0 = it.group * plan.group_channels + c_in_group;
+    it.n = std::min(plan.block, plan.group_channels - c_in_group);
+    it.offset = it.b * image + it.c0;
+    it.image = image;
+    it.max_members = c.grouping.max_members;
+    it.guide_offset = c.guided ? c.guide.image_offset(it.b) +
+                                     it.c0 * c.guide.channel_stride
+                               : 0;
+    fn(it);
+  });
+}
+
+// fn(p) for the element offset p (from the item's offset) of every pixel of
+// the item, with its channels [p, p + n).
+template <typename F>
+LMCONV_INLINE void for_each_pixel(const Geometry& geo, F fn) {
+  for (int64_t i = 0; i < geo.height; ++i) {
+    for (int64_t j = 0; j < geo.width; ++j) {
+      fn((i * geo.width + j) * geo.channels);
+    }
+  }
+}
+
+// out = merge of the item's member pools (member k at pools + k * image);
+// with `winner`, also the index of the member that won.
+template <typename S>
+LMCONV_CPU_CLONES void merge_item(const Geometry& geo, int members,
+                                  const S* pools, S* out, uint8_t* winner,
+                                  int64_t n) {
+  using T = StorageTraits<S>;
+  const int64_t size = geo.height * geo.width * geo.channels;
+  for_each_pixel(geo, [&](int64_t p) {
+    for (int64_t c = 0; c < n; ++c) {
+      Compute<S> best;
+      const int w = merge_winner(
+          members, [&](int k) { return T::load(pools[k * size + p + c]); },
+          &best);
+      if (out) out[p + c] = T::store(best);
+      if (winner) winner[p + c] = static_cast<uint8_t>(w);
+    }
+  });
+}
+
+template <typename T>
+std::unique_ptr<T[]> uninitialized(int64_t n) {
+  return std::unique_ptr<T[]>(new T[static_cast<size_t>(n)]);
+}
+
+// dg (the guide's shape) = the per-pixel gradient dg_full (x's layout)
+// summed over the broadcast dims, in Compute<S>, in x's element order.
+template <typename S>
+void reduce_guide(const Geometry& geo, const GuideLayout& l, const S* dg_full,
+                  S* dg) {
+  using T = StorageTraits<S>;
+  FlushDenormals ftz;
+  std::vector<Compute<S>> acc(static_cast<size_t>(l.elements), Compute<S>(0));
+  const int64_t image = geo.height * geo.width * geo.channels;
+  for (int64_t b = 0; b < geo.batch; ++b) {
+    Compute<S>* a = acc.data() + l.image_offset(b);
+    const S* d = dg_full + b * image;
+    for (int64_t i = 0; i < geo.height; ++i) {
+      for (int64_t j = 0; j < geo.width; ++j) {
+        Compute<S>* ap = a + i * l.row_stride + j * l.col_stride;
+        const S* dp = d + (i * geo.width + j) * geo.channels;
+        if (l.channel_stride) {
+          for (int64_t c = 0; c < geo.channels; ++c) ap[c] += T::load(dp[c]);
+        } else {
+          for (int64_t c = 0; c < geo.channels; ++c) ap[0] += T::load(dp[c]);
+        }
       }
     }
   }
-}
-
-// Runs item_fn(image_offset, c0, n) over all work items of the plan.
-template <typename F>
-void for_each_item(ffi::ThreadPool& pool, const Plan& plan, F item_fn) {
-  const Geometry& geo = plan.geo;
-  const int64_t image = geo.height * geo.width * geo.channels;
-  parallel_for(pool, plan.items(), geo.size(), [&](int64_t k) {
-    const int64_t b = k / plan.nblocks;
-    const int64_t c0 = (k % plan.nblocks) * plan.block;
-    item_fn(b * image + c0, std::min(plan.block, geo.channels - c0));
-  });
+  for (int64_t k = 0; k < l.elements; ++k) dg[k] = T::store(acc[k]);
 }
 
 // ---------------------------------------------------------------------------
-// Handlers: one per target, each dispatching on the element type.
+// The back end.
 // ---------------------------------------------------------------------------
 
-// What every handler does first: checks the direction, x's rank, then each
-// other operand and result given (null ones are skipped) against x, in order;
-// plans the work. view is only set if there is work (plan.geo.size() > 0).
-struct Call {
-  Plan plan;
-  ScanView view;
+class CpuBackend {
+ public:
+  explicit CpuBackend(ffi::ThreadPool pool) : pool_(pool) {}
+
+  ffi::Error zero(void* p, size_t bytes) {
+    std::memset(p, 0, bytes);
+    return ffi::Error::Success();
+  }
+
+  template <typename S>
+  ffi::Error forward(const Call& c, const Buffers<S>& b) {
+    if (!c.guided) return forward_as<S, false, false>(c, b);
+    if (c.guide.channel_stride) return forward_as<S, true, true>(c, b);
+    return forward_as<S, true, false>(c, b);
+  }
+
+  template <typename S>
+  ffi::Error tangent(const Call& c, const Buffers<S>& b) {
+    if (!c.guided) return tangent_as<S, false, false>(c, b);
+    if (c.guide.channel_stride) return tangent_as<S, true, true>(c, b);
+    return tangent_as<S, true, false>(c, b);
+  }
+
+  template <typename S>
+  ffi::Error backward(const Call& c, const Buffers<S>& b) {
+    if (!c.guided) return backward_as<S, false, false>(c, b);
+    if (c.guide.channel_stride) return backward_as<S, true, true>(c, b);
+    return backward_as<S, true, false>(c, b);
+  }
+
+ private:
+  struct Views {
+    ScanView scan[kMaxDirections];
+    GuideView guide[kMaxDirections];
+  };
+
+  static void make_views(const Call& c, Views* v) {
+    int total = 0;
+    for (int p = 0; p < c.grouping.groups; ++p) total += c.grouping.members[p];
+    for (int k = 0; k < total; ++k) {
+      v->scan[k] = make_scan_view(c.grouping.dirs[k], c.geo.height,
+                                  c.geo.width, c.geo.channels);
+      v->guide[k] = c.guided ? make_guide_view(c.grouping.dirs[k], c.guide)
+                             : GuideView{0, 0, 0};
+    }
+  }
+
+  template <typename S, bool kGuided, bool kGuideVec>
+  ffi::Error forward_as(const Call& c, const Buffers<S>& b) {
+    const Plan plan = make_plan(c, pool_.num_threads());
+    Views views;
+    make_views(c, &views);
+    const Geometry& geo = c.geo;
+    const bool full = c.guided && c.guide.full;
+    for_each_item(pool_, plan, c, [&](const Item& it) {
+      const int members = c.grouping.members[it.group];
+      for (int k = 0; k < members; ++k) {
+        const int d = c.grouping.first[it.group] + k;
+        S* dst = members == 1 ? b.out_w + it.offset : b.members + it.member(k);
+        PoolPass<S, kGuided, kGuideVec> pass{
+            b.x + it.offset, kGuided ? b.g + it.guide_offset : nullptr,
+            dst, views.scan[d], views.guide[d], full};
+        forward_item<S>(pass, views.scan[d], geo.height, geo.width, it.n);
+      }
+      if (members > 1) {
+        merge_item<S>(geo, members, b.members + it.member(0),
+                      b.out_w + it.offset, nullptr, it.n);
+      }
+    });
+    return ffi::Error::Success();
+  }
+
+  template <typename S, bool kGuided, bool kGuideVec>
+  ffi::Error tangent_as(const Call& c, const Buffers<S>& b) {
+    const Plan plan = make_plan(c, pool_.num_threads());
+    Views views;
+    make_views(c, &views);
+    const Geometry& geo = c.geo;
+    // A merged group's member tangents, before the winner's is picked.
+    std::unique_ptr<S[]> t_members;
+    if (c.has_members) {
+      t_members = uninitialized<S>(c.grouping.max_members * geo.size());  // as members
+    }
+    for_each_item(pool_, plan, c, [&](const Item& it) {
+      const int members = c.grouping.members[it.group];
+      for (int k = 0; k < members; ++k) {
+        const int d = c.grouping.first[it.group] + k;
+        const S* o = members == 1 ? b.out + it.offset : b.members + it.member(k);
+        S* t = members == 1 ? b.tout + it.offset : t_members.get() + it.member(k);
+        TangentPass<S, kGuided, kGuideVec> pass{
+            b.x + it.offset,
+            kGuided ? b.g + it.guide_offset : nullptr,
+            o,
+            b.tx + it.offset,
+            kGuided ? b.tg + it.guide_offset : nullptr,
+            t,
+            views.scan[d],
+            views.guide[d],
+            geo.width,
+            it.n};
+        forward_item<S>(pass, views.scan[d], geo.height, geo.width, it.n);
+      }
+      if (members > 1) {
+        using T = StorageTraits<S>;
+        const int64_t size = it.image;  // from one member to the next
+        const S* pools = b.members + it.member(0);
+        const S* ts = t_members.get() + it.member(0);
+        S* tout = b.tout + it.offset;
+        for_each_pixel(geo, [&](int64_t p) {
+          for (int64_t ch = 0; ch < it.n; ++ch) {
+            Compute<S> best;
+            const int w = merge_winner(
+                members,
+                [&](int k) { return T::load(pools[k * size + p + ch]); },
+                &best);
+            tout[p + ch] = ts[w * size + p + ch];
+          }
+        });
+      }
+    });
+    return ffi::Error::Success();
+  }
+
+  template <typename S, bool kGuided, bool kGuideVec>
+  ffi::Error backward_as(const Call& c, const Buffers<S>& b) {
+    const Plan plan = make_plan(c, pool_.num_threads());
+    Views views;
+    make_views(c, &views);
+    const Geometry& geo = c.geo;
+    std::unique_ptr<uint8_t[]> winner;
+    if (c.has_members) winner = uninitialized<uint8_t>(geo.size());
+    // A broadcast guide's gradient, per pixel, before the reduction.
+    std::unique_ptr<S[]> dg_full;
+    S* dg = b.dg;
+    if (kGuided && !c.guide.full) {
+      dg_full = uninitialized<S>(geo.size());
+      dg = dg_full.get();
+    }
+    for_each_item(pool_, plan, c, [&](const Item& it) {
+      const int members = c.grouping.members[it.group];
+      if (members > 1) {
+        merge_item<S>(geo, members, b.members + it.member(0), nullptr,
+                      winner.get() + it.offset, it.n);
+      }
+      for (int k = 0; k < members; ++k) {
+        const int d = c.grouping.first[it.group] + k;
+        BackwardArgs<S> a{
+            b.x + it.offset,
+            kGuided ? b.g + it.guide_offset : nullptr,
+            views.guide[d],
+            members == 1 ? b.out + it.offset : b.members + it.member(k),
+            b.ct + it.offset,
+            b.dx + it.offset,
+            kGuided ? dg + it.offset : nullptr,
+            members > 1 ? winner.get() + it.offset : nullptr,
+            k,
+            &views.scan[d],
+            geo.height,
+            geo.width,
+            it.n};
+        if (members == 1) {
+          backward_item<S, kGuided, kGuideVec, false, false>(a);
+        } else if (k == 0) {
+          backward_item<S, kGuided, kGuideVec, true, false>(a);
+        } else {
+          backward_item<S, kGuided, kGuideVec, true, true>(a);
+        }
+      }
+    });
+    if (kGuided && !c.guide.full) reduce_guide<S>(geo, c.guide, dg, b.dg);
+    return ffi::Error::Success();
+  }
+
+  ffi::ThreadPool pool_;
 };
-
-ffi::ErrorOr<Call> prepare(
-    const char* target, ffi::ThreadPool& pool, ffi::AnyBuffer x,
-    std::initializer_list<std::pair<const char*, const ffi::AnyBuffer*>>
-        others,
-    DirectionAttrs attrs) {
-  auto dir = direction_of(target, attrs);
-  if (dir.has_error()) return ffi::Unexpected(dir.error());
-  auto geo = geometry_of(target, x);
-  if (geo.has_error()) return ffi::Unexpected(geo.error());
-  for (const auto& [name, b] : others) {
-    if (!b) continue;
-    if (auto e = check_like_x(target, name, x, *b); e.failure()) {
-      return ffi::Unexpected(std::move(e));
-    }
-  }
-  Call c{make_plan(*geo, pool.num_threads()), {}};
-  if (c.plan.geo.size() > 0) {
-    c.view = make_scan_view(*dir, geo->height, geo->width, geo->channels);
-  }
-  return c;
-}
-
-ffi::Error Forward(const char* target, ffi::ThreadPool pool, ffi::AnyBuffer x,
-                   const ffi::AnyBuffer* g, ffi::AnyBuffer out,
-                   DirectionAttrs attrs) {
-  auto call = prepare(target, pool, x, {{"guide", g}, {"out", &out}}, attrs);
-  if (call.has_error()) return call.error();
-  const Plan& plan = call->plan;
-  const Geometry& geo = plan.geo;
-  if (geo.size() == 0) return ffi::Error::Success();
-  const ScanView& v = call->view;
-  const bool ok = dispatch_dtype(x.element_type(), [&](auto tag) {
-    using S = decltype(tag);
-    const S* xp = data<S>(x);
-    S* op = data<S>(out);
-    if (g) {
-      const S* gp = data<S>(*g);
-      for_each_item(pool, plan, [&](int64_t off, int64_t n) {
-        PoolPass<S, true> pass{xp + off, gp + off, op + off, v};
-        forward_item<S>(pass, v, geo.height, geo.width, n);
-      });
-    } else {  // g = 1: the fast path reads no guide
-      for_each_item(pool, plan, [&](int64_t off, int64_t n) {
-        PoolPass<S, false> pass{xp + off, nullptr, op + off, v};
-        forward_item<S>(pass, v, geo.height, geo.width, n);
-      });
-    }
-  });
-  return ok ? ffi::Error::Success() : unsupported_dtype(target, x.element_type());
-}
-
-ffi::Error Backward(const char* target, ffi::ThreadPool pool,
-                    ffi::AnyBuffer x, const ffi::AnyBuffer* g,
-                    ffi::AnyBuffer out, ffi::AnyBuffer ct, ffi::AnyBuffer dx,
-                    const ffi::AnyBuffer* dg, DirectionAttrs attrs) {
-  auto call = prepare(target, pool, x,
-                      {{"guide", g},
-                       {"dguide", g ? dg : nullptr},
-                       {"out", &out},
-                       {"ct", &ct},
-                       {"dx", &dx}},
-                      attrs);
-  if (call.has_error()) return call.error();
-  const Plan& plan = call->plan;
-  const Geometry& geo = plan.geo;
-  if (geo.size() == 0) return ffi::Error::Success();
-  const ScanView& v = call->view;
-  const bool ok = dispatch_dtype(x.element_type(), [&](auto tag) {
-    using S = decltype(tag);
-    const S* xp = data<S>(x);
-    const S* op = data<S>(out);
-    const S* cp = data<S>(ct);
-    S* dxp = data<S>(dx);
-    if (g) {
-      const S* gp = data<S>(*g);
-      S* dgp = data<S>(*dg);
-      for_each_item(pool, plan, [&](int64_t off, int64_t n) {
-        backward_item<S, true>(xp + off, gp + off, op + off, cp + off,
-                               dxp + off, dgp + off, v, geo.height,
-                               geo.width, n);
-      });
-    } else {
-      for_each_item(pool, plan, [&](int64_t off, int64_t n) {
-        backward_item<S, false>(xp + off, nullptr, op + off, cp + off,
-                                dxp + off, nullptr, v, geo.height,
-                                geo.width, n);
-      });
-    }
-  });
-  return ok ? ffi::Error::Success() : unsupported_dtype(target, x.element_type());
-}
-
-ffi::Error Tangent(const char* target, ffi::ThreadPool pool, ffi::AnyBuffer x,
-                   const ffi::AnyBuffer* g, ffi::AnyBuffer out,
-                   ffi::AnyBuffer tx, const ffi::AnyBuffer* tg,
-                   ffi::AnyBuffer tout, DirectionAttrs attrs) {
-  auto call = prepare(target, pool, x,
-                      {{"guide", g},
-                       {"tguide", g ? tg : nullptr},
-                       {"out", &out},
-                       {"tx", &tx},
-                       {"tout", &tout}},
-                      attrs);
-  if (call.has_error()) return call.error();
-  const Plan& plan = call->plan;
-  const Geometry& geo = plan.geo;
-  if (geo.size() == 0) return ffi::Error::Success();
-  const ScanView& v = call->view;
-  const bool ok = dispatch_dtype(x.element_type(), [&](auto tag) {
-    using S = decltype(tag);
-    const S* xp = data<S>(x);
-    const S* op = data<S>(out);
-    const S* txp = data<S>(tx);
-    S* tp = data<S>(tout);
-    if (g) {
-      const S* gp = data<S>(*g);
-      const S* tgp = data<S>(*tg);
-      for_each_item(pool, plan, [&](int64_t off, int64_t n) {
-        TangentPass<S, true> pass{xp + off, gp + off, op + off, txp + off,
-                                  tgp + off, tp + off, v, geo.width, n};
-        forward_item<S>(pass, v, geo.height, geo.width, n);
-      });
-    } else {
-      for_each_item(pool, plan, [&](int64_t off, int64_t n) {
-        TangentPass<S, false> pass{xp + off, nullptr, op + off, txp + off,
-                                   nullptr, tp + off, v, geo.width, n};
-        forward_item<S>(pass, v, geo.height, geo.width, n);
-      });
-    }
-  });
-  return ok ? ffi::Error::Success() : unsupported_dtype(target, x.element_type());
-}
-
-ffi::Error PoolFwd(ffi::ThreadPool pool, ffi::AnyBuffer x,
-                   ffi::Result<ffi::AnyBuffer> out, DirectionAttrs d) {
-  return Forward("lmconv_pool_fwd", pool, x, nullptr, *out, d);
-}
-
-ffi::Error PoolFwdGuided(ffi::ThreadPool pool, ffi::AnyBuffer x,
-                         ffi::AnyBuffer g, ffi::Result<ffi::AnyBuffer> out,
-                         DirectionAttrs d) {
-  return Forward("lmconv_pool_fwd_guided", pool, x, &g, *out, d);
-}
-
-ffi::Error PoolBwd(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer out,
-                   ffi::AnyBuffer ct, ffi::Result<ffi::AnyBuffer> dx,
-                   DirectionAttrs d) {
-  return Backward("lmconv_pool_bwd", pool, x, nullptr, out, ct, *dx, nullptr,
-                  d);
-}
-
-ffi::Error PoolBwdGuided(ffi::ThreadPool pool, ffi::AnyBuffer x,
-                         ffi::AnyBuffer g, ffi::AnyBuffer out,
-                         ffi::AnyBuffer ct, ffi::Result<ffi::AnyBuffer> dx,
-                         ffi::Result<ffi::AnyBuffer> dg, DirectionAttrs d) {
-  ffi::AnyBuffer dg_buf = *dg;
-  return Backward("lmconv_pool_bwd_guided", pool, x, &g, out, ct, *dx,
-                  &dg_buf, d);
-}
-
-ffi::Error PoolTangent(ffi::ThreadPool pool, ffi::AnyBuffer x,
-                       ffi::AnyBuffer out, ffi::AnyBuffer tx,
-                       ffi::Result<ffi::AnyBuffer> tout, DirectionAttrs d) {
-  return Tangent("lmconv_pool_tangent", pool, x, nullptr, out, tx, nullptr,
-                 *tout, d);
-}
-
-ffi::Error PoolTangentGuided(ffi::ThreadPool pool, ffi::AnyBuffer x,
-                             ffi::AnyBuffer g, ffi::AnyBuffer out,
-                             ffi::AnyBuffer tx, ffi::AnyBuffer tg,
-                             ffi::Result<ffi::AnyBuffer> tout,
-                             DirectionAttrs d) {
-  return Tangent("lmconv_pool_tangent_guided", pool, x, &g, out, tx, &tg,
-                 *tout, d);
-}
 
 }  // namespace
 }  // namespace lmconv
 
-using lmconv::bind_pool_bwd;
-using lmconv::bind_pool_bwd_guided;
-using lmconv::bind_pool_fwd;
-using lmconv::bind_pool_fwd_guided;
-using lmconv::bind_pool_tangent;
-using lmconv::bind_pool_tangent_guided;
-
-// Every handler gets XLA's intra-op thread pool; operands as in ffi_common.h.
-#define LMCONV_CPU_CONTEXT ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LmconvPoolFwd, lmconv::PoolFwd,
-                              bind_pool_fwd(LMCONV_CPU_CONTEXT));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LmconvPoolFwdGuided, lmconv::PoolFwdGuided,
-                              bind_pool_fwd_guided(LMCONV_CPU_CONTEXT));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LmconvPoolBwd, lmconv::PoolBwd,
-                              bind_pool_bwd(LMCONV_CPU_CONTEXT));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LmconvPoolBwdGuided, lmconv::PoolBwdGuided,
-                              bind_pool_bwd_guided(LMCONV_CPU_CONTEXT));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LmconvPoolTangent, lmconv::PoolTangent,
-                              bind_pool_tangent(LMCONV_CPU_CONTEXT));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LmconvPoolTangentGuided,
-                              lmconv::PoolTangentGuided,
-                              bind_pool_tangent_guided(LMCONV_CPU_CONTEXT));
+// The six handlers (handlers.inc), with XLA's intra-op thread pool.
+#define LMCONV_BACKEND lmconv::CpuBackend
+#define LMCONV_SYMBOL(name) Lmconv##name
+#define LMCONV_TARGET(name) "lmconv_" name
+#define LMCONV_CONTEXT_PARAMS ffi::ThreadPool pool,
+#define LMCONV_BIND xla::ffi::Ffi::Bind().Ctx<xla::ffi::ThreadPool>()
+#define LMCONV_EXTRA_ATTR_PARAMS
+#define LMCONV_EXTRA_ATTRS
+#define LMCONV_MAKE_BACKEND CpuBackend(pool)
+#include "handlers.inc"

@@ -301,10 +301,43 @@ struct BFloat16 {
 template <typename S>
 struct StorageTraits;
 
+// Subnormal inputs (docs/semantics.md): a value of x or of the guide that is
+// subnormal in float32 / float64 (bfloat16 shares float32's exponent) is read
+// as a zero of its sign, before any arithmetic, in every implementation.
+// Branch-free, so the channel loops vectorise.
+LMCONV_HDI float flush_subnormal(float v) {
+  const uint32_t u = float_bits(v);
+  const uint32_t keep = (u & 0x7F800000u) == 0 ? 0x80000000u : 0xFFFFFFFFu;
+  return bits_float(u & keep);
+}
+
+LMCONV_HDI double flush_subnormal(double v) {
+  uint64_t u;
+#if defined(__CUDA_ARCH__)
+  u = static_cast<uint64_t>(__double_as_longlong(v));
+#else
+  std::memcpy(&u, &v, sizeof u);
+#endif
+  const uint64_t keep = (u & 0x7FF0000000000000ull) == 0
+                            ? 0x8000000000000000ull
+                            : 0xFFFFFFFFFFFFFFFFull;
+  u &= keep;
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(static_cast<long long>(u));
+#else
+  double r;
+  std::memcpy(&r, &u, sizeof r);
+  return r;
+#endif
+}
+
+// load() reads a value as stored; load_input() reads x or the guide, with
+// the subnormal rule above (float16 subnormals are normal in float32: kept).
 template <>
 struct StorageTraits<float> {
   using Compute = float;
   static LMCONV_HDI float load(float v) { return v; }
+  static LMCONV_HDI float load_input(float v) { return flush_subnormal(v); }
   static LMCONV_HDI float store(float v) { return v; }
 };
 
@@ -312,6 +345,7 @@ template <>
 struct StorageTraits<double> {
   using Compute = double;
   static LMCONV_HDI double load(double v) { return v; }
+  static LMCONV_HDI double load_input(double v) { return flush_subnormal(v); }
   static LMCONV_HDI double store(double v) { return v; }
 };
 
@@ -319,6 +353,7 @@ template <>
 struct StorageTraits<Half> {
   using Compute = float;
   static LMCONV_HDI float load(Half v) { return half_bits_to_float(v.bits); }
+  static LMCONV_HDI float load_input(Half v) { return load(v); }
   static LMCONV_HDI Half store(float v) { return Half{float_to_half_bits(v)}; }
 };
 
@@ -328,10 +363,31 @@ struct StorageTraits<BFloat16> {
   static LMCONV_HDI float load(BFloat16 v) {
     return bfloat16_bits_to_float(v.bits);
   }
+  static LMCONV_HDI float load_input(BFloat16 v) {
+    return flush_subnormal(load(v));
+  }
   static LMCONV_HDI BFloat16 store(float v) {
     return BFloat16{float_to_bfloat16_bits(v)};
   }
 };
+
+// The merge of a group's member pools (lmconv_jax/ops.py): the running
+// result takes a later member's value only if it is strictly greater or NaN,
+// so ties go to the first listed. Returns the winning member's index and
+// sets *best to its value.
+template <typename T, typename Load>
+LMCONV_HDI int merge_winner(int members, Load load, T* best) {
+  T b = load(0);
+  int w = 0;
+  for (int k = 1; k < members; ++k) {
+    const T v = load(k);
+    const bool take = (v > b) | (v != v);
+    b = take ? v : b;
+    w = take ? k : w;
+  }
+  *best = b;
+  return w;
+}
 
 }  // namespace lmconv
 
