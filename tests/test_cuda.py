@@ -541,51 +541,61 @@ def on_gpu(*arrays):
   return [None if a is None else jax.device_put(a, _gpu()) for a in arrays]
 
 
+def gpu_run(x, g, grouping, out, members, ct, tx, tg):
+  """(out, members, tout, dx, dguide) of the CUDA targets on the GPU (the
+  same names as the CPU ones, platform CUDA), back on the host; the tangent
+  and the backward take the given (CPU) out and members."""
+  x, g, out, members, ct, tx, tg = on_gpu(x, g, out, members, ct, tx, tg)
+  fwd = emulator.forward(x, g, grouping, emulated=False)
+  assert fwd[0].devices() == {_gpu()}
+  tout = emulator.tangent(x, g, grouping, out, members, tx, tg,
+                          emulated=False)
+  dx, dg = emulator.backward(x, g, grouping, out, members, ct,
+                             emulated=False)
+  return [None if a is None else np.asarray(jax.device_get(a))
+          for a in tuple(fwd) + (tout, dx, dg)]
+
+
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("grouping", GROUPINGS)
 def test_gpu_kernels_equal_cpu_kernels_and_emulation(grouping, dtype):
-  """The grouped CUDA targets on the device (the same names, platform CUDA)
-  against the CPU kernels and the emulation, bit for bit, every guide mode
-  and pass. float64 with subnormal results is not covered (the GPU does not
-  flush float64; these inputs make none)."""
+  """The grouped CUDA targets on the device against the CPU kernels and the
+  emulation, bit for bit, every guide mode and pass. float64 with subnormal
+  results and NaN bit patterns are not covered (cuda.cu: the GPU does not
+  flush float64 and has one canonical NaN; these inputs make neither)."""
   g = GROUPINGS[grouping]
-  case = grid_case(dtype, g)
   for mode in GUIDE_MODES:
-    args = (case["x"], case["guides"][mode], g, case["ct"], case["tx"],
-            case["tguides"][mode])
-    want = run(*args, emulated=False)
-    x, gd, ct, tx, tg = on_gpu(args[0], args[1], args[3], args[4], args[5])
-    fwd = emulator.forward(x, gd, g, emulated=False)
-    assert fwd[0].devices() == {_gpu()}
-    base = on_gpu(*want[:2])
-    tout = emulator.tangent(x, gd, g, *base, tx, tg, emulated=False)
-    dx, dg = emulator.backward(x, gd, g, *base, ct, emulated=False)
-    got = [None if a is None else jax.device_get(a)
-           for a in tuple(fwd) + (tout, dx, dg)]
+    with jax.default_device(CPU):
+      case = jax.device_put(grid_case(dtype, g), CPU)
+      args = (case["x"], case["guides"][mode], g, case["ct"], case["tx"],
+              case["tguides"][mode])
+      want = run(*args, emulated=False)
+      emulated = (run(*args, emulated=True, order=CHECK)
+                  if emulator.EMULATOR is not None else None)
+    got = gpu_run(args[0], args[1], g, want[0], want[1], *args[3:])
     assert_same_bits(got, want, g)
-    if emulator.EMULATOR is not None:
-      with jax.default_device(CPU):
-        assert_same_bits(got, run(*args, emulated=True, order=CHECK), g)
+    if emulated is not None:
+      assert_same_bits(got, emulated, g)
 
 
 @needs_gpu
 @pytest.mark.parametrize("grouping", WIDE)
 def test_gpu_kernels_wide_channels(grouping):
+  """Several channel chunks per group, several pixel batches per thread."""
   g = GROUPINGS[grouping]
   shape = WIDE[grouping]
-  x = jnp.asarray(inputs.make_x("small_int", shape, 5), jnp.float32)
-  guide = jnp.asarray(inputs.make_guide("per_channel", shape), jnp.float32)
-  ct = jnp.asarray(inputs.make_ct(shape), jnp.float32)
+  with jax.default_device(CPU):
+    x, guide, ct = jax.device_put((
+        jnp.asarray(inputs.make_x("small_int", shape, 5), jnp.float32),
+        jnp.asarray(inputs.make_guide("per_channel", shape), jnp.float32),
+        jnp.asarray(inputs.make_ct(shape), jnp.float32)), CPU)
+    wants = {gd is None: run(x, gd, g, ct, ct, gd, emulated=False)
+             for gd in (None, guide)}
   for gd in (None, guide):
-    want = run(x, gd, g, ct, ct, gd, emulated=False)
-    xg, gg, cg = on_gpu(x, gd, ct)
-    fwd = emulator.forward(xg, gg, g, emulated=False)
-    base = on_gpu(*want[:2])
-    tout = emulator.tangent(xg, gg, g, *base, cg, gg, emulated=False)
-    dx, dg = emulator.backward(xg, gg, g, *base, cg, emulated=False)
-    assert_same_bits([None if a is None else jax.device_get(a)
-                      for a in tuple(fwd) + (tout, dx, dg)], want, g)
+    want = wants[gd is None]
+    got = gpu_run(x, gd, g, want[0], want[1], ct, ct, gd)
+    assert_same_bits(got, want, g)
 
 
 @needs_gpu

@@ -11,7 +11,13 @@
 // float64 result that would be subnormal (e.g. a blend g * m + (1 - g) * x of
 // normal values, a gradient sum) may differ from the CPU's flushed zero. That
 // edge is not verified. The 16-bit conversions are landmark_pool.h's software
-// ones, bit for bit those of the CPU.
+// ones (issue 10's cuda_fp16.h / cuda_bf16.h intrinsics are not used yet),
+// bit for bit those of the CPU for every non-NaN value. NaN: where a NaN goes
+// through arithmetic (a blend, a gradient sum, a float16 load, which
+// multiplies) the GPU returns its canonical NaN (0x7FFFFFFF) where x86 keeps
+// the operand's sign and payload, so NaN *bit patterns* (not NaN-ness) may
+// differ from the CPU's there; the selects of the max and of the winners
+// pass NaNs through unchanged on both. Also unverified.
 
 #include "cuda_launch.h"
 
