@@ -19,8 +19,12 @@
 //     read or written by another in the whole launch; every access must lie
 //     inside the buffer it is made through, writes only to the buffers the
 //     body may write (Body::kWrites), and workspace ring accesses inside the
-//     block's own ring. The first violation fails the call with a message
-//     that names the buffer, the element, the phase and both threads.
+//     block's own ring. Reads must see data: a buffer the body writes is
+//     read only where this launch wrote it before, and a ring slot only in
+//     the phase right after it was written (a stale value from an earlier
+//     phase or an earlier member would be a schedule bug the NaN poison
+//     cannot show). The first violation fails the call with a message that
+//     names the buffer, the element, the phase and both threads.
 // It computes with subnormals flushed (FTZ/DAZ), as the CPU kernels do and
 // as the GPU build does for float32 (cuda.cu: -ftz=true).
 //
@@ -161,8 +165,23 @@ class Tracer {
         return false;
       }
       e.writer = me;
+      e.last_write = phase_;
     } else {
       e.reader = e.reader == -1 || e.reader == me ? me : kMany;
+      // What the body writes it must have written before it reads it; the
+      // ring passes values only from one phase to the next.
+      if (r.writable && e.last_write < 0) {
+        fail(std::string("read before write: ") + kBufferNames[r.id] +
+             " element " + std::to_string(index) +
+             " was not written in this launch");
+        return false;
+      }
+      if (r.id == kBufRing && e.last_write != phase_ - 1) {
+        fail("stale read: workspace ring element " + std::to_string(index) +
+             " was last written in phase " + std::to_string(e.last_write) +
+             ", not the phase before");
+        return false;
+      }
     }
     return true;
   }
@@ -176,6 +195,7 @@ class Tracer {
     int64_t writer = -1;  // block * threads + thread, this phase
     int64_t reader = -1;  // the same, or kMany
     int64_t block = -1;   // the first block that touched it in the launch
+    int64_t last_write = -1;  // the phase of the last write in the launch
     bool multi_block = false, written = false;
   };
 
