@@ -245,6 +245,31 @@ def _get(buf, idx):
   return buf.at[idx].get(mode="promise_in_bounds")
 
 
+class _GuideIn(NamedTuple):
+  """A guide (or its tangent) as the passes read it."""
+  rows: jax.Array   # group layout, or (M, 1, N) when constant over H and W
+  const: bool
+
+
+def _guide_in(v, shape, b, plan) -> _GuideIn:
+  """v (compute dtype, dims equal to x's or 1) in the layout of the passes.
+
+  A guide constant over H and W (per channel, per batch, scalar) is not
+  materialised at x's size: each member reads its (1, N) row every step.
+  """
+  h, w, c = shape[-3:]
+  v = v.reshape((1,) * (len(shape) - v.ndim) + v.shape)
+  if v.shape[-3] == 1 and v.shape[-2] == 1:
+    vb = jnp.broadcast_to(v, shape[:-3] + (1, 1, c)).reshape(b, 1, 1, c)
+    return _GuideIn(_to_groups(vb, plan.p)[plan.grp], True)
+  vf = jnp.broadcast_to(v, shape).reshape(b, h, w, c)
+  return _GuideIn(_group_rows(vf, plan.p), False)
+
+
+def _read(gi: _GuideIn, src):
+  return gi.rows if gi.const else _get(gi.rows, src)
+
+
 class _Prepared(NamedTuple):
   plan: _Plan
   shape: tuple
@@ -252,7 +277,7 @@ class _Prepared(NamedTuple):
   dtype: jnp.dtype
   cd: jnp.dtype
   xg: jax.Array
-  gg: Optional[jax.Array]
+  gg: Optional[_GuideIn]
 
 
 def _prepare(x, g, groups) -> _Prepared:
@@ -269,8 +294,7 @@ def _prepare(x, g, groups) -> _Prepared:
   xg = _group_rows(_load(x, cd).reshape(b, h, w, c), p)
   gg = None
   if g is not None:
-    gf = jnp.broadcast_to(_load(jnp.asarray(g), cd), x.shape)
-    gg = _group_rows(gf.reshape(b, h, w, c), p)
+    gg = _guide_in(_load(jnp.asarray(g), cd), tuple(x.shape), b, plan)
   return _Prepared(plan, tuple(x.shape), b, dtype, cd, xg, gg)
 
 
@@ -298,7 +322,7 @@ def _forward_scan(pr: _Prepared, txg=None, tgg=None):
     if pr.gg is None:
       out = m
     else:
-      gv = _get(pr.gg, src)
+      gv = _read(pr.gg, src)
       out = _blend(gv, m, xv)
     new = (out_buf.at[dst].set(out.astype(sd), unique_indices=True,
                                mode="promise_in_bounds"),)
@@ -311,7 +335,7 @@ def _forward_scan(pr: _Prepared, txg=None, tgg=None):
       if pr.gg is None:
         tv = win
       else:
-        tgv = _get(tgg, src)
+        tgv = _read(tgg, src)
         a, bb, cc = lax.optimization_barrier(
             (gv * win, (1 - gv) * txv, (m - xv) * tgv))
         tv = lax.optimization_barrier(a + bb) + cc
@@ -377,14 +401,6 @@ def _finish(v_grp, pr):
   return _from_groups(v_grp, pr.b, h, w, c).reshape(pr.shape)
 
 
-def _tangent_rows(t, pr, shape):
-  """A tangent of x (or of g, broadcast) in the group layout, compute dtype."""
-  h, w, c = pr.shape[-3:]
-  t = jnp.broadcast_to(jnp.asarray(t).astype(pr.dtype), shape).astype(pr.cd)
-  return _group_rows(jnp.broadcast_to(t, pr.shape).reshape(pr.b, h, w, c),
-                     pr.plan.p)
-
-
 def grouped_forward(x: jax.Array, g: Optional[jax.Array], groups) -> jax.Array:
   """The grouped pool of x (..., H, W, C): group k pools channel block k.
 
@@ -406,11 +422,17 @@ def _forward_and_tangent(x, g, tx, tg, groups):
   if x.size == 0:
     return x, jnp.zeros_like(x)
   pr = _prepare(x, g, groups)
-  txg = _tangent_rows(tx, pr, pr.shape)
+  h, w, c = pr.shape[-3:]
+  txv = jnp.asarray(tx).astype(pr.dtype).astype(pr.cd)
+  txg = _group_rows(jnp.broadcast_to(txv, pr.shape).reshape(pr.b, h, w, c),
+                    pr.plan.p)
   tgg = None
   if g is not None:
-    tgg = (jnp.zeros_like(pr.gg) if tg is None
-           else _tangent_rows(tg, pr, jnp.shape(g)))
+    if tg is None:
+      tgg = _GuideIn(jnp.zeros_like(pr.gg.rows), pr.gg.const)
+    else:
+      tgg = _guide_in(jnp.asarray(tg).astype(pr.dtype).astype(pr.cd),
+                      pr.shape, pr.b, pr.plan)
   out_buf, t_buf = _forward_scan(pr, txg, tgg)
   plan = pr.plan
   out, win = _merge(_member_images(out_buf, plan), plan)
@@ -474,7 +496,7 @@ def grouped_backward(x: jax.Array, g: Optional[jax.Array], ct: jax.Array,
       p2 = jnp.where(take2, G, zero)
     else:
       one = jnp.ones((), cd)
-      sv = _get(pr.gg, src)
+      sv = _read(pr.gg, src)
       # The barrier hides that these are 0/1 (XLA would turn s * [bool]
       # into a select, which drops the NaN of inf * 0).
       selff, k1, k2 = lax.optimization_barrier(
