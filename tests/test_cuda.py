@@ -272,6 +272,27 @@ def test_emulated_guide_of_any_broadcast_shape():
       assert plan["reduce_blocks"] * plan["reduce_threads"] >= np.prod(gshape)
 
 
+SHAPES = {"square": (1, 6, 6), "non_square": (2, 3, 7), "H1": (2, 1, 9),
+          "W1": (2, 8, 1), "one_pixel": (1, 1, 1), "unbatched": (5, 3),
+          "deep_batch": (2, 1, 2, 4, 3)}
+
+
+@needs_emulator
+@pytest.mark.parametrize("shape", SHAPES)
+def test_emulation_all_shapes(shape):
+  """Degenerate images (one row, one column, one pixel), no batch, several
+  batch dims; every grouping, with and without a per-channel guide."""
+  for name, g in GROUPINGS.items():
+    shp = SHAPES[shape] + (2 * n_groups(g),)
+    x = jnp.asarray(inputs.make_x("small_int", shp, 5), jnp.float32)
+    guide = jnp.asarray(inputs.make_guide("per_channel", shp), jnp.float32)
+    ct = jnp.asarray(inputs.make_ct(shp), jnp.float32)
+    for gd in (None, guide):
+      want = run(x, gd, g, ct, ct, gd, emulated=False)
+      assert_same_bits(run(x, gd, g, ct, ct, gd, emulated=True, order=CHECK),
+                       want, g)
+
+
 @needs_emulator
 def test_emulated_several_pixel_batches_per_thread():
   """Images large enough that each thread takes more than one batch of
