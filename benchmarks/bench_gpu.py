@@ -1,40 +1,55 @@
-"""GPU benchmark: the CUDA kernels against a copy and the jitted reference.
+"""GPU benchmark: the CUDA kernels against their peers on the same GPU.
 
-For each shape and op it times, under jit, the forward pass and forward +
-backward (jax.grad of sum(out * ct)) of:
+For each shape, dtype and op it times, forward and forward + backward
+(the vjp of the op applied to a random cotangent), these implementations
+when they apply:
 
 * ``ffi``: lmconv_jax with implementation="ffi" (our CUDA kernels),
-* ``reference``: the same op with implementation="reference" (lax scans),
+* ``reference``: the same call with implementation="reference" (lax scans),
+* ``cummax``: ``lax.cummax`` over H, then over W, jitted, and its jax.grad:
+  the g = 1 quadrant a JAX user would write (single quadrants only),
+* ``torch``: ``torch.cummax`` twice with its autograd backward (what mmcv's
+  CornerPool does), when torch is importable and sees a GPU (quadrants only),
+* ``copy``: a same-size device-to-device copy (``x + c``, c a traced zero),
+  the bandwidth yardstick.
 
-next to a same-size device-to-device copy (``x + c``, c a traced zero) in the
-same run. Ops: the P = 4 and P = 8 grouped pools (``"quadrants"``,
-``"octants"``) and single directions (a quadrant; a row-wise and a
-column-wise octant). Shapes: LBYLNet's (64, 32, 32, 128) and a large
-(32, 128, 128, 256), float32.
+Ops: a single quadrant (``top_left``) and the grouped pools ``quadrants``,
+``octants``, ``top_bottom``, ``all_quadrants`` (and, with ``--ops``, an
+octant, ``north_northwest``). Shapes: (32, 16, 16, 128), LBYLNet's (64, 32, 32, 128)
+and (32, 128, 128, 256); float32 and bfloat16.
 
-Each timing runs the op ``--chain`` times back to back inside one jit (each
-call consuming the last one's output) and divides, so the per-call time holds
-no host dispatch. Effective bandwidth is the bytes the op must move (each
-operand read once, each result written once: forward 2 arrays, forward +
-backward 6) over its time; ``vs copy`` divides it by the copy's bandwidth.
-The targets: >= 50% of copy bandwidth at the large shape, >= 10x faster than
-the reference at the LBYLNet shape. ``model us`` is what docs/benchmarks.md's
-model predicts for the call on an H100 (``--model`` prints it per kernel).
+Timing: each JAX timing runs the op ``--chain`` times back to back inside
+one jit (each call consuming the last one's output) and divides, so the
+per-call time holds no host dispatch; the median of ``--repeats`` runs.
+torch runs eagerly (as a PyTorch user would), timed with CUDA events over
+``--chain`` calls. Bandwidth is the bytes the op must move (each operand
+read once, each result written once: forward 2 arrays, forward + backward 6)
+over its time, the same bytes for every implementation of an op;
+``vs copy`` divides it by the copy's bandwidth; ``x <peer>`` is the peer's
+time over ours (above 1: we are faster).
 
-  python benchmarks/bench_gpu.py                      # on a machine with a GPU
+  python benchmarks/bench_gpu.py                          # on a GPU
   python benchmarks/bench_gpu.py --markdown gpu.md --json gpu.json
-  python benchmarks/bench_gpu.py --model        # the model alone, no GPU needed
   python benchmarks/bench_gpu.py --platform cpu --quick   # smoke test, no GPU
+  python benchmarks/bench_gpu.py --model    # docs/benchmarks.md's model
+
+Uses the public API only (landmark_pool, grouped_landmark_pool,
+implementation=...); importing it needs no GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
+import os
 import statistics
 import sys
 import time
 from typing import Callable, Optional, Sequence
+
+# JAX takes 75% of the GPU at its first use by default; leave room for torch.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
 
 import jax
 import jax.numpy as jnp
@@ -42,29 +57,45 @@ import numpy as np
 from jax import lax
 
 import lmconv_jax
-from lmconv_jax import _ffi
-from lmconv_jax.benchmark import write_outputs
-from lmconv_jax.directions import DIRECTIONS
 
-SHAPES = {"lbylnet": (64, 32, 32, 128), "large": (32, 128, 128, 256)}
-QUICK_SHAPES = {"lbylnet": (2, 8, 8, 16), "large": (2, 16, 16, 32)}
-OPS = ("quadrants", "octants", "top_left", "north_northwest", "east_northeast")
-COPY_TBPS = 2.6       # achievable H100 copy bandwidth assumed by the model
-PHASE_US = 1.0        # one phase: a DRAM round trip plus a block barrier
+SHAPES = {"small": (32, 16, 16, 128), "lbylnet": (64, 32, 32, 128),
+          "large": (32, 128, 128, 256)}
+QUICK_SHAPES = {"tiny": (2, 8, 8, 16)}
+DTYPES = ("float32", "bfloat16")
+SINGLE = ("top_left", "north_northwest")
+GROUPED = ("quadrants", "octants", "top_bottom", "all_quadrants")
+OPS = SINGLE + GROUPED
+DEFAULT_OPS = ("top_left",) + GROUPED
+PEERS = ("reference", "cummax", "torch")
+QUADRANT_STEPS = {"top_left": (1, 1), "top_right": (1, -1),
+                  "bottom_left": (-1, 1), "bottom_right": (-1, -1)}
 
+
+# --------------------------------------------------------------------------
+# The implementations: name -> f(x) on a JAX array.
 
 def op_fn(op: str, implementation: str) -> Callable:
-  if op in ("quadrants", "octants"):
+  if op in GROUPED:
     return lambda x: lmconv_jax.grouped_landmark_pool(
         x, op, implementation=implementation)
   return lambda x: lmconv_jax.landmark_pool(
       x, op, implementation=implementation)
 
 
+def cummax_fn(op: str) -> Callable:
+  """A quadrant as two cumulative maxima (rows of the quadrant first)."""
+  row_step, col_step = QUADRANT_STEPS[op]
+
+  def f(x):
+    y = lax.cummax(x, axis=x.ndim - 3, reverse=row_step < 0)
+    return lax.cummax(y, axis=x.ndim - 2, reverse=col_step < 0)
+  return f
+
+
 def chained(f: Callable, n: int, backward: bool) -> Callable:
   """jit of n calls of f (or of its vjp) in a row, each fed the last output."""
   def fwd_bwd(x, ct):
-    return jax.vjp(f, x)[1](ct)[0]   # the backward kernel reads out: both run
+    return jax.vjp(f, x)[1](ct)[0]   # the backward reads the forward: both run
 
   def run(x, ct):
     for _ in range(n):
@@ -92,17 +123,264 @@ def timed(fn: Callable, args: Sequence, repeats: int) -> float:
   return statistics.median(times)
 
 
+# --------------------------------------------------------------------------
+# torch (optional)
+
+def torch_or_none(platform: str):
+  """torch if it imports and (for platform gpu) sees a CUDA device."""
+  try:
+    import torch
+  except Exception:   # not installed, or broken: the peer is skipped
+    return None
+  if platform == "gpu" and not torch.cuda.is_available():
+    return None
+  return torch
+
+
+def torch_timer(torch, op: str, shape, dtype: str, backward: bool,
+                chain: int, repeats: int, platform: str) -> float:
+  """Median seconds per call of torch.cummax twice (+ autograd backward)."""
+  dev = "cuda" if platform == "gpu" else "cpu"
+  tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+  row_step, col_step = QUADRANT_STEPS[op]
+  gen = torch.Generator(device="cpu").manual_seed(0)
+  x = torch.randn(shape, generator=gen).to(dev, tdtype)
+  ct = torch.randn(shape, generator=gen).to(dev, tdtype)
+
+  def pool(x):
+    a = x.flip(1) if row_step < 0 else x
+    a = torch.cummax(a, dim=1).values
+    a = a.flip(2) if col_step < 0 else a
+    a = torch.cummax(a, dim=2).values
+    if col_step < 0:
+      a = a.flip(2)
+    return a.flip(1) if row_step < 0 else a
+
+  def call():
+    if backward:
+      xr = x.detach().requires_grad_(True)
+      pool(xr).backward(ct)
+      return xr.grad
+    with torch.no_grad():
+      return pool(x)
+
+  def sync():
+    if dev == "cuda":
+      torch.cuda.synchronize()
+
+  for _ in range(2):
+    call()
+  sync()
+  times = []
+  for _ in range(repeats):
+    if dev == "cuda":
+      start = torch.cuda.Event(enable_timing=True)
+      end = torch.cuda.Event(enable_timing=True)
+      start.record()
+      for _ in range(chain):
+        call()
+      end.record()
+      end.synchronize()
+      times.append(start.elapsed_time(end) / 1e3 / chain)
+    else:
+      t0 = time.perf_counter()
+      for _ in range(chain):
+        call()
+      times.append((time.perf_counter() - t0) / chain)
+  return statistics.median(times)
+
+
+# --------------------------------------------------------------------------
+# The run
+
+def peers_of(op: str) -> tuple:
+  return ("reference", "cummax", "torch") if op in QUADRANT_STEPS else \
+      ("reference",)
+
+
+def run(shapes: dict, dtypes: Sequence[str], ops: Sequence[str],
+        peers: Sequence[str], device, platform: str, chain: int,
+        repeats: int, budget_s: Optional[float] = None,
+        stop_s: Optional[float] = None,
+        on_row: Optional[Callable] = None) -> list[dict]:
+  """One dict per (shape, dtype, op, pass). After ``budget_s`` seconds the
+  slow peers (reference, torch) are skipped for the remaining rows; after
+  ``stop_s`` no more rows are timed (the rows not timed are listed in the
+  last row's ``skipped``)."""
+  torch = torch_or_none(platform) if "torch" in peers else None
+  start = time.perf_counter()
+  rows = []
+  for shape_name, shape in shapes.items():
+    for dtype in dtypes:
+      if stop_s is not None and time.perf_counter() - start > stop_s:
+        if rows:
+          rows[-1]["skipped"].append(f"{shape_name} {dtype} (time limit)")
+        continue
+      dt = jnp.dtype(dtype)
+      rng = np.random.default_rng(0)
+      x = jax.device_put(jnp.asarray(rng.standard_normal(shape), dt), device)
+      ct = jax.device_put(jnp.asarray(rng.standard_normal(shape), dt), device)
+      nbytes = x.size * dt.itemsize
+      copy_s = timed(copy_chain(chain), (x, jnp.zeros((), dt)),
+                     repeats) / chain
+      copy_gbps = 2 * nbytes / copy_s / 1e9
+      for op in ops:
+        if stop_s is not None and time.perf_counter() - start > stop_s:
+          if rows:
+            rows[-1]["skipped"].append(
+                f"{shape_name} {dtype} {op} (time limit)")
+          continue
+        for backward in (False, True):
+          over = budget_s is not None and \
+              time.perf_counter() - start > budget_s
+          moved = nbytes * (6 if backward else 2)
+          row = dict(shape=shape_name, dims=list(shape), dtype=dtype, op=op,
+                     pass_="fwd+bwd" if backward else "forward",
+                     bytes=moved, copy_us=copy_s * 1e6, copy_gbps=copy_gbps,
+                     skipped=[])
+          impls = {"ffi": op_fn(op, "ffi")}
+          for peer in peers_of(op):
+            if peer not in peers:
+              continue
+            if over and peer in ("reference", "torch"):
+              row["skipped"].append(f"{peer} (time budget spent)")
+            elif peer == "reference":
+              impls["reference"] = op_fn(op, "reference")
+            elif peer == "cummax":
+              impls["cummax"] = cummax_fn(op)
+            elif peer == "torch" and torch is None:
+              row["skipped"].append("torch (not importable or no GPU)")
+          for name, f in impls.items():
+            # The reference is slow: one call per jit and fewer repeats.
+            n, reps = (1, min(3, repeats)) if name == "reference" else \
+                (chain, repeats)
+            try:
+              s = timed(chained(f, n, backward), (x, ct), reps) / n
+              row[f"{name}_us"] = s * 1e6
+            except Exception as e:   # report it and go on with the others
+              msg = str(e).strip().splitlines()
+              row["skipped"].append(f"{name} failed ({type(e).__name__}: "
+                                    f"{msg[0][:200] if msg else ''})")
+          if torch is not None and "torch" in peers and \
+              "torch" in peers_of(op) and not over:
+            try:
+              s = torch_timer(torch, op, shape, dtype, backward, chain,
+                              repeats, platform)
+              row["torch_us"] = s * 1e6
+            except Exception as e:   # e.g. a dtype torch's cummax lacks
+              row["skipped"].append(f"torch ({type(e).__name__}: {e})")
+          for name in ("ffi",) + PEERS:
+            if f"{name}_us" in row:
+              gbps = moved / (row[f"{name}_us"] * 1e-6) / 1e9
+              row[f"{name}_gbps"] = gbps
+              row[f"{name}_vs_copy"] = gbps / copy_gbps
+              if name != "ffi" and "ffi_us" in row:
+                row[f"x_{name}"] = row[f"{name}_us"] / row["ffi_us"]
+          rows.append(row)
+          print(f"  {shape_name} {dtype} {op} {row['pass_']}:"
+                + ", ".join(f" {p} {row[p + '_us']:.1f} us"
+                            for p in ("ffi",) + PEERS if p + "_us" in row)
+                + "".join(f"; {s}" for s in row["skipped"]),
+                file=sys.stderr, flush=True)
+          if on_row is not None:
+            on_row(rows)
+  return rows
+
+
+def markdown(rows: list[dict], info: dict) -> str:
+  def num(v, fmt=".3g"):
+    return "" if v is None else format(v, fmt)
+  lines = [f"{info['device']} ({info['platform']}), jax {info['jax']}, "
+           f"jaxlib {info['jaxlib']}, torch {info['torch'] or 'absent'}, "
+           f"{info['date']}. JAX times: median per call of {info['chain']} "
+           f"chained calls in one jit (the reference: one call); torch: "
+           f"eager, CUDA events. GB/s: the op's bytes (2 arrays forward, 6 "
+           f"forward + backward) over its time; vs copy: over the copy's "
+           f"bandwidth; x peer: the peer's time over ours.\n",
+           "| shape | dtype | op | pass | FFI us | FFI GB/s | vs copy "
+           "| reference us | x reference | cummax us | x cummax "
+           "| torch us | x torch |",
+           "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    lines.append(
+        f"| {tuple(r['dims'])} | {r['dtype']} | {r['op']} | {r['pass_']} "
+        f"| {num(r.get('ffi_us'))} | {num(r.get('ffi_gbps'), '.0f')} "
+        f"| {num(r.get('ffi_vs_copy'), '.2f')} "
+        f"| {num(r.get('reference_us'))} | {num(r.get('x_reference'))} "
+        f"| {num(r.get('cummax_us'))} | {num(r.get('x_cummax'))} "
+        f"| {num(r.get('torch_us'))} | {num(r.get('x_torch'))} |")
+  lines += ["", "Peers' bandwidth as a fraction of the copy (the op's "
+            "bytes over the peer's time):", "",
+            "| shape | dtype | op | pass | reference | cummax | torch |",
+            "|---|---|---|---|---:|---:|---:|"]
+  for r in rows:
+    if any(f"{p}_us" in r for p in PEERS):
+      lines.append(
+          f"| {tuple(r['dims'])} | {r['dtype']} | {r['op']} | {r['pass_']} "
+          + "".join(f"| {num(r.get(p + '_vs_copy'), '.3f')} " for p in PEERS)
+          + "|")
+  copies = {}
+  for r in rows:
+    copies[tuple(r["dims"]), r["dtype"]] = (r["copy_us"], r["copy_gbps"])
+  lines.append("")
+  for (dims, dtype), (us, gbps) in copies.items():
+    lines.append(f"Copy {dims} {dtype}: {us:.1f} us, {gbps:.0f} GB/s "
+                 f"(read + write).")
+  skipped = sorted({s for r in rows for s in r["skipped"]})
+  if skipped:
+    lines.append("\nSkipped: " + "; ".join(skipped) + ".")
+  return "\n".join(lines) + "\n"
+
+
+def verdict(rows: list[dict]) -> list[str]:
+  """The project's targets, checked on the rows (float32)."""
+  out = []
+  for r in rows:
+    if r["dtype"] != "float32":
+      continue
+    if "ffi_us" not in r:
+      out.append(f"FAIL {r['shape']} {r['op']} {r['pass_']}: the FFI call "
+                 f"failed")
+      continue
+    if r["shape"] == "large" and r["op"] in SINGLE:
+      ok = r["ffi_vs_copy"] >= 0.5
+      out.append(f"{'PASS' if ok else 'MISS'} large {r['op']} {r['pass_']}: "
+                 f"{r['ffi_vs_copy']:.0%} of copy bandwidth (target 50%)")
+    if r["shape"] == "lbylnet" and "x_reference" in r:
+      ok = r["x_reference"] >= 10
+      out.append(f"{'PASS' if ok else 'MISS'} lbylnet {r['op']} "
+                 f"{r['pass_']}: {r['x_reference']:.1f}x the reference "
+                 f"(target 10x)")
+  return out
+
+
+def write(table: str, rows: list[dict], info: dict,
+          markdown_path: Optional[str], json_path: Optional[str]) -> None:
+  if markdown_path:
+    with open(markdown_path, "w") as f:
+      f.write(table)
+  if json_path:
+    tmp = json_path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(dict(machine=info, rows=rows, verdict=verdict(rows)), f,
+                indent=1)
+    os.replace(tmp, json_path)
+
+
+# --------------------------------------------------------------------------
+# docs/benchmarks.md's model (--model). It needs the CUDA launch plan, which
+# only the package's private _ffi module knows; nothing else here uses it.
+
+COPY_TBPS = 2.6       # achievable H100 copy bandwidth assumed by the model
+PHASE_US = 1.0        # one phase: a DRAM round trip plus a block barrier
+
+
 def kernel_model(name: str, shape, backward: bool, guided: bool,
                  multiprocessors: int = 132) -> dict:
-  """docs/benchmarks.md's model of one kernel launch on a GPU (H100 default).
-
-  Bytes: each operand read once and each result written once from DRAM
-  (forward x [, g] -> out; backward x [, g], out, ct -> dx [, dg]); the
-  neighbours' values and the backward's ring come from L2. Time: the larger
-  of bytes / COPY_TBPS and the latency chain: waves x (sum over phases of
-  the batches of kBatch pixels a thread loads one after the other) x
-  PHASE_US; 2 blocks fit per multiprocessor.
-  """
+  """The model of one kernel launch (H100 default): the larger of the bytes
+  at COPY_TBPS and waves x batches x PHASE_US (docs/benchmarks.md)."""
+  from lmconv_jax import _ffi
+  from lmconv_jax.directions import DIRECTIONS
   d = DIRECTIONS[name]
   plan = _ffi._cuda_launch_plan(d, shape, backward, multiprocessors)
   h, w, per_batch = plan["view_height"], plan["view_width"], \
@@ -126,42 +404,23 @@ def kernel_model(name: str, shape, backward: bool, guided: bool,
               latency_us=lat_us, model_us=max(bw_us, lat_us))
 
 
-def model_us(op: str, shape, backward: bool, multiprocessors: int) -> dict:
-  """The model of one call of an op (g = 1): its launches, bytes and time.
-
-  Grouped pools also pay XLA's channel slices and concatenation (about 2
-  copies of x forward, 4 more backward, at COPY_TBPS).
-  """
-  groups = {"quadrants": lmconv_jax.QUADRANTS,
-            "octants": lmconv_jax.OCTANTS}.get(op, (op,))
-  *lead, h, w, c = shape
-  group_shape = (*lead, h, w, c // len(groups))
-  launches, moved, us = 0, 0, 0.0
-  for name in groups:
-    for bwd in ((False, True) if backward else (False,)):
-      m = kernel_model(name, group_shape, bwd, False, multiprocessors)
-      launches += m["launches"]
-      moved += m["bytes"]
-      us += m["model_us"]
-  if len(groups) > 1:
-    copies = 2 * 4 * int(np.prod(shape)) * (6 if backward else 2)
-    us += copies / (COPY_TBPS * 1e12) * 1e6
-  return dict(launches=launches, model_bytes=moved, model_us=us)
-
-
 def model_table(multiprocessors: int = 132) -> str:
   """The per-kernel model as a markdown table, as docs/benchmarks.md has it."""
+  from lmconv_jax import _ffi
+  if not hasattr(_ffi, "_cuda_launch_plan"):
+    return ("bench_gpu: this lmconv_jax does not expose its CUDA launch "
+            "plan; the model cannot be printed.\n")
   lines = ["| shape | kernel | blocks x threads | phases | waves | batches "
            "| MB moved | bytes-bound us | latency-bound us | model us |",
            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-  cases = [("lbylnet", SHAPES["lbylnet"], 1), ("lbylnet P=4 group",
-                                               SHAPES["lbylnet"], 4),
+  cases = [("lbylnet", SHAPES["lbylnet"], 1),
+           ("lbylnet P=4 group", SHAPES["lbylnet"], 4),
            ("lbylnet P=8 group", SHAPES["lbylnet"], 8),
            ("large", SHAPES["large"], 1)]
+  names = {1: ("top_left", "north_northwest", "east_northeast"),
+           4: ("top_left",), 8: ("north_northwest", "east_northeast")}
   for label, (b, h, w, c), groups in cases:
     shape = (b, h, w, c // groups)
-    names = {1: ("top_left", "north_northwest", "east_northeast"),
-             4: ("top_left",), 8: ("north_northwest", "east_northeast")}
     for name in names[groups]:
       for bwd, guided in ((False, False), (True, False), (False, True),
                           (True, True)):
@@ -178,97 +437,43 @@ def model_table(multiprocessors: int = 132) -> str:
   return "\n".join(lines) + "\n"
 
 
-def run(shapes: dict, ops: Sequence[str], device, chain: int, repeats: int,
-        reference: Sequence[str], multiprocessors: int) -> list[dict]:
-  """reference: the shape names at which to time the reference too."""
-  rows = []
-  for shape_name, shape in shapes.items():
-    rng = np.random.default_rng(0)
-    x = jax.device_put(jnp.asarray(rng.standard_normal(shape), jnp.float32),
-                       device)
-    ct = jax.device_put(jnp.asarray(rng.standard_normal(shape), jnp.float32),
-                        device)
-    nbytes = x.size * 4
-    copy_s = timed(copy_chain(chain), (x, jnp.zeros((), x.dtype)),
-                   repeats) / chain
-    copy_gbps = 2 * nbytes / copy_s / 1e9
-    for op in ops:
-      for backward in (False, True):
-        row = dict(shape=shape_name, dims=list(shape), op=op,
-                   pass_="fwd+bwd" if backward else "forward",
-                   copy_us=copy_s * 1e6, copy_gbps=copy_gbps)
-        moved = nbytes * (6 if backward else 2)
-        impls = ("ffi", "reference") if shape_name in reference else ("ffi",)
-        for impl in impls:
-          fn = chained(op_fn(op, impl), chain if impl == "ffi" else 1,
-                       backward)
-          s = timed(fn, (x, ct), repeats if impl == "ffi" else 3)
-          s /= chain if impl == "ffi" else 1
-          row[f"{impl}_us"] = s * 1e6
-          row[f"{impl}_gbps"] = moved / s / 1e9
-        row["ffi_vs_copy"] = row["ffi_gbps"] / copy_gbps
-        if "reference" in impls:
-          row["speedup"] = row["reference_us"] / row["ffi_us"]
-        row.update(model_us(op, shape, backward, multiprocessors))
-        rows.append(row)
-        print(f"  {shape_name} {op} {row['pass_']}: ffi "
-              f"{row['ffi_us']:.1f} us", file=sys.stderr)
-  return rows
-
-
-def markdown(rows: list[dict], info: dict) -> str:
-  def num(v, fmt=".3g"):
-    return "" if v is None else format(v, fmt)
-  lines = [f"{info['device']} ({info['multiprocessors']} SMs), jax "
-           f"{info['jax']}, {info['date']}; float32; each time is the median "
-           f"per call of {info['chain']} chained calls.\n",
-           "| shape | op | pass | FFI us | FFI GB/s | vs copy | reference us "
-           "| speed-up | launches | model us |",
-           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-  for r in rows:
-    lines.append(
-        f"| {r['shape']} {tuple(r['dims'])} | {r['op']} | {r['pass_']} "
-        f"| {num(r['ffi_us'])} | {r['ffi_gbps']:.0f} | {r['ffi_vs_copy']:.2f} "
-        f"| {num(r.get('reference_us'))} | {num(r.get('speedup'), '.1f')} "
-        f"| {r['launches']} | {r['model_us']:.0f} |")
-  copy = {r["shape"]: (r["copy_us"], r["copy_gbps"]) for r in rows}
-  for name, (us, gbps) in copy.items():
-    lines.append(f"\nCopy at {name}: {us:.1f} us, {gbps:.0f} GB/s.")
-  return "\n".join(lines) + "\n"
-
-
-def verdict(rows: list[dict]) -> list[str]:
-  """The issue's targets, checked on the rows."""
-  out = []
-  for r in rows:
-    if r["shape"] == "large":
-      ok = r["ffi_vs_copy"] >= 0.5
-      out.append(f"{'PASS' if ok else 'MISS'} large {r['op']} {r['pass_']}: "
-                 f"{r['ffi_vs_copy']:.0%} of copy bandwidth (target 50%)")
-    if r["shape"] == "lbylnet" and "speedup" in r:
-      ok = r["speedup"] >= 10
-      out.append(f"{'PASS' if ok else 'MISS'} lbylnet {r['op']} {r['pass_']}:"
-                 f" {r['speedup']:.1f}x the reference (target 10x)")
-  return out
+def _csv(choices: Sequence[str]):
+  def parse(s: str) -> list[str]:
+    items = [t for t in s.split(",") if t]
+    bad = [t for t in items if t not in choices]
+    if bad:
+      raise argparse.ArgumentTypeError(
+          f"unknown {', '.join(bad)}; choose from {', '.join(choices)}")
+    return items
+  return parse
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--platform", default="gpu",
+  p.add_argument("--platform", default="gpu", choices=("gpu", "cpu"),
                  help="gpu (default) or cpu, for a smoke test of the script")
   p.add_argument("--quick", action="store_true",
-                 help="tiny shapes and few repeats (checks the script runs)")
-  p.add_argument("--ops", default=",".join(OPS))
+                 help="one tiny shape, few repeats (checks the script runs)")
+  p.add_argument("--shapes", type=_csv(tuple(SHAPES) + tuple(QUICK_SHAPES)),
+                 help=f"comma-separated from {', '.join(SHAPES)}")
+  p.add_argument("--dtypes", type=_csv(DTYPES), default=list(DTYPES))
+  p.add_argument("--ops", type=_csv(OPS), default=list(DEFAULT_OPS),
+                 help=f"comma-separated from {', '.join(OPS)}; default "
+                      f"{','.join(DEFAULT_OPS)}")
+  p.add_argument("--peers", type=_csv(PEERS), default=list(PEERS),
+                 help=f"comma-separated from {', '.join(PEERS)} (the copy "
+                      f"always runs); default all")
   p.add_argument("--chain", type=int, default=10)
-  p.add_argument("--repeats", type=int, default=20)
-  p.add_argument("--reference", default="lbylnet",
-                 help="shapes at which to time the (slow) reference too: "
-                      "comma-separated from lbylnet,large, or none")
+  p.add_argument("--repeats", type=int, default=10)
+  p.add_argument("--budget-s", type=float, default=None,
+                 help="after this many seconds, skip the slow peers")
+  p.add_argument("--stop-s", type=float, default=None,
+                 help="after this many seconds, time no more rows")
   p.add_argument("--model", action="store_true",
-                 help="print the per-kernel model for an H100 and exit "
-                      "(needs no GPU)")
+                 help="print the GPU model of docs/benchmarks.md and exit")
   p.add_argument("--markdown", metavar="FILE")
-  p.add_argument("--json", metavar="FILE")
+  p.add_argument("--json", metavar="FILE",
+                 help="rows and machine as JSON (rewritten after each row)")
   a = p.parse_args(argv)
   if a.model:
     print(model_table())
@@ -279,26 +484,52 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     print(f"bench_gpu: no {a.platform} device visible to JAX; nothing to "
           f"measure (use --platform cpu --quick to check the script).")
     return []
-  if a.platform == "gpu" and not _ffi.has_kernels("cuda"):
-    sys.exit("bench_gpu: the CUDA kernels are not built; see "
-             "`python -m lmconv_jax info`.")
+  if a.platform == "gpu":
+    problem = _ffi_runs_on(device)
+    if problem:
+      sys.exit(f"bench_gpu: implementation=\"ffi\" does not run on "
+               f"{device}: {problem} (are the CUDA kernels built? see "
+               f"`python -m lmconv_jax info`)")
   shapes = QUICK_SHAPES if a.quick else SHAPES
-  chain, repeats = (2, 3) if a.quick else (a.chain, a.repeats)
-  multiprocessors = getattr(device, "core_count", None) or 132
-  with jax.default_device(device):
-    rows = run(shapes, a.ops.split(","), device, chain, repeats,
-               a.reference.split(","), multiprocessors)
+  if a.shapes:
+    shapes = {k: {**SHAPES, **QUICK_SHAPES}[k] for k in a.shapes}
+  chain, repeats = (2, 2) if a.quick else (a.chain, a.repeats)
+  torch = torch_or_none(a.platform) if "torch" in a.peers else None
+  import jaxlib
   info = dict(device=getattr(device, "device_kind", str(device)),
-              multiprocessors=multiprocessors, jax=jax.__version__,
-              date=datetime.date.today().isoformat(), chain=chain)
+              platform=a.platform,
+              multiprocessors=getattr(device, "core_count", None),
+              jax=jax.__version__, jaxlib=jaxlib.__version__,
+              torch=getattr(torch, "__version__", None),
+              date=datetime.date.today().isoformat(), chain=chain,
+              repeats=repeats, complete=False)
+
+  def checkpoint(rows):
+    write(markdown(rows, info), rows, info, a.markdown, a.json)
+
+  with jax.default_device(device):
+    rows = run(shapes, a.dtypes, a.ops, a.peers, device, a.platform, chain,
+               repeats, a.budget_s, a.stop_s, on_row=checkpoint)
+  info["complete"] = True
   table = markdown(rows, info)
   print(table)
   if a.platform != "gpu":
     print("(a smoke test off the GPU: these numbers say nothing about the "
           "targets)")
   print("\n".join(verdict(rows)))
-  write_outputs(table, rows, info, a.markdown, a.json)
+  write(table, rows, info, a.markdown, a.json)
   return rows
+
+
+def _ffi_runs_on(device) -> Optional[str]:
+  """None if a tiny FFI pool runs on device, else why not (public API)."""
+  try:
+    x = jax.device_put(jnp.ones((1, 2, 2, 1), jnp.float32), device)
+    jax.block_until_ready(lmconv_jax.landmark_pool(
+        x, "top_left", implementation="ffi"))
+  except Exception as e:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+  return None
 
 
 if __name__ == "__main__":
