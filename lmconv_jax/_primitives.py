@@ -62,9 +62,11 @@ def max_members(groups) -> int:
   return max(len(g) for g in groups)
 
 
-def members_shape(x_shape, groups) -> tuple:
+def members_shape(x_shape, groups, saved: bool = True) -> tuple:
+  """The member pools' shape: (..., K, H, W, C) if saved (K > 1), else 0."""
   k = max_members(groups)
-  return tuple(x_shape[:-3]) + (k if k > 1 else 0,) + tuple(x_shape[-3:])
+  k = k if k > 1 and saved else 0
+  return tuple(x_shape[:-3]) + (k,) + tuple(x_shape[-3:])
 
 
 def grouping_attrs(groups) -> dict:
@@ -105,18 +107,19 @@ def grouped_pool(x, g, groups, implementation: str):
   """out of the grouped pool (g None: the unguided kernel). Inputs checked."""
   operands = (x,) if g is None else (x, g)
   out, _ = _bind(pool_p, *operands, groups=groups, guided=g is not None,
-                 implementation=implementation)
+                 implementation=implementation, save_members=False)
   return out
 
 
 # --------------------------------------------------------------------------
 # Abstract evaluation.
 
-def _pool_abstract(*avals, groups, guided, implementation):
+def _pool_abstract(*avals, groups, guided, implementation, save_members):
   del guided, implementation
   x = avals[0]
   return [x.update(weak_type=False),
-          x.update(shape=members_shape(x.shape, groups), weak_type=False)]
+          x.update(shape=members_shape(x.shape, groups, save_members),
+                   weak_type=False)]
 
 
 def _tangent_abstract(*avals, groups, guided, implementation):
@@ -144,8 +147,11 @@ def _zero(aval):
   return ad.Zero(aval.to_tangent_aval())
 
 
-def _pool_jvp(primals, tangents, **params):
-  out, members = _bind(pool_p, *primals, **params)
+def _pool_jvp(primals, tangents, *, save_members, **params):
+  # Differentiated: the merged groups' member pools are saved for the
+  # tangent and backward kernels (which would otherwise recompute them).
+  del save_members
+  out, members = _bind(pool_p, *primals, **params, save_members=True)
   zero_members = _zero(jax.typeof(members))
   if all(type(t) is ad.Zero for t in tangents):
     return (out, members), (_zero(jax.typeof(out)), zero_members)
@@ -283,12 +289,14 @@ for _p in PRIMITIVES:
 
 def _reference_rule(prim):
   """The primitive as pure jnp (reference.py), for mlir.lower_fun."""
-  def fn(*operands, groups, guided, implementation):
+  def fn(*operands, groups, guided, implementation, save_members=False):
     del implementation
     if prim is pool_p:
       x, g = operands[0], (operands[1] if guided else None)
       out = reference.grouped_forward(x, g, groups)
-      return [out, jnp.zeros(members_shape(x.shape, groups), x.dtype)]
+      # The reference's derivatives recompute; its "members" are unused.
+      return [out, jnp.zeros(members_shape(x.shape, groups, save_members),
+                             x.dtype)]
     if prim is pool_tangent_p:
       if guided:
         x, g, _, _, tx, tg = operands
@@ -311,15 +319,15 @@ def _ffi_call_lowering(prim, ctx, *operands, groups, guided):
   return lower(ctx, *operands, **grouping_attrs(groups))
 
 
-def ffi_call(prim, operands, groups, guided):
+def ffi_call(prim, operands, groups, guided, save_members=False):
   """The custom call behind ``prim`` as a jax.ffi.ffi_call (no primitive):
   what each device runs inside a partitioned call."""
   target = TARGETS[prim] + ("_guided" if guided else "")
   x = operands[0]
   like = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
   if prim is pool_p:
-    results = (like(x), jax.ShapeDtypeStruct(members_shape(x.shape, groups),
-                                             x.dtype))
+    results = (like(x), jax.ShapeDtypeStruct(
+        members_shape(x.shape, groups, save_members), x.dtype))
   elif prim is pool_tangent_p:
     results = like(x)
   else:
@@ -331,8 +339,9 @@ def _lowering(prim, platform: str, compiled: bool):
   reference_lowering = mlir.lower_fun(_reference_rule(prim),
                                       multiple_results=prim.multiple_results)
 
-  def rule(ctx, *operands, groups, guided, implementation):
-    params = dict(groups=groups, guided=guided, implementation=implementation)
+  def rule(ctx, *operands, groups, guided, implementation, **extra):
+    params = dict(groups=groups, guided=guided, implementation=implementation,
+                  **extra)
     if implementation == "reference" or (implementation == "auto" and
                                          not compiled):
       return reference_lowering(ctx, *operands, **params)
@@ -343,7 +352,7 @@ def _lowering(prim, platform: str, compiled: bool):
           f"lowers to the pure-jnp reference there) or 'reference'.")
     if _sharding.partitioned_by_jax(ctx):
       return _sharding.partitioned_lowering(ffi_call, prim, ctx, operands,
-                                            groups, guided)
+                                            groups, guided, **extra)
     return _ffi_call_lowering(prim, ctx, *operands, groups=groups,
                               guided=guided)
   return rule

@@ -146,14 +146,14 @@ def _sharding_like(mesh, spec, x_rank: int, shape, keep_channels: bool):
 
 @functools.lru_cache(maxsize=None)
 def _partitioned_call(ffi_call, prim, groups, guided: bool, in_shapes,
-                      out_shapes):
+                      out_shapes, extra: tuple):
   """``ffi_call(prim, operands, groups, guided)`` (the plain custom call) per
   device, wrapped in custom_partitioning, for operands of ``in_shapes`` (x
   first) and results of ``out_shapes``."""
   single_group = len(groups) == 1
 
   def per_device(*operands):
-    return ffi_call(prim, operands, groups, guided)
+    return ffi_call(prim, operands, groups, guided, **dict(extra))
 
   call = custom_partitioning(per_device)
   x_shape = in_shapes[0]
@@ -187,11 +187,12 @@ def _partitioned_call(ffi_call, prim, groups, guided: bool, in_shapes,
   return call
 
 
-def partitioned_lowering(ffi_call, prim, ctx, operands, groups, guided: bool):
+def partitioned_lowering(ffi_call, prim, ctx, operands, groups, guided: bool,
+                         **extra):
   """Lowers the custom call of ``prim`` under custom_partitioning."""
   in_shapes = tuple(tuple(a.shape) for a in ctx.avals_in)
   out_shapes = tuple(tuple(a.shape) for a in ctx.avals_out)
   call = _partitioned_call(ffi_call, prim, groups, guided, in_shapes,
-                           out_shapes)
+                           out_shapes, tuple(sorted(extra.items())))
   return mlir.lower_fun(call, multiple_results=prim.multiple_results)(
       ctx, *operands)

@@ -1,22 +1,23 @@
-"""CPU benchmark: the FFI landmark pool against the pure-jnp reference.
+"""CPU benchmark of the paths models take: the grouped pool, its guide, its
+dtypes, wide channels and the layers, each against a baseline timed in the
+same run, interleaved (load from other processes hits both alike).
 
-For each direction and guide setting it times, under jit, the forward pass and
-forward + backward (jax.grad of sum(out * ct) w.r.t. x, and the guide when
-there is one) for:
+Sections (rows carry ``section``):
 
-* ``ffi``: lmconv_jax.landmark_pool(..., implementation="ffi"),
-* ``reference``: lmconv_jax.landmark_pool_reference (lax scans),
-* ``cummax`` (g = 1 quadrants only): lax.cummax over H, then over W, which
-  computes the same values as a quadrant pool (and is XLA's best shot),
+* ``grouping``: each grouping's FFI forward and forward+backward over a
+  single-direction FFI pool (top_left) of the same array; the pure-jnp
+  reference's time for the same grouping (``ref/ffi``) and its sequential
+  depth (scan steps, forward / forward+backward).
+* ``guide``: a single pool with a per-channel ``(C,)`` and a per-batch guide
+  over the same pool with a per-pixel guide, forward+backward.
+* ``dtype``: bfloat16 and float16 forward (single pool, quadrants) over
+  float32's.
+* ``wide``: the forward at (B, 64, 64, 256) and the same bytes as
+  (B, 128, 128, 64), each over a same-size copy (``x + c``).
+* ``layers``: LandmarkConv4 / LandmarkConv8 over an ``nn.Conv`` with the same
+  features and kernel.
 
-next to a same-size elementwise copy measured in the same run (``x + c`` with
-c a traced zero, so XLA cannot drop it). Effective bandwidth is the bytes the
-kernels must move (each operand read once, each result written once) divided
-by the time; ``x copy`` is that bandwidth over the copy's.
-
-  python -m lmconv_jax bench                      # (8, 64, 64, 64) float32
-  python benchmarks/bench_cpu.py                  # the same, as a script
-  python benchmarks/bench_cpu.py --markdown out.md --json out.json
+  python -m lmconv_jax bench [--shape 8,64,64,64] [--markdown F] [--json F]
 """
 
 from __future__ import annotations
@@ -34,14 +35,16 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
-from tqdm import tqdm
 
 import lmconv_jax
-from lmconv_jax.directions import DIRECTIONS, Direction, resolve
+from lmconv_jax import reference
+from lmconv_jax.directions import GROUPINGS, resolve_grouping
 
 DEFAULT_SHAPE = (8, 64, 64, 64)
-DEFAULT_DIRECTIONS = ("top_left", "east_northeast")  # a quadrant, an octant
+# Issue 10's targets at the default shape (ratio at most).
+TARGETS = {"quadrants": 1.25, "octants": 1.25, "top_bottom": 2.6,
+           "left_right": 2.6, "all_quadrants": 4.6, "guide (C,)": 1.25,
+           "bfloat16": 1.0, "float16": 1.0, "C=256": 1.3}
 
 
 def _time_interleaved(calls: dict, repeats: int, budget_s: float,
@@ -50,9 +53,8 @@ def _time_interleaved(calls: dict, repeats: int, budget_s: float,
 
   After one warm-up (compile) call each, the calls take turns in bursts: one
   untimed call, then ``burst`` timed calls in a row (a steady state: its
-  buffers and threads are warm, as in a training loop). Taking turns makes
-  load from other processes hit all calls alike. At least 3 and at most
-  ``repeats`` turns, fewer once ``budget_s`` is spent.
+  buffers and threads are warm, as in a training loop). At least 3 and at
+  most ``repeats`` turns, fewer once ``budget_s`` is spent.
   """
   for fn, args in calls.values():
     jax.block_until_ready(fn(*args))
@@ -70,79 +72,126 @@ def _time_interleaved(calls: dict, repeats: int, budget_s: float,
   return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _pool_fns(d: Direction, guided: bool):
-  """(name -> forward fn, name -> forward+backward fn), all jitted."""
-  def ffi(x, g):
-    return lmconv_jax.landmark_pool(x, d, g, implementation="ffi")
+def _fwd_and_grad(f, guided: bool):
+  """(jit(f), jit(grad of sum(f * ct))) for f(x, g)."""
+  loss = lambda x, g, ct: jnp.sum(f(x, g).astype(jnp.float32) * ct)
+  return jax.jit(f), jax.jit(jax.grad(loss, argnums=(0, 1) if guided else 0))
 
-  def ref(x, g):
-    return lmconv_jax.landmark_pool_reference(x, d, g)
 
-  def cummax(x, g):
-    del g
-    y = lax.cummax(x, axis=x.ndim - 3, reverse=d.row_step < 0)
-    return lax.cummax(y, axis=x.ndim - 2, reverse=d.col_step < 0)
+def _grouped(directions, impl="ffi"):
+  return lambda x, g: lmconv_jax.grouped_landmark_pool(
+      x, directions, g, implementation=impl)
 
-  impls = {"ffi": ffi, "reference": ref}
-  if d.is_quadrant and not guided:
-    impls["cummax"] = cummax
-  fwd, fwd_bwd = {}, {}
-  for name, f in impls.items():
-    fwd[name] = jax.jit(f)
-    argnums = (0, 1) if guided else 0
-    loss = lambda x, g, ct, f=f: jnp.sum(f(x, g) * ct)
-    fwd_bwd[name] = jax.jit(jax.grad(loss, argnums=argnums))
-  return fwd, fwd_bwd
+
+def _row(section, case, pass_, ms, baseline, baseline_ms, **extra):
+  row = dict(section=section, case=case, pass_=pass_, ms=ms * 1e3,
+             baseline=baseline, baseline_ms=baseline_ms * 1e3,
+             ratio=ms / baseline_ms, target=TARGETS.get(case))
+  row.update(extra)
+  return row
 
 
 def run(shape: Sequence[int] = DEFAULT_SHAPE, dtype="float32",
-        directions: Sequence[str] = DEFAULT_DIRECTIONS,
-        guided: Sequence[bool] = (False, True), repeats: int = 10,
-        budget_s: float = 10.0, progress: bool = True) -> list[dict]:
-  """Times every (direction, guide, pass) and returns one dict per row."""
+        repeats: int = 8, budget_s: float = 6.0, progress: bool = True,
+        sections: Sequence[str] = ("grouping", "guide", "dtype", "wide",
+                                   "layers")) -> list[dict]:
+  """Times every section and returns one dict per row."""
+  from tqdm import tqdm
   shape = tuple(int(s) for s in shape)
   dtype = jnp.dtype(dtype)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal(shape), dtype)
-  g = jnp.asarray(rng.uniform(0, 1, shape), dtype)
-  ct = jnp.asarray(rng.standard_normal(shape), dtype)
-  nbytes = x.size * dtype.itemsize
-
-  copy = jax.jit(lambda x, c: x + c)
-  zero = jnp.zeros((), dtype)
-  plan = [(resolve(name), gd) for name in directions for gd in guided]
+  ct = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  g_full = jnp.asarray(rng.uniform(0, 1, shape), dtype)
+  timed = lambda calls: _time_interleaved(calls, repeats, budget_s)
   rows = []
-  bar = tqdm(total=len(plan), disable=not progress, desc="bench_cpu")
-  for d, gd in plan:
-    bar.set_postfix_str(f"{d.name}, {'guided' if gd else 'g=1'}")
-    gx = g if gd else None
-    fwd, fwd_bwd = _pool_fns(d, gd)
-    passes = (
-        # arrays read + written: forward x (+g) -> out; backward x (+g), out,
-        # ct -> dx (+dg).
-        ("forward", fwd, (x, gx), 3 if gd else 2),
-        ("fwd+bwd", fwd_bwd, (x, gx, ct), 9 if gd else 6))
-    calls = {"copy": (copy, (x, zero))}
-    for pass_name, fns, args, _ in passes:
-      calls.update({(pass_name, name): (fn, args) for name, fn in fns.items()})
-    t = _time_interleaved(calls, repeats, budget_s)
-    for pass_name, fns, _, n_io in passes:
-      row = dict(direction=d.name, alias=d.alias,
-                 kind="quadrant" if d.is_quadrant else "octant",
-                 guide="guided" if gd else "g=1", pass_=pass_name,
-                 shape=list(shape), dtype=dtype.name, bytes=n_io * nbytes,
-                 copy_ms=t["copy"] * 1e3,
-                 copy_gbps=2 * nbytes / t["copy"] / 1e9)
-      for name in fns:
-        row[f"{name}_ms"] = t[pass_name, name] * 1e3
-        row[f"{name}_gbps"] = row["bytes"] / t[pass_name, name] / 1e9
-      row["ffi_vs_copy"] = row["ffi_gbps"] / row["copy_gbps"]
-      row["speedup_vs_reference"] = row["reference_ms"] / row["ffi_ms"]
-      if "cummax_ms" in row:
-        row["speedup_vs_cummax"] = row["cummax_ms"] / row["ffi_ms"]
-      rows.append(row)
-    bar.update()
-  bar.close()
+  work = []
+  if "grouping" in sections:
+    work += [("grouping", name) for name in GROUPINGS]
+  if "guide" in sections:
+    work.append(("guide", None))
+  if "dtype" in sections:
+    work.append(("dtype", None))
+  if "wide" in sections:
+    work.append(("wide", None))
+  if "layers" in sections:
+    work.append(("layers", None))
+  bar = tqdm(work, disable=not progress, desc="bench")
+  single_f, single_b = _fwd_and_grad(_grouped("top_left"), False)
+  for section, name in bar:
+    bar.set_postfix_str(name or section)
+    if section == "grouping":
+      ffi_f, ffi_b = _fwd_and_grad(_grouped(name), False)
+      ref_f, ref_b = _fwd_and_grad(_grouped(name, "reference"), False)
+      t = timed({"single_f": (single_f, (x, None)),
+                 "single_b": (single_b, (x, None, ct)),
+                 "ffi_f": (ffi_f, (x, None)), "ffi_b": (ffi_b, (x, None, ct)),
+                 "ref_f": (ref_f, (x, None)), "ref_b": (ref_b, (x, None, ct))})
+      groups = resolve_grouping(name)
+      h, w = shape[-3], shape[-2]
+      depth = reference.sequential_steps(groups, h, w)
+      for p, key in (("forward", "f"), ("fwd+bwd", "b")):
+        rows.append(_row("grouping", name, p, t["ffi_" + key],
+                         "single pool (top_left)", t["single_" + key],
+                         reference_ms=t["ref_" + key] * 1e3,
+                         ref_over_ffi=t["ref_" + key] / t["ffi_" + key],
+                         reference_depth=depth))
+    elif section == "guide":
+      full_f, full_b = _fwd_and_grad(_grouped("top_left"), True)
+      calls = {"full": (full_b, (x, g_full, ct))}
+      guides = {"guide (C,)": g_full[(0,) * (len(shape) - 1)],
+                "guide per batch": g_full[..., :1, :1, :1]}
+      for case, g in guides.items():
+        calls[case] = (full_b, (x, g, ct))
+      t = timed(calls)
+      for case in guides:
+        rows.append(_row("guide", case, "fwd+bwd", t[case],
+                         "per-pixel guide", t["full"]))
+    elif section == "dtype":
+      calls = {}
+      for dt in ("float32", "bfloat16", "float16"):
+        xd = x.astype(dt)
+        for grouping in ("top_left", "quadrants"):
+          calls[dt, grouping] = (jax.jit(_grouped(grouping)), (xd, None))
+      t = timed(calls)
+      for dt in ("bfloat16", "float16"):
+        for grouping in ("top_left", "quadrants"):
+          rows.append(_row("dtype", dt, f"forward, {grouping}",
+                           t[dt, grouping], "float32", t["float32", grouping]))
+    elif section == "wide":
+      b = shape[0] if len(shape) == 4 else 8
+      copy = jax.jit(lambda x, c: x + c)
+      zero = jnp.zeros((), dtype)
+      calls = {}
+      for case, s in (("C=256", (b, 64, 64, 256)), ("C=64", (b, 128, 128, 64))):
+        xs = jnp.asarray(rng.standard_normal(s), dtype)
+        calls[case] = (single_f, (xs, None))
+        calls[case + " copy"] = (copy, (xs, zero))
+      t = timed(calls)
+      for case, s in (("C=256", (b, 64, 64, 256)), ("C=64", (b, 128, 128, 64))):
+        rows.append(_row("wide", case, f"forward {s}", t[case], "copy",
+                         t[case + " copy"]))
+    elif section == "layers":
+      import flax.linen as nn
+      c = shape[-1]
+      layers = {"LandmarkConv4": lmconv_jax.LandmarkConv4(c, (3, 3)),
+                "LandmarkConv8": lmconv_jax.LandmarkConv8(c, (3, 3)),
+                "nn.Conv": nn.Conv(c, (3, 3))}
+      calls = {}
+      for case, layer in layers.items():
+        params = layer.init(jax.random.key(0), x)
+        f = jax.jit(layer.apply)
+        loss = lambda p, x, layer=layer: jnp.sum(layer.apply(p, x) ** 2)
+        calls[case, "forward"] = (f, (params, x))
+        calls[case, "fwd+bwd"] = (jax.jit(jax.grad(loss, argnums=(0, 1))),
+                                  (params, x))
+      t = timed(calls)
+      for case in ("LandmarkConv4", "LandmarkConv8"):
+        for p in ("forward", "fwd+bwd"):
+          rows.append(_row("layers", case, p, t[case, p], "nn.Conv 3x3",
+                           t["nn.Conv", p]))
+  for r in rows:
+    r.update(shape=list(shape), dtype=dtype.name)
   return rows
 
 
@@ -168,36 +217,29 @@ def markdown(rows: list[dict], info: Optional[dict] = None) -> str:
   def ms(v):
     return "" if v is None else (f"{v:.3g}" if v < 100 else f"{v:.0f}")
   lines = []
-  if info:
-    r = rows[0]
-    copy_ms = statistics.median(r["copy_ms"] for r in rows)
-    copy_gbps = statistics.median(r["copy_gbps"] for r in rows)
-    lines.append(f"Shape {tuple(r['shape'])} {r['dtype']}; {info['cpu']}, "
-                 f"{info['cores']} cores (1-min load average "
+  if info and rows:
+    lines.append(f"Shape {tuple(rows[0]['shape'])} {rows[0]['dtype']}; "
+                 f"{info['cpu']}, {info['cores']} cores (1-min load average "
                  f"{info['load_avg_1min']} at the end); jax {info['jax']}; "
-                 f"{info['date']}. Copy (`x + c`, same size): {copy_ms:.3g} "
-                 f"ms, {copy_gbps:.1f} GB/s (median over the rows).\n")
-  lines.append("| direction | guide | pass | FFI ms | FFI GB/s | x copy BW "
-               "| reference ms | FFI speed-up | cummax x2 ms |")
-  lines.append("|---|---|---|---:|---:|---:|---:|---:|---:|")
+                 f"{info['date']}.\n")
+  lines.append("| section | case | pass | ms | over | baseline ms | ratio "
+               "| target | reference ms (ref/ffi) | reference depth |")
+  lines.append("|---|---|---|---:|---|---:|---:|---:|---:|---:|")
   for r in rows:
+    target = r.get("target")
+    ok = "" if target is None else (
+        f"<= {target}" + (" met" if r["ratio"] <= target else " **not met**"))
+    ref = (f"{ms(r['reference_ms'])} ({r['ref_over_ffi']:.1f}x)"
+           if "reference_ms" in r else "")
+    depth = r.get("reference_depth")
+    depth = "" if depth is None else (
+        f"{depth['forward']} / {depth['fwd+bwd']}" if isinstance(depth, dict)
+        else str(depth))
     lines.append(
-        f"| {r['direction']} ({r['kind']}) | {r['guide']} | {r['pass_']} "
-        f"| {ms(r['ffi_ms'])} | {r['ffi_gbps']:.1f} | {r['ffi_vs_copy']:.2f} "
-        f"| {ms(r['reference_ms'])} | {r['speedup_vs_reference']:.0f}x "
-        f"| {ms(r.get('cummax_ms'))} |")
+        f"| {r['section']} | {r['case']} | {r['pass_']} | {ms(r['ms'])} "
+        f"| {r['baseline']} | {ms(r['baseline_ms'])} | {r['ratio']:.2f} "
+        f"| {ok} | {ref} | {depth} |")
   return "\n".join(lines) + "\n"
-
-
-def write_outputs(table: str, rows: list[dict], info: dict,
-                  markdown_path: Optional[str], json_path: Optional[str]) -> None:
-  """Writes the table (markdown) and the rows with the machine (JSON) if asked."""
-  if markdown_path:
-    with open(markdown_path, "w") as f:
-      f.write(table)
-  if json_path:
-    with open(json_path, "w") as f:
-      json.dump(dict(machine=info, rows=rows), f, indent=1)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
@@ -205,21 +247,24 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
   p.add_argument("--shape", default=",".join(map(str, DEFAULT_SHAPE)),
                  help="comma-separated (..., H, W, C), default %(default)s")
   p.add_argument("--dtype", default="float32")
-  p.add_argument("--directions", default=",".join(DEFAULT_DIRECTIONS),
-                 help=f"comma-separated, from {', '.join(DIRECTIONS)}")
-  p.add_argument("--repeats", type=int, default=10,
-                 help="turns per candidate (each: 1 untimed + 4 timed calls)")
+  p.add_argument("--repeats", type=int, default=8)
+  p.add_argument("--sections", default="grouping,guide,dtype,wide,layers")
   p.add_argument("--markdown", metavar="FILE", help="also write the table here")
   p.add_argument("--json", metavar="FILE", help="also write the rows here")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
   a = p.parse_args(argv)
   rows = run(shape=[int(s) for s in a.shape.split(",")], dtype=a.dtype,
-             directions=a.directions.split(","), repeats=a.repeats,
-             progress=not a.quiet)
+             repeats=a.repeats, progress=not a.quiet,
+             sections=a.sections.split(","))
   info = machine()
   table = markdown(rows, info)
   print(table)
-  write_outputs(table, rows, info, a.markdown, a.json)
+  if a.markdown:
+    with open(a.markdown, "w") as f:
+      f.write(table)
+  if a.json:
+    with open(a.json, "w") as f:
+      json.dump(dict(machine=info, rows=rows), f, indent=1, default=str)
   return rows
 
 

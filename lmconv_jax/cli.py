@@ -198,7 +198,7 @@ def cmd_demo(args) -> int:
                    msg)
     raise UsageError(msg) from None
   try:
-    ops._choose(config.implementation, "demo --implementation")
+    ops.resolve_implementation(config.implementation, "demo --implementation")
   except NotImplementedError as e:
     raise MissingError(str(e)) from None
   out = pathlib.Path(args.out) if args.out else _default_out()
@@ -302,9 +302,9 @@ def gather_info() -> dict:
                             if k not in ("built", "dtypes")})
   devices = [dict(id=d.id, platform=d.platform, kind=d.device_kind,
                   name=str(d)) for d in jax.devices()]
-  platform_ = ops._platform()
+  platform_ = ops.platform()
   try:
-    auto = ops._choose("auto", "info")
+    auto = ops.resolve_implementation("auto", "info")
   except Exception:                       # noqa: BLE001 - reported, not raised
     auto = "?"
   gpu_without_kernels = (platform_ in ("cuda", "rocm")
@@ -400,7 +400,7 @@ def cmd_bench(args) -> int:
   _require_demo_extra(("tqdm",), "benchmark")     # its progress bar
   bench = _load_benchmark()
   try:                      # the suite times the FFI kernels: they must exist
-    ops._choose("ffi", "bench")
+    ops.resolve_implementation("ffi", "bench")
   except NotImplementedError as e:
     raise MissingError(str(e)) from None
   run = getattr(bench, "run", None)

@@ -55,17 +55,32 @@ constexpr int64_t kMinChannelBlock = 16;
 // Below this many elements, threads cost more than they save.
 constexpr int64_t kMinParallelElements = 1 << 15;
 
+// Work items. Normally one item is (image, group, channel block) with the
+// block inside the group. When a group's channels are less than a cache
+// line (64 bytes: octants of 64 float32 channels, quadrants of bfloat16),
+// an item is (image, one line of channels) and pools each group in it in
+// turn: no cache line is shared by two items (no false sharing), and the
+// second group finds the lines in cache.
 struct Plan {
   Geometry geo;
   int groups;
   int64_t group_channels;
-  int64_t block;    // channels per work item
-  int64_t nblocks;  // channel blocks per group
-  int64_t items() const { return geo.batch * groups * nblocks; }
+  int64_t block;          // channels per work item
+  int64_t items_per_image;
+  bool whole_groups;      // an item holds block / group_channels groups
+  int64_t nblocks;        // channel blocks per group (!whole_groups)
+  int64_t items() const { return geo.batch * items_per_image; }
 };
 
-Plan make_plan(const Call& c, int64_t threads) {
+Plan make_plan(const Call& c, int64_t threads, int64_t element_bytes) {
   const int64_t cg = c.group_channels;
+  const int64_t line = 64;
+  if (cg * element_bytes < line && line % (cg * element_bytes) == 0 &&
+      (c.geo.channels * element_bytes) % line == 0) {
+    const int64_t block = line / element_bytes;
+    return Plan{c.geo, c.grouping.groups, cg, block,
+                c.geo.channels / block, true, 0};
+  }
   int64_t block = std::min(cg, kMaxChannelBlock);
   auto nblocks = [&] { return (cg + block - 1) / block; };
   // Split channels further only while there is too little work to go round.
@@ -74,7 +89,8 @@ Plan make_plan(const Call& c, int64_t threads) {
     block = (block / 2 + kMinChannelBlock - 1) / kMinChannelBlock *
             kMinChannelBlock;
   }
-  return Plan{c.geo, c.grouping.groups, cg, block, nblocks()};
+  return Plan{c.geo, c.grouping.groups, cg, block,
+              c.grouping.groups * nblocks(), false, nblocks()};
 }
 
 // Runs fn(0), ..., fn(n - 1) on the calling thread and on at most
@@ -251,6 +267,58 @@ struct PoolPass {
     forward_pixel<S, kGuided, kGuideVec, kIn1, kIn2>(
         x + p, kGuided ? g_row + j * gv.col_stride : nullptr, out + p,
         out + p + v.off1, out + p + v.off2, n);
+  }
+};
+
+// A later member of a merged group when the member pools are not saved
+// (inference): its pool lives in a ring of two view rows (its neighbours are
+// in the same or the previous view row), stored as S as if in a buffer, and
+// each value is merged into out (which holds the merge of the members
+// before) as it is made: out = v if v > out or v is NaN.
+template <typename S, bool kGuided, bool kGuideVec>
+struct RingMergePass {
+  const S* x;
+  const S* g;
+  S* out;
+  const ScanView& v;
+  GuideView gv;
+  int64_t width, n;
+  std::vector<S> ring = std::vector<S>(2 * width * n);
+  S* row = nullptr;
+  int64_t roff1 = 0, roff2 = 0;  // from the ring at p to p + n1, p + n2
+  const S* g_row = nullptr;
+
+  LMCONV_INLINE void begin_row(int64_t i) {
+    row = ring.data() + (i & 1) * width * n;
+    const int64_t prev_row = (i & 1) ? -width * n : width * n;
+    roff1 = (v.n1.dr ? prev_row : 0) + v.n1.dc * n;
+    roff2 = (v.n2.dr ? prev_row : 0) + v.n2.dc * n;
+    if (kGuided) g_row = g + gv.start + i * gv.row_stride;
+  }
+  LMCONV_INLINE void prefetch_pixel(int64_t q, int64_t n_) const {
+    prefetch<0>(x + q, n_);
+    prefetch<1>(out + q, n_);
+  }
+  template <bool kIn1, bool kIn2>
+  LMCONV_INLINE void pixel(int64_t p, int64_t j, int64_t n_) {
+    using T = StorageTraits<S>;
+    S* __restrict r = row + j * n;
+    const S* __restrict o1 = r + roff1;
+    const S* __restrict o2 = r + roff2;
+    const S* __restrict xp = x + p;
+    S* __restrict op = out + p;
+    const S* gp = kGuided ? g_row + j * gv.col_stride : nullptr;
+    for (int64_t c = 0; c < n_; ++c) {
+      const auto xv = T::load_input(xp[c]);
+      const auto m = pool_max(xv, kIn1, kIn1 ? T::load(o1[c]) : xv, kIn2,
+                              kIn2 ? T::load(o2[c]) : xv);
+      const S val = T::store(kGuided ? pool_blend(guide_at<kGuideVec>(gp, c),
+                                                  m, xv)
+                                     : m);
+      r[c] = val;
+      const auto vv = T::load(val), cur = T::load(op[c]);
+      op[c] = ((vv > cur) | (vv != vv)) ? val : op[c];
+    }
   }
 };
 
@@ -530,28 +598,42 @@ struct Item {
   }
 };
 
-// Runs fn(item) over every work item of the plan.
+// Runs fn(piece) over every work item of the plan: a piece is one group's
+// channels of the item (an item of whole groups has several, run in turn).
 template <typename F>
 void for_each_item(ffi::ThreadPool& pool, const Plan& plan, const Call& c,
                    F fn) {
   const Geometry& geo = plan.geo;
   const int64_t image = geo.height * geo.width * geo.channels;
-  const int64_t per_image = plan.groups * plan.nblocks;
   parallel_for(pool, plan.items(), geo.size(), [&](int64_t k) {
     FlushDenormals ftz;
-    Item it;
-    it.b = k / per_image;
-    it.group = (k % per_image) / plan.nblocks;
-    const int64_t c_in_group = (k % plan.nblocks) * plan.block;
-    it.c0 = it.group * plan.group_channels + c_in_group;
-    it.n = std::min(plan.block, plan.group_channels - c_in_group);
-    it.offset = it.b * image + it.c0;
-    it.image = image;
-    it.max_members = c.grouping.max_members;
-    it.guide_offset = c.guided ? c.guide.image_offset(it.b) +
-                                     it.c0 * c.guide.channel_stride
-                               : 0;
-    fn(it);
+    const int64_t b = k / plan.items_per_image;
+    const int64_t in_image = k % plan.items_per_image;
+    auto piece = [&](int64_t group, int64_t c0, int64_t n) {
+      Item it;
+      it.b = b;
+      it.group = group;
+      it.c0 = c0;
+      it.n = n;
+      it.offset = b * image + c0;
+      it.image = image;
+      it.max_members = c.has_members ? c.grouping.max_members : 0;
+      it.guide_offset =
+          c.guided ? c.guide.image_offset(b) + c0 * c.guide.channel_stride : 0;
+      fn(it);
+    };
+    if (plan.whole_groups) {
+      const int64_t c0 = in_image * plan.block;
+      for (int64_t g = c0 / plan.group_channels;
+           g < (c0 + plan.block) / plan.group_channels; ++g) {
+        piece(g, g * plan.group_channels, plan.group_channels);
+      }
+    } else {
+      const int64_t group = in_image / plan.nblocks;
+      const int64_t c_in_group = (in_image % plan.nblocks) * plan.block;
+      piece(group, group * plan.group_channels + c_in_group,
+            std::min(plan.block, plan.group_channels - c_in_group));
+    }
   });
 }
 
@@ -567,21 +649,39 @@ LMCONV_INLINE void for_each_pixel(const Geometry& geo, F fn) {
 }
 
 // out = merge of the item's member pools (member k at pools + k * image);
-// with `winner`, also the index of the member that won.
+// with `winner`, also the index of the member that won (merge_winner's rule,
+// members outer so the channel loops vectorise).
 template <typename S>
 LMCONV_CPU_CLONES void merge_item(const Geometry& geo, int members,
                                   const S* pools, S* out, uint8_t* winner,
                                   int64_t n) {
   using T = StorageTraits<S>;
   const int64_t size = geo.height * geo.width * geo.channels;
+  Compute<S> best[kMaxChannelBlock];
+  uint8_t w[kMaxChannelBlock];
   for_each_pixel(geo, [&](int64_t p) {
-    for (int64_t c = 0; c < n; ++c) {
-      Compute<S> best;
-      const int w = merge_winner(
-          members, [&](int k) { return T::load(pools[k * size + p + c]); },
-          &best);
-      if (out) out[p + c] = T::store(best);
-      if (winner) winner[p + c] = static_cast<uint8_t>(w);
+    for (int64_t c0 = 0; c0 < n; c0 += kMaxChannelBlock) {
+      const int64_t m = std::min(kMaxChannelBlock, n - c0);
+      const S* __restrict p0 = pools + p + c0;
+      for (int64_t c = 0; c < m; ++c) {
+        best[c] = T::load(p0[c]);
+        w[c] = 0;
+      }
+      for (int k = 1; k < members; ++k) {
+        const S* __restrict pk = pools + k * size + p + c0;
+        for (int64_t c = 0; c < m; ++c) {
+          const Compute<S> v = T::load(pk[c]);
+          const bool take = (v > best[c]) | (v != v);
+          best[c] = take ? v : best[c];
+          w[c] = take ? static_cast<uint8_t>(k) : w[c];
+        }
+      }
+      if (out) {
+        for (int64_t c = 0; c < m; ++c) out[p + c0 + c] = T::store(best[c]);
+      }
+      if (winner) {
+        for (int64_t c = 0; c < m; ++c) winner[p + c0 + c] = w[c];
+      }
     }
   });
 }
@@ -671,22 +771,30 @@ class CpuBackend {
 
   template <typename S, bool kGuided, bool kGuideVec>
   ffi::Error forward_as(const Call& c, const Buffers<S>& b) {
-    const Plan plan = make_plan(c, pool_.num_threads());
+    const Plan plan = make_plan(c, pool_.num_threads(), sizeof(S));
     Views views;
     make_views(c, &views);
     const Geometry& geo = c.geo;
     const bool full = c.guided && c.guide.full;
     for_each_item(pool_, plan, c, [&](const Item& it) {
       const int members = c.grouping.members[it.group];
+      const S* g = kGuided ? b.g + it.guide_offset : nullptr;
       for (int k = 0; k < members; ++k) {
         const int d = c.grouping.first[it.group] + k;
-        S* dst = members == 1 ? b.out_w + it.offset : b.members + it.member(k);
+        if (members > 1 && !c.has_members && k > 0) {
+          RingMergePass<S, kGuided, kGuideVec> pass{
+              b.x + it.offset, g, b.out_w + it.offset, views.scan[d],
+              views.guide[d], geo.width, it.n};
+          forward_item<S>(pass, views.scan[d], geo.height, geo.width, it.n);
+          continue;
+        }
+        S* dst = members == 1 || !c.has_members ? b.out_w + it.offset
+                                                : b.members + it.member(k);
         PoolPass<S, kGuided, kGuideVec> pass{
-            b.x + it.offset, kGuided ? b.g + it.guide_offset : nullptr,
-            dst, views.scan[d], views.guide[d], full};
+            b.x + it.offset, g, dst, views.scan[d], views.guide[d], full};
         forward_item<S>(pass, views.scan[d], geo.height, geo.width, it.n);
       }
-      if (members > 1) {
+      if (members > 1 && c.has_members) {
         merge_item<S>(geo, members, b.members + it.member(0),
                       b.out_w + it.offset, nullptr, it.n);
       }
@@ -696,7 +804,7 @@ class CpuBackend {
 
   template <typename S, bool kGuided, bool kGuideVec>
   ffi::Error tangent_as(const Call& c, const Buffers<S>& b) {
-    const Plan plan = make_plan(c, pool_.num_threads());
+    const Plan plan = make_plan(c, pool_.num_threads(), sizeof(S));
     Views views;
     make_views(c, &views);
     const Geometry& geo = c.geo;
@@ -747,7 +855,7 @@ class CpuBackend {
 
   template <typename S, bool kGuided, bool kGuideVec>
   ffi::Error backward_as(const Call& c, const Buffers<S>& b) {
-    const Plan plan = make_plan(c, pool_.num_threads());
+    const Plan plan = make_plan(c, pool_.num_threads(), sizeof(S));
     Views views;
     make_views(c, &views);
     const Geometry& geo = c.geo;

@@ -92,7 +92,14 @@ class PhasedBackend {
     KernelArgs<S> a = args_of(plan, b);
     a.out = b.out_w;
     pf_.poison(a.out, bytes<S>(plan.size));
-    if (c.has_members) {
+    if (plan.max_members > 1 && !c.has_members) {
+      // Not saved for the derivatives (inference): the merged groups' member
+      // pools go to scratch.
+      auto w = pf_.workspace(bytes<S>(plan.max_members * plan.size));
+      if (w.has_error()) return w.error();
+      a.members = static_cast<S*>(*w);
+    }
+    if (plan.max_members > 1) {
       pf_.poison(a.members, bytes<S>(plan.max_members * plan.size));
     }
     if (c.guided) return pf_.template launch<ForwardBody<S, true>>(main_launch(plan), a);

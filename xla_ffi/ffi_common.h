@@ -164,7 +164,9 @@ struct Call {
   int64_t group_channels;  // C / P
   bool guided = false;
   GuideLayout guide;       // if guided
-  bool has_members = false;  // K > 1: the member pools live in `members`
+  // The member pools of the merged groups (K > 1) are saved in `members`.
+  // Without them (a forward for inference) a merged group merges as it goes.
+  bool has_members = false;
 };
 
 inline ffi::Error geometry_of(const char* target, ffi::AnyBuffer x,
@@ -201,26 +203,32 @@ inline ffi::Error check_like_x(const char* target, const char* name,
   return check_dtype(target, name, x, other);
 }
 
-// `members` is (..., K, H, W, C) (x's leading dims, then K) when K > 1, else
-// (..., 0, H, W, C): member k of image b is at element (b * K + k) * H*W*C.
-inline ffi::Error check_members(const char* target, const Call& c,
-                                ffi::AnyBuffer x, ffi::AnyBuffer members) {
+// `members` is (..., K', H, W, C) (x's leading dims, then K'): member k of
+// image b is at element (b * K' + k) * H*W*C. K' = K (the most members of a
+// group) when the member pools are saved for the derivatives (a grouping
+// with a merged group, K > 1), else 0. The forward may leave them unsaved
+// (`optional`: inference); the tangent and backward read them.
+inline ffi::Error check_members(const char* target, Call* c, ffi::AnyBuffer x,
+                                ffi::AnyBuffer members, bool optional) {
   auto xd = x.dimensions(), md = members.dimensions();
-  const int k = c.grouping.max_members;
+  const int k = c->grouping.max_members > 1 ? c->grouping.max_members : 0;
   const size_t r = xd.size();
-  bool ok = md.size() == r + 1 && md[r - 3] == (k > 1 ? k : 0);
+  bool ok = md.size() == r + 1 &&
+            (md[r - 3] == k || (optional && md[r - 3] == 0));
   for (size_t d = 0; ok && d < r; ++d) ok = md[d < r - 3 ? d : d + 1] == xd[d];
   if (!ok) {
     std::string lead;
     for (size_t d = 0; d + 3 < r; ++d) lead += std::to_string(xd[d]) + ", ";
     return invalid(target, "members must have shape (" + lead +
-                               std::to_string(k > 1 ? k : 0) + ", " +
+                               (optional && k ? "0 or " : "") +
+                               std::to_string(k) + ", " +
                                std::to_string(xd[r - 3]) + ", " +
                                std::to_string(xd[r - 2]) + ", " +
                                std::to_string(xd[r - 1]) + ") for this "
                                "grouping (x " + dims_str(xd) + "); got " +
                                dims_str(md));
   }
+  c->has_members = k > 0 && md[r - 3] == k;
   return check_dtype(target, "members", x, members);
 }
 
@@ -266,7 +274,8 @@ inline ffi::Error prepare(const char* target, ffi::AnyBuffer x,
                           const ffi::AnyBuffer* g,
                           const ffi::AnyBuffer* members,
                           ffi::Span<const int64_t> member_counts,
-                          ffi::Span<const int64_t> directions, Call* c) {
+                          ffi::Span<const int64_t> directions, Call* c,
+                          bool members_optional = false) {
   if (auto e = grouping_of(target, member_counts, directions, &c->grouping);
       e.failure()) {
     return e;
@@ -286,9 +295,12 @@ inline ffi::Error prepare(const char* target, ffi::AnyBuffer x,
       return e;
     }
   }
-  c->has_members = c->grouping.max_members > 1;
+  c->has_members = false;
   if (members) {
-    if (auto e = check_members(target, *c, x, *members); e.failure()) return e;
+    if (auto e = check_members(target, c, x, *members, members_optional);
+        e.failure()) {
+      return e;
+    }
   }
   return ffi::Error::Success();
 }
@@ -358,7 +370,9 @@ ffi::Error run_forward(Backend& be, const char* target, ffi::AnyBuffer x,
                        ffi::AnyBuffer members, ffi::Span<const int64_t> sizes,
                        ffi::Span<const int64_t> dirs) {
   Call c;
-  if (auto e = prepare(target, x, g, &members, sizes, dirs, &c); e.failure()) {
+  if (auto e = prepare(target, x, g, &members, sizes, dirs, &c,
+                       /*members_optional=*/true);
+      e.failure()) {
     return e;
   }
   if (auto e = check_like_x(target, "out", x, out); e.failure()) return e;

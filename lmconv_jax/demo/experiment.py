@@ -100,8 +100,8 @@ class DemoConfig:
 
 def pool_backend(implementation: str) -> str:
   """Which landmark pool runs here, in words, e.g. "ffi (cpu kernels)"."""
-  chosen = ops._choose(implementation, "demo")
-  platform_ = ops._platform()
+  chosen = ops.resolve_implementation(implementation, "demo")
+  platform_ = ops.platform()
   if chosen == "ffi":
     return f"ffi ({platform_} kernels)"
   return (f"reference (pure jnp; no FFI kernels for {platform_!r}, see "
