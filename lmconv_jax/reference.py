@@ -161,7 +161,7 @@ def _plan(groups: tuple, h: int, w: int) -> _Plan:
   t = max(int(s[0].max()) + 1 for s in sweeps)
   l = max(int(s[1].max()) + 1 for s in sweeps)
   mm, r = len(dirs), hw + l
-  idx = np.int32 if mm * max(r, hw + 1) * len(groups) < 2**31 else np.int64
+  idx = np.int32 if max(mm * r, len(groups) * (hw + 1)) < 2**31 else np.int64
   tt, ll = np.meshgrid(np.arange(t), np.arange(l), indexing="ij")
   src = np.empty((t, mm, l), idx)
   dst = np.empty((t, mm, l), idx)
@@ -298,6 +298,25 @@ def _prepare(x, g, groups) -> _Prepared:
   return _Prepared(plan, tuple(x.shape), b, dtype, cd, xg, gg)
 
 
+def _vary(z, *inputs):
+  """z, typed as varying over every manual mesh axis (shard_map) that any of
+  ``inputs`` varies over, so that a scan carry keeps its type; a no-op
+  outside shard_map. Values unchanged, no data moved."""
+  def vma(v):
+    aval = jax.typeof(v)
+    mat = getattr(aval, "mat", None)          # jax >= 0.9: manual axis type
+    found = mat.varying if mat is not None else getattr(aval, "vma", None)
+    return frozenset(found or ())
+  axes = frozenset().union(*(vma(v) for v in inputs if v is not None)) - vma(z)
+  if axes:
+    z = lax.pcast(z, tuple(sorted(axes)), to="varying")
+  return z
+
+
+def _zeros(shape, dtype, *inputs):
+  return _vary(jnp.zeros(shape, dtype), *inputs)
+
+
 def _steps(plan: _Plan, *names):
   return tuple(jnp.asarray(getattr(plan, n)) for n in names)
 
@@ -305,8 +324,13 @@ def _steps(plan: _Plan, *names):
 # --------------------------------------------------------------------------
 # The passes.
 
-def _forward_scan(pr: _Prepared, txg=None, tgg=None):
-  """Forward pass in member layout; with txg, also the running tangent."""
+def _forward_scan(pr: _Prepared, txg=None, tgg=None, literal=True):
+  """Forward pass in member layout; with txg, also the running tangent.
+
+  literal=False drops the barriers around the guided tangent's products
+  (JAX cannot transpose them under shard_map): for the interim custom_jvp
+  of landmark_pool_reference, whose reverse mode JAX derives by transposing
+  this tangent; XLA may then contract them into FMAs."""
   plan, cd, sd = pr.plan, pr.cd, pr.dtype
   n = pr.xg.shape[-1]
   tangent = txg is not None
@@ -336,16 +360,20 @@ def _forward_scan(pr: _Prepared, txg=None, tgg=None):
         tv = win
       else:
         tgv = _read(tgg, src)
-        a, bb, cc = lax.optimization_barrier(
-            (gv * win, (1 - gv) * txv, (m - xv) * tgv))
-        tv = lax.optimization_barrier(a + bb) + cc
+        a, bb, cc = gv * win, (1 - gv) * txv, (m - xv) * tgv
+        if literal:
+          a, bb, cc = lax.optimization_barrier((a, bb, cc))
+        tv = a + bb + cc
       new += (t_buf.at[dst].set(tv, unique_indices=True,
                                 mode="promise_in_bounds"),)
     return new, None
 
-  init = (jnp.zeros((plan.m * plan.r, n), sd),)
+  # The outputs never depend on the tangents (reverse mode needs them known).
+  ins = (pr.xg, None if pr.gg is None else pr.gg.rows)
+  init = (_zeros((plan.m * plan.r, n), sd, *ins),)
   if tangent:
-    init += (jnp.zeros((plan.m * plan.r, n), cd),)
+    init += (_zeros((plan.m * plan.r, n), cd, *ins, txg,
+                    None if tgg is None else tgg.rows),)
   carry, _ = lax.scan(body, init, _steps(plan, "src", "dst", "nb1", "nb2",
                                          "in1", "in2"))
   return carry
@@ -417,7 +445,7 @@ def grouped_forward(x: jax.Array, g: Optional[jax.Array], groups) -> jax.Array:
   return _finish(out, pr)
 
 
-def _forward_and_tangent(x, g, tx, tg, groups):
+def _forward_and_tangent(x, g, tx, tg, groups, literal=True):
   x = jnp.asarray(x)
   if x.size == 0:
     return x, jnp.zeros_like(x)
@@ -433,7 +461,7 @@ def _forward_and_tangent(x, g, tx, tg, groups):
     else:
       tgg = _guide_in(jnp.asarray(tg).astype(pr.dtype).astype(pr.cd),
                       pr.shape, pr.b, pr.plan)
-  out_buf, t_buf = _forward_scan(pr, txg, tgg)
+  out_buf, t_buf = _forward_scan(pr, txg, tgg, literal)
   plan = pr.plan
   out, win = _merge(_member_images(out_buf, plan), plan)
   tm = _member_images(t_buf, plan).astype(pr.dtype)    # rounded once
@@ -522,9 +550,10 @@ def grouped_backward(x: jax.Array, g: Optional[jax.Array], ct: jax.Array,
                                    mode="promise_in_bounds"),)
     return new, None
 
-  init = (G0,)
+  ins = (pr.xg, None if pr.gg is None else pr.gg.rows, out_buf)
+  init = (_vary(G0, *ins),)
   if guided:
-    init += (jnp.zeros((plan.m * plan.r, G0.shape[-1]), sd),)
+    init += (_zeros((plan.m * plan.r, G0.shape[-1]), sd, G0, *ins),)
   carry, _ = lax.scan(body, init, _steps(plan, "src", "dst", "nb1", "nb2",
                                          "in1", "in2", "first", "second"),
                       reverse=True)
@@ -556,7 +585,7 @@ def _pool_plain(groups, x):
 @_pool_plain.defjvp
 def _pool_plain_jvp(groups, primals, tangents):
   (x,), (tx,) = primals, tangents
-  return _forward_and_tangent(x, None, tx, None, groups)
+  return _forward_and_tangent(x, None, tx, None, groups, literal=False)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -567,7 +596,7 @@ def _pool_guided(groups, x, g):
 @_pool_guided.defjvp
 def _pool_guided_jvp(groups, primals, tangents):
   (x, g), (tx, tg) = primals, tangents
-  return _forward_and_tangent(x, g, tx, tg, groups)
+  return _forward_and_tangent(x, g, tx, tg, groups, literal=False)
 
 
 def landmark_pool_reference(x: jax.Array, direction: DirectionLike,
