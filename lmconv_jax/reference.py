@@ -107,21 +107,20 @@ class _Plan(NamedTuple):
   h: int
   w: int
   p: int                 # groups
-  m: int                 # member pools (sum of group sizes)
+  k: int                 # member pools per group (padded to the largest)
   t: int                 # phases (sequential steps of one pass)
   l: int                 # pixels per phase (padded)
-  r: int                 # rows per member in the member layout: h*w + l
-  members: tuple         # member indices of each group
-  grp: np.ndarray        # (M,) the group of each member
-  src: np.ndarray        # (T, M, L) row of x / g in the group layout
-  dst: np.ndarray        # (T, M, L) row of the pixel in the member layout
-  nb1: np.ndarray        # (T, M, L) row of neighbour n1 (own dummy if none)
+  r: int                 # rows per member in a group's buffer: h*w + l
+  ok: np.ndarray         # (P, K) bool: a real member (not padding)
+  src: np.ndarray        # (T, P, K, L) row of x / g in the group's image
+  dst: np.ndarray        # (T, P, K, L) row of the pixel in the group's buffer
+  nb1: np.ndarray        # (T, P, K, L) row of neighbour n1 (own dummy if none)
   nb2: np.ndarray
-  in1: np.ndarray        # (T, M, L) bool: pixel real and n1 inside
+  in1: np.ndarray        # (T, P, K, L) bool: pixel real and n1 inside
   in2: np.ndarray
-  first: np.ndarray      # (T, M, L) row receiving the push applied first
+  first: np.ndarray      # (T, P, K, L) row receiving the push applied first
   second: np.ndarray
-  n2_first: np.ndarray   # (M,) bool: the n2 push is added before the n1 push
+  n2_first: np.ndarray   # (P, K) bool: the n2 push is added before the n1 push
 
 
 def _sweep(d: Direction, h: int, w: int):
@@ -147,51 +146,47 @@ def _sweep(d: Direction, h: int, w: int):
 
 @functools.lru_cache(maxsize=256)
 def _plan(groups: tuple, h: int, w: int) -> _Plan:
-  hw = h * w
-  members = []
-  dirs, grp = [], []
-  for k, group in enumerate(groups):
-    ids = []
-    for d in group:
-      ids.append(len(dirs))
-      dirs.append(d)
-      grp.append(k)
-    members.append(tuple(ids))
-  sweeps = [_sweep(d, h, w) for d in dirs]
-  t = max(int(s[0].max()) + 1 for s in sweeps)
-  l = max(int(s[1].max()) + 1 for s in sweeps)
-  mm, r = len(dirs), hw + l
-  idx = np.int32 if max(mm * r, len(groups) * (hw + 1)) < 2**31 else np.int64
-  tt, ll = np.meshgrid(np.arange(t), np.arange(l), indexing="ij")
-  src = np.empty((t, mm, l), idx)
-  dst = np.empty((t, mm, l), idx)
-  nbs = [np.empty((t, mm, l), idx) for _ in range(2)]
-  ins = [np.zeros((t, mm, l), bool) for _ in range(2)]
-  n2f = np.zeros(mm, bool)
-  i_of = np.arange(hw) // w
-  j_of = np.arange(hw) % w
-  for m, (d, (phase, slot, n2_first)) in enumerate(zip(dirs, sweeps)):
-    n2f[m] = n2_first
-    pix = np.full((t, l), -1, np.int64)
-    pix[phase, slot] = np.arange(hw)
-    real = pix >= 0
-    dummy = m * r + hw + ll
-    src[:, m] = np.where(real, grp[m] * (hw + 1) + pix, grp[m] * (hw + 1) + hw)
-    dst[:, m] = np.where(real, m * r + pix, dummy)
-    for k, off in enumerate((d.n1, d.n2)):
-      ni, nj = i_of + off[0], j_of + off[1]
-      inside = (ni >= 0) & (ni < h) & (nj >= 0) & (nj < w)
-      nflat = np.where(inside, ni * w + nj, 0)
-      # Every neighbour is in the phase just before: a phase is one step.
-      assert np.all(phase[nflat[inside]] == phase[inside] - 1), d
-      p = np.where(real, pix, 0)
-      ok = real & inside[p]
-      nbs[k][:, m] = np.where(ok, m * r + nflat[p], dummy)
-      ins[k][:, m] = ok
-  n2 = n2f[None, :, None]
-  return _Plan(h, w, len(groups), mm, t, l, r, tuple(members), np.asarray(grp),
-               src, dst, nbs[0], nbs[1], ins[0], ins[1],
-               np.where(n2, nbs[1], nbs[0]), np.where(n2, nbs[0], nbs[1]), n2f)
+  hw, p = h * w, len(groups)
+  kk = max(len(g) for g in groups)
+  # A group with fewer members is padded with its first (computed, ignored).
+  dirs = [[g[min(j, len(g) - 1)] for j in range(kk)] for g in groups]
+  ok = np.array([[j < len(g) for j in range(kk)] for g in groups])
+  sweeps = {d: _sweep(d, h, w) for g in groups for d in g}
+  t = max(int(s[0].max()) + 1 for s in sweeps.values())
+  l = max(int(s[1].max()) + 1 for s in sweeps.values())
+  r = hw + l
+  idx = np.int32 if kk * r < 2**31 else np.int64
+  ll = np.broadcast_to(np.arange(l), (t, l))
+  shape = (t, p, kk, l)
+  src, dst = np.empty(shape, idx), np.empty(shape, idx)
+  nbs = [np.empty(shape, idx) for _ in range(2)]
+  ins = [np.zeros(shape, bool) for _ in range(2)]
+  n2f = np.zeros((p, kk), bool)
+  i_of, j_of = np.arange(hw) // w, np.arange(hw) % w
+  for q in range(p):
+    for m in range(kk):
+      d = dirs[q][m]
+      phase, slot, n2f[q, m] = sweeps[d]
+      pix = np.full((t, l), -1, np.int64)
+      pix[phase, slot] = np.arange(hw)
+      real = pix >= 0
+      dummy = m * r + hw + ll
+      src[:, q, m] = np.where(real, pix, hw)
+      dst[:, q, m] = np.where(real, m * r + pix, dummy)
+      pp = np.where(real, pix, 0)
+      for k, off in enumerate((d.n1, d.n2)):
+        ni, nj = i_of + off[0], j_of + off[1]
+        inside = (ni >= 0) & (ni < h) & (nj >= 0) & (nj < w)
+        nflat = np.where(inside, ni * w + nj, 0)
+        # Every neighbour is in the phase just before: a phase is one step.
+        assert np.all(phase[nflat[inside]] == phase[inside] - 1), d
+        okk = real & inside[pp]
+        nbs[k][:, q, m] = np.where(okk, m * r + nflat[pp], dummy)
+        ins[k][:, q, m] = okk
+  n2 = n2f[None, :, :, None]
+  return _Plan(h, w, p, kk, t, l, r, ok, src, dst, nbs[0], nbs[1], ins[0],
+               ins[1], np.where(n2, nbs[1], nbs[0]),
+               np.where(n2, nbs[0], nbs[1]), n2f)
 
 
 def sequential_steps(groups: Groups, h: int, w: int) -> int:
@@ -208,9 +203,11 @@ def _groups(groups) -> tuple:
 
 
 # --------------------------------------------------------------------------
-# Layouts. Group layout: (P * (HW + 1), N) rows of N = B * C/P values, row
-# k*(HW+1) + pixel, one zero row per group for padding slots. Member layout:
-# (M * R, N), row m*R + pixel, then L dummy rows (one per slot of a phase).
+# Layouts (all batched over the P groups, so channel-sharded inputs stay
+# sharded: nothing moves data between groups). A group's image: (P, HW + 1,
+# N) with N = B * C/P, row = pixel, one zero row for padding slots. A group's
+# buffer: (P, K * R, N), row m*R + pixel for member m, then L dummy rows
+# (one per slot of a phase).
 
 def _to_groups(v, p):
   b, h, w, c = v.shape
@@ -224,30 +221,48 @@ def _from_groups(v, b, h, w, c):
 
 
 def _group_rows(v, p):
-  """(B, H, W, C) -> group layout with the zero padding row."""
+  """(B, H, W, C) -> (P, HW + 1, N), the last row zero."""
   v = _to_groups(v, p)
-  v = jnp.concatenate([v, jnp.zeros_like(v[:, :1])], axis=1)
-  return v.reshape(-1, v.shape[-1])
+  return jnp.concatenate([v, jnp.zeros_like(v[:, :1])], axis=1)
 
 
 def _member_rows(v, plan):
-  """(M, HW, N) -> member layout (dummy rows zero)."""
-  v = jnp.concatenate([v, jnp.zeros((plan.m, plan.l, v.shape[-1]), v.dtype)], 1)
-  return v.reshape(-1, v.shape[-1])
+  """(P, K, HW, N) -> (P, K * R, N) (dummy rows zero)."""
+  pad = jnp.broadcast_to(jnp.zeros_like(v[:, :, :1]),
+                         v.shape[:2] + (plan.l,) + v.shape[3:])
+  return jnp.concatenate([v, pad], 2).reshape(plan.p, plan.k * plan.r, -1)
 
 
 def _member_images(buf, plan):
-  """Member layout -> (M, HW, N)."""
-  return buf.reshape(plan.m, plan.r, -1)[:, :plan.h * plan.w]
+  """(P, K * R, N) -> (P, K, HW, N)."""
+  return buf.reshape(plan.p, plan.k, plan.r, -1)[:, :, :plan.h * plan.w]
 
 
 def _get(buf, idx):
-  return buf.at[idx].get(mode="promise_in_bounds")
+  """buf (P, rows, N), idx (P, K, L) -> (P, K, L, N)."""
+  return jax.vmap(lambda b, i: b.at[i].get(mode="promise_in_bounds"))(buf, idx)
+
+
+def _set(buf, idx, v):
+  return jax.vmap(lambda b, i, u: b.at[i].set(
+      u, unique_indices=True, mode="promise_in_bounds"))(buf, idx, v)
+
+
+def _add(buf, idx, v):
+  return jax.vmap(lambda b, i, u: b.at[i].add(
+      u, mode="promise_in_bounds"))(buf, idx, v)
+
+
+def _buffer(like, plan, dtype, *inputs):
+  """Zeros (P, K * R, N) sharded like ``like`` and varying like ``inputs``."""
+  z = jnp.zeros_like(like[:, :1], dtype=dtype)
+  return _vary(jnp.broadcast_to(z, (plan.p, plan.k * plan.r, like.shape[-1])),
+               *inputs)
 
 
 class _GuideIn(NamedTuple):
   """A guide (or its tangent) as the passes read it."""
-  rows: jax.Array   # group layout, or (M, 1, N) when constant over H and W
+  rows: jax.Array   # group image, or (P, 1, 1, N) when constant over H, W
   const: bool
 
 
@@ -255,13 +270,13 @@ def _guide_in(v, shape, b, plan) -> _GuideIn:
   """v (compute dtype, dims equal to x's or 1) in the layout of the passes.
 
   A guide constant over H and W (per channel, per batch, scalar) is not
-  materialised at x's size: each member reads its (1, N) row every step.
+  materialised at x's size: each group reads its (1, N) row every step.
   """
   h, w, c = shape[-3:]
   v = v.reshape((1,) * (len(shape) - v.ndim) + v.shape)
   if v.shape[-3] == 1 and v.shape[-2] == 1:
     vb = jnp.broadcast_to(v, shape[:-3] + (1, 1, c)).reshape(b, 1, 1, c)
-    return _GuideIn(_to_groups(vb, plan.p)[plan.grp], True)
+    return _GuideIn(_to_groups(vb, plan.p)[:, None], True)
   vf = jnp.broadcast_to(v, shape).reshape(b, h, w, c)
   return _GuideIn(_group_rows(vf, plan.p), False)
 
@@ -313,10 +328,6 @@ def _vary(z, *inputs):
   return z
 
 
-def _zeros(shape, dtype, *inputs):
-  return _vary(jnp.zeros(shape, dtype), *inputs)
-
-
 def _steps(plan: _Plan, *names):
   return tuple(jnp.asarray(getattr(plan, n)) for n in names)
 
@@ -348,8 +359,7 @@ def _forward_scan(pr: _Prepared, txg=None, tgg=None, literal=True):
     else:
       gv = _read(pr.gg, src)
       out = _blend(gv, m, xv)
-    new = (out_buf.at[dst].set(out.astype(sd), unique_indices=True,
-                               mode="promise_in_bounds"),)
+    new = (_set(out_buf, dst, out.astype(sd)),)
     if tangent:
       t_buf = carry[1]
       txv = _get(txg, src)
@@ -364,62 +374,50 @@ def _forward_scan(pr: _Prepared, txg=None, tgg=None, literal=True):
         if literal:
           a, bb, cc = lax.optimization_barrier((a, bb, cc))
         tv = a + bb + cc
-      new += (t_buf.at[dst].set(tv, unique_indices=True,
-                                mode="promise_in_bounds"),)
+      new += (_set(t_buf, dst, tv),)
     return new, None
 
   # The outputs never depend on the tangents (reverse mode needs them known).
   ins = (pr.xg, None if pr.gg is None else pr.gg.rows)
-  init = (_zeros((plan.m * plan.r, n), sd, *ins),)
+  init = (_buffer(pr.xg, plan, sd, *ins),)
   if tangent:
-    init += (_zeros((plan.m * plan.r, n), cd, *ins, txg,
-                    None if tgg is None else tgg.rows),)
+    init += (_buffer(pr.xg, plan, cd, *ins, txg,
+                     None if tgg is None else tgg.rows),)
   carry, _ = lax.scan(body, init, _steps(plan, "src", "dst", "nb1", "nb2",
                                          "in1", "in2"))
   return carry
 
 
-def _table(plan):
-  """(P, K) member ids of each group (padded with its first) and validity."""
-  k = max(len(ids) for ids in plan.members)
-  tab = np.array([ids + (ids[0],) * (k - len(ids)) for ids in plan.members])
-  ok = np.array([[j < len(ids) for j in range(k)] for ids in plan.members])
-  return tab, ok
-
-
 def _merge(vals, plan):
-  """Members' stored outputs (M, HW, N) -> groups (P, HW, N), winner (or None).
+  """Members' stored outputs (P, K, HW, N) -> groups (P, HW, N), winner.
 
   The first-listed-wins chain ``out = where((p_k > out) | isnan(p_k), p_k,
-  out)``; winner[k] is the position (in its group) of the member it ends on.
+  out)``; winner (None if no group merges) is the position of the member
+  the chain ends on.
   """
-  tab, ok = _table(plan)
-  out = vals[tab[:, 0]]
-  win = None
-  for j in range(1, tab.shape[1]):
-    v = vals[tab[:, j]]
-    c = ((v > out) | jnp.isnan(v)) & jnp.asarray(ok[:, j])[:, None, None]
+  out, win = vals[:, 0], None
+  for j in range(1, plan.k):
+    v = vals[:, j]
+    c = ((v > out) | jnp.isnan(v)) & jnp.asarray(plan.ok[:, j])[:, None, None]
     out = jnp.where(c, v, out)
     win = jnp.where(c, j, 0 if win is None else win)
   return out, win
 
 
 def _pick(vals, win, plan):
-  """Per group, the winning member's value of vals (M, HW, N)."""
-  tab, _ = _table(plan)
-  out = vals[tab[:, 0]]
-  for j in range(1, tab.shape[1]):
-    out = jnp.where(win == j, vals[tab[:, j]], out)
+  """Per group, the winning member's value of vals (P, K, HW, N)."""
+  out = vals[:, 0]
+  for j in range(1, plan.k):
+    out = jnp.where(win == j, vals[:, j], out)
   return out
 
 
 def _sum_members(vals, plan):
   """Per group, the members' values summed in member order, in vals' dtype."""
-  tab, ok = _table(plan)
-  acc = vals[tab[:, 0]]
-  for j in range(1, tab.shape[1]):
-    acc = jnp.where(jnp.asarray(ok[:, j])[:, None, None],
-                    acc + vals[tab[:, j]], acc)
+  acc = vals[:, 0]
+  for j in range(1, plan.k):
+    acc = jnp.where(jnp.asarray(plan.ok[:, j])[:, None, None],
+                    acc + vals[:, j], acc)
   return acc
 
 
@@ -465,7 +463,7 @@ def _forward_and_tangent(x, g, tx, tg, groups, literal=True):
   plan = pr.plan
   out, win = _merge(_member_images(out_buf, plan), plan)
   tm = _member_images(t_buf, plan).astype(pr.dtype)    # rounded once
-  t = tm[_table(plan)[0][:, 0]] if win is None else _pick(tm, win, plan)
+  t = tm[:, 0] if win is None else _pick(tm, win, plan)
   return _finish(out, pr), _finish(t, pr)
 
 
@@ -499,13 +497,12 @@ def grouped_backward(x: jax.Array, g: Optional[jax.Array], ct: jax.Array,
   _, win = _merge(_member_images(out_buf, plan), plan)
   h, w, c = pr.shape[-3:]
   ctg = _to_groups(jnp.asarray(ct).astype(sd).reshape(pr.b, h, w, c), plan.p)
-  ct_m = ctg[plan.grp]
+  ct_m = jnp.broadcast_to(ctg[:, None], (plan.p, plan.k) + ctg.shape[1:])
   if win is not None:      # the cotangent goes to the winning member only
-    rank = np.concatenate([np.arange(len(ids)) for ids in plan.members])
-    ct_m = jnp.where(win[plan.grp] == jnp.asarray(rank)[:, None, None], ct_m,
-                     jnp.zeros((), sd))
+    rank = jnp.arange(plan.k)[None, :, None, None]
+    ct_m = jnp.where(win[:, None] == rank, ct_m, jnp.zeros((), sd))
   G0 = _member_rows(ct_m.astype(cd), plan)
-  n2f = jnp.asarray(plan.n2_first)[:, None, None]
+  n2f = jnp.asarray(plan.n2_first)[:, :, None, None]
   guided = pr.gg is not None
 
   def body(carry, s):
@@ -539,21 +536,19 @@ def grouped_backward(x: jax.Array, g: Optional[jax.Array], ct: jax.Array,
       p2 = (sv * t2) * G
     f = jnp.where(n2f, p2, p1)
     sc = jnp.where(n2f, p1, p2)
-    G_buf = G_buf.at[first].add(f, mode="promise_in_bounds")
-    G_buf = G_buf.at[second].add(sc, mode="promise_in_bounds")
+    G_buf = _add(G_buf, first, f)
+    G_buf = _add(G_buf, second, sc)
     # dx[p] (rounded to the storage dtype) replaces G[p], never read again.
-    G_buf = G_buf.at[dst].set(dx.astype(sd).astype(cd), unique_indices=True,
-                              mode="promise_in_bounds")
+    G_buf = _set(G_buf, dst, dx.astype(sd).astype(cd))
     new = (G_buf,)
     if guided:
-      new += (carry[1].at[dst].set(dg.astype(sd), unique_indices=True,
-                                   mode="promise_in_bounds"),)
+      new += (_set(carry[1], dst, dg.astype(sd)),)
     return new, None
 
   ins = (pr.xg, None if pr.gg is None else pr.gg.rows, out_buf)
   init = (_vary(G0, *ins),)
   if guided:
-    init += (_zeros((plan.m * plan.r, G0.shape[-1]), sd, G0, *ins),)
+    init += (_buffer(pr.xg, plan, sd, G0, *ins),)
   carry, _ = lax.scan(body, init, _steps(plan, "src", "dst", "nb1", "nb2",
                                          "in1", "in2", "first", "second"),
                       reverse=True)
