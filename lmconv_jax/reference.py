@@ -205,19 +205,18 @@ def _groups(groups) -> tuple:
 # --------------------------------------------------------------------------
 # Layouts (all batched over the P groups, so channel-sharded inputs stay
 # sharded: nothing moves data between groups). A group's image: (P, HW + 1,
-# N) with N = B * C/P, row = pixel, one zero row for padding slots. A group's
-# buffer: (P, K * R, N), row m*R + pixel for member m, then L dummy rows
+# B, C/P), row = pixel, one zero row for padding slots. A group's
+# buffer: (P, K * R, B, C/P), row m*R + pixel for member m, then L dummy rows
 # (one per slot of a phase).
 
 def _to_groups(v, p):
   b, h, w, c = v.shape
-  return v.reshape(b, h * w, p, c // p).transpose(2, 1, 0, 3).reshape(
-      p, h * w, b * (c // p))
+  return v.reshape(b, h * w, p, c // p).transpose(2, 1, 0, 3)
 
 
 def _from_groups(v, b, h, w, c):
   p = v.shape[0]
-  return v.reshape(p, h * w, b, c // p).transpose(2, 1, 0, 3).reshape(b, h, w, c)
+  return v.transpose(2, 1, 0, 3).reshape(b, h, w, c)
 
 
 def _group_rows(v, p):
@@ -230,12 +229,14 @@ def _member_rows(v, plan):
   """(P, K, HW, N) -> (P, K * R, N) (dummy rows zero)."""
   pad = jnp.broadcast_to(jnp.zeros_like(v[:, :, :1]),
                          v.shape[:2] + (plan.l,) + v.shape[3:])
-  return jnp.concatenate([v, pad], 2).reshape(plan.p, plan.k * plan.r, -1)
+  return jnp.concatenate([v, pad], 2).reshape(
+      (plan.p, plan.k * plan.r) + v.shape[3:])
 
 
 def _member_images(buf, plan):
   """(P, K * R, N) -> (P, K, HW, N)."""
-  return buf.reshape(plan.p, plan.k, plan.r, -1)[:, :, :plan.h * plan.w]
+  return buf.reshape((plan.p, plan.k, plan.r) + buf.shape[2:])[
+      :, :, :plan.h * plan.w]
 
 
 def _get(buf, idx):
@@ -256,7 +257,7 @@ def _add(buf, idx, v):
 def _buffer(like, plan, dtype, *inputs):
   """Zeros (P, K * R, N) sharded like ``like`` and varying like ``inputs``."""
   z = jnp.zeros_like(like[:, :1], dtype=dtype)
-  return _vary(jnp.broadcast_to(z, (plan.p, plan.k * plan.r, like.shape[-1])),
+  return _vary(jnp.broadcast_to(z, (plan.p, plan.k * plan.r) + like.shape[2:]),
                *inputs)
 
 
@@ -343,7 +344,6 @@ def _forward_scan(pr: _Prepared, txg=None, tgg=None, literal=True):
   of landmark_pool_reference, whose reverse mode JAX derives by transposing
   this tangent; XLA may then contract them into FMAs."""
   plan, cd, sd = pr.plan, pr.cd, pr.dtype
-  n = pr.xg.shape[-1]
   tangent = txg is not None
 
   def body(carry, s):
@@ -352,7 +352,7 @@ def _forward_scan(pr: _Prepared, txg=None, tgg=None, literal=True):
     xv = _get(pr.xg, src)
     o1 = _get(out_buf, nb1).astype(cd)
     o2 = _get(out_buf, nb2).astype(cd)
-    i1, i2 = in1[..., None], in2[..., None]
+    i1, i2 = in1[..., None, None], in2[..., None, None]
     m, self_, take1, take2 = _select(xv, i1, o1, i2, o2)
     if pr.gg is None:
       out = m
@@ -398,7 +398,7 @@ def _merge(vals, plan):
   out, win = vals[:, 0], None
   for j in range(1, plan.k):
     v = vals[:, j]
-    c = ((v > out) | jnp.isnan(v)) & jnp.asarray(plan.ok[:, j])[:, None, None]
+    c = ((v > out) | jnp.isnan(v)) & jnp.asarray(plan.ok[:, j])[:, None, None, None]
     out = jnp.where(c, v, out)
     win = jnp.where(c, j, 0 if win is None else win)
   return out, win
@@ -416,7 +416,7 @@ def _sum_members(vals, plan):
   """Per group, the members' values summed in member order, in vals' dtype."""
   acc = vals[:, 0]
   for j in range(1, plan.k):
-    acc = jnp.where(jnp.asarray(plan.ok[:, j])[:, None, None],
+    acc = jnp.where(jnp.asarray(plan.ok[:, j])[:, None, None, None],
                     acc + vals[:, j], acc)
   return acc
 
@@ -499,10 +499,10 @@ def grouped_backward(x: jax.Array, g: Optional[jax.Array], ct: jax.Array,
   ctg = _to_groups(jnp.asarray(ct).astype(sd).reshape(pr.b, h, w, c), plan.p)
   ct_m = jnp.broadcast_to(ctg[:, None], (plan.p, plan.k) + ctg.shape[1:])
   if win is not None:      # the cotangent goes to the winning member only
-    rank = jnp.arange(plan.k)[None, :, None, None]
+    rank = jnp.arange(plan.k)[None, :, None, None, None]
     ct_m = jnp.where(win[:, None] == rank, ct_m, jnp.zeros((), sd))
   G0 = _member_rows(ct_m.astype(cd), plan)
-  n2f = jnp.asarray(plan.n2_first)[:, :, None, None]
+  n2f = jnp.asarray(plan.n2_first)[:, :, None, None, None]
   guided = pr.gg is not None
 
   def body(carry, s):
@@ -512,7 +512,7 @@ def grouped_backward(x: jax.Array, g: Optional[jax.Array], ct: jax.Array,
     xv = _get(pr.xg, src)
     o1 = _get(out_buf, nb1).astype(cd)
     o2 = _get(out_buf, nb2).astype(cd)
-    i1, i2 = in1[..., None], in2[..., None]
+    i1, i2 = in1[..., None, None], in2[..., None, None]
     m, self_, take1, take2 = _select(xv, i1, o1, i2, o2)
     zero = jnp.zeros((), cd)
     if not guided:
