@@ -21,7 +21,7 @@ import lmconv_jax.nnx
 from lmconv_jax import (LandmarkBlock, LandmarkConv, LandmarkConv4,
                         LandmarkConv8, grouped_landmark_pool)
 from lmconv_jax import _ffi
-from lmconv_jax.ops import _platform
+from lmconv_jax.ops import platform as _platform
 
 F32 = jnp.float32
 ones = nn.initializers.ones
