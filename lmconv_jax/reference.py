@@ -254,11 +254,27 @@ def _add(buf, idx, v):
       u, mode="promise_in_bounds"))(buf, idx, v)
 
 
+def _explicit_spec(v):
+  """(mesh, v's spec) if v's mesh has Explicit axes, else None."""
+  sh = getattr(jax.typeof(v), "sharding", None)
+  mesh = getattr(sh, "mesh", None)
+  types = getattr(mesh, "axis_types", None) or ()
+  if not any(t == jax.sharding.AxisType.Explicit for t in types):
+    return None
+  spec = tuple(sh.spec)
+  return mesh, spec + (None,) * (v.ndim - len(spec))
+
+
 def _buffer(like, plan, dtype, *inputs):
-  """Zeros (P, K * R, N) sharded like ``like`` and varying like ``inputs``."""
-  z = jnp.zeros_like(like[:, :1], dtype=dtype)
-  return _vary(jnp.broadcast_to(z, (plan.p, plan.k * plan.r) + like.shape[2:]),
-               *inputs)
+  """Zeros (P, K * R, B, C/P) sharded like ``like`` (explicit mesh axes) and
+  varying like ``inputs`` (shard_map)."""
+  z = jnp.zeros((plan.p, plan.k * plan.r) + like.shape[2:], dtype)
+  found = _explicit_spec(like)
+  if found is not None and any(a is not None for a in found[1]):
+    mesh, spec = found
+    z = jax.sharding.reshard(z, jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(spec[0], None, *spec[2:])))
+  return _vary(z, *inputs)
 
 
 class _GuideIn(NamedTuple):
