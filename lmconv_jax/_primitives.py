@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir, xla
+from jax.sharding import NamedSharding, PartitionSpec
 
 from lmconv_jax import _sharding, reference
 
@@ -114,12 +115,24 @@ def grouped_pool(x, g, groups, implementation: str):
 # --------------------------------------------------------------------------
 # Abstract evaluation.
 
+def _members_sharding(x):
+  """The members' sharding type: x's, with the K dim unsharded."""
+  sharding = getattr(x, "sharding", None)
+  spec = getattr(sharding, "spec", None)
+  if spec is None or not hasattr(sharding, "mesh"):
+    return sharding
+  spec = tuple(spec) + (None,) * (x.ndim - len(spec))
+  nb = x.ndim - 3
+  return NamedSharding(sharding.mesh, PartitionSpec(*spec[:nb], None,
+                                                    *spec[nb:]))
+
+
 def _pool_abstract(*avals, groups, guided, implementation, save_members):
   del guided, implementation
   x = avals[0]
-  return [x.update(weak_type=False),
-          x.update(shape=members_shape(x.shape, groups, save_members),
-                   weak_type=False)]
+  members = x.update(shape=members_shape(x.shape, groups, save_members),
+                     weak_type=False, sharding=_members_sharding(x))
+  return [x.update(weak_type=False), members]
 
 
 def _tangent_abstract(*avals, groups, guided, implementation):

@@ -176,14 +176,14 @@ def _partitioned_call(ffi_call, prim, groups, guided: bool, in_shapes,
     def __init__(self, shape):
       self.shape = shape
 
-  lists, _, extra = _operand_factors(
+  lists, _, own_factors = _operand_factors(
       [_Shape(s) for s in in_shapes + out_shapes], x_shape)
   n_in = len(in_shapes)
   rule = (", ".join(" ".join(d) for d in lists[:n_in]) + " -> " +
           ", ".join(" ".join(d) for d in lists[n_in:]))
   replicate = names[r - 3:r - 1] + ([] if single_group else names[r - 1:])
   call.def_partition(partition=partition, sharding_rule=rule,
-                     need_replication_factors=tuple(replicate + extra))
+                     need_replication_factors=tuple(replicate + own_factors))
   return call
 
 

@@ -329,3 +329,28 @@ def test_exported_sharded_model_partitions_in_a_fresh_process(tmp_path):
                        timeout=300)
   assert run.returncode == 0, run.stdout + run.stderr
   assert run.stdout.startswith("OK")
+
+
+# --------------------------------------------------------------------------
+# Explicit mesh axes (issue 14): grouped pools on channel-sharded inputs,
+# C / P not divisible by the mesh axis, forward and backward.
+
+@pytest.mark.parametrize("grouping,c", [("quadrants", 12), ("top_bottom", 6),
+                                        ("all_quadrants", 6), ("octants", 8)])
+@pytest.mark.parametrize("spec", [P("data"), P(None, None, None, "model"),
+                                  P("data", None, None, "model")])
+def test_grouped_pools_with_explicit_mesh_axes(grouping, c, spec):
+  mesh = make_mesh("Explicit")
+  x = inputs.make_x("small_int", (4, 6, 5, c)).astype(np.float32)
+  xs = jax.device_put(x, NamedSharding(mesh, spec))
+  f = lambda x, impl: lmconv_jax.grouped_landmark_pool(x, grouping,
+                                                       implementation=impl)
+  loss = lambda x, impl: (f(x, impl) ** 2).sum()
+  want = f(x, "reference"), jax.grad(loss)(x, "reference")
+  for impl in ("ffi",) if HAS_FFI else ():
+    with jax.set_mesh(mesh):
+      out = jax.jit(lambda x: f(x, impl))(xs)
+      grad = jax.jit(jax.grad(lambda x: loss(x, impl)))(xs)
+    np.testing.assert_array_equal(out, want[0])
+    np.testing.assert_array_equal(grad, want[1])
+    assert spec_of(out) == spec_of(xs)
