@@ -158,7 +158,10 @@ else
   build() {
     set -e
     if [ ! -x "$PY" ]; then
-      "$BASE" -m venv --system-site-packages "$VENV"
+      # Without ensurepip in the base, a venv without pip: the base's pip
+      # then installs into it (pip --python).
+      "$BASE" -m venv --system-site-packages "$VENV" ||
+        { rm -rf "$VENV"; "$BASE" -m venv --system-site-packages --without-pip "$VENV"; }
       # If the base python is itself a venv (the GPU image's python3 is),
       # --system-site-packages shows the interpreter's packages, not the
       # venv's: name the base's site folders in a .pth (processed before our
@@ -174,8 +177,10 @@ with open(sys.argv[1] + "/00_gpu_check_base_site.pth", "w") as f:
 EOF
     fi
     "$PY" -c 'import jax, jaxlib, nanobind, scikit_build_core; print("jax", jax.__version__, "jaxlib", jaxlib.__version__)'
+    local pip=("$PY" -m pip)
+    "$PY" -m pip --version >/dev/null 2>&1 || pip=("$BASE" -m pip --python "$PY")
     # nvcc --threads 0: the CUDA architectures compile in parallel.
-    "$PY" -m pip install --no-index --no-build-isolation --no-deps -v \
+    "${pip[@]}" install --no-index --no-build-isolation --no-deps -v \
       -C "build-dir=build/gpu-check-{wheel_tag}" \
       -C "cmake.define.LMCONV_CUDA=$CUDA_FLAG" \
       -C "cmake.define.CMAKE_CUDA_FLAGS=--threads=0" -e "$REPO"
