@@ -12,7 +12,6 @@ import argparse
 import dataclasses
 import datetime
 import importlib
-import inspect
 import json
 import os
 import pathlib
@@ -103,25 +102,19 @@ def _shape(text: str) -> tuple[int, ...]:
 DTYPE_NAMES = ("float32", "float64", "float16", "bfloat16")
 
 
-def _directions(text: str) -> tuple[str, ...]:
-  from lmconv_jax.directions import DIRECTIONS, OCTANTS, QUADRANTS, resolve
-  groups = {"quadrants": QUADRANTS, "octants": OCTANTS,
-            "all": tuple(DIRECTIONS)}
-  names = []
-  for item in (s.strip() for s in text.split(",") if s.strip()):
-    if item in groups:
-      names.extend(groups[item])
-      continue
-    try:
-      names.append(resolve(item).name)
-    except ValueError:
+SECTIONS = ("grouping", "guide", "dtype", "wide", "layers")
+
+
+def _sections(text: str) -> tuple[str, ...]:
+  names = tuple(t.strip() for t in text.split(",") if t.strip())
+  for n in names:
+    if n not in SECTIONS:
       raise argparse.ArgumentTypeError(
-          f"unknown direction {item!r}; expected names or aliases from "
-          f"{', '.join(DIRECTIONS)} (aliases tl, tr, bl, br, I1..I8), or "
-          f"'quadrants', 'octants', 'all'") from None
+          f"unknown section {n!r}; expected a comma-separated list of "
+          f"{', '.join(SECTIONS)}")
   if not names:
-    raise argparse.ArgumentTypeError("no directions given")
-  return tuple(dict.fromkeys(names))
+    raise argparse.ArgumentTypeError("expected at least one section")
+  return names
 
 
 # --------------------------------------------------------------------------
@@ -370,67 +363,23 @@ def cmd_info(args) -> int:
 # --------------------------------------------------------------------------
 # bench
 
-def _generic_markdown(rows: list[dict]) -> str:
-  keys = list(dict.fromkeys(k for r in rows for k in r))
-
-  def cell(v):
-    if isinstance(v, float):
-      return f"{v:.3g}"
-    return "" if v is None else str(v)
-  lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-  lines += ["| " + " | ".join(cell(r.get(k)) for k in keys) + " |"
-            for r in rows]
-  return "\n".join(lines) + "\n"
-
-
-def _load_benchmark():
-  try:
-    return importlib.import_module("lmconv_jax.benchmark")
-  except ModuleNotFoundError as e:
-    if e.name not in ("lmconv_jax.benchmark",):
-      raise
-    raise MissingError(
-        "the benchmark suite (lmconv_jax/benchmark.py) is not part of this "
-        "installation. From a source checkout, run `python "
-        "benchmarks/bench_cpu.py` instead, or update lmconv_jax.") from None
-
-
 def cmd_bench(args) -> int:
   from lmconv_jax import ops
   _require_demo_extra(("tqdm",), "benchmark")     # its progress bar
-  bench = _load_benchmark()
+  bench = importlib.import_module("lmconv_jax.benchmark")
   try:                      # the suite times the FFI kernels: they must exist
     ops.resolve_implementation("ffi", "bench")
   except NotImplementedError as e:
     raise MissingError(str(e)) from None
-  run = getattr(bench, "run", None)
-  if run is None:
-    raise MissingError("lmconv_jax.benchmark has no run() function; update "
-                       "lmconv_jax.")
   if args.dtype == "float64":
     import jax
     jax.config.update("jax_enable_x64", True)
-  wanted = dict(shape=args.shape, dtype=args.dtype, directions=args.directions,
-                repeats=args.repeats, progress=not args.no_progress)
-  accepted = inspect.signature(run).parameters
-  kwargs = {k: v for k, v in wanted.items()
-            if v is not None and (k in accepted or any(
-                p.kind is p.VAR_KEYWORD for p in accepted.values()))}
-  for opt in ("shape", "dtype", "directions", "repeats"):
-    if wanted[opt] is not None and opt not in kwargs:
-      raise UsageError(f"--{opt} is not supported by this benchmark suite.")
-  rows = run(**kwargs)
-  machine = bench.machine() if hasattr(bench, "machine") else None
-  formatter = next((getattr(bench, n) for n in
-                    ("markdown", "to_markdown", "format_markdown")
-                    if hasattr(bench, n)), None)
-  if formatter is None:
-    table = _generic_markdown(rows)
-  else:
-    try:
-      table = formatter(rows, machine)
-    except TypeError:
-      table = formatter(rows)
+  rows = bench.run(shape=args.shape or bench.DEFAULT_SHAPE,
+                   dtype=args.dtype or "float32", repeats=args.repeats or 8,
+                   progress=not args.no_progress,
+                   sections=args.sections or SECTIONS)
+  machine = bench.machine()
+  table = bench.markdown(rows, machine)
   print(table)
   if args.markdown:
     pathlib.Path(args.markdown).write_text(table)
@@ -553,9 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
   b.add_argument("--shape", type=_shape, metavar="B,H,W,C",
                  help="input shape (..., H, W, C), e.g. 8,64,64,64")
   b.add_argument("--dtype", choices=DTYPE_NAMES)
-  b.add_argument("--directions", type=_directions, metavar="LIST",
-                 help="comma-separated direction names or aliases, or "
-                      "quadrants / octants / all")
+  b.add_argument("--sections", type=_sections, metavar="LIST",
+                 help=f"comma-separated, from {', '.join(SECTIONS)} (all)")
   b.add_argument("--repeats", type=_positive_int, metavar="N",
                  help="timed repetitions per measurement")
   b.add_argument("--json", type=_writable, metavar="FILE",

@@ -8,123 +8,25 @@ and an ``nn.Conv``'s weights load unchanged. ``LandmarkConv4`` (P = 4
 quadrants, the original ``PConv2d4``) and ``LandmarkConv8`` (P = 8 octants,
 ``PConv2d8``) only change the default grouping.
 
-The functions prefixed ``_`` below are the functional core that
-``lmconv_jax.nnx`` shares: input checks and the pool in front of the
-convolution, and the block's data flow. Neither front end re-implements them.
+The functional core (input checks, the pool in front of the convolution,
+the block's data flow) is ``lmconv_jax._layers``, shared with
+``lmconv_jax.nnx``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lmconv_jax.ops import Grouping, grouped_landmark_pool, resolve_grouping
+from lmconv_jax import _layers
+from lmconv_jax.ops import Grouping
 
 Array = jax.Array
 
 __all__ = ["LandmarkBlock", "LandmarkConv", "LandmarkConv4", "LandmarkConv8"]
-
-
-# --------------------------------------------------------------------------
-# The functional core, shared with lmconv_jax.nnx.
-
-def _num_groups(directions: Grouping, layer: str) -> int:
-  try:
-    return len(resolve_grouping(directions))
-  except ValueError as e:
-    raise ValueError(f"{layer}: {e}") from e
-
-
-def _check_kernel_size(kernel_size, layer: str) -> None:
-  """The pool is 2-D, so the convolution must be (an int is 1-D in Flax)."""
-  size = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
-  if len(size) != 2:
-    raise ValueError(
-        f"{layer}: kernel_size must be a pair (kh, kw) for a 2-D landmark "
-        f"convolution over NHWC inputs, got kernel_size={kernel_size!r}. "
-        f"Pass e.g. kernel_size=(3, 3) (an int means a 1-D kernel in Flax, "
-        f"as in nn.Conv).")
-
-
-def _check_channels(given: str, channels: int, directions: Grouping,
-                    layer: str) -> None:
-  """Raises a layer-level error when the channels do not split into P groups."""
-  p = _num_groups(directions, layer)
-  if channels % p:
-    lower, upper = (channels // p) * p, (channels // p + 1) * p
-    options = f"{lower} or {upper}" if lower else f"{upper}"
-    raise ValueError(
-        f"{layer}: {given}, but directions={directions!r} "
-        f"splits the channels into {p} equal groups (one per direction group), "
-        f"so the channel count must be a multiple of {p}. Fix: give the layer "
-        f"{options} input channels (e.g. with a 1x1 convolution in front of "
-        f"it), or choose a grouping with fewer groups.")
-
-
-def _pool_dtype(x: Array, dtype, param_dtype):
-  """The dtype the pool runs in: the layer's computation dtype, as nn.Conv's."""
-  if dtype is not None:
-    return jnp.dtype(dtype)
-  if jnp.issubdtype(x.dtype, jnp.floating):
-    return x.dtype
-  return jnp.result_type(x.dtype, param_dtype)   # integers: as promote_dtype
-
-
-def _pool_inputs(inputs, guide, *, directions: Grouping, implementation: str,
-                 dtype, param_dtype, layer: str) -> Array:
-  """The grouped landmark pool in front of a convolution; errors name the layer.
-
-  The pool runs in the convolution's computation dtype. With no guide that
-  is the same as pooling first and casting after, since rounding is
-  monotone and the pool is a max.
-  """
-  x = jnp.asarray(inputs)
-  if x.ndim < 3:
-    raise ValueError(
-        f"{layer}: inputs must be NHWC, shape (..., H, W, C) with any leading "
-        f"batch dims, got shape {tuple(x.shape)}.")
-  c = x.shape[-1]
-  _check_channels(f"the input has {c} channels", c, directions, layer)
-  x = x.astype(_pool_dtype(x, dtype, param_dtype))
-  try:
-    return grouped_landmark_pool(x, directions, guide,
-                                 implementation=implementation)
-  except (ValueError, TypeError) as e:
-    raise type(e)(f"{layer}: {e}") from e
-
-
-def _landmark_block(x: Array, layers: Mapping[str, Callable[..., Array]],
-                    use_running_average: Optional[bool]) -> Array:
-  """The LBYLNet landmark block's data flow, for linen and NNX sub-layers alike.
-
-  ``layers`` maps the sub-layer names to callables: ``branch_conv`` (one
-  3x3 convolution whose P output-channel groups are the P branches),
-  ``pool_conv`` (a LandmarkConv: pool each branch in its directions, then
-  3x3), ``skip_conv`` (1x1), ``out_conv`` (3x3), each followed by the
-  BatchNorm ``<name>_norm``.
-  """
-  def conv_bn(name, v):
-    return layers[f"{name}_norm"](layers[f"{name}_conv"](v),
-                                  use_running_average=use_running_average)
-
-  branches = jax.nn.relu(conv_bn("branch", x))
-  y = jax.nn.relu(conv_bn("pool", branches) + conv_bn("skip", x))
-  return jax.nn.relu(conv_bn("out", y))
-
-
-def _branch_features(features: int, branch_features: Optional[int]) -> int:
-  if branch_features is None:
-    return max(1, features // 2)
-  return branch_features
-
-
-def _layer_name(module) -> str:
-  name = getattr(module, "name", None)
-  cls = type(module).__name__
-  return f"{cls} {name!r}" if isinstance(name, str) and name != cls else cls
 
 
 # --------------------------------------------------------------------------
@@ -201,9 +103,9 @@ class LandmarkConv(nn.Conv):
     Returns:
       The convolved data, as ``nn.Conv`` returns it.
     """
-    layer = _layer_name(self)
-    _check_kernel_size(self.kernel_size, layer)
-    pooled = _pool_inputs(inputs, guide, directions=self.directions,
+    layer = _layers.layer_name(self)
+    _layers.check_kernel_size(self.kernel_size, layer)
+    pooled = _layers.pool_inputs(inputs, guide, directions=self.directions,
                           implementation=self.implementation, dtype=self.dtype,
                           param_dtype=self.param_dtype, layer=layer)
     return super().__call__(pooled)
@@ -349,8 +251,8 @@ class LandmarkBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = True) -> Array:
     """Applies the block to NHWC ``x``; ``train`` uses and updates the stats."""
-    p = _num_groups(self.directions, _layer_name(self))
-    m = _branch_features(self.features, self.branch_features)
+    p = _layers.num_groups(self.directions, _layers.layer_name(self))
+    m = _layers.branch_features(self.features, self.branch_features)
     common = dict(use_bias=False, dtype=self.dtype,
                   param_dtype=self.param_dtype, precision=self.precision,
                   kernel_init=self.kernel_init)
@@ -367,4 +269,4 @@ class LandmarkBlock(nn.Module):
           momentum=self.momentum, epsilon=self.epsilon, dtype=self.dtype,
           param_dtype=self.param_dtype, axis_name=self.axis_name,
           name=f"{stage}_norm")
-    return _landmark_block(x, layers, use_running_average=not train)
+    return _layers.landmark_block(x, layers, use_running_average=not train)

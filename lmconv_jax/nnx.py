@@ -3,8 +3,8 @@
 ``LandmarkConv`` subclasses ``flax.nnx.Conv``: the same constructor
 (``in_features, out_features, kernel_size, strides, *, ..., rngs``), the same
 ``kernel`` / ``bias`` parameters, and the pool of the linen layer in front
-(``lmconv_jax.linen._pool_inputs``); ``LandmarkBlock`` runs the linen block's
-data flow (``lmconv_jax.linen._landmark_block``) over NNX sub-layers. Given
+(``lmconv_jax._layers.pool_inputs``); ``LandmarkBlock`` runs the linen block's
+data flow (``lmconv_jax._layers.landmark_block``) over NNX sub-layers. Given
 the same parameters, linen and NNX layers compute the same function.
 """
 
@@ -16,9 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lmconv_jax.linen import (_branch_features, _check_channels,
-                              _check_kernel_size, _landmark_block,
-                              _num_groups, _pool_inputs)
+from lmconv_jax import _layers
 from lmconv_jax.ops import Grouping
 
 Array = jax.Array
@@ -85,8 +83,8 @@ class LandmarkConv(nnx.Conv):
                implementation: str = "auto",
                rngs: nnx.Rngs, **kwargs):
     layer = type(self).__name__
-    _check_kernel_size(kernel_size, layer)
-    _check_channels(f"in_features={in_features}", in_features, directions,
+    _layers.check_kernel_size(kernel_size, layer)
+    _layers.check_channels(f"in_features={in_features}", in_features, directions,
                     layer)
     super().__init__(in_features, out_features, kernel_size, strides,
                      rngs=rngs, **kwargs)
@@ -109,7 +107,7 @@ class LandmarkConv(nnx.Conv):
           f"in_features={self.in_features}. Pass inputs of shape "
           f"(..., H, W, {self.in_features}) or build the layer with "
           f"in_features={c}.")
-    pooled = _pool_inputs(inputs, guide, directions=self.directions,
+    pooled = _layers.pool_inputs(inputs, guide, directions=self.directions,
                           implementation=self.implementation, dtype=self.dtype,
                           param_dtype=self.param_dtype,
                           layer=type(self).__name__)
@@ -243,8 +241,8 @@ class LandmarkBlock(nnx.Module):
                precision: Any = None,
                kernel_init: Callable[..., Array] = _default_kernel_init,
                rngs: nnx.Rngs):
-    p = _num_groups(directions, type(self).__name__)
-    m = _branch_features(out_features, branch_features)
+    p = _layers.num_groups(directions, type(self).__name__)
+    m = _layers.branch_features(out_features, branch_features)
     common = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype,
                   precision=precision, kernel_init=kernel_init, rngs=rngs)
     self.branch_conv = nnx.Conv(in_features, p * m, (3, 3), **common)
@@ -278,5 +276,5 @@ class LandmarkBlock(nnx.Module):
     layers = {name: getattr(self, name) for name in (
         "branch_conv", "branch_norm", "pool_conv", "pool_norm",
         "skip_conv", "skip_norm", "out_conv", "out_norm")}
-    return _landmark_block(
+    return _layers.landmark_block(
         x, layers, use_running_average=None if train is None else not train)
