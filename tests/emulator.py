@@ -62,11 +62,12 @@ def guide_at_rank(guide, x):
   return guide.reshape((1,) * (x.ndim - guide.ndim) + guide.shape)
 
 
-def _members_shape(groups, x):
+def _members_shape(groups, x, saved=True):
   """(..., K, H, W, C) for K > 1 (member k of image b at (b*K + k)*H*W*C),
-  else (..., 0, H, W, C)."""
+  else, or when the forward does not save them (inference), (..., 0, H, W,
+  C)."""
   k = max(len(g) for g in resolve_groups(groups))
-  return x.shape[:-3] + (k if k > 1 else 0,) + x.shape[-3:]
+  return x.shape[:-3] + (k if k > 1 and saved else 0,) + x.shape[-3:]
 
 
 def _attrs(groups, emulated, multiprocessors, order):
@@ -86,13 +87,16 @@ def _sds(shape, dtype):
   return jax.ShapeDtypeStruct(shape, dtype)
 
 
-def forward(x, guide, groups, *, emulated, multiprocessors=132, order=0):
-  """(out, members) of the grouped pool."""
+def forward(x, guide, groups, *, emulated, multiprocessors=132, order=0,
+            save_members=True):
+  """(out, members) of the grouped pool; save_members=False: the forward
+  for inference (members empty; merged groups merge as they go)."""
   x = jnp.asarray(x)
   g = guide_at_rank(guide, x)
   call = jax.ffi.ffi_call(
       _target("pool_fwd", g is not None, emulated),
-      (_sds(x.shape, x.dtype), _sds(_members_shape(groups, x), x.dtype)))
+      (_sds(x.shape, x.dtype),
+       _sds(_members_shape(groups, x, save_members), x.dtype)))
   args = (x,) if g is None else (x, g)
   return call(*args, **_attrs(groups, emulated, multiprocessors, order))
 
@@ -130,10 +134,12 @@ def backward(x, guide, groups, out, members, ct, *, emulated,
                     **_attrs(groups, emulated, multiprocessors, order)))
 
 
-def emulated_forward(x, guide, groups, *, multiprocessors=132, order=0):
+def emulated_forward(x, guide, groups, *, multiprocessors=132, order=0,
+                     save_members=True):
   """(out, members) from the emulated CUDA forward kernel."""
   return forward(x, guide, groups, emulated=True,
-                 multiprocessors=multiprocessors, order=order)
+                 multiprocessors=multiprocessors, order=order,
+                 save_members=save_members)
 
 
 def emulated_tangent(x, guide, groups, out, members, tx, tguide=None, *,
@@ -151,7 +157,7 @@ def emulated_backward(x, guide, groups, out, members, ct, *,
 
 
 def launch_plan(groups, shape, pass_="forward", *, multiprocessors=132,
-                guide_shape=None):
+                guide_shape=None, saved_members=True):
   """The CUDA launch(es) of one grouped call, as the CUDA handler plans them:
   blocks, threads, phases, workspace, lanes, launches (2 for a guided
   backward with a broadcast guide: the reduction), each direction's sweep."""
@@ -162,4 +168,5 @@ def launch_plan(groups, shape, pass_="forward", *, multiprocessors=132,
     guide_shape = (1,) * (len(shape) - len(guide_shape)) + guide_shape
   return EMULATOR.launch_plan([int(v) for v in a["group_sizes"]],
                               [int(v) for v in a["directions"]], list(shape),
-                              pass_, int(multiprocessors), guide_shape)
+                              pass_, int(multiprocessors), guide_shape,
+                              bool(saved_members))

@@ -104,15 +104,17 @@ def grid_case(dtype, grouping, hw=(5, 6), per_group=3, seed=0):
 
 
 def run(x, g, grouping, ct, tx, tg, **how):
-  """(out, members, tout, dx, dguide) of one implementation: emulated=True
-  (with multiprocessors, order) or False (the CPU kernels). The tangent and
-  the backward take the CPU forward's out and members, so each pass is
-  compared on its own."""
+  """(out, members, tout, dx, dguide, inference out) of one
+  implementation: emulated=True (with multiprocessors, order) or False (the
+  CPU kernels). The tangent and the backward take the CPU forward's out and
+  members, so each pass is compared on its own; the last is the forward
+  that does not save the member pools (merging as it goes)."""
   fwd = emulator.forward(x, g, grouping, **how)
   base = emulator.forward(x, g, grouping, emulated=False)
   tout = emulator.tangent(x, g, grouping, *base, tx, tg, **how)
   dx, dg = emulator.backward(x, g, grouping, *base, ct, **how)
-  return tuple(fwd) + (tout, dx, dg)
+  inference = emulator.forward(x, g, grouping, save_members=False, **how)[0]
+  return tuple(fwd) + (tout, dx, dg, inference)
 
 
 def bits(a):
@@ -121,7 +123,7 @@ def bits(a):
   return a.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[a.itemsize])
 
 
-NAMES = ("out", "members", "tout", "dx", "dguide")
+NAMES = ("out", "members", "tout", "dx", "dguide", "inference out")
 
 
 def member_slots(grouping, shape):
@@ -281,8 +283,9 @@ SHAPES = {"square": (1, 6, 6), "non_square": (2, 3, 7), "H1": (2, 1, 9),
 @pytest.mark.parametrize("shape", SHAPES)
 def test_emulation_all_shapes(shape):
   """Degenerate images (one row, one column, one pixel), no batch, several
-  batch dims; every grouping, with and without a per-channel guide."""
-  for name, g in GROUPINGS.items():
+  batch dims; with and without a per-channel guide, for the groupings that
+  hold every kind of sweep (mixed) and 1 to 4 members (mixed, octants)."""
+  for g in (GROUPINGS["mixed"], GROUPINGS["octants"]):
     shp = SHAPES[shape] + (2 * n_groups(g),)
     x = jnp.asarray(inputs.make_x("small_int", shp, 5), jnp.float32)
     guide = jnp.asarray(inputs.make_guide("per_channel", shp), jnp.float32)
@@ -445,6 +448,10 @@ def test_launch_plan_is_one_launch_for_the_whole_grouping(grouping, shape):
     assert (plan["workspace_elements"] == 0) == (pass_ == "forward")
     assert plan["shared_bytes"] == 0
     assert plan["kernel_args_bytes"] <= 4096
+  merged = max(len(grp) for grp in emulator.resolve_groups(g)) > 1
+  inference = emulator.launch_plan(g, shape, saved_members=False)
+  assert inference["phases"] == expected_phases(g, shape, "tangent")
+  assert (inference["workspace_elements"] > 0) == merged   # the ring
   guided = emulator.launch_plan(g, shape, "backward",
                                 guide_shape=(shape[-1],))
   assert guided["launches"] == 2   # + the reduction of dguide
@@ -570,9 +577,9 @@ def on_gpu(*arrays):
 
 
 def gpu_run(x, g, grouping, out, members, ct, tx, tg):
-  """(out, members, tout, dx, dguide) of the CUDA targets on the GPU (the
-  same names as the CPU ones, platform CUDA), back on the host; the tangent
-  and the backward take the given (CPU) out and members."""
+  """(out, members, tout, dx, dguide, inference out) of the CUDA targets on
+  the GPU (the same names as the CPU ones, platform CUDA), back on the host;
+  the tangent and the backward take the given (CPU) out and members."""
   x, g, out, members, ct, tx, tg = on_gpu(x, g, out, members, ct, tx, tg)
   fwd = emulator.forward(x, g, grouping, emulated=False)
   assert fwd[0].devices() == {_gpu()}
@@ -580,8 +587,10 @@ def gpu_run(x, g, grouping, out, members, ct, tx, tg):
                           emulated=False)
   dx, dg = emulator.backward(x, g, grouping, out, members, ct,
                              emulated=False)
+  inference = emulator.forward(x, g, grouping, emulated=False,
+                               save_members=False)[0]
   return [None if a is None else np.asarray(jax.device_get(a))
-          for a in tuple(fwd) + (tout, dx, dg)]
+          for a in tuple(fwd) + (tout, dx, dg, inference)]
 
 
 @needs_gpu

@@ -59,6 +59,7 @@ inline LaunchPlan plan_for(const Call& c, Pass pass, int64_t multiprocessors) {
     total += gr.members[g];
   }
   for (int k = 0; k < total; ++k) in.dirs[k] = gr.dirs[k];
+  in.saved_members = c.has_members;
   in.guided = c.guided;
   in.guide_full = c.guided && c.guide.full;
   const GuideLayout& l = c.guide;
@@ -92,15 +93,12 @@ class PhasedBackend {
     KernelArgs<S> a = args_of(plan, b);
     a.out = b.out_w;
     pf_.poison(a.out, bytes<S>(plan.size));
-    if (plan.max_members > 1 && !c.has_members) {
-      // Not saved for the derivatives (inference): the merged groups' member
-      // pools go to scratch.
-      auto w = pf_.workspace(bytes<S>(plan.max_members * plan.size));
-      if (w.has_error()) return w.error();
-      a.members = static_cast<S*>(*w);
-    }
-    if (plan.max_members > 1) {
+    if (c.has_members) {
       pf_.poison(a.members, bytes<S>(plan.max_members * plan.size));
+    } else if (plan.ring > 0) {
+      // Not saved for the derivatives (inference): a merged group merges as
+      // it goes, a later member's pool in the ring (ForwardBody).
+      if (auto e = ring(plan, &a); e.failure()) return e;
     }
     if (c.guided) return pf_.template launch<ForwardBody<S, true>>(main_launch(plan), a);
     return pf_.template launch<ForwardBody<S, false>>(main_launch(plan), a);

@@ -241,6 +241,7 @@ struct PlanInput {
   int members[kPlanMaxGroups];
   int first[kPlanMaxGroups];
   Direction dirs[kPlanMaxDirections];
+  bool saved_members;     // K > 1 and the member pools are in `members`
   bool guided;
   bool guide_full;        // the guide has x's shape
   int rank;               // x's rank (lead dims + 3)
@@ -258,6 +259,10 @@ struct LaunchPlan {
   int groups;
   int64_t group_channels;   // C / P
   int max_members;          // K
+  // The member pools of merged groups are saved in `members` (always for
+  // the tangent and backward; a forward for inference may not save them,
+  // and then merges as it goes, a later member's pool in the ring).
+  bool saved_members;
   int members[kPlanMaxGroups];
   int first[kPlanMaxGroups];
   Direction dirs[kPlanMaxDirections];
@@ -317,6 +322,8 @@ inline LaunchPlan plan_launch(const PlanInput& in, Pass pass,
   for (int k = 0; k < kPlanMaxGroups - in.groups; ++k) {
     p.members[in.groups + k] = p.first[in.groups + k] = 0;
   }
+  p.saved_members = p.max_members > 1 && in.saved_members;
+  const bool merge_as_it_goes = p.max_members > 1 && !p.saved_members;
   p.guided = in.guided;
   p.guide_full = in.guided && in.guide_full;
   p.rank = in.rank;
@@ -359,7 +366,9 @@ inline LaunchPlan plan_launch(const PlanInput& in, Pass pass,
   for (int g = 0; g < in.groups; ++g) {
     int64_t n = 0;
     for (int m = 0; m < p.members[g]; ++m) n += p.dir_phases[p.first[g] + m];
-    if (pass == Pass::kForward && p.members[g] > 1) n += 1;  // the merge
+    if (pass == Pass::kForward && p.members[g] > 1 && p.saved_members) {
+      n += 1;  // the merge phase
+    }
     if (n > p.phases) p.phases = n;
   }
   p.pixel_lanes = kMaxThreads / p.lanes;
@@ -367,10 +376,12 @@ inline LaunchPlan plan_launch(const PlanInput& in, Pass pass,
   p.blocks = units * p.chunks;
   p.threads = p.lanes * p.pixel_lanes;
   p.shared_bytes = 0;
-  // Two phases of: G pushed to n1 and n2 (backward), t (tangent).
-  p.ring = pass == Pass::kBackward  ? 2 * p.max_slots * 2 * p.lanes
-           : pass == Pass::kTangent ? 2 * p.max_slots * p.lanes
-                                    : 0;
+  // Two phases of: G pushed to n1 and n2 (backward), t (tangent), a later
+  // member's pool (a forward that merges as it goes).
+  p.ring = pass == Pass::kBackward ? 2 * p.max_slots * 2 * p.lanes
+           : pass == Pass::kTangent || merge_as_it_goes
+               ? 2 * p.max_slots * p.lanes
+               : 0;
   const bool reduce = pass == Pass::kBackward && p.guided && !p.guide_full;
   p.reduce_threads = reduce ? kReduceThreads : 0;
   p.reduce_blocks = reduce ? ceil_div(p.g_elements, kReduceThreads) : 0;
@@ -561,11 +572,16 @@ LMCONV_HDI int winner_at(const KernelArgs<S>& a, int members, int64_t image,
 // Forward: member k's pool at p from x[p] (g[p]) and the pool at its
 // neighbours, which earlier phases stored (so they are read back as stored).
 // Then, for a merged group, the merge phase: out = max of the member pools.
+// A forward that does not save the member pools (inference) merges as it
+// goes instead: member 0 writes out; a later member keeps its pool (as
+// stored) in the block's ring, ring[phase & 1][k][lane], where the next
+// phase finds its neighbours, and takes out[p] where it is strictly greater
+// or NaN (landmark_pool.h's merge_winner, member by member).
 template <typename S, bool kGuided>
 struct ForwardBody {
   static constexpr Pass kPass = Pass::kForward;
   static constexpr unsigned kWrites =
-      buffer_bit(kBufOut) | buffer_bit(kBufMembers);
+      buffer_bit(kBufOut) | buffer_bit(kBufMembers) | buffer_bit(kBufRing);
   using Args = KernelArgs<S>;
   using Acc = Compute<S>;
 
@@ -575,14 +591,30 @@ struct ForwardBody {
     const Sweep& s;
     int64_t base, g_base;  // Lane's
     PoolRef<S> pool;
+    bool in_ring;          // merging as it goes: the pool is in the ring
+    int64_t ring;          // this block's ring, at this lane
     int64_t phase;
     Acc x[kBatch] = {}, o1[kBatch] = {}, o2[kBatch] = {}, g[kBatch] = {};
+
+    LMCONV_HDI int64_t slot(int64_t ph, int64_t k) const {
+      return ring + ((ph & 1) * s.slots + k) * a.plan.lanes;
+    }
+    LMCONV_HDI int64_t slot_of(const Pixel& q, Offset n) const {
+      return s.skew == 0 ? q.j + n.dc : q.i + n.dr;
+    }
 
     LMCONV_HDI void load(int u, const Pixel& q) {
       const int64_t p = pool.offset + base + q.at;
       x[u] = T::load_input(ld<S>(a.x, base + q.at));
-      o1[u] = q.in1 ? T::load(ld<S>(pool.base, p + s.off1)) : x[u];
-      o2[u] = q.in2 ? T::load(ld<S>(pool.base, p + s.off2)) : x[u];
+      if (in_ring) {
+        o1[u] = q.in1 ? ld<Acc>(a.ring, slot(phase - 1, slot_of(q, s.n1)))
+                      : x[u];
+        o2[u] = q.in2 ? ld<Acc>(a.ring, slot(phase - 1, slot_of(q, s.n2)))
+                      : x[u];
+      } else {
+        o1[u] = q.in1 ? T::load(ld<S>(pool.base, p + s.off1)) : x[u];
+        o2[u] = q.in2 ? T::load(ld<S>(pool.base, p + s.off2)) : x[u];
+      }
       if constexpr (kGuided) {
         g[u] = T::load_input(ld<S>(a.g, g_base + q.g_at));
       }
@@ -601,8 +633,16 @@ struct ForwardBody {
 
     LMCONV_HDI void store(int u, const Pixel& q) {
       const Acc m = pool_max(x[u], q.in1, o1[u], q.in2, o2[u]);
-      st<S>(pool.base, pool.offset + base + q.at,
-            T::store(kGuided ? pool_blend(g[u], m, x[u]) : m));
+      const S v = T::store(kGuided ? pool_blend(g[u], m, x[u]) : m);
+      const int64_t p = base + q.at;
+      if (in_ring) {
+        const Acc vv = T::load(v);
+        st<Acc>(a.ring, slot(phase, q.k), vv);
+        const Acc cur = T::load(ld<S>(a.out, p));
+        if ((vv > cur) | (vv != vv)) st<S>(a.out, p, v);
+      } else {
+        st<S>(pool.base, pool.offset + p, v);
+      }
     }
   };
 
@@ -618,6 +658,7 @@ struct ForwardBody {
     const MemberPhase mp = member_phase(p, l.group, phase);
     if (mp.member < 0) return;
     if (mp.member == members) {  // the merge phase
+      if (!p.saved_members) return;
       using T = StorageTraits<S>;
       const int64_t pixels = p.height * p.width;
       for (int64_t q = l.k0; q < pixels; q += p.pixel_lanes) {
@@ -629,7 +670,14 @@ struct ForwardBody {
       return;
     }
     const Sweep s = sweep_of(p, p.first[l.group] + mp.member);
-    Step step{a, s, l.base, l.g_base, pool_of(a, members, l.image, mp.member),
+    PoolRef<S> pool{a.out, 0};
+    if (members > 1 && p.saved_members) {
+      pool = pool_of(a, members, l.image, mp.member);
+    }
+    const bool in_ring = members > 1 && !p.saved_members && mp.member > 0;
+    // (Built step by step: nvcc 13.0's cicc crashed on a ?: of PoolRefs in
+    // this braced initialiser.)
+    Step step{a, s, l.base, l.g_base, pool, in_ring, l.block * p.ring + l.lane,
               mp.local};
     for_each_batch(s, p.pixel_lanes, l, mp.local, step);
   }

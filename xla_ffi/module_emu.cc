@@ -25,7 +25,8 @@ nb::dict launch_plan(std::vector<int64_t> group_sizes,
                      std::vector<int64_t> directions,
                      std::vector<int64_t> shape, const std::string& pass,
                      int64_t multiprocessors,
-                     std::optional<std::vector<int64_t>> guide_shape) {
+                     std::optional<std::vector<int64_t>> guide_shape,
+                     bool saved_members) {
   lmconv::Call c;
   const xla::ffi::Span<const int64_t> sizes(group_sizes.data(),
                                             group_sizes.size());
@@ -43,7 +44,8 @@ nb::dict launch_plan(std::vector<int64_t> group_sizes,
     throw nb::value_error("channels do not split into the groups");
   }
   c.group_channels = c.geo.channels / c.grouping.groups;
-  c.has_members = c.grouping.max_members > 1;
+  c.has_members = c.grouping.max_members > 1 &&
+                  (saved_members || pass != "forward");
   c.guided = guide_shape.has_value();
   if (c.guided) {
     if (static_cast<int>(guide_shape->size()) != r) {
@@ -101,9 +103,11 @@ NB_MODULE(_lmconv_cuda_emu, m) {
   m.def("launch_plan", &launch_plan, nb::arg("group_sizes"),
         nb::arg("directions"), nb::arg("shape"), nb::arg("pass_"),
         nb::arg("multiprocessors"), nb::arg("guide_shape") = nb::none(),
+        nb::arg("saved_members") = true,
         "The CUDA launches of one grouped call (pass_: 'forward', "
-        "'backward' or 'tangent'): grid, block, phases, workspace, and each "
-        "direction's sweep.");
+        "'backward' or 'tangent'; saved_members=False: a forward that does "
+        "not save the member pools): grid, block, phases, workspace, and "
+        "each direction's sweep.");
   m.def("build_info", [] {
     nb::dict d;
     d["cuda_compiled"] = bool(LMCONV_CUDA_COMPILED);
