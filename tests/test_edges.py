@@ -179,7 +179,7 @@ def test_fuzz_all_directions_against_oracle(dtype, guide_kind):
   fuzz.check_reference(case, f"{dtype} {guide_kind}")
 
 
-@pytest.mark.parametrize("dtype", fuzz.DTYPES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_fuzz_drawn_shapes_and_groupings(dtype):
   seed = fuzz.DTYPES.index(dtype)
   case = fuzz.make_case(seed, dtype)
