@@ -209,7 +209,7 @@ def _linear_jvp(prim, what):
         # A second derivative: JAX differentiates the reference's jnp.
         fn = functools.partial(_reference_rule(prim), **params)
         tangents = [ad.instantiate_zeros(t) for t in tangents]
-        return jax.jvp(fn, primals, tangents)
+        return jax.jvp(fn, tuple(primals), tuple(tangents))
       raise NotImplementedError(
           f"lmconv_jax: the FFI pool is differentiable once (forward or "
           f"reverse mode), not twice ({what} depends on x and the guide "

@@ -215,7 +215,6 @@ def _to_groups(v, p):
 
 
 def _from_groups(v, b, h, w, c):
-  p = v.shape[0]
   return v.transpose(2, 1, 0, 3).reshape(b, h, w, c)
 
 
@@ -585,46 +584,17 @@ def grouped_backward(x: jax.Array, g: Optional[jax.Array], ct: jax.Array,
 
 
 # --------------------------------------------------------------------------
-# The public single-direction pool (custom_jvp: its tangent is
-# grouped_tangent's, and JAX transposes that for reverse mode).
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _pool_plain(groups, x):
-  return grouped_forward(x, None, groups)
-
-
-@_pool_plain.defjvp
-def _pool_plain_jvp(groups, primals, tangents):
-  (x,), (tx,) = primals, tangents
-  return _forward_and_tangent(x, None, tx, None, groups, literal=False)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _pool_guided(groups, x, g):
-  return grouped_forward(x, g, groups)
-
-
-@_pool_guided.defjvp
-def _pool_guided_jvp(groups, primals, tangents):
-  (x, g), (tx, tg) = primals, tangents
-  return _forward_and_tangent(x, g, tx, tg, groups, literal=False)
-
+# The public single-direction pool.
 
 def landmark_pool_reference(x: jax.Array, direction: DirectionLike,
                             guide: Optional[jax.Array] = None) -> jax.Array:
   """Pure-jnp landmark pool of ``x`` (shape (..., H, W, C)) in ``direction``.
 
-  ``guide`` is None (all ones) or an array broadcastable to ``x``. No input
-  checking beyond what jnp does: use :func:`lmconv_jax.landmark_pool` with
-  ``implementation="reference"`` for the checked public entry point.
+  ``lmconv_jax.landmark_pool(..., implementation="reference")``: the same
+  primitive as the kernels (its JVP is :func:`grouped_tangent`, its
+  transpose :func:`grouped_backward`, the contract's formulas literally),
+  lowered to this module's jnp on every platform, never to a custom call.
+  ``guide`` is None (all ones) or an array broadcastable to ``x``.
   """
-  groups = ((resolve(direction),),)
-  x = jnp.asarray(x)
-  if x.size == 0:
-    return x
-  if guide is None:
-    return _pool_plain(groups, x)
-  g = jnp.asarray(guide).astype(x.dtype)
-  g = g.reshape((1,) * (x.ndim - g.ndim) + g.shape)
-  np.broadcast_shapes(g.shape, x.shape)
-  return _pool_guided(groups, x, g)
+  from lmconv_jax import ops  # ops imports this module's functions
+  return ops.landmark_pool(x, direction, guide, implementation="reference")
