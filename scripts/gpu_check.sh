@@ -183,6 +183,7 @@ EOF
     "${pip[@]}" install --no-index --no-build-isolation --no-deps -v \
       -C "build-dir=build/gpu-check-{wheel_tag}" \
       -C "cmake.define.LMCONV_CUDA=$CUDA_FLAG" \
+      -C "cmake.define.LMCONV_EMULATOR=ON" \
       -C "cmake.define.CMAKE_CUDA_FLAGS=--threads=0" -e "$REPO"
     # The lmconv_jax that imports is this checkout's, built just now.
     "$PY" - "$REPO" "$VENV" <<'EOF'

@@ -31,12 +31,12 @@ if [ "$lowest" = 1 ]; then
   RUNTIME_REQ=("flax==$FLAX_LOWEST")
   # A build folder of its own: the two venvs' wheel tags are the same, and a
   # shared CMake cache would mix the two jaxlibs' FFI headers.
-  BUILD_ARGS=(-C "build-dir=build/lowest-{wheel_tag}")
+  BUILD_ARGS=(-C "build-dir=build/lowest-{wheel_tag}" -C "cmake.define.LMCONV_EMULATOR=ON")
 else
   VENV=${LMCONV_VENV:-.venv}
   JAX_REQ=("jax$JAX_RANGE" "jaxlib$JAX_RANGE")
   RUNTIME_REQ=("flax$FLAX_RANGE")
-  BUILD_ARGS=()
+  BUILD_ARGS=(-C "cmake.define.LMCONV_EMULATOR=ON")  # the tests' CUDA emulation
 fi
 
 find_python() {
