@@ -50,7 +50,7 @@ namespace {
 
 // Channel blocks of at most this many elements keep a row of a work item in
 // L1/L2 for wide images; blocks are multiples of 16 elements (whole vectors).
-constexpr int64_t kMaxChannelBlock = 64;
+constexpr int64_t kMaxChannelBlock = 256;
 constexpr int64_t kMinChannelBlock = 16;
 // Below this many elements, threads cost more than they save.
 constexpr int64_t kMinParallelElements = 1 << 15;
@@ -413,21 +413,40 @@ struct TangentPass {
 template <typename S, typename Pass>
 LMCONV_CPU_CLONES void forward_item(Pass& pass, const ScanView& v,
                                     int64_t height, int64_t width, int64_t n) {
+  // One pixel with its neighbours' flags known at compile time.
+  auto step = [&](auto in1, auto in2, int64_t i, int64_t j) {
+    const int64_t p = v.start + i * v.row_stride + j * v.col_stride;
+    if (const int64_t q = ahead<false>(v, i, j, p, height, width); q >= 0) {
+      pass.prefetch_pixel(q, n);
+    }
+    pass.template pixel<decltype(in1)::value, decltype(in2)::value>(p, j, n);
+  };
+  auto edge = [&](int64_t i, int64_t j) {
+    switch (inside(i, j, v.n1, height, width) * 2 +
+            inside(i, j, v.n2, height, width)) {
+      case 3: step(std::true_type{}, std::true_type{}, i, j); break;
+      case 2: step(std::true_type{}, std::false_type{}, i, j); break;
+      case 1: step(std::false_type{}, std::true_type{}, i, j); break;
+      default: step(std::false_type{}, std::false_type{}, i, j); break;
+    }
+  };
   for (int64_t i = 0; i < height; ++i) {
     pass.begin_row(i);
-    for (int64_t j = 0; j < width; ++j) {
-      const int64_t p = v.start + i * v.row_stride + j * v.col_stride;
-      if (const int64_t q = ahead<false>(v, i, j, p, height, width); q >= 0) {
-        pass.prefetch_pixel(q, n);
-      }
-      switch (inside(i, j, v.n1, height, width) * 2 +
-              inside(i, j, v.n2, height, width)) {
-        case 3: pass.template pixel<true, true>(p, j, n); break;
-        case 2: pass.template pixel<true, false>(p, j, n); break;
-        case 1: pass.template pixel<false, true>(p, j, n); break;
-        default: pass.template pixel<false, false>(p, j, n); break;
-      }
+    edge(i, 0);
+    // Interior columns: a neighbour is inside unless it is in the row above
+    // the first, so one switch per row (not per pixel).
+    const bool in1 = v.n1.dr == 0 || i > 0, in2 = v.n2.dr == 0 || i > 0;
+    const int64_t j1 = width - 1;
+    if (in1 && in2) {
+      for (int64_t j = 1; j < j1; ++j) step(std::true_type{}, std::true_type{}, i, j);
+    } else if (in1) {
+      for (int64_t j = 1; j < j1; ++j) step(std::true_type{}, std::false_type{}, i, j);
+    } else if (in2) {
+      for (int64_t j = 1; j < j1; ++j) step(std::false_type{}, std::true_type{}, i, j);
+    } else {
+      for (int64_t j = 1; j < j1; ++j) step(std::false_type{}, std::false_type{}, i, j);
     }
+    if (width > 1) edge(i, width - 1);
   }
 }
 
@@ -546,7 +565,7 @@ LMCONV_CPU_CLONES void backward_item(const BackwardArgs<S>& a) {
     const int64_t goff1 = (v.n1.dr ? prev_row : 0) + v.n1.dc * g_col;
     const int64_t goff2 = (v.n2.dr ? prev_row : 0) + v.n2.dc * g_col;
     const int64_t g_row = a.gv.start + i * a.gv.row_stride;
-    for (int64_t j = width - 1; j >= 0; --j) {
+    auto step = [&](auto in1, auto in2, int64_t j) {
       const int64_t p = v.start + i * v.row_stride + j * v.col_stride;
       Acc* G = G_row + j * g_col;
       const S* gp = kGuided ? a.g + g_row + j * a.gv.col_stride : nullptr;
@@ -566,18 +585,32 @@ LMCONV_CPU_CLONES void backward_item(const BackwardArgs<S>& a) {
         if (kInPlace) prefetch<1>(a.dx + q, n);
       }
       if (i > 0 && j > 0) load_ct(i - 1, j - 1);
-#define LMCONV_BWD_PIXEL(IN1, IN2)                                          \
-  backward_pixel<S, kGuided, kGuideVec, kAccum, IN1, IN2>(                  \
-      a.x + p, gp, o1, o2, G, G + goff1, G + goff2, a.dx + p, dgp, n)
+      backward_pixel<S, kGuided, kGuideVec, kAccum, decltype(in1)::value,
+                     decltype(in2)::value>(a.x + p, gp, o1, o2, G, G + goff1,
+                                           G + goff2, a.dx + p, dgp, n);
+    };
+    auto edge = [&](int64_t j) {
       switch (inside(i, j, v.n1, height, width) * 2 +
               inside(i, j, v.n2, height, width)) {
-        case 3: LMCONV_BWD_PIXEL(true, true); break;
-        case 2: LMCONV_BWD_PIXEL(true, false); break;
-        case 1: LMCONV_BWD_PIXEL(false, true); break;
-        default: LMCONV_BWD_PIXEL(false, false); break;
+        case 3: step(std::true_type{}, std::true_type{}, j); break;
+        case 2: step(std::true_type{}, std::false_type{}, j); break;
+        case 1: step(std::false_type{}, std::true_type{}, j); break;
+        default: step(std::false_type{}, std::false_type{}, j); break;
       }
-#undef LMCONV_BWD_PIXEL
+    };
+    // Interior columns: one switch per row (see forward_item).
+    const bool in1 = v.n1.dr == 0 || i > 0, in2 = v.n2.dr == 0 || i > 0;
+    if (width > 1) edge(width - 1);
+    if (in1 && in2) {
+      for (int64_t j = width - 2; j >= 1; --j) step(std::true_type{}, std::true_type{}, j);
+    } else if (in1) {
+      for (int64_t j = width - 2; j >= 1; --j) step(std::true_type{}, std::false_type{}, j);
+    } else if (in2) {
+      for (int64_t j = width - 2; j >= 1; --j) step(std::false_type{}, std::true_type{}, j);
+    } else {
+      for (int64_t j = width - 2; j >= 1; --j) step(std::false_type{}, std::false_type{}, j);
     }
+    edge(0);
   }
 }
 
