@@ -89,6 +89,18 @@ def winners(x: jax.Array, out: jax.Array,
   return code.astype(jnp.int8)
 
 
+def _index_dtype(pixels: int):
+  """int32 flat pixel indices while they fit, else int64 (which needs x64)."""
+  if pixels < 2**31:
+    return jnp.int32
+  if not jax.config.jax_enable_x64:
+    raise ValueError(
+        f"landmark maps of {pixels} pixels per image need 64-bit indices; "
+        f"enable them with jax.config.update('jax_enable_x64', True), or "
+        f"compute the map on tiles of under 2**31 pixels.")
+  return jnp.int64
+
+
 def _follow(code: jax.Array, d: Direction) -> jax.Array:
   """Pointer doubling over the winner forest; flat landmark index per pixel."""
   h, w = code.shape[-3], code.shape[-2]
@@ -98,7 +110,7 @@ def _follow(code: jax.Array, d: Direction) -> jax.Array:
   off1 = d.n1[0] * w + d.n1[1]
   off2 = d.n2[0] * w + d.n2[1]
   ptr = flat + jnp.where(code == 1, off1, jnp.where(code == 2, off2, 0))
-  ptr = ptr.reshape(lead + (h * w, c)).astype(jnp.int32)
+  ptr = ptr.reshape(lead + (h * w, c)).astype(_index_dtype(h * w))
   # Every step moves one row or one column towards an edge, so a chain has at
   # most H + W - 2 links; 2**k >= H + W doublings reach every root.
   for _ in range(max(1, int(np.ceil(np.log2(h + w))))):
