@@ -65,7 +65,7 @@ def test_ffi_equals_reference_on_every_valid_direction(dtype, guide_kind):
 
 @pytest.mark.parametrize("dtype", fuzz.DTYPES)
 def test_ffi_equals_reference_on_drawn_cases(dtype):
-  for seed in range(6):
+  for seed in range(3):
     case = fuzz.make_case(100 + seed, dtype)
     _compare(case, f"seed {100 + seed} {dtype} {case.guide_kind} "
                    f"{case.x.shape} {[[d.name for d in g] for g in case.groups]}")
