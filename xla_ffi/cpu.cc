@@ -33,9 +33,6 @@
 #include <utility>
 #include <vector>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <xmmintrin.h>
-#endif
 
 #include "ffi_common.h"
 
@@ -158,19 +155,6 @@ using Compute = typename StorageTraits<S>::Compute;
 #endif
 #define LMCONV_INLINE inline __attribute__((always_inline))
 
-// XLA's CPU runtime computes with subnormals flushed (FTZ and DAZ), and so
-// does the jnp reference; the kernels set the same mode for each work item
-// (whatever thread runs it) and restore it after. docs/semantics.md.
-class FlushDenormals {
- public:
-#if defined(__x86_64__) || defined(__i386__)
-  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040u); }
-  ~FlushDenormals() { _mm_setcsr(saved_); }
-
- private:
-  unsigned saved_;
-#endif
-};
 
 // Where the guide of a direction's view pixel (i, j) is, from the item's
 // first guide element: broadcast dims have stride 0.

@@ -190,28 +190,6 @@ class PhasedBackend {
   Platform pf_;
 };
 
-// The guide layout for given shapes (module_emu.cc's launch_plan, which has
-// no buffers): what ffi_common.h's guide_layout_of computes.
-inline GuideLayout guide_layout_from_dims(const int64_t* xd, const int64_t* gd,
-                                          int r) {
-  GuideLayout l;
-  l.full = std::equal(xd, xd + r, gd);
-  const int64_t gc = gd[r - 1], gw = gd[r - 2], gh = gd[r - 3];
-  l.channel_stride = gc == 1 ? 0 : 1;
-  l.col_stride = gw == 1 ? 0 : gc;
-  l.row_stride = gh == 1 ? 0 : gw * gc;
-  l.height = gh;
-  l.width = gw;
-  l.lead = r - 3;
-  int64_t stride = gh * gw * gc;
-  for (int k = l.lead - 1; k >= 0; --k) {
-    l.x_lead[k] = xd[k];
-    l.g_stride[k] = gd[k] == 1 ? 0 : stride;
-    stride *= gd[k];
-  }
-  l.elements = stride;
-  return l;
-}
 
 }  // namespace lmconv
 

@@ -50,9 +50,6 @@
 #include <string>
 #include <vector>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <xmmintrin.h>
-#endif
 
 #include "cuda_ffi.h"
 
@@ -239,17 +236,6 @@ bool emu_trace(const void* base, int64_t index, bool write) {
 
 namespace {
 
-// XLA's CPU runtime mode, and the GPU's for float32 (-ftz=true).
-class FlushDenormals {
- public:
-#if defined(__x86_64__) || defined(__i386__)
-  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040u); }
-  ~FlushDenormals() { _mm_setcsr(saved_); }
-
- private:
-  unsigned saved_;
-#endif
-};
 
 // Registers the buffers of one launch of Body with the tracer.
 template <typename Body>

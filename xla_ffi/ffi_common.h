@@ -16,6 +16,10 @@
 #include <string>
 #include <utility>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
+
 #include "landmark_pool.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -232,6 +236,43 @@ inline ffi::Error check_members(const char* target, Call* c, ffi::AnyBuffer x,
   return check_dtype(target, "members", x, members);
 }
 
+// The layout of a guide of dims gd (checked: x's rank r, each dim x's or 1)
+// for x of dims xd; also used where there are no buffers (module_emu.cc).
+inline GuideLayout guide_layout_from_dims(const int64_t* xd, const int64_t* gd,
+                                          int r) {
+  GuideLayout l;
+  l.full = std::equal(xd, xd + r, gd);
+  const int64_t gc = gd[r - 1], gw = gd[r - 2], gh = gd[r - 3];
+  l.channel_stride = gc == 1 ? 0 : 1;
+  l.col_stride = gw == 1 ? 0 : gc;
+  l.row_stride = gh == 1 ? 0 : gw * gc;
+  l.height = gh;
+  l.width = gw;
+  l.lead = r - 3;
+  int64_t stride = gh * gw * gc;
+  for (int k = l.lead - 1; k >= 0; --k) {
+    l.x_lead[k] = xd[k];
+    l.g_stride[k] = gd[k] == 1 ? 0 : stride;
+    stride *= gd[k];
+  }
+  l.elements = stride;
+  return l;
+}
+
+// XLA's CPU runtime computes with subnormals flushed (FTZ and DAZ), and so
+// does the jnp reference; host code that runs our per-pixel math (the CPU
+// kernels, the CUDA emulation) sets the same mode for its scope.
+class FlushDenormals {
+ public:
+#if defined(__x86_64__) || defined(__i386__)
+  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040u); }
+  ~FlushDenormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned saved_;
+#endif
+};
+
 // The guide (and its tangent or gradient) has x's rank, each dim x's or 1.
 inline ffi::Error guide_layout_of(const char* target, const char* name,
                                   ffi::AnyBuffer x, ffi::AnyBuffer g,
@@ -247,24 +288,8 @@ inline ffi::Error guide_layout_of(const char* target, const char* name,
                                dims_str(gd));
   }
   if (auto e = check_dtype(target, name, x, g); e.failure()) return e;
-  const size_t r = gd.size();
-  GuideLayout l;
-  l.full = std::equal(xd.begin(), xd.end(), gd.begin(), gd.end());
-  const int64_t gc = gd[r - 1], gw = gd[r - 2], gh = gd[r - 3];
-  l.channel_stride = gc == 1 ? 0 : 1;
-  l.col_stride = gw == 1 ? 0 : gc;
-  l.row_stride = gh == 1 ? 0 : gw * gc;
-  l.height = gh;
-  l.width = gw;
-  l.lead = static_cast<int>(r - 3);
-  int64_t stride = gh * gw * gc;
-  for (int k = l.lead - 1; k >= 0; --k) {
-    l.x_lead[k] = xd[k];
-    l.g_stride[k] = gd[k] == 1 ? 0 : stride;
-    stride *= gd[k];
-  }
-  l.elements = stride;
-  *out = l;
+  *out = guide_layout_from_dims(xd.begin(), gd.begin(),
+                                static_cast<int>(gd.size()));
   return ffi::Error::Success();
 }
 
