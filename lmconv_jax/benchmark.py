@@ -22,9 +22,7 @@ Sections (rows carry ``section``):
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -240,33 +238,3 @@ def markdown(rows: list[dict], info: Optional[dict] = None) -> str:
         f"| {r['baseline']} | {ms(r['baseline_ms'])} | {r['ratio']:.2f} "
         f"| {ok} | {ref} | {depth} |")
   return "\n".join(lines) + "\n"
-
-
-def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--shape", default=",".join(map(str, DEFAULT_SHAPE)),
-                 help="comma-separated (..., H, W, C), default %(default)s")
-  p.add_argument("--dtype", default="float32")
-  p.add_argument("--repeats", type=int, default=8)
-  p.add_argument("--sections", default="grouping,guide,dtype,wide,layers")
-  p.add_argument("--markdown", metavar="FILE", help="also write the table here")
-  p.add_argument("--json", metavar="FILE", help="also write the rows here")
-  p.add_argument("--quiet", action="store_true", help="no progress bar")
-  a = p.parse_args(argv)
-  rows = run(shape=[int(s) for s in a.shape.split(",")], dtype=a.dtype,
-             repeats=a.repeats, progress=not a.quiet,
-             sections=a.sections.split(","))
-  info = machine()
-  table = markdown(rows, info)
-  print(table)
-  if a.markdown:
-    with open(a.markdown, "w") as f:
-      f.write(table)
-  if a.json:
-    with open(a.json, "w") as f:
-      json.dump(dict(machine=info, rows=rows), f, indent=1, default=str)
-  return rows
-
-
-if __name__ == "__main__":
-  main()
