@@ -1,4 +1,4 @@
-"""Shared test setup: float64 on (check_grads needs it), doctests of the package."""
+"""Shared test setup: float64 on (check_grads needs it)."""
 
 import jax
 

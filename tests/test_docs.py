@@ -1,20 +1,8 @@
-"""The examples in docstrings run (doctest) and the README's quickstart runs."""
+"""The README's quickstart runs. (The package's docstring examples are
+collected by pytest itself: --doctest-modules in pyproject.toml.)"""
 
-import doctest
-import importlib
 import pathlib
 import re
-
-import pytest
-
-MODULES = ["lmconv_jax.ops", "lmconv_jax.directions", "lmconv_jax.reference"]
-
-
-@pytest.mark.parametrize("name", MODULES)
-def test_docstring_examples(name):
-  module = importlib.import_module(name)
-  result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
-  assert result.failed == 0
 
 
 def test_readme_quickstart_runs():
