@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -389,6 +390,35 @@ inline ffi::Error check_guide_like(const char* target, const char* name,
   return check_dtype(target, name, g, other);
 }
 
+// The buffers every pass reads: x, the guide and the member pools.
+template <typename S>
+Buffers<S> inputs_of(const Call& c, ffi::AnyBuffer x, const ffi::AnyBuffer* g,
+                     ffi::AnyBuffer members) {
+  Buffers<S> b;
+  b.x = data<S>(x);
+  b.g = data_or_null<S>(g);
+  b.members = c.has_members ? data<S>(members) : nullptr;
+  return b;
+}
+
+// What the tangent and the backward check alike: the call, three operands
+// of x's shape and one of the guide's (if guided).
+inline ffi::Error prepare_derivative(
+    const char* target, ffi::AnyBuffer x, const ffi::AnyBuffer* g,
+    ffi::AnyBuffer members,
+    std::initializer_list<std::pair<const char*, ffi::AnyBuffer*>> like_x,
+    const char* guide_name, const ffi::AnyBuffer* like_guide,
+    ffi::Span<const int64_t> sizes, ffi::Span<const int64_t> dirs, Call* c) {
+  if (auto e = prepare(target, x, g, &members, sizes, dirs, c); e.failure()) {
+    return e;
+  }
+  for (const auto& [name, b] : like_x) {
+    if (auto e = check_like_x(target, name, x, *b); e.failure()) return e;
+  }
+  if (g) return check_guide_like(target, guide_name, *g, *like_guide);
+  return ffi::Error::Success();
+}
+
 template <typename Backend>
 ffi::Error run_forward(Backend& be, const char* target, ffi::AnyBuffer x,
                        const ffi::AnyBuffer* g, ffi::AnyBuffer out,
@@ -405,11 +435,8 @@ ffi::Error run_forward(Backend& be, const char* target, ffi::AnyBuffer x,
   ffi::Error result;
   const bool ok = dispatch_dtype(x.element_type(), [&](auto tag) {
     using S = decltype(tag);
-    Buffers<S> b;
-    b.x = data<S>(x);
-    b.g = data_or_null<S>(g);
+    Buffers<S> b = inputs_of<S>(c, x, g, members);
     b.out_w = data<S>(out);
-    b.members = c.has_members ? data<S>(members) : nullptr;
     result = be.template forward<S>(c, b);
   });
   return ok ? std::move(result) : unsupported_dtype(target, x.element_type());
@@ -423,27 +450,18 @@ ffi::Error run_tangent(Backend& be, const char* target, ffi::AnyBuffer x,
                        ffi::Span<const int64_t> sizes,
                        ffi::Span<const int64_t> dirs) {
   Call c;
-  if (auto e = prepare(target, x, g, &members, sizes, dirs, &c); e.failure()) {
+  if (auto e = prepare_derivative(target, x, g, members,
+                                  {{"out", &out}, {"tx", &tx}, {"tout", &tout}},
+                                  "tguide", tg, sizes, dirs, &c);
+      e.failure()) {
     return e;
-  }
-  for (const auto& [name, b] : {std::pair<const char*, ffi::AnyBuffer*>{"out", &out},
-                                {"tx", &tx}, {"tout", &tout}}) {
-    if (auto e = check_like_x(target, name, x, *b); e.failure()) return e;
-  }
-  if (g) {
-    if (auto e = check_guide_like(target, "tguide", *g, *tg); e.failure()) {
-      return e;
-    }
   }
   if (c.geo.size() == 0) return ffi::Error::Success();
   ffi::Error result;
   const bool ok = dispatch_dtype(x.element_type(), [&](auto tag) {
     using S = decltype(tag);
-    Buffers<S> b;
-    b.x = data<S>(x);
-    b.g = data_or_null<S>(g);
+    Buffers<S> b = inputs_of<S>(c, x, g, members);
     b.out = data<S>(out);
-    b.members = c.has_members ? data<S>(members) : nullptr;
     b.tx = data<S>(tx);
     b.tg = data_or_null<S>(tg);
     b.tout = data<S>(tout);
@@ -460,17 +478,11 @@ ffi::Error run_backward(Backend& be, const char* target, ffi::AnyBuffer x,
                         ffi::Span<const int64_t> sizes,
                         ffi::Span<const int64_t> dirs) {
   Call c;
-  if (auto e = prepare(target, x, g, &members, sizes, dirs, &c); e.failure()) {
+  if (auto e = prepare_derivative(target, x, g, members,
+                                  {{"out", &out}, {"ct", &ct}, {"dx", &dx}},
+                                  "dguide", dg, sizes, dirs, &c);
+      e.failure()) {
     return e;
-  }
-  for (const auto& [name, b] : {std::pair<const char*, ffi::AnyBuffer*>{"out", &out},
-                                {"ct", &ct}, {"dx", &dx}}) {
-    if (auto e = check_like_x(target, name, x, *b); e.failure()) return e;
-  }
-  if (g) {
-    if (auto e = check_guide_like(target, "dguide", *g, *dg); e.failure()) {
-      return e;
-    }
   }
   if (c.geo.size() == 0) {
     // Nothing pooled: the guide's gradient is 0 (all-zero bits, any dtype).
@@ -482,11 +494,8 @@ ffi::Error run_backward(Backend& be, const char* target, ffi::AnyBuffer x,
   ffi::Error result;
   const bool ok = dispatch_dtype(x.element_type(), [&](auto tag) {
     using S = decltype(tag);
-    Buffers<S> b;
-    b.x = data<S>(x);
-    b.g = data_or_null<S>(g);
+    Buffers<S> b = inputs_of<S>(c, x, g, members);
     b.out = data<S>(out);
-    b.members = c.has_members ? data<S>(members) : nullptr;
     b.ct = data<S>(ct);
     b.dx = data<S>(dx);
     b.dg = g ? data<S>(*dg) : nullptr;
