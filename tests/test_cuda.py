@@ -85,7 +85,7 @@ def grid_case(dtype, grouping, hw=(5, 6), per_group=3, seed=0):
   along a leading axis, shape (4, 2, H, W, P * per_group)."""
   c = n_groups(grouping) * per_group
   shape = (2,) + tuple(hw) + (c,)
-  x = np.stack([inputs.make_x(k, shape, seed) for k in inputs.KINDS])
+  x = inputs.stacked_kinds(shape, seed)
   rng = np.random.default_rng(seed + 7)
   guides = {"none": None,
             "full": rng.choice([0.0, 0.5, 1.0, 1.5, -0.5], size=x.shape),
@@ -157,7 +157,7 @@ def assert_same_bits(got, want, grouping=None):
 # 1 + 2. Emulation equals the CPU kernels, under the race detector
 
 @needs_emulator
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", inputs.dtype_params(DTYPES))
 @pytest.mark.parametrize("grouping", GROUPINGS)
 def test_emulation_equals_cpu_kernels_bit_for_bit(grouping, dtype):
   """Every guide mode, forward / tangent / backward; the emulation runs once
@@ -252,6 +252,7 @@ def test_emulated_subnormal_inputs_equal_cpu_kernels():
 
 
 @needs_emulator
+@pytest.mark.x64
 def test_emulated_guide_of_any_broadcast_shape():
   """Guides broadcast along any dims (scalar-like, per row, per column, per
   leading dim) come back with their gradient at their own shape."""
@@ -594,7 +595,7 @@ def gpu_run(x, g, grouping, out, members, ct, tx, tg):
 
 
 @needs_gpu
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", inputs.dtype_params(DTYPES))
 @pytest.mark.parametrize("grouping", GROUPINGS)
 def test_gpu_kernels_equal_cpu_kernels_and_emulation(grouping, dtype):
   """The grouped CUDA targets on the device against the CPU kernels and the
@@ -636,6 +637,7 @@ def test_gpu_kernels_wide_channels(grouping):
 
 
 @needs_gpu
+@pytest.mark.x64                       # the float64 sum of dx at the end
 def test_gpu_kernels_index_past_2_to_the_31():
   """64-bit indexing: a float32 tensor of more than 2**31 elements (8.6 GB;
   skipped on a GPU with less than 60 GB). With g = 1 a quadrant is two

@@ -38,7 +38,7 @@ pytestmark = pytest.mark.skipif(
 
 def stacked_x(shape, seed=0):
   """(4,) + shape: one slice per input kind."""
-  return np.stack([inputs.make_x(k, shape, seed) for k in inputs.KINDS])
+  return inputs.stacked_kinds(shape, seed)
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,8 +62,8 @@ def run_both(direction, x, g, ct):
 
 
 def assert_close(got, want, dtype_name, exact, scale=1.0):
-  got = np.asarray(jnp.asarray(got, jnp.float64))
-  want = np.asarray(jnp.asarray(want, jnp.float64))
+  got = np.asarray(got, np.float64)
+  want = np.asarray(want, np.float64)
   assert got.shape == want.shape
   np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
   if exact:
@@ -74,7 +74,7 @@ def assert_close(got, want, dtype_name, exact, scale=1.0):
 
 
 @pytest.mark.parametrize("guide_mode", inputs.GUIDE_MODES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", inputs.dtype_params(DTYPES))
 @pytest.mark.parametrize("direction", ALL)
 def test_ffi_equals_reference_all_dtypes_and_guides(direction, dtype, guide_mode):
   shape = (2, 5, 6, 3)                       # with the kind axis: rank 5
@@ -134,6 +134,7 @@ SHAPES = {
 }
 
 
+@pytest.mark.x64      # float64 inputs, float64 tolerances (1e-13) when guided
 @pytest.mark.parametrize("guided", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("direction", ALL)
@@ -165,6 +166,7 @@ def test_zero_size_arrays(shape):
     assert dx.shape == shape
 
 
+@pytest.mark.x64
 @pytest.mark.parametrize("direction", ALL)
 def test_check_grads_float64_ffi(direction):
   x = jnp.asarray(inputs.make_x("random", (2, 4, 5, 3), seed=11))
@@ -206,6 +208,7 @@ def test_unguided_ffi_quadrant_is_two_cumulative_maxima(direction):
       lmconv_jax.landmark_pool(x, d, implementation="ffi"), want)
 
 
+@pytest.mark.x64      # float64 inputs, float64 tolerances (1e-13)
 def test_jit_grad_vmap_work_with_ffi():
   x = jnp.asarray(stacked_x((3, 5, 4)))            # (4, 3, 5, 4) + kinds
   g = jnp.asarray(inputs.make_guide("per_channel", x.shape))

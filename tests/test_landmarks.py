@@ -164,6 +164,7 @@ def test_query_may_be_traced_under_jit():
     np.testing.assert_array_equal(f(x, i, j), full[i, j])
 
 
+@pytest.mark.x64                           # the landmarks of float64 x
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
 def test_half_dtypes_give_the_float64_landmarks_on_exact_values(dtype):
   x = _ints((2, 6, 5, 4), high=4, seed=9)

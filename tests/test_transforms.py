@@ -41,7 +41,7 @@ def pool_fn(impl, direction):
 
 def tie_heavy(shape, seed=0):
   """Small integers along the first axis' kinds: ties everywhere."""
-  return np.stack([inputs.make_x(k, shape, seed) for k in inputs.KINDS])
+  return inputs.stacked_kinds(shape, seed)
 
 
 def tangent_oracle(x, d, g, tx, tg):
@@ -108,6 +108,7 @@ def test_vmap_any_axis_equals_unbatched(impl, axis):
   np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.x64                       # float64 tolerances (1e-13)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("guide_axis", [None, 0, 3])
 def test_vmap_guide_mapped_or_not(impl, guide_axis):
@@ -124,6 +125,7 @@ def test_vmap_guide_mapped_or_not(impl, guide_axis):
   np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.x64                       # float64 tolerances (1e-12)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_nested_vmap_with_grad(impl):
   x = np.stack([mapped_stack(2, seed=s) for s in range(2)], axis=4)  # 2 maps
@@ -169,6 +171,7 @@ def test_vmap_is_one_custom_call_per_pool(axis):
   assert "while" not in text
 
 
+@pytest.mark.x64                       # float64 tolerances (1e-12)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_vmap_of_layer(impl):
   x = np.random.default_rng(6).normal(size=(3, 2, 5, 4, 8))
@@ -190,6 +193,7 @@ def tangents(shape, seed):
   return rng.integers(-3, 4, shape).astype(np.float64)
 
 
+@pytest.mark.x64                       # against the float64 oracle, to 1e-14
 @pytest.mark.parametrize("guide_mode", ["none", "full", "per_channel"])
 @pytest.mark.parametrize("direction", ALL)
 def test_jvp_equals_tangent_oracle(direction, guide_mode):
@@ -217,6 +221,7 @@ def test_jvp_equals_tangent_oracle(direction, guide_mode):
 
 # The reference's scans compile slowly: one direction for it (its tangents
 # are also checked against the oracle above, for every direction).
+@pytest.mark.x64                       # float64 tolerances (1e-14)
 @pytest.mark.parametrize("impl,direction", [
     pytest.param("ffi", d, marks=pytest.mark.skipif(
         not HAS_FFI, reason="the CPU extension is not built"))
@@ -239,6 +244,7 @@ def test_jacfwd_is_transpose_of_jacrev_with_ties(impl, direction):
                              rtol=1e-14, atol=1e-14)
 
 
+@pytest.mark.x64                       # float64 tolerances (1e-13)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_linearize_and_jvp_of_guide_only(impl):
   x = tie_heavy((5, 4, 3))
@@ -269,6 +275,7 @@ def test_linearize_and_jvp_of_guide_only(impl):
     pytest.param("ffi", d, marks=pytest.mark.skipif(
         not HAS_FFI, reason="the CPU extension is not built"))
     for d in ("top_right", "I3")] + [("reference", "I3")])
+@pytest.mark.x64                       # check_grads in float64
 def test_check_grads_both_modes(impl, direction):
   x = inputs.make_x("random", (1, 4, 5, 2), seed=11)
   g = inputs.make_guide("full", x.shape, seed=12)

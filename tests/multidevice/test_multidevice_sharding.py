@@ -81,6 +81,7 @@ CASES = [pytest.param("ffi", layout, guided, marks=needs_ffi)
 CASES += [("reference", "batch", True), ("reference", "batch_and_channels", True)]
 
 
+@pytest.mark.x64       # float64 data, float64 tolerances (1e-12)
 @pytest.mark.parametrize("impl,layout,guided", CASES)
 def test_sharded_jit_over_batch_or_channels_has_no_collectives(impl, layout,
                                                                guided):
@@ -119,6 +120,7 @@ def test_sharded_jit_over_batch_or_channels_has_no_collectives(impl, layout,
 
 
 @needs_ffi
+@pytest.mark.x64       # float64 data, float64 tolerances (1e-13)
 def test_explicit_mesh_axes_and_vmap_inside_sharded_jit():
   mesh = make_mesh("Explicit")
   x, g, _ = data(3)
@@ -150,6 +152,7 @@ OTHER_LAYOUTS = {
 @pytest.mark.parametrize("impl,layout", [
     pytest.param("ffi", layout, marks=needs_ffi) for layout in OTHER_LAYOUTS]
     + [("reference", "batch_and_H")])
+@pytest.mark.x64       # float64 data, float64 tolerances (1e-13)
 def test_sharded_over_h_or_w_is_correct(impl, layout):
   """H / W sharding: gathered before the kernel (docs/transforms.md says what
   that costs), the answer is unchanged and the output keeps the sharding."""
@@ -174,6 +177,7 @@ def test_sharded_over_h_or_w_is_correct(impl, layout):
 GROUPS = (("top_left", "I2"), "east_southeast")
 
 
+@pytest.mark.x64       # float64 data, float64 tolerances (1e-12)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_grouped_pool_and_layer_sharded_over_batch(impl):
   mesh = make_mesh()
@@ -211,6 +215,7 @@ def test_grouped_pool_and_layer_sharded_over_batch(impl):
 # --------------------------------------------------------------------------
 # pmap and shard_map
 
+@pytest.mark.x64       # float64 data, float64 tolerances (1e-12)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_pmap_forward_and_gradients_equal_single_device(impl):
   x, g, ct = data(9, (8, 2, 5, 6, 3))          # one (2, 5, 6, 3) per device
@@ -232,6 +237,7 @@ def test_pmap_forward_and_gradients_equal_single_device(impl):
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.x64       # float64 data, float64 tolerances (1e-13)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_shard_map_ops_layers_and_replicated_guide(impl):
   mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
