@@ -154,6 +154,9 @@ using Compute = typename StorageTraits<S>::Compute;
 #define LMCONV_CPU_CLONES
 #endif
 #define LMCONV_INLINE inline __attribute__((always_inline))
+// Lambdas inside a cloned function are functions of their own, compiled for
+// the baseline ISA unless inlined: they must be, or the v3 clone runs SSE2.
+#define LMCONV_LAMBDA_INLINE __attribute__((always_inline))
 
 
 // Where the guide of a direction's view pixel (i, j) is, from the item's
@@ -222,24 +225,28 @@ LMCONV_INLINE int64_t ahead(const ScanView& v, int64_t i, int64_t j, int64_t p,
 }
 
 // The passes that visit pixels in forward scan order. A pass says what one
-// pixel does (pixel<kIn1, kIn2>(p, j): p its element offset, j its view
-// column; kIn1 / kIn2 whether n1 / n2 are inside), what to prefetch for a
-// later pixel, and what to set up at the start of view row i; forward_item
-// walks the image once for any of them.
+// pixel does (pixel<kIn1, kIn2>(row, p, j): p its element offset, j its view
+// column, row what begin_row(i) set up for its view row; kIn1 / kIn2 whether
+// n1 / n2 are inside) and what to prefetch for a later pixel; forward_item
+// walks the image once for any of them. kBand: how many view rows a pass
+// lets forward_item keep in flight (see forward_item).
 
 // The pool: out[p] from x[p] (g) and the outputs of its neighbours.
 template <typename S, bool kGuided, bool kGuideVec>
 struct PoolPass {
+  static constexpr int kBand = 4;
+  struct Row {
+    const S* g;  // the guide of view pixel (i, 0)
+  };
   const S* x;
   const S* g;  // the item's first guide element
   S* out;
   const ScanView& v;
   GuideView gv;
   bool prefetch_guide;  // the guide has x's layout
-  const S* g_row = nullptr;
 
-  LMCONV_INLINE void begin_row(int64_t i) {
-    if (kGuided) g_row = g + gv.start + i * gv.row_stride;
+  LMCONV_INLINE Row begin_row(int64_t i) const {
+    return Row{kGuided ? g + gv.start + i * gv.row_stride : nullptr};
   }
   LMCONV_INLINE void prefetch_pixel(int64_t q, int64_t n) const {
     prefetch<0>(x + q, n);
@@ -247,51 +254,57 @@ struct PoolPass {
     prefetch<1>(out + q, n);
   }
   template <bool kIn1, bool kIn2>
-  LMCONV_INLINE void pixel(int64_t p, int64_t j, int64_t n) {
+  LMCONV_INLINE void pixel(const Row& row, int64_t p, int64_t j, int64_t n) {
     forward_pixel<S, kGuided, kGuideVec, kIn1, kIn2>(
-        x + p, kGuided ? g_row + j * gv.col_stride : nullptr, out + p,
+        x + p, kGuided ? row.g + j * gv.col_stride : nullptr, out + p,
         out + p + v.off1, out + p + v.off2, n);
   }
 };
 
 // A later member of a merged group when the member pools are not saved
-// (inference): its pool lives in a ring of two view rows (its neighbours are
-// in the same or the previous view row), stored as S as if in a buffer, and
-// each value is merged into out (which holds the merge of the members
-// before) as it is made: out = v if v > out or v is NaN.
+// (inference): its pool lives in a ring of kBand + 1 view rows (its
+// neighbours are in the same or the previous view row, and forward_item
+// keeps kBand rows in flight), stored as S as if in a buffer, and each value
+// is merged into out (which holds the merge of the members before) as it is
+// made: out = v if v > out or v is NaN.
 template <typename S, bool kGuided, bool kGuideVec>
 struct RingMergePass {
+  static constexpr int kBand = 4;
+  static constexpr int kRing = kBand + 1;
+  struct Row {
+    S* r;                  // the ring's row for view row i
+    int64_t roff1, roff2;  // from the ring at p to p + n1, p + n2
+    const S* g;
+  };
   const S* x;
   const S* g;
   S* out;
   const ScanView& v;
   GuideView gv;
   int64_t width, n;
-  std::vector<S> ring = std::vector<S>(2 * width * n);
-  S* row = nullptr;
-  int64_t roff1 = 0, roff2 = 0;  // from the ring at p to p + n1, p + n2
-  const S* g_row = nullptr;
+  std::vector<S> ring = std::vector<S>(kRing * width * n);
 
-  LMCONV_INLINE void begin_row(int64_t i) {
-    row = ring.data() + (i & 1) * width * n;
-    const int64_t prev_row = (i & 1) ? -width * n : width * n;
-    roff1 = (v.n1.dr ? prev_row : 0) + v.n1.dc * n;
-    roff2 = (v.n2.dr ? prev_row : 0) + v.n2.dc * n;
-    if (kGuided) g_row = g + gv.start + i * gv.row_stride;
+  LMCONV_INLINE Row begin_row(int64_t i) {
+    S* row = ring.data() + (i % kRing) * width * n;
+    S* prev = ring.data() + ((i + kRing - 1) % kRing) * width * n;
+    const int64_t prev_row = prev - row;
+    return Row{row, (v.n1.dr ? prev_row : 0) + v.n1.dc * n,
+               (v.n2.dr ? prev_row : 0) + v.n2.dc * n,
+               kGuided ? g + gv.start + i * gv.row_stride : nullptr};
   }
   LMCONV_INLINE void prefetch_pixel(int64_t q, int64_t n_) const {
     prefetch<0>(x + q, n_);
     prefetch<1>(out + q, n_);
   }
   template <bool kIn1, bool kIn2>
-  LMCONV_INLINE void pixel(int64_t p, int64_t j, int64_t n_) {
+  LMCONV_INLINE void pixel(const Row& row, int64_t p, int64_t j, int64_t n_) {
     using T = StorageTraits<S>;
-    S* __restrict r = row + j * n;
-    const S* __restrict o1 = r + roff1;
-    const S* __restrict o2 = r + roff2;
+    S* __restrict r = row.r + j * n;
+    const S* __restrict o1 = r + row.roff1;
+    const S* __restrict o2 = r + row.roff2;
     const S* __restrict xp = x + p;
     S* __restrict op = out + p;
-    const S* gp = kGuided ? g_row + j * gv.col_stride : nullptr;
+    const S* gp = kGuided ? row.g + j * gv.col_stride : nullptr;
     for (int64_t c = 0; c < n_; ++c) {
       const auto xv = T::load_input(xp[c]);
       const auto m = pool_max(xv, kIn1, kIn1 ? T::load(o1[c]) : xv, kIn2,
@@ -346,6 +359,12 @@ template <typename S, bool kGuided, bool kGuideVec>
 struct TangentPass {
   using Acc = Compute<S>;
   static constexpr bool kInPlace = std::is_same_v<S, Acc>;
+  static constexpr int kBand = 1;  // the scratch holds two view rows
+  struct Row {
+    Acc* t;                // t of view pixel (i, 0)
+    int64_t toff1, toff2;  // from t[p] to t[p + n1], t[p + n2]
+    int64_t g;             // guide offset of view pixel (i, 0)
+  };
   const S* x;
   const S* g;
   const S* out;
@@ -358,9 +377,6 @@ struct TangentPass {
   std::vector<Acc> scratch = std::vector<Acc>(kInPlace ? 0 : 2 * width * n);
   // t of view pixel (i, j) is at row + j * t_col, channels contiguous.
   const int64_t t_col = kInPlace ? v.col_stride : n;
-  Acc* row = nullptr;
-  int64_t toff1 = 0, toff2 = 0;  // from t[p] to t[p + n1], t[p + n2]
-  int64_t g_row = 0;
 
   Acc* row_ptr(int64_t i) {
     if constexpr (kInPlace) {
@@ -369,12 +385,12 @@ struct TangentPass {
       return scratch.data() + (i & 1) * width * n;
     }
   }
-  LMCONV_INLINE void begin_row(int64_t i) {
-    row = row_ptr(i);
+  LMCONV_INLINE Row begin_row(int64_t i) {
+    Acc* row = row_ptr(i);
     const int64_t prev_row = i > 0 ? row_ptr(i - 1) - row : 0;
-    toff1 = (v.n1.dr ? prev_row : 0) + v.n1.dc * t_col;
-    toff2 = (v.n2.dr ? prev_row : 0) + v.n2.dc * t_col;
-    g_row = gv.start + i * gv.row_stride;
+    return Row{row, (v.n1.dr ? prev_row : 0) + v.n1.dc * t_col,
+               (v.n2.dr ? prev_row : 0) + v.n2.dc * t_col,
+               gv.start + i * gv.row_stride};
   }
   LMCONV_INLINE void prefetch_pixel(int64_t q, int64_t n_) const {
     prefetch<0>(x + q, n_);
@@ -384,53 +400,88 @@ struct TangentPass {
     prefetch<1>(tout + q, n_);
   }
   template <bool kIn1, bool kIn2>
-  LMCONV_INLINE void pixel(int64_t p, int64_t j, int64_t n_) {
-    Acc* t = row + j * t_col;
-    const int64_t gq = g_row + j * gv.col_stride;
+  LMCONV_INLINE void pixel(const Row& row, int64_t p, int64_t j, int64_t n_) {
+    Acc* t = row.t + j * t_col;
+    const int64_t gq = row.g + j * gv.col_stride;
     tangent_pixel<S, kGuided, kGuideVec, kIn1, kIn2>(
         x + p, kGuided ? g + gq : nullptr, out + p + v.off1, out + p + v.off2,
-        tx + p, kGuided ? tg + gq : nullptr, t + toff1, t + toff2, t,
+        tx + p, kGuided ? tg + gq : nullptr, t + row.toff1, t + row.toff2, t,
         kInPlace ? nullptr : tout + p, n_);
   }
 };
 
+// Channel blocks of at most this many bytes are swept kBand view rows at a
+// time: each pixel's max waits on its left neighbour's (a chain of
+// store-to-load and compare latency per pixel), so a narrow block leaves the
+// vector units idle unless several rows' chains run side by side.
+constexpr int64_t kBandMaxBytes = 128;
+
+// Walks the item's view rows in scan order. Wide blocks: one row at a time.
+// Narrow blocks (kBandMaxBytes): bands of up to Pass::kBand rows, row i0 + r
+// two columns behind row i0 + r - 1, so that every neighbour a pixel reads
+// (the previous row's columns j - 1 .. j + 1, and column j - 1 of its own)
+// is made by an earlier step; the rows' chains are independent in a step.
 template <typename S, typename Pass>
 LMCONV_CPU_CLONES void forward_item(Pass& pass, const ScanView& v,
                                     int64_t height, int64_t width, int64_t n) {
+  using Row = typename Pass::Row;
   // One pixel with its neighbours' flags known at compile time.
-  auto step = [&](auto in1, auto in2, int64_t i, int64_t j) {
+  auto step = [&](auto in1, auto in2, const Row& row, int64_t i, int64_t j) LMCONV_LAMBDA_INLINE {
     const int64_t p = v.start + i * v.row_stride + j * v.col_stride;
     if (const int64_t q = ahead<false>(v, i, j, p, height, width); q >= 0) {
       pass.prefetch_pixel(q, n);
     }
-    pass.template pixel<decltype(in1)::value, decltype(in2)::value>(p, j, n);
+    pass.template pixel<decltype(in1)::value, decltype(in2)::value>(row, p, j,
+                                                                    n);
   };
-  auto edge = [&](int64_t i, int64_t j) {
+  auto edge = [&](const Row& row, int64_t i, int64_t j) LMCONV_LAMBDA_INLINE {
     switch (inside(i, j, v.n1, height, width) * 2 +
             inside(i, j, v.n2, height, width)) {
-      case 3: step(std::true_type{}, std::true_type{}, i, j); break;
-      case 2: step(std::true_type{}, std::false_type{}, i, j); break;
-      case 1: step(std::false_type{}, std::true_type{}, i, j); break;
-      default: step(std::false_type{}, std::false_type{}, i, j); break;
+      case 3: step(std::true_type{}, std::true_type{}, row, i, j); break;
+      case 2: step(std::true_type{}, std::false_type{}, row, i, j); break;
+      case 1: step(std::false_type{}, std::true_type{}, row, i, j); break;
+      default: step(std::false_type{}, std::false_type{}, row, i, j); break;
     }
   };
+  const int64_t j1 = width - 1;
+  constexpr int kBand = Pass::kBand;
+  if (kBand > 1 && n * int64_t{sizeof(S)} <= kBandMaxBytes && height > 1) {
+    for (int64_t i0 = 0; i0 < height; i0 += kBand) {
+      const int rows = static_cast<int>(std::min<int64_t>(kBand, height - i0));
+      Row row[kBand];
+      for (int r = 0; r < rows; ++r) row[r] = pass.begin_row(i0 + r);
+      const int64_t steps = width + 2 * (rows - 1);
+      for (int64_t t = 0; t < steps; ++t) {
+#pragma GCC unroll 8
+        for (int r = 0; r < kBand; ++r) {
+          const int64_t i = i0 + r, j = t - 2 * r;
+          if (r >= rows || j < 0 || j > j1) continue;
+          if (i > 0 && j > 0 && j < j1) {
+            step(std::true_type{}, std::true_type{}, row[r], i, j);
+          } else {
+            edge(row[r], i, j);
+          }
+        }
+      }
+    }
+    return;
+  }
   for (int64_t i = 0; i < height; ++i) {
-    pass.begin_row(i);
-    edge(i, 0);
+    const Row row = pass.begin_row(i);
+    edge(row, i, 0);
     // Interior columns: a neighbour is inside unless it is in the row above
     // the first, so one switch per row (not per pixel).
     const bool in1 = v.n1.dr == 0 || i > 0, in2 = v.n2.dr == 0 || i > 0;
-    const int64_t j1 = width - 1;
     if (in1 && in2) {
-      for (int64_t j = 1; j < j1; ++j) step(std::true_type{}, std::true_type{}, i, j);
+      for (int64_t j = 1; j < j1; ++j) step(std::true_type{}, std::true_type{}, row, i, j);
     } else if (in1) {
-      for (int64_t j = 1; j < j1; ++j) step(std::true_type{}, std::false_type{}, i, j);
+      for (int64_t j = 1; j < j1; ++j) step(std::true_type{}, std::false_type{}, row, i, j);
     } else if (in2) {
-      for (int64_t j = 1; j < j1; ++j) step(std::false_type{}, std::true_type{}, i, j);
+      for (int64_t j = 1; j < j1; ++j) step(std::false_type{}, std::true_type{}, row, i, j);
     } else {
-      for (int64_t j = 1; j < j1; ++j) step(std::false_type{}, std::false_type{}, i, j);
+      for (int64_t j = 1; j < j1; ++j) step(std::false_type{}, std::false_type{}, row, i, j);
     }
-    if (width > 1) edge(i, width - 1);
+    if (width > 1) edge(row, i, j1);
   }
 }
 
@@ -513,7 +564,7 @@ LMCONV_CPU_CLONES void backward_item(const BackwardArgs<S>& a) {
   std::vector<Acc> scratch(kInPlace ? 0 : 2 * width * n);
   // G of view pixel (i, j) is at row_ptr(i) + j * g_col, channels contiguous.
   const int64_t g_col = kInPlace ? v.col_stride : n;
-  auto row_ptr = [&](int64_t i) -> Acc* {
+  auto row_ptr = [&](int64_t i) LMCONV_LAMBDA_INLINE -> Acc* {
     if constexpr (kInPlace) {
       return reinterpret_cast<Acc*>(a.dx) + v.start + i * v.row_stride;
     } else {
@@ -522,7 +573,7 @@ LMCONV_CPU_CLONES void backward_item(const BackwardArgs<S>& a) {
   };
   // G of view pixel (i, j) := ct (routed). Done one pixel at a time inside
   // the pixel loop, so the loads of ct overlap the math.
-  auto load_ct = [&](int64_t i, int64_t j) {
+  auto load_ct = [&](int64_t i, int64_t j) LMCONV_LAMBDA_INLINE {
     Acc* __restrict G = row_ptr(i) + j * g_col;
     const int64_t q = v.start + i * v.row_stride + j * v.col_stride;
     const S* __restrict c = a.ct + q;
@@ -549,7 +600,7 @@ LMCONV_CPU_CLONES void backward_item(const BackwardArgs<S>& a) {
     const int64_t goff1 = (v.n1.dr ? prev_row : 0) + v.n1.dc * g_col;
     const int64_t goff2 = (v.n2.dr ? prev_row : 0) + v.n2.dc * g_col;
     const int64_t g_row = a.gv.start + i * a.gv.row_stride;
-    auto step = [&](auto in1, auto in2, int64_t j) {
+    auto step = [&](auto in1, auto in2, int64_t j) LMCONV_LAMBDA_INLINE {
       const int64_t p = v.start + i * v.row_stride + j * v.col_stride;
       Acc* G = G_row + j * g_col;
       const S* gp = kGuided ? a.g + g_row + j * a.gv.col_stride : nullptr;
@@ -573,7 +624,7 @@ LMCONV_CPU_CLONES void backward_item(const BackwardArgs<S>& a) {
                      decltype(in2)::value>(a.x + p, gp, o1, o2, G, G + goff1,
                                            G + goff2, a.dx + p, dgp, n);
     };
-    auto edge = [&](int64_t j) {
+    auto edge = [&](int64_t j) LMCONV_LAMBDA_INLINE {
       switch (inside(i, j, v.n1, height, width) * 2 +
               inside(i, j, v.n2, height, width)) {
         case 3: step(std::true_type{}, std::true_type{}, j); break;
@@ -676,7 +727,7 @@ LMCONV_CPU_CLONES void merge_item(const Geometry& geo, int members,
   const int64_t size = geo.height * geo.width * geo.channels;
   Compute<S> best[kMaxChannelBlock];
   uint8_t w[kMaxChannelBlock];
-  for_each_pixel(geo, [&](int64_t p) {
+  for_each_pixel(geo, [&](int64_t p) LMCONV_LAMBDA_INLINE {
     for (int64_t c0 = 0; c0 < n; c0 += kMaxChannelBlock) {
       const int64_t m = std::min(kMaxChannelBlock, n - c0);
       const S* __restrict p0 = pools + p + c0;
@@ -855,7 +906,7 @@ class CpuBackend {
         const S* pools = b.members + it.member(0);
         const S* ts = t_members.get() + it.member(0);
         S* tout = b.tout + it.offset;
-        for_each_pixel(geo, [&](int64_t p) {
+        for_each_pixel(geo, [&](int64_t p) LMCONV_LAMBDA_INLINE {
           for (int64_t ch = 0; ch < it.n; ++ch) {
             Compute<S> best;
             const int w = merge_winner(
