@@ -224,6 +224,13 @@ LMCONV_INLINE int64_t ahead(const ScanView& v, int64_t i, int64_t j, int64_t p,
   return p + (ii - i) * v.row_stride + (wrapped - j) * v.col_stride;
 }
 
+// Narrow channel blocks (at most kBandMaxBytes) are swept kBandRows view rows
+// at a time: each pixel's max waits on its left neighbour's (a chain of
+// store-to-load and compare latency per pixel), so a narrow block leaves the
+// vector units idle unless several rows' chains run side by side.
+constexpr int kBandRows = 4;
+constexpr int64_t kBandMaxBytes = 128;
+
 // The passes that visit pixels in forward scan order. A pass says what one
 // pixel does (pixel<kIn1, kIn2>(row, p, j): p its element offset, j its view
 // column, row what begin_row(i) set up for its view row; kIn1 / kIn2 whether
@@ -234,7 +241,7 @@ LMCONV_INLINE int64_t ahead(const ScanView& v, int64_t i, int64_t j, int64_t p,
 // The pool: out[p] from x[p] (g) and the outputs of its neighbours.
 template <typename S, bool kGuided, bool kGuideVec>
 struct PoolPass {
-  static constexpr int kBand = 4;
+  static constexpr int kBand = kBandRows;
   struct Row {
     const S* g;  // the guide of view pixel (i, 0)
   };
@@ -269,7 +276,7 @@ struct PoolPass {
 // made: out = v if v > out or v is NaN.
 template <typename S, bool kGuided, bool kGuideVec>
 struct RingMergePass {
-  static constexpr int kBand = 4;
+  static constexpr int kBand = kBandRows;
   static constexpr int kRing = kBand + 1;
   struct Row {
     S* r;                  // the ring's row for view row i
@@ -410,12 +417,6 @@ struct TangentPass {
   }
 };
 
-// Channel blocks of at most this many bytes are swept kBand view rows at a
-// time: each pixel's max waits on its left neighbour's (a chain of
-// store-to-load and compare latency per pixel), so a narrow block leaves the
-// vector units idle unless several rows' chains run side by side.
-constexpr int64_t kBandMaxBytes = 128;
-
 // Walks the item's view rows in scan order. Wide blocks: one row at a time.
 // Narrow blocks (kBandMaxBytes): bands of up to Pass::kBand rows, row i0 + r
 // two columns behind row i0 + r - 1, so that every neighbour a pixel reads
@@ -426,7 +427,8 @@ LMCONV_CPU_CLONES void forward_item(Pass& pass, const ScanView& v,
                                     int64_t height, int64_t width, int64_t n) {
   using Row = typename Pass::Row;
   // One pixel with its neighbours' flags known at compile time.
-  auto step = [&](auto in1, auto in2, const Row& row, int64_t i, int64_t j) LMCONV_LAMBDA_INLINE {
+  auto step = [&](auto in1, auto in2, const Row& row, int64_t i,
+                  int64_t j) LMCONV_LAMBDA_INLINE {
     const int64_t p = v.start + i * v.row_stride + j * v.col_stride;
     if (const int64_t q = ahead<false>(v, i, j, p, height, width); q >= 0) {
       pass.prefetch_pixel(q, n);
@@ -434,7 +436,8 @@ LMCONV_CPU_CLONES void forward_item(Pass& pass, const ScanView& v,
     pass.template pixel<decltype(in1)::value, decltype(in2)::value>(row, p, j,
                                                                     n);
   };
-  auto edge = [&](const Row& row, int64_t i, int64_t j) LMCONV_LAMBDA_INLINE {
+  auto edge = [&](const Row& row, int64_t i,
+                  int64_t j) LMCONV_LAMBDA_INLINE {
     switch (inside(i, j, v.n1, height, width) * 2 +
             inside(i, j, v.n2, height, width)) {
       case 3: step(std::true_type{}, std::true_type{}, row, i, j); break;
@@ -452,7 +455,7 @@ LMCONV_CPU_CLONES void forward_item(Pass& pass, const ScanView& v,
       for (int r = 0; r < rows; ++r) row[r] = pass.begin_row(i0 + r);
       const int64_t steps = width + 2 * (rows - 1);
       for (int64_t t = 0; t < steps; ++t) {
-#pragma GCC unroll 8
+#pragma GCC unroll 4  // kBandRows
         for (int r = 0; r < kBand; ++r) {
           const int64_t i = i0 + r, j = t - 2 * r;
           if (r >= rows || j < 0 || j > j1) continue;
