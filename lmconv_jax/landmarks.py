@@ -29,12 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmconv_jax import ops
+from lmconv_jax import ops, reference
 from lmconv_jax.directions import Direction, DirectionLike, resolve
 
 Query = Union[Sequence[int], jax.Array]
-
-_HALF = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
 
 def _neighbour(v: jax.Array, off: tuple[int, int]):
@@ -68,7 +66,7 @@ def winners(x: jax.Array, out: jax.Array,
     int8 array of the shape of ``x``.
   """
   d = resolve(direction)
-  cdt = jnp.float32 if jnp.dtype(x.dtype) in _HALF else x.dtype
+  cdt = reference.compute_dtype(x.dtype)
   xv = jnp.asarray(x).astype(cdt)
   ov = jnp.asarray(out).astype(cdt)             # neighbours read as stored
   a, a_ok = _neighbour(ov, d.n1)
@@ -233,21 +231,15 @@ def grouped_landmark_map(x: jax.Array, directions: ops.Grouping, *,
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _grouped_map(x, groups, implementation):
-  cg = x.shape[-1] // len(groups)
   maps = []
-  for k, members in enumerate(groups):
-    xk = x[..., k * cg:(k + 1) * cg]
-    best_val = best_at = None
-    for d in members:
-      val = ops.landmark_pool(xk, d, implementation=implementation)
-      at = _to_rowcol(_follow(winners(xk, val, d), d), x.shape[-2])
-      if best_val is None:
-        best_val, best_at = val, at
-      else:
-        wins = (val > best_val) | jnp.isnan(val)   # the merge rule (docs/semantics.md)
-        best_at = jnp.where(wins[..., None], at, best_at)
-        best_val = jnp.where(wins, val, best_val)
-    maps.append(best_at)
+  for xk, members in zip(jnp.split(x, len(groups), axis=-1), groups):
+    vals = [ops.landmark_pool(xk, d, implementation=implementation)
+            for d in members]
+    ats = [_to_rowcol(_follow(winners(xk, v, d), d), x.shape[-2])
+           for v, d in zip(vals, members)]
+    _, win = reference.merge_members(vals)       # the pool's merge rule
+    maps.append(ats[0] if win is None
+                else reference.pick_member(ats, win[..., None]))
   return maps[0] if len(maps) == 1 else jnp.concatenate(maps, axis=-2)
 
 

@@ -59,7 +59,8 @@ Groups = Sequence[Sequence[Direction]]
 # --------------------------------------------------------------------------
 # Scalars: loads, the flush rule, the forward's max.
 
-def _compute_dtype(dtype) -> jnp.dtype:
+def compute_dtype(dtype) -> jnp.dtype:
+  """The dtype the pool computes in: float32 for float16/bfloat16, else dtype."""
   dtype = jnp.dtype(dtype)
   return jnp.dtype(jnp.float32) if dtype in _HALF else dtype
 
@@ -320,7 +321,7 @@ def _prepare(x, g, groups) -> _Prepared:
     raise ValueError(f"x has {c} channels, which do not split into {p} groups")
   b = int(np.prod(x.shape[:-3], dtype=np.int64))
   dtype = jnp.dtype(x.dtype)
-  cd = _compute_dtype(dtype)
+  cd = compute_dtype(dtype)
   plan = _plan(groups, h, w)
   xg = _group_rows(_load(x, cd).reshape(b, h, w, c), p)
   gg = None
@@ -403,28 +404,46 @@ def _forward_scan(pr: _Prepared, txg=None, tgg=None, literal=True):
   return carry
 
 
-def _merge(vals, plan):
-  """Members' stored outputs (P, K, HW, N) -> groups (P, HW, N), winner.
+def merge_members(vals: Sequence[jax.Array], valid=None):
+  """The merge of a group's member pools: ``(merged, winner)``.
 
-  The first-listed-wins chain ``out = where((p_k > out) | isnan(p_k), p_k,
-  out)``; winner (None if no group merges) is the position of the member
-  the chain ends on.
+  The one home of the merge rule (docs/semantics.md): the first-listed-wins
+  chain ``out = where((p_k > out) | isnan(p_k), p_k, out)`` over the members
+  ``vals`` in listed order, so ties go to the first listed and a later member
+  wins only where it is strictly greater or NaN. ``valid`` (None, or one mask
+  per member, broadcastable to it) keeps a padding member from winning.
+  ``winner`` is the position of the member the chain ends on, or None for a
+  single member.
   """
-  out, win = vals[:, 0], None
-  for j in range(1, plan.k):
-    v = vals[:, j]
-    c = ((v > out) | jnp.isnan(v)) & jnp.asarray(plan.ok[:, j])[:, None, None, None]
+  out, win = vals[0], None
+  for j in range(1, len(vals)):
+    v = vals[j]
+    c = (v > out) | jnp.isnan(v)
+    if valid is not None:
+      c = c & valid[j]
     out = jnp.where(c, v, out)
     win = jnp.where(c, j, 0 if win is None else win)
   return out, win
 
 
+def _merge(vals, plan):
+  """Members' stored outputs (P, K, HW, N) -> groups (P, HW, N), winner."""
+  return merge_members(
+      [vals[:, j] for j in range(plan.k)],
+      [jnp.asarray(plan.ok[:, j])[:, None, None, None] for j in range(plan.k)])
+
+
+def pick_member(vals: Sequence[jax.Array], win):
+  """Where ``win`` (from :func:`merge_members`) is j, ``vals[j]``."""
+  out = vals[0]
+  for j in range(1, len(vals)):
+    out = jnp.where(win == j, vals[j], out)
+  return out
+
+
 def _pick(vals, win, plan):
   """Per group, the winning member's value of vals (P, K, HW, N)."""
-  out = vals[:, 0]
-  for j in range(1, plan.k):
-    out = jnp.where(win == j, vals[:, j], out)
-  return out
+  return pick_member([vals[:, j] for j in range(plan.k)], win)
 
 
 def _sum_members(vals, plan):
