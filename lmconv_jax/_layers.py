@@ -36,7 +36,7 @@ def check_kernel_size(kernel_size, layer: str) -> None:
 
 
 def check_channels(given: str, channels: int, directions: Grouping,
-                    layer: str) -> None:
+                   layer: str) -> None:
   """Raises a layer-level error when the channels do not split into P groups."""
   p = num_groups(directions, layer)
   if channels % p:
@@ -60,7 +60,7 @@ def pool_dtype(x: Array, dtype, param_dtype):
 
 
 def pool_inputs(inputs, guide, *, directions: Grouping, implementation: str,
-                 dtype, param_dtype, layer: str) -> Array:
+                dtype, param_dtype, layer: str) -> Array:
   """The grouped landmark pool in front of a convolution; errors name the layer.
 
   The pool runs in the convolution's computation dtype. With no guide that
@@ -83,7 +83,7 @@ def pool_inputs(inputs, guide, *, directions: Grouping, implementation: str,
 
 
 def landmark_block(x: Array, layers: Mapping[str, Callable[..., Array]],
-                    use_running_average: Optional[bool]) -> Array:
+                   use_running_average: Optional[bool]) -> Array:
   """The LBYLNet landmark block's data flow, for linen and NNX sub-layers alike.
 
   ``layers`` maps the sub-layer names to callables: ``branch_conv`` (one

@@ -105,9 +105,10 @@ class LandmarkConv(nn.Conv):
     """
     layer = _layers.layer_name(self)
     _layers.check_kernel_size(self.kernel_size, layer)
-    pooled = _layers.pool_inputs(inputs, guide, directions=self.directions,
-                          implementation=self.implementation, dtype=self.dtype,
-                          param_dtype=self.param_dtype, layer=layer)
+    pooled = _layers.pool_inputs(
+        inputs, guide, directions=self.directions,
+        implementation=self.implementation, dtype=self.dtype,
+        param_dtype=self.param_dtype, layer=layer)
     return super().__call__(pooled)
 
 

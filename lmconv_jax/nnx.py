@@ -10,7 +10,7 @@ the same parameters, linen and NNX layers compute the same function.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
@@ -84,8 +84,8 @@ class LandmarkConv(nnx.Conv):
                rngs: nnx.Rngs, **kwargs):
     layer = type(self).__name__
     _layers.check_kernel_size(kernel_size, layer)
-    _layers.check_channels(f"in_features={in_features}", in_features, directions,
-                    layer)
+    _layers.check_channels(f"in_features={in_features}", in_features,
+                           directions, layer)
     super().__init__(in_features, out_features, kernel_size, strides,
                      rngs=rngs, **kwargs)
     self.directions = _frozen(directions)
@@ -107,16 +107,33 @@ class LandmarkConv(nnx.Conv):
           f"in_features={self.in_features}. Pass inputs of shape "
           f"(..., H, W, {self.in_features}) or build the layer with "
           f"in_features={c}.")
-    pooled = _layers.pool_inputs(inputs, guide, directions=self.directions,
-                          implementation=self.implementation, dtype=self.dtype,
-                          param_dtype=self.param_dtype,
-                          layer=type(self).__name__)
+    pooled = _layers.pool_inputs(
+        inputs, guide, directions=self.directions,
+        implementation=self.implementation, dtype=self.dtype,
+        param_dtype=self.param_dtype, layer=type(self).__name__)
     if out_sharding is None:
       return super().__call__(pooled)
     return super().__call__(pooled, out_sharding=out_sharding)
 
 
-class LandmarkConv4(LandmarkConv):
+class _FixedGrouping(LandmarkConv):
+  """A LandmarkConv whose grouping is the subclass's ``_grouping``.
+
+  Constructed like ``nnx.Conv``, without ``directions``.
+  """
+
+  _grouping: ClassVar[str]
+
+  def __init__(self, in_features: int, out_features: int,
+               kernel_size: int | tuple[int, ...],
+               strides: None | int | tuple[int, ...] = 1, *,
+               implementation: str = "auto", rngs: nnx.Rngs, **kwargs):
+    super().__init__(in_features, out_features, kernel_size, strides,
+                     directions=self._grouping, implementation=implementation,
+                     rngs=rngs, **kwargs)
+
+
+class LandmarkConv4(_FixedGrouping):
   """The P = 4 landmark convolution (the original ``PConv2d4``), NNX.
 
   Channels split into the top-left, top-right, bottom-left and bottom-right
@@ -144,16 +161,10 @@ class LandmarkConv4(LandmarkConv):
     implementation: ``"auto"``, ``"ffi"`` or ``"reference"``.
   """
 
-  def __init__(self, in_features: int, out_features: int,
-               kernel_size: int | tuple[int, ...],
-               strides: None | int | tuple[int, ...] = 1, *,
-               implementation: str = "auto", rngs: nnx.Rngs, **kwargs):
-    super().__init__(in_features, out_features, kernel_size, strides,
-                     directions="quadrants", implementation=implementation,
-                     rngs=rngs, **kwargs)
+  _grouping = "quadrants"
 
 
-class LandmarkConv8(LandmarkConv):
+class LandmarkConv8(_FixedGrouping):
   """The P = 8 landmark convolution (the original ``PConv2d8``), NNX.
 
   Channels split into the octant groups I1 ... I8 (``lmconv_jax.OCTANTS``),
@@ -179,13 +190,7 @@ class LandmarkConv8(LandmarkConv):
     implementation: ``"auto"``, ``"ffi"`` or ``"reference"``.
   """
 
-  def __init__(self, in_features: int, out_features: int,
-               kernel_size: int | tuple[int, ...],
-               strides: None | int | tuple[int, ...] = 1, *,
-               implementation: str = "auto", rngs: nnx.Rngs, **kwargs):
-    super().__init__(in_features, out_features, kernel_size, strides,
-                     directions="octants", implementation=implementation,
-                     rngs=rngs, **kwargs)
+  _grouping = "octants"
 
 
 class LandmarkBlock(nnx.Module):
