@@ -30,9 +30,9 @@ namespace ffi = xla::ffi;
 
 // ---------------------------------------------------------------------------
 // The grouping, from its two attributes:
-//   members:    int64[P], the number of directions of each group;
-//   directions: int64[6 * sum(members)], each direction's (row_step,
-//               col_step, n1_row, n1_col, n2_row, n2_col), group by group.
+//   group_sizes: int64[P], the number of directions of each group;
+//   directions:  int64[6 * sum(group_sizes)], each direction's (row_step,
+//                col_step, n1_row, n1_col, n2_row, n2_col), group by group.
 // ---------------------------------------------------------------------------
 
 constexpr int kMaxMembers = 4;    // directions merged in one group
@@ -42,7 +42,7 @@ constexpr int kMaxDirections = 64;  // members over all groups
 struct Grouping {
   int groups = 0;         // P
   int max_members = 0;    // K = the most members of any group
-  int members[kMaxGroups];
+  int members[kMaxGroups];  // group_sizes: members (directions) per group
   int first[kMaxGroups];  // index in dirs of the group's first member
   Direction dirs[kMaxDirections];
 
@@ -109,7 +109,8 @@ inline ffi::Error invalid(const char* target, const std::string& what) {
   return ffi::Error::InvalidArgument(std::string(target) + ": " + what);
 }
 
-// Checks the attributes and fills *out.
+// Checks the attributes (group_sizes, here `members`, and directions) and
+// fills *out.
 inline ffi::Error grouping_of(const char* target,
                               ffi::Span<const int64_t> members,
                               ffi::Span<const int64_t> directions,
