@@ -105,7 +105,17 @@ def _bind(prim, *operands, **params):
 
 
 def grouped_pool(x, g, groups, implementation: str):
-  """out of the grouped pool (g None: the unguided kernel). Inputs checked."""
+  """out of the grouped pool (g None: the unguided kernel). Inputs checked.
+
+  Channels split over Explicit mesh axes in whole groups: each shard pools
+  its own groups under shard_map (_sharding.grouped_pool_per_shard)."""
+  out = _sharding.grouped_pool_per_shard(
+      functools.partial(_grouped_pool, implementation=implementation),
+      x, g, groups)
+  return _grouped_pool(x, g, groups, implementation) if out is None else out
+
+
+def _grouped_pool(x, g, groups, implementation: str):
   operands = (x,) if g is None else (x, g)
   out, _ = _bind(pool_p, *operands, groups=groups, guided=g is not None,
                  implementation=implementation, save_members=False)

@@ -6,7 +6,8 @@ of (H, W, C)) are independent, so they can be split freely. Channels are
 independent within a group, but a call pools the whole grouping (group p is
 channels [p*C/P, (p+1)*C/P) in its own direction), so a device may hold a
 channel slice only when the grouping is a single group (P = 1: a single
-direction or one merged group); for P > 1 channels are gathered first.
+direction or one merged group); for P > 1 channels are gathered first,
+except on Explicit mesh axes where each shard holds whole groups (below).
 
 Two mechanisms, one rule:
 
@@ -20,13 +21,33 @@ Two mechanisms, one rule:
 
 On one device, under pmap, and inside shard_map (all axes manual) the call
 is the plain custom call: it already runs on per-device data.
+
+Explicit mesh axes, whole groups per shard (``grouped_pool_per_shard``).
+With ``AxisType.Explicit`` axes the channel sharding is in x's type at trace
+time. When channels are split n ways over Explicit axes (n > 1), H and W are
+whole and n divides P, each shard holds P/n whole groups: shard s holds
+groups [s*P/n, (s+1)*P/n) and needs no other channel. The pool then runs
+inside ``jax.shard_map`` (specs from x's type; the guide's from x's, with its
+size-1 dims replicated), each shard pooling its own sub-grouping, picked by
+``lax.switch`` on the shard's index (no switch where all sub-groupings are
+equal). Differentiation goes through shard_map and the switch to the same
+primitives, so forward, tangent and backward are communication-free. A
+``lax.switch`` cannot go inside custom_partitioning's per-device function
+(XLA lowers the sharding annotations of its branches to a custom call with
+no host implementation), hence this hook in front of the primitive rather
+than in the partitioning rule. Otherwise (Auto axes, n not dividing P, H or
+W sharded, inside shard_map, a vmap over a split dim, whose batching would
+gather that dim) the call takes the path above and the channels are
+gathered.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
+import jax.numpy as jnp
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.interpreters import mlir
 from jax.sharding import NamedSharding, PartitionSpec
@@ -196,3 +217,91 @@ def partitioned_lowering(ffi_call, prim, ctx, operands, groups, guided: bool,
                            out_shapes, tuple(sorted(extra.items())))
   return mlir.lower_fun(call, multiple_results=prim.multiple_results)(
       ctx, *operands)
+
+
+# --------------------------------------------------------------------------
+# Explicit mesh axes: whole groups per channel shard (module docstring).
+
+def _vmapped_over_a_sharded_dim(x) -> bool:
+  """Whether a vmap (at any depth) maps x over a dim split across devices.
+
+  x's type is then per example and shard_map's batching would gather that
+  dim; the path above keeps it split (and gathers the channels instead)."""
+  while hasattr(x, "batch_dim") and hasattr(x, "val"):  # a vmap's tracer
+    dim = x.batch_dim
+    if isinstance(dim, int):
+      spec = getattr(getattr(jax.typeof(x.val), "sharding", None), "spec", ())
+      spec = tuple(spec or ())
+      if dim < len(spec) and spec[dim] is not None:
+        return True
+    x = x.val
+  return False
+
+
+def _explicit_channel_split(x, groups):
+  """(mesh, x's spec, channel axes, n) where each of the n channel shards of
+  x (Explicit axes) holds whole groups and H, W are whole; else None."""
+  p = len(groups)
+  if p == 1:
+    return None  # one group: custom_partitioning keeps channels sharded
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  spec = getattr(sharding, "spec", None)
+  axis_types = getattr(mesh, "axis_types", None)
+  if spec is None or not axis_types:
+    return None
+  explicit = jax.sharding.AxisType.Explicit
+  if any(t != explicit for t in axis_types):
+    return None  # Auto axes (the partitioner decides) or inside shard_map
+  if _vmapped_over_a_sharded_dim(x):
+    return None
+  r = x.ndim
+  spec = tuple(spec) + (None,) * (r - len(spec))
+  if spec[r - 3] is not None or spec[r - 2] is not None:
+    return None  # H or W split: gathered on the path above
+  channels = spec[r - 1]
+  if channels is None:
+    return None
+  axes = tuple(channels) if isinstance(channels, (tuple, list)) else (channels,)
+  n = math.prod(mesh.shape[a] for a in axes)
+  if n == 1 or p % n:
+    return None
+  return mesh, spec, axes, n
+
+
+def grouped_pool_per_shard(pool, x, g, groups):
+  """``pool(x, g, groups)`` run per channel shard (each its own groups) where
+  x's channels are split over Explicit mesh axes in whole groups; None where
+  not (the caller then binds the primitive for the whole grouping).
+
+  ``pool(x, g, sub_groups)`` binds the primitive; g is None or has x's rank
+  with each dim x's or 1 (it stays at its own shape).
+  """
+  split = _explicit_channel_split(x, groups)
+  if split is None or (g is not None and _vmapped_over_a_sharded_dim(g)):
+    return None
+  mesh, spec, axes, n = split
+  per = len(groups) // n
+  subs = [tuple(groups[s * per:(s + 1) * per]) for s in range(n)]
+  unique = list(dict.fromkeys(subs))
+  x_spec = PartitionSpec(*spec)
+  operands, specs = [x], [x_spec]
+  if g is not None:
+    g_spec = PartitionSpec(*[s if gn == xn else None for s, gn, xn in
+                             zip(spec, g.shape, x.shape)])
+    # A no-op where g is sharded so already; a replicated guide: each
+    # device slices its part (no traffic).
+    operands.append(jax.sharding.reshard(g, NamedSharding(mesh, g_spec)))
+    specs.append(g_spec)
+
+  def per_shard(x, g=None):
+    if len(unique) == 1:
+      return pool(x, g, unique[0])
+    index = jnp.asarray([unique.index(s) for s in subs], jnp.int32)[
+        jax.lax.axis_index(axes)]
+    branches = [functools.partial(lambda sub, x, g: pool(x, g, sub), sub)
+                for sub in unique]
+    return jax.lax.switch(index, branches, x, g)
+
+  return jax.shard_map(per_shard, mesh=mesh, in_specs=tuple(specs),
+                       out_specs=x_spec)(*operands)

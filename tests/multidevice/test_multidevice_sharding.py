@@ -360,3 +360,164 @@ def test_grouped_pools_with_explicit_mesh_axes(grouping, c, spec):
     np.testing.assert_array_equal(out, want[0])
     np.testing.assert_array_equal(grad, want[1])
     assert spec_of(out) == spec_of(xs)
+
+
+# Channels split n ways over Explicit axes with n | P: each shard holds whole
+# groups and pools them alone (shard_map, lax.switch on the shard's index),
+# so forward, tangent and gradient have no collectives and equal the
+# unsharded result bit for bit.
+WHOLE_GROUPS = [
+    ("quadrants", 8, P(None, None, None, "model")),             # n = 2
+    ("quadrants", 4, P("data", None, None, "model")),           # n = 2, batch too
+    ("quadrants", 12, P(None, None, None, "data")),             # n = 4, C/P = 3
+    ("octants", 8, P(None, None, None, ("data", "model"))),     # n = 8, two axes
+    ("octants", 16, P(None, None, None, ("model", "data"))),    # minor first
+    ("top_bottom", 4, P("data", None, None, "model")),          # merged groups
+    (GROUPS, 4, P(None, None, None, "model")),    # K differs between shards
+    (("tl", "tl", "br", "br"), 8, P(None, None, None, "model")),  # no switch
+]
+
+
+def explicit_data(c, spec, seed=5):
+  """x (float32), a per-pixel guide and a cotangent, unsharded and placed."""
+  shape = (4, 6, 5, c)
+  x = inputs.make_x("small_int", shape, seed).astype(np.float32)
+  g = np.random.default_rng(seed + 1).uniform(-0.5, 1.5, shape).astype(np.float32)
+  t = inputs.make_ct(shape, seed + 2).astype(np.float32)
+  return (x, g, t), [jax.device_put(a, NamedSharding(make_mesh("Explicit"), spec))
+                     for a in (x, g, t)]
+
+
+@needs_ffi
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("grouping,c,spec", WHOLE_GROUPS)
+def test_explicit_axes_whole_groups_per_shard_have_no_collectives(
+    grouping, c, spec, guided):
+  mesh = make_mesh("Explicit")
+  (x, g, t), (xs, gs, ts) = explicit_data(c, spec)
+  if not guided:
+    g = gs = None
+  pool = lambda x, g: lmconv_jax.grouped_landmark_pool(x, grouping, g,
+                                                       implementation="ffi")
+  wrt = (0, 1) if guided else 0
+  programs = {
+      "forward": pool,
+      "grad": jax.grad(lambda x, g, t: (pool(x, g) * t).sum(), wrt),
+  }
+  if not guided:
+    programs["jvp"] = lambda x, g, t: jax.jvp(lambda x: pool(x, g), (x,), (t,))[1]
+  for name, fn in programs.items():
+    args = (x, g) if name == "forward" else (x, g, t)
+    sharded = (xs, gs) if name == "forward" else (xs, gs, ts)
+    want = jax.jit(fn)(*args)                     # one device, unsharded
+    with jax.set_mesh(mesh):
+      compiled = jax.jit(fn).lower(*sharded).compile()
+    assert found(compiled, COLLECTIVES) == [], (name, compiled.as_text())
+    got = compiled(*sharded)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(a, b, err_msg=name)
+      assert spec_of(a) == spec_of(xs), (name, a.sharding)
+  # Outside jit too.
+  np.testing.assert_array_equal(pool(xs, gs), jax.jit(pool)(x, g))
+
+
+@needs_ffi
+@pytest.mark.parametrize("kind", ["channel", "batch", "scalar"])
+@pytest.mark.parametrize("grouping", ["quadrants", GROUPS])
+def test_explicit_axes_whole_groups_with_broadcast_guides(grouping, kind):
+  """Guides of lower rank stay at their size (each shard gets its slice or
+  all of it); only the guide's gradient, summed over a sharded dim, needs an
+  all-reduce. Rounding of that sum aside, the unsharded result."""
+  mesh = make_mesh("Explicit")
+  spec = P("data", None, None, "model")
+  (x, _, t), (xs, _, ts) = explicit_data(8, spec)
+  rng = np.random.default_rng(9)
+  g, g_spec = {"channel": (rng.uniform(-0.5, 1.5, (8,)), P("model")),
+               "batch": (rng.uniform(-0.5, 1.5, (4, 1, 1, 1)), P("data")),
+               "scalar": (np.float32(0.75), P())}[kind]
+  g = np.asarray(g, np.float32)
+  gs = jax.device_put(g, NamedSharding(mesh, g_spec))
+  pool = lambda x, g: lmconv_jax.grouped_landmark_pool(x, grouping, g,
+                                                       implementation="ffi")
+  grad = jax.grad(lambda x, g, t: (pool(x, g) * t).sum(), (0, 1))
+  with jax.set_mesh(mesh):
+    forward = jax.jit(pool).lower(xs, gs).compile()
+    backward = jax.jit(grad).lower(xs, gs, ts).compile()
+  assert found(forward, COLLECTIVES) == []
+  assert found(backward, MOVES) == []
+  np.testing.assert_array_equal(forward(xs, gs), jax.jit(pool)(x, g))
+  (dx, dg), (want_dx, want_dg) = backward(xs, gs, ts), jax.jit(grad)(x, g, t)
+  np.testing.assert_array_equal(dx, want_dx)
+  np.testing.assert_allclose(dg, want_dg, rtol=1e-5)
+  assert dg.shape == g.shape
+
+
+@needs_ffi
+@pytest.mark.parametrize("grouping,c,spec", [
+    ("top_bottom", 8, P(None, None, None, "data")),            # n = 4, P = 2
+    ("quadrants", 8, P(None, None, None, ("data", "model"))),  # n = 8, P = 4
+])
+def test_explicit_axes_partial_groups_are_gathered(grouping, c, spec):
+  """n does not divide P: a shard would hold part of a group; the channels
+  are gathered (the documented cost) and the answer is unchanged."""
+  mesh = make_mesh("Explicit")
+  (x, _, t), (xs, _, ts) = explicit_data(c, spec)
+  pool = lambda x: lmconv_jax.grouped_landmark_pool(x, grouping,
+                                                    implementation="ffi")
+  grad = jax.grad(lambda x, t: (pool(x) * t).sum())
+  with jax.set_mesh(mesh):
+    compiled = jax.jit(pool).lower(xs).compile()
+    got = compiled(xs), jax.jit(grad)(xs, ts)
+  assert "all-gather" in found(compiled, MOVES)
+  np.testing.assert_array_equal(got[0], jax.jit(pool)(x))
+  np.testing.assert_array_equal(got[1], jax.jit(grad)(x, t))
+  assert spec_of(got[0]) == spec_of(xs)
+
+
+@needs_ffi
+@pytest.mark.parametrize("cls,c", [(lmconv_jax.nnx.LandmarkConv4, 8),
+                                   (lmconv_jax.nnx.LandmarkConv8, 16)])
+def test_explicit_axes_layer_on_channel_sharded_input(cls, c):
+  """A layer whose input channels (and its kernel's) are split over "model":
+  the pool moves nothing; the convolution's sum over the split channels is
+  the one all-reduce. (flax.linen's nn.Conv cannot take an input whose
+  features are split over Explicit axes: it has no out_sharding.)"""
+  mesh = make_mesh("Explicit")
+  (x, _, _), (xs, _, _) = explicit_data(c, P("data", None, None, "model"))
+  model = cls(c, 4, (3, 3), implementation="ffi", rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  apply = lambda state, x, out=None: nnx.merge(graphdef, state)(
+      x, out_sharding=out)
+  loss = lambda state, x, out=None: (apply(state, x, out) ** 2).mean()
+  ss = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(
+      mesh, P(None, None, "model") if a.ndim == 4 else P())), state)
+  with jax.set_mesh(mesh):
+    forward = jax.jit(lambda s, x: apply(s, x, P("data"))).lower(ss, xs).compile()
+    backward = jax.jit(jax.grad(lambda s, x: loss(s, x, P("data")),
+                                (0, 1))).lower(ss, xs).compile()
+  assert found(forward, MOVES) == [] and found(backward, MOVES) == []
+  assert lmconv_calls(forward) >= 1
+  np.testing.assert_allclose(forward(ss, xs), jax.jit(apply)(state, x),
+                             rtol=1e-5, atol=1e-5)
+  got, want = backward(ss, xs), jax.jit(jax.grad(loss, (0, 1)))(state, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-6), got, want)
+
+
+@needs_ffi
+def test_explicit_axes_whole_groups_under_vmap():
+  """vmap over a whole dim: still per shard, no collectives. vmap over a dim
+  split across devices: the whole-grouping path (it keeps that dim split
+  and gathers the channels), same answer."""
+  mesh = make_mesh("Explicit")
+  x = inputs.make_x("small_int", (2, 4, 6, 5, 8), 4).astype(np.float32)
+  xs = jax.device_put(x, NamedSharding(mesh, P(None, "data", None, None,
+                                               "model")))
+  pool = lambda x: lmconv_jax.grouped_landmark_pool(x, GROUPS * 2,
+                                                    implementation="ffi")
+  for axes, moves in ((0, []), (1, ["all-gather"])):
+    fn = jax.vmap(pool, in_axes=axes, out_axes=axes)
+    with jax.set_mesh(mesh):
+      compiled = jax.jit(fn).lower(xs).compile()
+    assert found(compiled, MOVES) == moves, axes
+    np.testing.assert_array_equal(compiled(xs), jax.jit(fn)(x))
