@@ -83,6 +83,11 @@ import ml_dtypes
 
 _HALVES = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
 
+# The contract computes with inf and NaN on purpose (inf - inf, 0 * inf, a
+# NaN cotangent summed in): numpy's "invalid value" warnings about that are
+# noise, so the literal arithmetic below runs under this errstate, and only it.
+_contract_arithmetic = np.errstate(invalid="ignore")
+
 
 def compute_dtype(dtype):
   dtype = np.dtype(dtype)
@@ -95,6 +100,7 @@ def flush(v):
   return np.where(np.abs(v) < tiny, np.copysign(np.zeros_like(v), v), v)
 
 
+@_contract_arithmetic
 def _literal(d, x, g, tx=None, tg=None):
   """One pool, forward (and tangent): returns (out stored, t stored or None,
   per-pixel records for the backward). x, g, tx, tg in the storage dtype;
@@ -134,6 +140,7 @@ def _literal(d, x, g, tx=None, tg=None):
   return outc.astype(sd), tout, recs, xl, gl
 
 
+@_contract_arithmetic
 def _literal_backward(d, x, g, ct):
   """One pool's (dx, dguide) by the contract's formulas, in its order."""
   sd = x.dtype
@@ -216,6 +223,7 @@ def grouped_tangent(x, g, tx, tg, groups):
   return tout
 
 
+@_contract_arithmetic
 def grouped_backward(x, g, ct, groups):
   """(dx, dg): members get the cotangent where they won; their dx (dguide)
   are summed in member order in the storage dtype; a broadcast guide's
