@@ -14,7 +14,7 @@ JAX primitives wrap them (JVP = tangent, transpose = backward) on platforms
 without compiled kernels; :func:`landmark_pool_reference` is the public
 single-direction pool built on them.
 
-Schedule (issue 12). Every member pool of every group is cut into *phases*:
+Schedule. Every member pool of every group is cut into *phases*:
 sets of pixels whose two neighbours all lie in the phase just before, so a
 phase is computed at once. With (i, j) the pixel in the direction's scan
 order (rows and columns flipped so the scan runs ascending):
