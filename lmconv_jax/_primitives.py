@@ -311,27 +311,34 @@ for _p in PRIMITIVES:
 # Lowering: the reference anywhere, our custom call where compiled.
 
 def _reference_rule(prim):
-  """The primitive as pure jnp (reference.py), for mlir.lower_fun."""
+  """The primitive as pure jnp (reference.py), for mlir.lower_fun. Under
+  Explicit mesh axes it runs per shard (_sharding.reference_per_shard)."""
   def fn(*operands, groups, guided, implementation, save_members=False):
     del implementation
+    run = functools.partial(_sharding.reference_per_shard,
+                            single_group=len(groups) == 1)
     if prim is pool_p:
-      x, g = operands[0], (operands[1] if guided else None)
-      out = reference.grouped_forward(x, g, groups)
+      x = operands[0]
+      (out,) = run(lambda x, *g: (reference.grouped_forward(
+          x, g[0] if g else None, groups),), operands[:1 + guided], (0,))
       # The reference's derivatives recompute; its "members" are unused.
       return [out, jnp.zeros(members_shape(x.shape, groups, save_members),
                              x.dtype)]
     if prim is pool_tangent_p:
       if guided:
         x, g, _, _, tx, tg = operands
-      else:
-        (x, _, _, tx), g, tg = operands, None, None
-      return reference.grouped_tangent(x, g, tx, tg, groups)
+        return run(lambda x, g, tx, tg: (reference.grouped_tangent(
+            x, g, tx, tg, groups),), (x, g, tx, tg), (0,))[0]
+      x, _, _, tx = operands
+      return run(lambda x, tx: (reference.grouped_tangent(
+          x, None, tx, None, groups),), (x, tx), (0,))[0]
     if guided:
       x, g, _, _, ct = operands
-    else:
-      (x, _, _, ct), g = operands, None
-    dx, dg = reference.grouped_backward(x, g, ct, groups)
-    return [dx, dg] if guided else [dx]
+      return list(run(lambda x, g, ct: reference.grouped_backward(
+          x, g, ct, groups), (x, g, ct), (0, 1), summed_guide=g))
+    x, _, _, ct = operands
+    return list(run(lambda x, ct: reference.grouped_backward(
+        x, None, ct, groups)[:1], (x, ct), (0,)))
   return fn
 
 

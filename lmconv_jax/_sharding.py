@@ -39,6 +39,18 @@ than in the partitioning rule. Otherwise (Auto axes, n not dividing P, H or
 W sharded, inside shard_map, a vmap over a split dim, whose batching would
 gather that dim) the call takes the path above and the channels are
 gathered.
+
+The reference under Explicit mesh axes (``reference_per_shard``). Where the
+primitives lower to the reference (implementation="reference", or "auto"
+without kernels) on operands whose types are split over Explicit axes, the
+reference's jnp cannot trace as is: its layout reshapes (the leading dims
+merged, the channels split into groups) have no sharding rule there. It runs
+inside ``jax.shard_map`` on the layout the custom calls get from the rule
+above (leading dims split as x's, channels too for P = 1, H, W and the
+channels of P > 1 groups gathered; for the backward, x's dims that a guide
+broadcasts over as well, so the guide's gradient is summed on one device).
+Each device runs the unsharded reference's ops on its block, so the result
+is the unsharded one bit for bit. Without Explicit sharding nothing changes.
 """
 
 from __future__ import annotations
@@ -305,3 +317,61 @@ def grouped_pool_per_shard(pool, x, g, groups):
 
   return jax.shard_map(per_shard, mesh=mesh, in_specs=tuple(specs),
                        out_specs=x_spec)(*operands)
+
+
+# --------------------------------------------------------------------------
+# Explicit mesh axes: the reference lowering, any layout (module docstring).
+
+def _explicit_mesh(operands):
+  """(mesh, its Explicit axis names) where some operand's type is split over
+  Explicit mesh axes; else None (then nothing changes)."""
+  explicit = jax.sharding.AxisType.Explicit
+  for a in operands:
+    sharding = getattr(jax.typeof(a), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    spec = tuple(getattr(sharding, "spec", None) or ())
+    types = getattr(mesh, "axis_types", None) or ()
+    if any(s is not None for s in spec) and explicit in types:
+      return mesh, tuple(n for n, t in zip(mesh.axis_names, types)
+                         if t == explicit)
+  return None
+
+
+def reference_per_shard(fn, operands, out_like, *, single_group: bool,
+                        summed_guide=None):
+  """``fn(*operands)`` (the reference's jnp: a tuple of results, result k
+  shaped like ``operands[out_like[k]]``), per shard where an operand is
+  split over Explicit mesh axes; otherwise ``fn(*operands)`` unchanged.
+
+  The reference's layout reshapes (merging the leading dims, splitting the
+  channels into groups) have no sharding rule under Explicit axes, so it
+  runs inside ``jax.shard_map`` on local blocks, on the layout the custom
+  calls get (``_sharding_like``): x's leading dims stay split (and the
+  channels for a single group), H, W and the channels of P > 1 groups are
+  gathered; a guide's size-1 dims are replicated. ``summed_guide`` (the
+  backward's guide): x's dims where the guide has size 1 are gathered too,
+  so the guide's gradient is summed over them on one device, in the
+  reference's order. Results are resharded to their operand's sharding.
+  Each device computes the unsharded reference's ops on its block: the same
+  numbers bit for bit.
+  """
+  found = _explicit_mesh(operands)
+  if found is None:
+    return fn(*operands)
+  mesh, axes = found
+  x = operands[0]
+  r = x.ndim
+  spec = tuple(getattr(jax.typeof(x).sharding, "spec", None) or ())
+  spec = spec + (None,) * (r - len(spec))
+  if summed_guide is not None:
+    spec = tuple(None if n == 1 and m != 1 else s for s, n, m in
+                 zip(spec, jnp.shape(summed_guide), x.shape))
+  specs = tuple(_sharding_like(mesh, spec, r, jnp.shape(a), single_group).spec
+                for a in operands)
+  placed = [jax.sharding.reshard(a, NamedSharding(mesh, s))
+            for a, s in zip(operands, specs)]
+  outs = jax.shard_map(fn, mesh=mesh, in_specs=specs,
+                       out_specs=tuple(specs[i] for i in out_like),
+                       axis_names=set(axes))(*placed)
+  return tuple(jax.sharding.reshard(o, jax.typeof(operands[i]).sharding)
+               for o, i in zip(outs, out_like))

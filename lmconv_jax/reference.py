@@ -254,26 +254,11 @@ def _add(buf, idx, v):
       u, mode="promise_in_bounds"))(buf, idx, v)
 
 
-def _explicit_spec(v):
-  """(mesh, v's spec) if v's mesh has Explicit axes, else None."""
-  sh = getattr(jax.typeof(v), "sharding", None)
-  mesh = getattr(sh, "mesh", None)
-  types = getattr(mesh, "axis_types", None) or ()
-  if not any(t == jax.sharding.AxisType.Explicit for t in types):
-    return None
-  spec = tuple(sh.spec)
-  return mesh, spec + (None,) * (v.ndim - len(spec))
-
-
 def _buffer(like, plan, dtype, *inputs):
-  """Zeros (P, K * R, B, C/P) sharded like ``like`` (explicit mesh axes) and
-  varying like ``inputs`` (shard_map)."""
+  """Zeros (P, K * R, B, C/P) varying like ``inputs`` (shard_map). Under
+  Explicit mesh axes the primitives run this module per shard
+  (_sharding.reference_per_shard): no array here has a sharded type."""
   z = jnp.zeros((plan.p, plan.k * plan.r) + like.shape[2:], dtype)
-  found = _explicit_spec(like)
-  if found is not None and any(a is not None for a in found[1]):
-    mesh, spec = found
-    z = jax.sharding.reshard(z, jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec(spec[0], None, *spec[2:])))
   return _vary(z, *inputs)
 
 
