@@ -319,6 +319,25 @@ def grouped_pool_per_shard(pool, x, g, groups):
                        out_specs=x_spec)(*operands)
 
 
+def whole_channels(y):
+  """y with its channel dim gathered where it is split over Explicit axes.
+
+  For flax.linen's ``nn.Conv``, which has no ``out_sharding``: under
+  Explicit axes JAX will not contract a dim split across devices without
+  one, so the linen layers gather the pooled channels before the
+  convolution (the NNX layers take ``out_sharding`` instead and gather
+  nothing). Unchanged (no trace change) elsewhere."""
+  sharding = getattr(jax.typeof(y), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  spec = tuple(getattr(sharding, "spec", None) or ())
+  types = getattr(mesh, "axis_types", None) or ()
+  if (len(spec) < y.ndim or spec[y.ndim - 1] is None
+      or jax.sharding.AxisType.Explicit not in types):
+    return y
+  return jax.sharding.reshard(
+      y, NamedSharding(mesh, PartitionSpec(*spec[:y.ndim - 1], None)))
+
+
 # --------------------------------------------------------------------------
 # Explicit mesh axes: the reference lowering, any layout (module docstring).
 

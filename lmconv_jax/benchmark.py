@@ -39,7 +39,7 @@ from lmconv_jax import reference
 from lmconv_jax.directions import GROUPINGS, resolve_grouping
 
 DEFAULT_SHAPE = (8, 64, 64, 64)
-# Issue 10's targets at the default shape (ratio at most).
+# The targets at the default shape (ratio at most; docs/benchmarks.md).
 TARGETS = {"quadrants": 1.25, "octants": 1.25, "top_bottom": 2.6,
            "left_right": 2.6, "all_quadrants": 4.6, "guide (C,)": 1.25,
            "bfloat16": 1.0, "float16": 1.0, "C=256": 1.3}

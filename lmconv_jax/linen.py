@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lmconv_jax import _layers
+from lmconv_jax import _layers, _sharding
 from lmconv_jax.ops import Grouping
 
 Array = jax.Array
@@ -109,7 +109,7 @@ class LandmarkConv(nn.Conv):
         inputs, guide, directions=self.directions,
         implementation=self.implementation, dtype=self.dtype,
         param_dtype=self.param_dtype, layer=layer)
-    return super().__call__(pooled)
+    return super().__call__(_sharding.whole_channels(pooled))
 
 
 class LandmarkConv4(LandmarkConv):

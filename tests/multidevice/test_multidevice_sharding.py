@@ -512,8 +512,8 @@ def test_explicit_axes_partial_groups_are_gathered(grouping, c, spec, mesh,
 def test_explicit_axes_layer_on_channel_sharded_input(cls, c, impl):
   """A layer whose input channels (and its kernel's) are split over "model":
   the pool moves nothing; the convolution's sum over the split channels is
-  the one all-reduce. (flax.linen's nn.Conv cannot take an input whose
-  features are split over Explicit axes: it has no out_sharding.)"""
+  the one all-reduce. (flax.linen's nn.Conv has no out_sharding: see the
+  linen test below.)"""
   mesh = make_mesh("Explicit")
   (x, _, _), (xs, _, _) = explicit_data(c, P("data", None, None, "model"))
   model = cls(c, 4, (3, 3), implementation=impl, rngs=nnx.Rngs(0))
@@ -534,6 +534,27 @@ def test_explicit_axes_layer_on_channel_sharded_input(cls, c, impl):
   got, want = backward(ss, xs), jax.jit(jax.grad(loss, (0, 1)))(state, x)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
                                                        atol=1e-6), got, want)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("cls,c", [(lmconv_jax.linen.LandmarkConv4, 8),
+                                   (lmconv_jax.linen.LandmarkConv8, 16)])
+def test_explicit_axes_linen_layer_on_channel_sharded_input(cls, c, impl):
+  """flax.linen's nn.Conv has no out_sharding, so the linen layers gather
+  the pooled channels before the convolution: the forward equals the
+  unsharded layer's and the output is split over the batch as x is. (Not
+  the gradient: a plain linen nn.Conv's weight gradient under Explicit
+  batch sharding fails in flax itself, asking for out_sharding; the NNX
+  layers, above, train.)"""
+  mesh = make_mesh("Explicit")
+  (x, _, _), (xs, _, _) = explicit_data(c, P("data", None, None, "model"))
+  model = cls(4, (3, 3), implementation=impl)
+  params = model.init(jax.random.key(0), x)
+  with jax.set_mesh(mesh):
+    y = jax.jit(model.apply)(params, xs)
+  assert spec_of(y)[0] == "data", y.sharding
+  np.testing.assert_allclose(y, jax.jit(model.apply)(params, x),
+                             rtol=1e-5, atol=1e-5)
 
 
 @needs_ffi
