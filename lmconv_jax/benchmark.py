@@ -26,7 +26,6 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
 import time
 from typing import Optional, Sequence
 
@@ -194,18 +193,23 @@ def run(shape: Sequence[int] = DEFAULT_SHAPE, dtype="float32",
 
 
 def machine() -> dict:
-  """What the numbers were measured on."""
-  model = platform.processor() or platform.machine()
+  """What the numbers were measured on (the benchmark's and the demo's)."""
+  cpu = platform.processor() or platform.machine()
   try:
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True,
-                               check=True).stdout.splitlines():
-      if line.startswith("Model name:"):
-        model = line.split(":", 1)[1].strip()
-  except (OSError, subprocess.CalledProcessError):
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
     pass
+  cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+           else os.cpu_count())
   import jaxlib
-  return dict(cpu=model, cores=os.cpu_count(), jax=jax.__version__,
-              jaxlib=jaxlib.__version__, backend=jax.default_backend(),
+  return dict(cpu=cpu, cores=cores, python=platform.python_version(),
+              jax=jax.__version__, jaxlib=jaxlib.__version__,
+              backend=jax.default_backend(),
+              devices=[str(d) for d in jax.devices()],
               load_avg_1min=round(os.getloadavg()[0], 2),
               date=datetime.date.today().isoformat())
 

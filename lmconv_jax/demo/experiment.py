@@ -5,17 +5,15 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import os
 import pathlib
-import platform
 import sys
 import time
 from typing import Callable, Optional
 
-import jax
 import numpy as np
 
 from lmconv_jax import ops
+from lmconv_jax.benchmark import machine
 from lmconv_jax.demo.data import (CLASSES, GLYPH, MIN_DISTANCE,
                                   make_relation_data)
 from lmconv_jax.demo.models import KINDS, RelationNet, count_params
@@ -107,23 +105,6 @@ def pool_backend(implementation: str) -> str:
   return (f"reference (pure jnp; no FFI kernels for {platform_!r}, see "
           f"`python -m lmconv_jax info`)" if implementation == "auto"
           else "reference (pure jnp)")
-
-
-def machine() -> dict:
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          cpu = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
-      else os.cpu_count()
-  return dict(cpu=cpu, cores=cores, python=platform.python_version(),
-              jax=jax.__version__, backend=jax.default_backend(),
-              devices=[str(d) for d in jax.devices()])
 
 
 def band_accuracy(correct: np.ndarray, distance: np.ndarray) -> dict:
