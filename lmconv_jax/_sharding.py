@@ -250,11 +250,17 @@ def _vmapped_over_a_sharded_dim(x) -> bool:
   return False
 
 
+# jax/jaxlib 0.11's CPU runtime crashes (a segfault, in the compiled
+# program) on the per-shard path (lax.switch over our custom calls inside
+# shard_map); there whole-group channel shards take the gathering path.
+PER_SHARD = tuple(int(v) for v in jax.__version__.split(".")[:2]) >= (0, 12)
+
+
 def _explicit_channel_split(x, groups):
   """(mesh, x's spec, channel axes, n) where each of the n channel shards of
   x (Explicit axes) holds whole groups and H, W are whole; else None."""
   p = len(groups)
-  if p == 1:
+  if p == 1 or not PER_SHARD:
     return None  # one group: custom_partitioning keeps channels sharded
   sharding = getattr(jax.typeof(x), "sharding", None)
   mesh = getattr(sharding, "mesh", None)
