@@ -234,6 +234,16 @@ def partitioned_lowering(ffi_call, prim, ctx, operands, groups, guided: bool,
 # --------------------------------------------------------------------------
 # Explicit mesh axes: whole groups per channel shard (module docstring).
 
+def _typed_sharding(a):
+  """(mesh, spec padded with None to a's rank, mesh axis types) of a's
+  sharding type; (None, all None, ()) where its type carries none."""
+  sharding = getattr(jax.typeof(a), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  spec = tuple(getattr(sharding, "spec", None) or ())
+  spec += (None,) * (jnp.ndim(a) - len(spec))
+  return mesh, spec, tuple(getattr(mesh, "axis_types", None) or ())
+
+
 def _vmapped_over_a_sharded_dim(x) -> bool:
   """Whether a vmap (at any depth) maps x over a dim split across devices.
 
@@ -241,11 +251,8 @@ def _vmapped_over_a_sharded_dim(x) -> bool:
   dim; the path above keeps it split (and gathers the channels instead)."""
   while hasattr(x, "batch_dim") and hasattr(x, "val"):  # a vmap's tracer
     dim = x.batch_dim
-    if isinstance(dim, int):
-      spec = getattr(getattr(jax.typeof(x.val), "sharding", None), "spec", ())
-      spec = tuple(spec or ())
-      if dim < len(spec) and spec[dim] is not None:
-        return True
+    if isinstance(dim, int) and _typed_sharding(x.val)[1][dim] is not None:
+      return True
     x = x.val
   return False
 
@@ -260,13 +267,12 @@ def _explicit_channel_split(x, groups):
   """(mesh, x's spec, channel axes, n) where each of the n channel shards of
   x (Explicit axes) holds whole groups and H, W are whole; else None."""
   p = len(groups)
-  if p == 1 or not PER_SHARD:
+  if p == 1:
     return None  # one group: custom_partitioning keeps channels sharded
-  sharding = getattr(jax.typeof(x), "sharding", None)
-  mesh = getattr(sharding, "mesh", None)
-  spec = getattr(sharding, "spec", None)
-  axis_types = getattr(mesh, "axis_types", None)
-  if spec is None or not axis_types:
+  if not PER_SHARD:
+    return None
+  mesh, spec, axis_types = _typed_sharding(x)
+  if not axis_types:
     return None
   explicit = jax.sharding.AxisType.Explicit
   if any(t != explicit for t in axis_types):
@@ -274,7 +280,6 @@ def _explicit_channel_split(x, groups):
   if _vmapped_over_a_sharded_dim(x):
     return None
   r = x.ndim
-  spec = tuple(spec) + (None,) * (r - len(spec))
   if spec[r - 3] is not None or spec[r - 2] is not None:
     return None  # H or W split: gathered on the path above
   channels = spec[r - 1]
@@ -333,15 +338,11 @@ def whole_channels(y):
   one, so the linen layers gather the pooled channels before the
   convolution (the NNX layers take ``out_sharding`` instead and gather
   nothing). Unchanged (no trace change) elsewhere."""
-  sharding = getattr(jax.typeof(y), "sharding", None)
-  mesh = getattr(sharding, "mesh", None)
-  spec = tuple(getattr(sharding, "spec", None) or ())
-  types = getattr(mesh, "axis_types", None) or ()
-  if (len(spec) < y.ndim or spec[y.ndim - 1] is None
-      or jax.sharding.AxisType.Explicit not in types):
+  mesh, spec, types = _typed_sharding(y)
+  if spec[-1] is None or jax.sharding.AxisType.Explicit not in types:
     return y
   return jax.sharding.reshard(
-      y, NamedSharding(mesh, PartitionSpec(*spec[:y.ndim - 1], None)))
+      y, NamedSharding(mesh, PartitionSpec(*spec[:-1], None)))
 
 
 # --------------------------------------------------------------------------
@@ -352,10 +353,7 @@ def _explicit_mesh(operands):
   Explicit mesh axes; else None (then nothing changes)."""
   explicit = jax.sharding.AxisType.Explicit
   for a in operands:
-    sharding = getattr(jax.typeof(a), "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
-    spec = tuple(getattr(sharding, "spec", None) or ())
-    types = getattr(mesh, "axis_types", None) or ()
+    mesh, spec, types = _typed_sharding(a)
     if any(s is not None for s in spec) and explicit in types:
       return mesh, tuple(n for n, t in zip(mesh.axis_names, types)
                          if t == explicit)
@@ -386,8 +384,7 @@ def reference_per_shard(fn, operands, out_like, *, single_group: bool,
   mesh, axes = found
   x = operands[0]
   r = x.ndim
-  spec = tuple(getattr(jax.typeof(x).sharding, "spec", None) or ())
-  spec = spec + (None,) * (r - len(spec))
+  spec = _typed_sharding(x)[1]
   if summed_guide is not None:
     spec = tuple(None if n == 1 and m != 1 else s for s, n, m in
                  zip(spec, jnp.shape(summed_guide), x.shape))
