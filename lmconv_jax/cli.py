@@ -99,9 +99,6 @@ def _shape(text: str) -> tuple[int, ...]:
   return dims
 
 
-DTYPE_NAMES = ("float32", "float64", "float16", "bfloat16")
-
-
 SECTIONS = ("grouping", "guide", "dtype", "wide", "layers")
 
 
@@ -288,8 +285,7 @@ def gather_info() -> dict:
     entry = dict(build.get(plat, {}))
     built = bool(entry.get("built", _ffi.has_kernels(plat)))
     # The handlers dispatch on every dtype ops.py accepts.
-    dtypes = entry.get("dtypes") or (
-        [jax.numpy.dtype(d).name for d in ops.DTYPES] if built else [])
+    dtypes = entry.get("dtypes") or (list(ops.DTYPE_NAMES) if built else [])
     kernels[plat] = dict(built=built, dtypes=list(dtypes),
                          **{k: v for k, v in entry.items()
                             if k not in ("built", "dtypes")})
@@ -417,7 +413,7 @@ def _writable(text: str) -> str:
 # The parser.
 
 def build_parser() -> argparse.ArgumentParser:
-  from lmconv_jax import __version__
+  from lmconv_jax import __version__, ops
   parser = argparse.ArgumentParser(
       prog="python -m lmconv_jax",
       description="Landmark convolution for JAX: a demo, the build and "
@@ -501,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
       epilog=EPILOG)
   b.add_argument("--shape", type=_shape, metavar="B,H,W,C",
                  help="input shape (..., H, W, C), e.g. 8,64,64,64")
-  b.add_argument("--dtype", choices=DTYPE_NAMES)
+  b.add_argument("--dtype", choices=ops.DTYPE_NAMES)
   b.add_argument("--sections", type=_sections, metavar="LIST",
                  help=f"comma-separated, from {', '.join(SECTIONS)} (all)")
   b.add_argument("--repeats", type=_positive_int, metavar="N",

@@ -22,6 +22,8 @@ from lmconv_jax.directions import (ALL_QUADRANTS, GROUPINGS, LEFT_RIGHT,
 
 IMPLEMENTATIONS = _primitives.IMPLEMENTATIONS
 DTYPES = (jnp.float32, jnp.float64, jnp.float16, jnp.bfloat16)
+# The same dtypes by name (the CLI's choices, `info`'s kernel dtypes, errors).
+DTYPE_NAMES = tuple(jnp.dtype(d).name for d in DTYPES)
 
 __all__ = ["ALL_QUADRANTS", "GROUPINGS", "IMPLEMENTATIONS", "LEFT_RIGHT",
            "TOP_BOTTOM", "check_channels", "check_guide", "check_x",
@@ -48,8 +50,9 @@ def check_x(x, where: str) -> jax.Array:
   dtype = jnp.dtype(x.dtype)
   if dtype not in [jnp.dtype(d) for d in DTYPES]:
     raise TypeError(
-        f"{where}: x must be float32, float64, float16 or bfloat16, got "
-        f"{dtype}. Cast it first, e.g. x.astype(jnp.float32).")
+        f"{where}: x must be {', '.join(DTYPE_NAMES[:-1])} or "
+        f"{DTYPE_NAMES[-1]}, got {dtype}. Cast it first, e.g. "
+        f"x.astype(jnp.float32).")
   return jnp.asarray(x)
 
 
