@@ -57,6 +57,7 @@ import numpy as np
 from jax import lax
 
 import lmconv_jax
+from lmconv_jax.benchmark import markdown_table
 
 SHAPES = {"small": (32, 16, 16, 128), "lbylnet": (64, 32, 32, 128),
           "large": (32, 128, 128, 256)}
@@ -296,29 +297,25 @@ def markdown(rows: list[dict], info: dict) -> str:
            f"chained calls in one jit (the reference: one call); torch: "
            f"eager, CUDA events. GB/s: the op's bytes (2 arrays forward, 6 "
            f"forward + backward) over its time; vs copy: over the copy's "
-           f"bandwidth; x peer: the peer's time over ours.\n",
-           "| shape | dtype | op | pass | FFI us | FFI GB/s | vs copy "
-           "| reference us | x reference | cummax us | x cummax "
-           "| torch us | x torch |",
-           "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-  for r in rows:
-    lines.append(
-        f"| {tuple(r['dims'])} | {r['dtype']} | {r['op']} | {r['pass_']} "
-        f"| {num(r.get('ffi_us'))} | {num(r.get('ffi_gbps'), '.0f')} "
-        f"| {num(r.get('ffi_vs_copy'), '.2f')} "
-        f"| {num(r.get('reference_us'))} | {num(r.get('x_reference'))} "
-        f"| {num(r.get('cummax_us'))} | {num(r.get('x_cummax'))} "
-        f"| {num(r.get('torch_us'))} | {num(r.get('x_torch'))} |")
+           f"bandwidth; x peer: the peer's time over ours.\n"]
+  key = lambda r: (tuple(r["dims"]), r["dtype"], r["op"], r["pass_"])
+  lines.append(markdown_table(
+      ("shape", "dtype", "op", "pass", "FFI us", "FFI GB/s", "vs copy",
+       "reference us", "x reference", "cummax us", "x cummax", "torch us",
+       "x torch"),
+      [(*key(r), num(r.get("ffi_us")), num(r.get("ffi_gbps"), ".0f"),
+        num(r.get("ffi_vs_copy"), ".2f"), num(r.get("reference_us")),
+        num(r.get("x_reference")), num(r.get("cummax_us")),
+        num(r.get("x_cummax")), num(r.get("torch_us")), num(r.get("x_torch")))
+       for r in rows],
+      "llll" + "r" * 9))
   lines += ["", "Peers' bandwidth as a fraction of the copy (the op's "
-            "bytes over the peer's time):", "",
-            "| shape | dtype | op | pass | reference | cummax | torch |",
-            "|---|---|---|---|---:|---:|---:|"]
-  for r in rows:
-    if any(f"{p}_us" in r for p in PEERS):
-      lines.append(
-          f"| {tuple(r['dims'])} | {r['dtype']} | {r['op']} | {r['pass_']} "
-          + "".join(f"| {num(r.get(p + '_vs_copy'), '.3f')} " for p in PEERS)
-          + "|")
+            "bytes over the peer's time):", ""]
+  lines.append(markdown_table(
+      ("shape", "dtype", "op", "pass", *PEERS),
+      [(*key(r), *(num(r.get(p + "_vs_copy"), ".3f") for p in PEERS))
+       for r in rows if any(f"{p}_us" in r for p in PEERS)],
+      "llll" + "r" * len(PEERS)))
   copies = {}
   for r in rows:
     copies[tuple(r["dims"]), r["dtype"]] = (r["copy_us"], r["copy_gbps"])
@@ -410,9 +407,7 @@ def model_table(multiprocessors: int = 132) -> str:
   if not hasattr(_ffi, "_cuda_launch_plan"):
     return ("bench_gpu: this lmconv_jax does not expose its CUDA launch "
             "plan; the model cannot be printed.\n")
-  lines = ["| shape | kernel | blocks x threads | phases | waves | batches "
-           "| MB moved | bytes-bound us | latency-bound us | model us |",
-           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+  table = []
   cases = [("lbylnet", SHAPES["lbylnet"], 1),
            ("lbylnet P=4 group", SHAPES["lbylnet"], 4),
            ("lbylnet P=8 group", SHAPES["lbylnet"], 8),
@@ -429,12 +424,15 @@ def model_table(multiprocessors: int = 132) -> str:
         m = kernel_model(name, shape, bwd, guided, multiprocessors)
         kernel = (f"{name} {'bwd' if bwd else 'fwd'}"
                   f"{' guided' if guided else ''}")
-        lines.append(
-            f"| {label} {shape} | {kernel} | {m['blocks']} x {m['threads']} "
-            f"| {m['phases']} | {m['waves']} | {m['batches']} "
-            f"| {m['bytes'] / 1e6:.0f} | {m['bw_us']:.0f} "
-            f"| {m['latency_us']:.0f} | {m['model_us']:.0f} |")
-  return "\n".join(lines) + "\n"
+        table.append((
+            f"{label} {shape}", kernel, f"{m['blocks']} x {m['threads']}",
+            m["phases"], m["waves"], m["batches"], f"{m['bytes'] / 1e6:.0f}",
+            f"{m['bw_us']:.0f}", f"{m['latency_us']:.0f}",
+            f"{m['model_us']:.0f}"))
+  return markdown_table(
+      ("shape", "kernel", "blocks x threads", "phases", "waves", "batches",
+       "MB moved", "bytes-bound us", "latency-bound us", "model us"),
+      table, "lll" + "r" * 7) + "\n"
 
 
 def _csv(choices: Sequence[str]):

@@ -27,7 +27,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -214,6 +214,30 @@ def machine() -> dict:
               date=datetime.date.today().isoformat())
 
 
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence],
+                   align: str = "") -> str:
+  """A markdown table (no trailing newline): the header row, the alignment
+  row, then one line per row of cells (each written with ``str``).
+
+  ``align``: one letter per column, ``l`` (``---``) or ``r`` (``---:``);
+  empty for all left.
+  """
+  align = align or "l" * len(header)
+  if len(align) != len(header) or set(align) - set("lr"):
+    raise ValueError(f"align {align!r}: expected one l or r per column of "
+                     f"{list(header)}")
+  rule = {"l": "---", "r": "---:"}
+  lines = ["| " + " | ".join(header) + " |",
+           "|" + "|".join(rule[a] for a in align) + "|"]
+  for cells in rows:
+    cells = [str(c) for c in cells]
+    if len(cells) != len(header):
+      raise ValueError(f"row {cells} has {len(cells)} cells; the header has "
+                       f"{len(header)}")
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def markdown(rows: list[dict], info: Optional[dict] = None) -> str:
   """A markdown table of the rows (plus a line about the machine)."""
   def ms(v):
@@ -224,9 +248,7 @@ def markdown(rows: list[dict], info: Optional[dict] = None) -> str:
                  f"{info['cpu']}, {info['cores']} cores (1-min load average "
                  f"{info['load_avg_1min']} at the end); jax {info['jax']}; "
                  f"{info['date']}.\n")
-  lines.append("| section | case | pass | ms | over | baseline ms | ratio "
-               "| target | reference ms (ref/ffi) | reference depth |")
-  lines.append("|---|---|---|---:|---|---:|---:|---:|---:|---:|")
+  cells = []
   for r in rows:
     target = r.get("target")
     ok = "" if target is None else (
@@ -237,8 +259,11 @@ def markdown(rows: list[dict], info: Optional[dict] = None) -> str:
     depth = "" if depth is None else (
         f"{depth['forward']} / {depth['fwd+bwd']}" if isinstance(depth, dict)
         else str(depth))
-    lines.append(
-        f"| {r['section']} | {r['case']} | {r['pass_']} | {ms(r['ms'])} "
-        f"| {r['baseline']} | {ms(r['baseline_ms'])} | {r['ratio']:.2f} "
-        f"| {ok} | {ref} | {depth} |")
+    cells.append((r["section"], r["case"], r["pass_"], ms(r["ms"]),
+                  r["baseline"], ms(r["baseline_ms"]), f"{r['ratio']:.2f}",
+                  ok, ref, depth))
+  lines.append(markdown_table(
+      ("section", "case", "pass", "ms", "over", "baseline ms", "ratio",
+       "target", "reference ms (ref/ffi)", "reference depth"),
+      cells, "lllrlrrrrr"))
   return "\n".join(lines) + "\n"

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from lmconv_jax import ops
-from lmconv_jax.benchmark import machine
+from lmconv_jax.benchmark import machine, markdown_table
 from lmconv_jax.demo.data import (CLASSES, GLYPH, MIN_DISTANCE,
                                   make_relation_data)
 from lmconv_jax.demo.models import KINDS, RelationNet, count_params
@@ -204,16 +204,14 @@ def format_table(results: dict) -> str:
   bands = results["data"]["bands"]
   heads = [f"acc, {lo}-{hi} px apart" if lo < hi else f"acc, {lo} px apart"
            for lo, hi in bands.values()]
-  lines = ["| model | params | test acc | " + " | ".join(heads) +
-           " | train time |",
-           "|---|---:|---:|" + "---:|" * len(heads) + "---:|"]
+  rows = []
   for r in results["models"]:
     cells = ["-" if r["accuracy_by_band"][n] is None
              else f"{r['accuracy_by_band'][n]:.3f}" for n in bands]
-    lines.append(f"| {r['model']} | {r['params']:,} | "
-                 f"{r['test_accuracy']:.3f} | " + " | ".join(cells) +
-                 f" | {r['train_seconds']:.1f} s |")
-  return "\n".join(lines)
+    rows.append([r["model"], f"{r['params']:,}", f"{r['test_accuracy']:.3f}",
+                 *cells, f"{r['train_seconds']:.1f} s"])
+  return markdown_table(["model", "params", "test acc", *heads, "train time"],
+                        rows, "lrr" + "r" * len(heads) + "r")
 
 
 def verdict(results: dict) -> str:
