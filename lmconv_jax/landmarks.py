@@ -55,6 +55,12 @@ def winners(x: jax.Array, out: jax.Array,
             direction: DirectionLike) -> jax.Array:
   """Each pixel's forward winner: 0 = itself, 1 = its n1 neighbour, 2 = n2.
 
+  Where the max is finite or infinite this is the contract's precedence, by
+  ``reference._select`` itself. Where it is NaN, ``_select``'s masks are all
+  false (the backward routes no gradient there); a landmark instead needs a
+  winner, so this takes the first NaN candidate (x, n1, n2): the chain ends
+  at the NaN input pixel that made the max NaN.
+
   Args:
     x: the pool's input, shape ``(..., H, W, C)``.
     out: the pool's output for ``x`` in ``direction``, with or without a
@@ -71,18 +77,12 @@ def winners(x: jax.Array, out: jax.Array,
   ov = jnp.asarray(out).astype(cdt)             # neighbours read as stored
   a, a_ok = _neighbour(ov, d.n1)
   b, b_ok = _neighbour(ov, d.n2)
-  neg = jnp.array(-jnp.inf, cdt)
-  a = jnp.where(a_ok, a, neg)
-  b = jnp.where(b_ok, b, neg)
-  m = jnp.maximum(jnp.maximum(xv, a), b)        # NaN propagates
-  nan = jnp.isnan(m)
   # Normal case: precedence x, n1, n2, a later one only if strictly greater.
-  take_x = xv >= m
-  take_a = ~take_x & (a >= m)
+  m, take_x, take_a, _ = reference._select(xv, a_ok, a, b_ok, b)
   # NaN case: the first NaN candidate, so the chain ends at the NaN's source.
   nan_x = jnp.isnan(xv)
-  nan_a = ~nan_x & jnp.isnan(a)
-  code = jnp.where(nan, jnp.where(nan_x, 0, jnp.where(nan_a, 1, 2)),
+  nan_a = ~nan_x & a_ok & jnp.isnan(a)
+  code = jnp.where(jnp.isnan(m), jnp.where(nan_x, 0, jnp.where(nan_a, 1, 2)),
                    jnp.where(take_x, 0, jnp.where(take_a, 1, 2)))
   return code.astype(jnp.int8)
 

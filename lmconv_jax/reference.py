@@ -86,7 +86,13 @@ def _take_max(m, v):
 
 
 def _select(x, in1, o1, in2, o2):
-  """m and the winner masks (self, take1, take2) of the contract."""
+  """m and the winner masks (self, take1, take2) of the contract.
+
+  Where m is NaN all three masks are false, as the backward's comparisons
+  with m are (docs/semantics.md): no gradient is routed there.
+  ``landmarks.winners`` uses this for the rest and picks the first NaN
+  candidate there instead, because a landmark chain needs a winner.
+  """
   m = jnp.where(in1, _take_max(x, o1), x)
   m = jnp.where(in2, _take_max(m, o2), m)
   self_ = x >= m
