@@ -40,28 +40,23 @@ class MissingError(Exception):
 # --------------------------------------------------------------------------
 # Argument types: each error message names what was given and what is valid.
 
-def _positive_int(text: str) -> int:
-  error = argparse.ArgumentTypeError(
-      f"expected a positive integer, got {text.strip()!r}")
-  try:
-    value = int(text)
-  except ValueError:
-    raise error from None
-  if value < 1:
-    raise error
-  return value
+def _positive(convert, noun: str):
+  """An argument type: text -> convert(text), which must be > 0 (not NaN)."""
+  def parse(text: str):
+    error = argparse.ArgumentTypeError(
+        f"expected a positive {noun}, got {text.strip()!r}")
+    try:
+      value = convert(text)
+    except ValueError:
+      raise error from None
+    if not value > 0:
+      raise error
+    return value
+  return parse
 
 
-def _positive_float(text: str) -> float:
-  error = argparse.ArgumentTypeError(
-      f"expected a positive number, got {text.strip()!r}")
-  try:
-    value = float(text)
-  except ValueError:
-    raise error from None
-  if not value > 0:
-    raise error
-  return value
+_positive_int = _positive(int, "integer")
+_positive_float = _positive(float, "number")
 
 
 def _seed(text: str) -> int:
