@@ -88,55 +88,42 @@ class PhasedBackend {
 
   template <typename S>
   ffi::Error forward(const Call& c, const Buffers<S>& b) {
-    LaunchPlan plan;
-    if (auto e = plan_of(c, Pass::kForward, &plan); e.failure()) return e;
-    KernelArgs<S> a = args_of(plan, b);
+    KernelArgs<S> a;
+    if (auto e = args_of(c, Pass::kForward, b, &a); e.failure()) return e;
     a.out = b.out_w;
-    pf_.poison(a.out, bytes<S>(plan.size));
+    pf_.poison(a.out, bytes<S>(a.plan.size));
     if (c.has_members) {
-      pf_.poison(a.members, bytes<S>(plan.max_members * plan.size));
-    } else if (plan.ring > 0) {
-      // Not saved for the derivatives (inference): a merged group merges as
-      // it goes, a later member's pool in the ring (ForwardBody).
-      if (auto e = ring(plan, &a); e.failure()) return e;
+      pf_.poison(a.members, bytes<S>(a.plan.max_members * a.plan.size));
     }
-    if (c.guided) return pf_.template launch<ForwardBody<S, true>>(main_launch(plan), a);
-    return pf_.template launch<ForwardBody<S, false>>(main_launch(plan), a);
-  }
-
-  template <typename S>
-  ffi::Error tangent(const Call& c, const Buffers<S>& b) {
-    LaunchPlan plan;
-    if (auto e = plan_of(c, Pass::kTangent, &plan); e.failure()) return e;
-    KernelArgs<S> a = args_of(plan, b);
-    pf_.poison(a.tout, bytes<S>(plan.size));
-    if (auto e = ring(plan, &a); e.failure()) return e;
-    if (c.guided) return pf_.template launch<TangentBody<S, true>>(main_launch(plan), a);
-    return pf_.template launch<TangentBody<S, false>>(main_launch(plan), a);
+    return launch_main<ForwardBody>(c.guided, a);
   }
 
   template <typename S>
   ffi::Error backward(const Call& c, const Buffers<S>& b) {
-    LaunchPlan plan;
-    if (auto e = plan_of(c, Pass::kBackward, &plan); e.failure()) return e;
-    KernelArgs<S> a = args_of(plan, b);
-    pf_.poison(a.dx, bytes<S>(plan.size));
-    if (auto e = ring(plan, &a); e.failure()) return e;
-    if (!c.guided) {
-      return pf_.template launch<BackwardBody<S, false>>(main_launch(plan), a);
-    }
-    pf_.poison(a.dg, bytes<S>(plan.g_elements));
+    KernelArgs<S> a;
+    if (auto e = args_of(c, Pass::kBackward, b, &a); e.failure()) return e;
+    pf_.poison(a.dx, bytes<S>(a.plan.size));
+    if (!c.guided) return launch_main<BackwardBody>(false, a);
+    pf_.poison(a.dg, bytes<S>(a.plan.g_elements));
     a.dg_pixels = a.dg;
     if (!c.guide.full) {  // per pixel first, then summed over broadcast dims
-      auto w = pf_.workspace(bytes<S>(plan.size));
+      auto w = pf_.workspace(bytes<S>(a.plan.size));
       if (w.has_error()) return w.error();
       a.dg_pixels = static_cast<S*>(*w);
     }
-    if (auto e = pf_.template launch<BackwardBody<S, true>>(main_launch(plan), a);
+    if (auto e = launch_main<BackwardBody>(true, a);
         e.failure() || c.guide.full) {
       return e;
     }
-    return pf_.template launch<ReduceBody<S>>(reduce_launch(plan), a);
+    return pf_.template launch<ReduceBody<S>>(reduce_launch(a.plan), a);
+  }
+
+  template <typename S>
+  ffi::Error tangent(const Call& c, const Buffers<S>& b) {
+    KernelArgs<S> a;
+    if (auto e = args_of(c, Pass::kTangent, b, &a); e.failure()) return e;
+    pf_.poison(a.tout, bytes<S>(a.plan.size));
+    return launch_main<TangentBody>(c.guided, a);
   }
 
  private:
@@ -159,10 +146,15 @@ class PhasedBackend {
     return ffi::Error::Success();
   }
 
+  // The kernel arguments of pass `pass` of a checked call: its plan, the
+  // call's buffers, and the ring workspace where the plan has a ring (the
+  // tangent and backward; a forward that does not save the member pools for
+  // the derivatives, whose merged groups merge as they go: ForwardBody).
   template <typename S>
-  KernelArgs<S> args_of(const LaunchPlan& plan, const Buffers<S>& b) {
-    KernelArgs<S> a;
-    a.plan = plan;
+  ffi::Error args_of(const Call& c, Pass pass, const Buffers<S>& b,
+                     KernelArgs<S>* args) {
+    KernelArgs<S>& a = *args;
+    if (auto e = plan_of(c, pass, &a.plan); e.failure()) return e;
     a.x = b.x;
     a.g = b.g;
     a.out = const_cast<S*>(b.out);  // only the forward's body writes it
@@ -176,7 +168,8 @@ class PhasedBackend {
     a.dg = b.dg;
     a.ring = nullptr;
     a.flags = pf_.flags();
-    return a;
+    if (a.plan.ring == 0) return ffi::Error::Success();
+    return ring(a.plan, &a);
   }
 
   template <typename S>
@@ -185,6 +178,15 @@ class PhasedBackend {
     if (w.has_error()) return w.error();
     a->ring = static_cast<Compute<S>*>(*w);
     return ffi::Error::Success();
+  }
+
+  // Launches Body<S, guided> on the plan's main grid.
+  template <template <typename, bool> class Body, typename S>
+  ffi::Error launch_main(bool guided, const KernelArgs<S>& a) {
+    if (guided) {
+      return pf_.template launch<Body<S, true>>(main_launch(a.plan), a);
+    }
+    return pf_.template launch<Body<S, false>>(main_launch(a.plan), a);
   }
 
   Platform pf_;

@@ -539,9 +539,10 @@ LMCONV_HDI int64_t member_offset(const LaunchPlan& p, int64_t image, int k) {
   return (image * (p.max_members - 1) + k) * p.image;
 }
 
-// The member pool a merged group's member k reads or writes: out for a
-// single-member group, its slot of `members` otherwise (as an offset from
-// the pixel's element in x).
+// The member pool a merged group's member k reads or writes (as an offset
+// from the pixel's element in x): its slot of `members` where the plan saves
+// the member pools (always for the tangent and backward), else out (a
+// single-member group's pool; a forward that merges as it goes).
 template <typename S>
 struct PoolRef {
   S* base;
@@ -551,7 +552,7 @@ struct PoolRef {
 template <typename S>
 LMCONV_HDI PoolRef<S> pool_of(const KernelArgs<S>& a, int members,
                               int64_t image, int k) {
-  if (members == 1) return PoolRef<S>{a.out, 0};
+  if (members == 1 || !a.plan.saved_members) return PoolRef<S>{a.out, 0};
   return PoolRef<S>{a.members, member_offset(a.plan, image, k)};
 }
 
@@ -569,6 +570,104 @@ LMCONV_HDI int winner_at(const KernelArgs<S>& a, int members, int64_t image,
       best);
 }
 
+// What the Step of every sweeping body starts with (a body's Step derives
+// from it, names the parts it uses in using-declarations, as a dependent
+// base needs, and adds its pass's load(u, q) and store(u, q), which
+// for_each_batch runs for pixel q at u of a batch): member `member` of a
+// group of `members`, its sweep s and pool, the block's ring at this lane,
+// the sweep phase, and the values every pass loads.
+template <typename S, bool kGuided>
+struct MemberStep {
+  using T = StorageTraits<S>;
+  using Acc = Compute<S>;
+  const KernelArgs<S>& a;
+  const Sweep& s;
+  int64_t base, g_base;  // Lane's
+  PoolRef<S> pool;
+  int64_t ring;          // this block's ring, at this lane (index into a.ring)
+  int64_t image;
+  int members, member;
+  int64_t phase;
+  Acc x[kBatch] = {}, o1[kBatch] = {}, o2[kBatch] = {}, g[kBatch] = {};
+
+  // Index of pixel k of phase ph in a ring of one value per pixel.
+  LMCONV_HDI int64_t slot(int64_t ph, int64_t k) const {
+    return ring + ((ph & 1) * s.slots + k) * a.plan.lanes;
+  }
+  // The ring index of q's neighbour at view offset n (in the phase before).
+  LMCONV_HDI int64_t slot_of(const Pixel& q, Offset n) const {
+    return s.skew == 0 ? q.j + n.dc : q.i + n.dr;
+  }
+  // What the phase before left in such a ring for q's neighbour at n.
+  LMCONV_HDI Acc ring_neighbour(const Pixel& q, Offset n) const {
+    return ld<Acc>(a.ring, slot(phase - 1, slot_of(q, n)));
+  }
+
+  LMCONV_HDI void load_x(int u, const Pixel& q) {
+    x[u] = T::load_input(ld<S>(a.x, base + q.at));
+  }
+  // The member's pool at q's neighbours, as stored (x where there is none).
+  LMCONV_HDI void load_neighbours(int u, const Pixel& q) {
+    const int64_t p = pool.offset + base + q.at;
+    o1[u] = q.in1 ? T::load(ld<S>(pool.base, p + s.off1)) : x[u];
+    o2[u] = q.in2 ? T::load(ld<S>(pool.base, p + s.off2)) : x[u];
+  }
+  LMCONV_HDI void load_guide(int u, const Pixel& q) {
+    if constexpr (kGuided) g[u] = T::load_input(ld<S>(a.g, g_base + q.g_at));
+  }
+
+  // Whether the member won the merge at x's element p (alone: always).
+  LMCONV_HDI bool won(int64_t p) const {
+    Acc best;
+    return members == 1 || winner_at(a, members, image, p, &best) == member;
+  }
+
+  // Whether q's phase has a pixel after q (the emulator's kPlantRace reads
+  // what it writes).
+  LMCONV_HDI bool next_in_phase(const Pixel& q) const {
+    int64_t lo, hi;
+    phase_pixels(s, phase, &lo, &hi);
+    return q.k + 1 < hi;
+  }
+};
+
+// begin() and run() of the sweeping bodies (ForwardBody, TangentBody and
+// BackwardBody derive from it). A phase of the launch is a phase of the
+// sweep of one member of the lane's group (member_phase), the backward's
+// in reverse, run with Body::Step; the forward's merge phase is
+// Body::merge.
+template <typename Body, typename S>
+struct SweepBody {
+  using Args = KernelArgs<S>;
+
+  static LMCONV_HDI Lane begin(const Args& a, int64_t block, int64_t thread) {
+    return lane_of(a.plan, block, thread);
+  }
+
+  static LMCONV_HDI void run(const Args& a, const Lane& l, int64_t phase,
+                             unsigned char* /*shared*/) {
+    const LaunchPlan& p = a.plan;
+    if (!l.active) return;
+    const int members = p.members[l.group];
+    const MemberPhase mp = member_phase(p, l.group, phase);
+    if (mp.member < 0) return;
+    if (mp.member == members) {  // the merge phase (only the forward has one)
+      if constexpr (Body::kPass == Pass::kForward) Body::merge(a, l);
+      return;
+    }
+    const int dir = p.first[l.group] + mp.member;
+    const Sweep s = sweep_of(p, dir);
+    const int64_t local = Body::kPass == Pass::kBackward
+                              ? p.dir_phases[dir] - 1 - mp.local
+                              : mp.local;
+    typename Body::Step step{{a, s, l.base, l.g_base,
+                              pool_of(a, members, l.image, mp.member),
+                              l.block * p.ring + l.lane, l.image, members,
+                              mp.member, local}};
+    for_each_batch(s, p.pixel_lanes, l, local, step);
+  }
+};
+
 // Forward: member k's pool at p from x[p] (g[p]) and the pool at its
 // neighbours, which earlier phases stored (so they are read back as stored).
 // Then, for a merged group, the merge phase: out = max of the member pools.
@@ -578,54 +677,48 @@ LMCONV_HDI int winner_at(const KernelArgs<S>& a, int members, int64_t image,
 // phase finds its neighbours, and takes out[p] where it is strictly greater
 // or NaN (landmark_pool.h's merge_winner, member by member).
 template <typename S, bool kGuided>
-struct ForwardBody {
+struct ForwardBody : SweepBody<ForwardBody<S, kGuided>, S> {
   static constexpr Pass kPass = Pass::kForward;
   static constexpr unsigned kWrites =
       buffer_bit(kBufOut) | buffer_bit(kBufMembers) | buffer_bit(kBufRing);
-  using Args = KernelArgs<S>;
-  using Acc = Compute<S>;
 
-  struct Step {
+  // The merge phase of lane l's group.
+  static LMCONV_HDI void merge(const KernelArgs<S>& a, const Lane& l) {
+    const LaunchPlan& p = a.plan;
+    if (!p.saved_members) return;
     using T = StorageTraits<S>;
-    const Args& a;
-    const Sweep& s;
-    int64_t base, g_base;  // Lane's
-    PoolRef<S> pool;
-    bool in_ring;          // merging as it goes: the pool is in the ring
-    int64_t ring;          // this block's ring, at this lane
-    int64_t phase;
-    Acc x[kBatch] = {}, o1[kBatch] = {}, o2[kBatch] = {}, g[kBatch] = {};
+    const int64_t pixels = p.height * p.width;
+    for (int64_t q = l.k0; q < pixels; q += p.pixel_lanes) {
+      const int64_t e = l.base + q * p.channels;
+      Compute<S> best;
+      winner_at(a, p.members[l.group], l.image, e, &best);
+      st<S>(a.out, e, T::store(best));
+    }
+  }
 
-    LMCONV_HDI int64_t slot(int64_t ph, int64_t k) const {
-      return ring + ((ph & 1) * s.slots + k) * a.plan.lanes;
-    }
-    LMCONV_HDI int64_t slot_of(const Pixel& q, Offset n) const {
-      return s.skew == 0 ? q.j + n.dc : q.i + n.dr;
-    }
+  struct Step : MemberStep<S, kGuided> {
+    using Base = MemberStep<S, kGuided>;
+    using typename Base::T, typename Base::Acc;
+    using Base::a, Base::s, Base::base, Base::pool, Base::members,
+        Base::member, Base::phase, Base::x, Base::o1, Base::o2, Base::g;
+    using Base::slot, Base::ring_neighbour, Base::load_x,
+        Base::load_neighbours, Base::load_guide, Base::next_in_phase;
+    // Merging as it goes: this member's pool is in the ring.
+    const bool in_ring = members > 1 && !a.plan.saved_members && member > 0;
 
     LMCONV_HDI void load(int u, const Pixel& q) {
-      const int64_t p = pool.offset + base + q.at;
-      x[u] = T::load_input(ld<S>(a.x, base + q.at));
+      load_x(u, q);
       if (in_ring) {
-        o1[u] = q.in1 ? ld<Acc>(a.ring, slot(phase - 1, slot_of(q, s.n1)))
-                      : x[u];
-        o2[u] = q.in2 ? ld<Acc>(a.ring, slot(phase - 1, slot_of(q, s.n2)))
-                      : x[u];
+        o1[u] = q.in1 ? ring_neighbour(q, s.n1) : x[u];
+        o2[u] = q.in2 ? ring_neighbour(q, s.n2) : x[u];
       } else {
-        o1[u] = q.in1 ? T::load(ld<S>(pool.base, p + s.off1)) : x[u];
-        o2[u] = q.in2 ? T::load(ld<S>(pool.base, p + s.off2)) : x[u];
+        load_neighbours(u, q);
       }
-      if constexpr (kGuided) {
-        g[u] = T::load_input(ld<S>(a.g, g_base + q.g_at));
-      }
+      load_guide(u, q);
 #if defined(LMCONV_EMULATOR)
-      if (a.flags & kPlantRace) {  // the next pixel of this phase: a race
-        int64_t lo, hi;
-        phase_pixels(s, phase, &lo, &hi);
-        if (q.k + 1 < hi) {
-          (void)ld<S>(pool.base, pool.offset + base +
-                                     pixel(s, phase, q.k + 1).at);
-        }
+      if ((a.flags & kPlantRace) && next_in_phase(q)) {  // a race
+        (void)ld<S>(pool.base,
+                    pool.offset + base + pixel(s, phase, q.k + 1).at);
       }
       if (a.flags & kPlantOutOfBounds) (void)ld<S>(a.x, a.plan.size);
 #endif
@@ -645,42 +738,6 @@ struct ForwardBody {
       }
     }
   };
-
-  static LMCONV_HDI Lane begin(const Args& a, int64_t block, int64_t thread) {
-    return lane_of(a.plan, block, thread);
-  }
-
-  static LMCONV_HDI void run(const Args& a, const Lane& l, int64_t phase,
-                             unsigned char* /*shared*/) {
-    const LaunchPlan& p = a.plan;
-    if (!l.active) return;
-    const int members = p.members[l.group];
-    const MemberPhase mp = member_phase(p, l.group, phase);
-    if (mp.member < 0) return;
-    if (mp.member == members) {  // the merge phase
-      if (!p.saved_members) return;
-      using T = StorageTraits<S>;
-      const int64_t pixels = p.height * p.width;
-      for (int64_t q = l.k0; q < pixels; q += p.pixel_lanes) {
-        const int64_t e = l.base + q * p.channels;
-        Acc best;
-        winner_at(a, members, l.image, e, &best);
-        st<S>(a.out, e, T::store(best));
-      }
-      return;
-    }
-    const Sweep s = sweep_of(p, p.first[l.group] + mp.member);
-    PoolRef<S> pool{a.out, 0};
-    if (members > 1 && p.saved_members) {
-      pool = pool_of(a, members, l.image, mp.member);
-    }
-    const bool in_ring = members > 1 && !p.saved_members && mp.member > 0;
-    // (Built step by step: nvcc 13.0's cicc crashed on a ?: of PoolRefs in
-    // this braced initialiser.)
-    Step step{a, s, l.base, l.g_base, pool, in_ring, l.block * p.ring + l.lane,
-              mp.local};
-    for_each_batch(s, p.pixel_lanes, l, mp.local, step);
-  }
 };
 
 // The tangent: member k's t[p] = pool_tangent[_guided](...) from tx[p] (g[p],
@@ -689,56 +746,34 @@ struct ForwardBody {
 // merged group only by the member that won at p); the ring keeps it
 // unrounded (Compute<S>), as the CPU kernel does.
 template <typename S, bool kGuided>
-struct TangentBody {
+struct TangentBody : SweepBody<TangentBody<S, kGuided>, S> {
   static constexpr Pass kPass = Pass::kTangent;
   static constexpr unsigned kWrites =
       buffer_bit(kBufTout) | buffer_bit(kBufRing);
-  using Args = KernelArgs<S>;
-  using Acc = Compute<S>;
 
-  struct Step {
-    using T = StorageTraits<S>;
-    const Args& a;
-    const Sweep& s;
-    int64_t base, g_base;
-    int64_t ring;   // this block's ring, at this lane (index into a.ring)
-    PoolRef<S> pool;
-    int64_t image;
-    int members, member;
-    int64_t phase;
-    Acc x[kBatch] = {}, o1[kBatch] = {}, o2[kBatch] = {}, g[kBatch] = {};
+  struct Step : MemberStep<S, kGuided> {
+    using Base = MemberStep<S, kGuided>;
+    using typename Base::T, typename Base::Acc;
+    using Base::a, Base::s, Base::base, Base::g_base, Base::phase, Base::x,
+        Base::o1, Base::o2, Base::g;
+    using Base::slot, Base::ring_neighbour, Base::load_x,
+        Base::load_neighbours, Base::load_guide, Base::won,
+        Base::next_in_phase;
     Acc tx[kBatch] = {}, t1[kBatch] = {}, t2[kBatch] = {}, tg[kBatch] = {};
 
-    // Index of t of pixel k of phase ph.
-    LMCONV_HDI int64_t slot(int64_t ph, int64_t k) const {
-      return ring + ((ph & 1) * s.slots + k) * a.plan.lanes;
-    }
-    // The ring index of q's neighbour at view offset n (in the phase before).
-    LMCONV_HDI int64_t slot_of(const Pixel& q, Offset n) const {
-      return s.skew == 0 ? q.j + n.dc : q.i + n.dr;
-    }
-
     LMCONV_HDI void load(int u, const Pixel& q) {
-      const int64_t p = base + q.at;
-      x[u] = T::load_input(ld<S>(a.x, p));
-      o1[u] = q.in1 ? T::load(ld<S>(pool.base, pool.offset + p + s.off1))
-                    : x[u];
-      o2[u] = q.in2 ? T::load(ld<S>(pool.base, pool.offset + p + s.off2))
-                    : x[u];
-      tx[u] = T::load(ld<S>(a.tx, p));
-      t1[u] = q.in1 ? ld<Acc>(a.ring, slot(phase - 1, slot_of(q, s.n1)))
-                    : Acc(0);
-      t2[u] = q.in2 ? ld<Acc>(a.ring, slot(phase - 1, slot_of(q, s.n2)))
-                    : Acc(0);
+      load_x(u, q);
+      load_neighbours(u, q);
+      tx[u] = T::load(ld<S>(a.tx, base + q.at));
+      t1[u] = q.in1 ? ring_neighbour(q, s.n1) : Acc(0);
+      t2[u] = q.in2 ? ring_neighbour(q, s.n2) : Acc(0);
       if constexpr (kGuided) {
-        g[u] = T::load_input(ld<S>(a.g, g_base + q.g_at));
+        load_guide(u, q);
         tg[u] = T::load(ld<S>(a.tg, g_base + q.g_at));
       }
 #if defined(LMCONV_EMULATOR)
-      if (a.flags & kPlantRace) {  // the ring slot the next pixel writes now
-        int64_t lo, hi;
-        phase_pixels(s, phase, &lo, &hi);
-        if (q.k + 1 < hi) (void)ld<Acc>(a.ring, slot(phase, q.k + 1));
+      if ((a.flags & kPlantRace) && next_in_phase(q)) {
+        (void)ld<Acc>(a.ring, slot(phase, q.k + 1));  // the next pixel's t
       }
 #endif
     }
@@ -754,38 +789,10 @@ struct TangentBody {
                          t2[u]);
       }
       const int64_t p = base + q.at;
-      Acc best;
-      if (members == 1 || winner_at(a, members, image, p, &best) == member) {
-        st<S>(a.tout, p, T::store(t));
-      }
+      if (won(p)) st<S>(a.tout, p, T::store(t));
       st<Acc>(a.ring, slot(phase, q.k), t);
     }
   };
-
-  static LMCONV_HDI Lane begin(const Args& a, int64_t block, int64_t thread) {
-    return lane_of(a.plan, block, thread);
-  }
-
-  static LMCONV_HDI void run(const Args& a, const Lane& l, int64_t phase,
-                             unsigned char* /*shared*/) {
-    const LaunchPlan& p = a.plan;
-    if (!l.active) return;
-    const int members = p.members[l.group];
-    const MemberPhase mp = member_phase(p, l.group, phase);
-    if (mp.member < 0 || mp.member == members) return;
-    const Sweep s = sweep_of(p, p.first[l.group] + mp.member);
-    Step step{a,
-              s,
-              l.base,
-              l.g_base,
-              l.block * p.ring + l.lane,
-              pool_of(a, members, l.image, mp.member),
-              l.image,
-              members,
-              mp.member,
-              mp.local};
-    for_each_batch(s, p.pixel_lanes, l, mp.local, step);
-  }
 };
 
 // Backward: step t of member k runs forward phase phases - 1 - t of its
@@ -797,26 +804,21 @@ struct TangentBody {
 // nothing (its pixels are the sources of none), so the ring needs no reset
 // between the members.
 template <typename S, bool kGuided>
-struct BackwardBody {
+struct BackwardBody : SweepBody<BackwardBody<S, kGuided>, S> {
   static constexpr Pass kPass = Pass::kBackward;
   static constexpr unsigned kWrites =
       buffer_bit(kBufDx) | buffer_bit(kBufDgPixels) | buffer_bit(kBufRing);
-  using Args = KernelArgs<S>;
-  using Acc = Compute<S>;
 
-  struct Step {
-    using T = StorageTraits<S>;
-    const Args& a;
-    const Sweep& s;
-    int64_t base, g_base;
-    int64_t ring;
-    PoolRef<S> pool;
-    int64_t image;
-    int members, member;
-    int64_t phase;
-    Acc G[kBatch] = {}, x[kBatch] = {}, o1[kBatch] = {}, o2[kBatch] = {},
-        g[kBatch] = {};
+  struct Step : MemberStep<S, kGuided> {
+    using Base = MemberStep<S, kGuided>;
+    using typename Base::T, typename Base::Acc;
+    using Base::a, Base::s, Base::base, Base::ring, Base::member,
+        Base::phase, Base::x, Base::o1, Base::o2, Base::g;
+    using Base::slot_of, Base::load_x, Base::load_neighbours,
+        Base::load_guide, Base::won, Base::next_in_phase;
+    Acc G[kBatch] = {};
 
+    // Index of what pixel k of phase ph passed to n1 (which = 0) or n2 (1).
     LMCONV_HDI int64_t slot(int64_t ph, int64_t k, int which) const {
       return ring + (((ph & 1) * s.slots + k) * 2 + which) * a.plan.lanes;
     }
@@ -824,32 +826,21 @@ struct BackwardBody {
     LMCONV_HDI void load(int u, const Pixel& q) {
       const int64_t p = base + q.at;
       const Acc c = T::load(ld<S>(a.ct, p));
-      Acc best;
-      G[u] = members == 1 || winner_at(a, members, image, p, &best) == member
-                 ? c
-                 : Acc(0);
+      G[u] = won(p) ? c : Acc(0);
       for (int t = 0; t < 2; ++t) {  // in the CPU's order
         const int which = (t == 0) == s.n2_first ? 1 : 0;
         const Offset n = which ? s.n2 : s.n1;
-        if (inside(q.i, q.j, Offset{-n.dr, -n.dc}, s.height, s.width)) {
-          G[u] += ld<Acc>(a.ring, slot(phase + 1,
-                                       s.skew == 0 ? q.j - n.dc : q.i - n.dr,
-                                       which));
+        const Offset from{-n.dr, -n.dc};  // to the pixel whose n is q
+        if (inside(q.i, q.j, from, s.height, s.width)) {
+          G[u] += ld<Acc>(a.ring, slot(phase + 1, slot_of(q, from), which));
         }
       }
-      x[u] = T::load_input(ld<S>(a.x, p));
-      o1[u] = q.in1 ? T::load(ld<S>(pool.base, pool.offset + p + s.off1))
-                    : x[u];
-      o2[u] = q.in2 ? T::load(ld<S>(pool.base, pool.offset + p + s.off2))
-                    : x[u];
-      if constexpr (kGuided) {
-        g[u] = T::load_input(ld<S>(a.g, g_base + q.g_at));
-      }
+      load_x(u, q);
+      load_neighbours(u, q);
+      load_guide(u, q);
 #if defined(LMCONV_EMULATOR)
-      if (a.flags & kPlantRace) {  // the ring slot the next pixel writes now
-        int64_t lo, hi;
-        phase_pixels(s, phase, &lo, &hi);
-        if (q.k + 1 < hi) (void)ld<Acc>(a.ring, slot(phase, q.k + 1, 0));
+      if ((a.flags & kPlantRace) && next_in_phase(q)) {
+        (void)ld<Acc>(a.ring, slot(phase, q.k + 1, 0));  // the next pixel's
       }
 #endif
     }
@@ -879,32 +870,6 @@ struct BackwardBody {
       st<Acc>(a.ring, slot(phase, q.k, 1), r.to_n2);
     }
   };
-
-  static LMCONV_HDI Lane begin(const Args& a, int64_t block, int64_t thread) {
-    return lane_of(a.plan, block, thread);
-  }
-
-  static LMCONV_HDI void run(const Args& a, const Lane& l, int64_t step,
-                             unsigned char* /*shared*/) {
-    const LaunchPlan& p = a.plan;
-    if (!l.active) return;
-    const int members = p.members[l.group];
-    const MemberPhase mp = member_phase(p, l.group, step);
-    if (mp.member < 0 || mp.member == members) return;
-    const int dir = p.first[l.group] + mp.member;
-    const Sweep s = sweep_of(p, dir);
-    Step st_{a,
-             s,
-             l.base,
-             l.g_base,
-             l.block * p.ring + l.lane,
-             pool_of(a, members, l.image, mp.member),
-             l.image,
-             members,
-             mp.member,
-             p.dir_phases[dir] - 1 - mp.local};
-    for_each_batch(s, p.pixel_lanes, l, st_.phase, st_);
-  }
 };
 
 // The second launch of a guided backward whose guide is broadcast: guide
