@@ -459,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="training images (default 8000; --quick 1024)")
   d.add_argument("--test-size", type=_positive_int, metavar="N",
                  help="test images (default 2000; --quick 256)")
-  d.add_argument("--implementation", choices=("auto", "ffi", "reference"),
+  d.add_argument("--implementation", choices=ops.IMPLEMENTATIONS,
                  help="landmark pool implementation (default auto: the FFI "
                       "kernels where built)")
   d.add_argument("--no-figures", action="store_true",

@@ -33,7 +33,6 @@
 #include <utility>
 #include <vector>
 
-
 #include "ffi_common.h"
 
 namespace ffi = xla::ffi;
@@ -62,10 +61,10 @@ struct Plan {
   Geometry geo;
   int groups;
   int64_t group_channels;
-  int64_t block;          // channels per work item
+  int64_t block;  // channels per work item
   int64_t items_per_image;
-  bool whole_groups;      // an item holds block / group_channels groups
-  int64_t nblocks;        // channel blocks per group (!whole_groups)
+  bool whole_groups;  // an item holds block / group_channels groups
+  int64_t nblocks;    // channel blocks per group (!whole_groups)
   int64_t items() const { return geo.batch * items_per_image; }
 };
 
@@ -75,8 +74,8 @@ Plan make_plan(const Call& c, int64_t threads, int64_t element_bytes) {
   if (cg * element_bytes < line && line % (cg * element_bytes) == 0 &&
       (c.geo.channels * element_bytes) % line == 0) {
     const int64_t block = line / element_bytes;
-    return Plan{c.geo, c.grouping.groups, cg, block,
-                c.geo.channels / block, true, 0};
+    return Plan{
+        c.geo, c.grouping.groups, cg, block, c.geo.channels / block, true, 0};
   }
   int64_t block = std::min(cg, kMaxChannelBlock);
   auto nblocks = [&] { return (cg + block - 1) / block; };
@@ -86,8 +85,9 @@ Plan make_plan(const Call& c, int64_t threads, int64_t element_bytes) {
     block = (block / 2 + kMinChannelBlock - 1) / kMinChannelBlock *
             kMinChannelBlock;
   }
-  return Plan{c.geo, c.grouping.groups, cg, block,
-              c.grouping.groups * nblocks(), false, nblocks()};
+  return Plan{
+      c.geo, c.grouping.groups, cg, block, c.grouping.groups * nblocks(),
+      false, nblocks()};
 }
 
 // Runs fn(0), ..., fn(n - 1) on the calling thread and on at most
@@ -97,8 +97,8 @@ Plan make_plan(const Call& c, int64_t threads, int64_t element_bytes) {
 // all items are claimed return at once.
 void parallel_for(ffi::ThreadPool& pool, int64_t n, int64_t elements,
                   const std::function<void(int64_t)>& fn) {
-  const int64_t threads = elements < kMinParallelElements ? 0
-                                                          : pool.num_threads();
+  const int64_t threads =
+      elements < kMinParallelElements ? 0 : pool.num_threads();
   const int64_t helpers = std::min(threads, n) - 1;
   if (helpers <= 0) {
     for (int64_t k = 0; k < n; ++k) fn(k);
@@ -157,7 +157,6 @@ using Compute = typename StorageTraits<S>::Compute;
 // Lambdas inside a cloned function are functions of their own, compiled for
 // the baseline ISA unless inlined: they must be, or the v3 clone runs SSE2.
 #define LMCONV_LAMBDA_INLINE __attribute__((always_inline))
-
 
 // Where the guide of a direction's view pixel (i, j) is, from the item's
 // first guide element: broadcast dims have stride 0.
@@ -316,9 +315,8 @@ struct RingMergePass {
       const auto xv = T::load_input(xp[c]);
       const auto m = pool_max(xv, kIn1, kIn1 ? T::load(o1[c]) : xv, kIn2,
                               kIn2 ? T::load(o2[c]) : xv);
-      const S val = T::store(kGuided ? pool_blend(guide_at<kGuideVec>(gp, c),
-                                                  m, xv)
-                                     : m);
+      const S val =
+          T::store(kGuided ? pool_blend(guide_at<kGuideVec>(gp, c), m, xv) : m);
       r[c] = val;
       const auto vv = T::load(val), cur = T::load(op[c]);
       op[c] = ((vv > cur) | (vv != vv)) ? val : op[c];
@@ -436,14 +434,21 @@ LMCONV_CPU_CLONES void forward_item(Pass& pass, const ScanView& v,
     pass.template pixel<decltype(in1)::value, decltype(in2)::value>(row, p, j,
                                                                     n);
   };
-  auto edge = [&](const Row& row, int64_t i,
-                  int64_t j) LMCONV_LAMBDA_INLINE {
+  auto edge = [&](const Row& row, int64_t i, int64_t j) LMCONV_LAMBDA_INLINE {
     switch (inside(i, j, v.n1, height, width) * 2 +
             inside(i, j, v.n2, height, width)) {
-      case 3: step(std::true_type{}, std::true_type{}, row, i, j); break;
-      case 2: step(std::true_type{}, std::false_type{}, row, i, j); break;
-      case 1: step(std::false_type{}, std::true_type{}, row, i, j); break;
-      default: step(std::false_type{}, std::false_type{}, row, i, j); break;
+      case 3:
+        step(std::true_type{}, std::true_type{}, row, i, j);
+        break;
+      case 2:
+        step(std::true_type{}, std::false_type{}, row, i, j);
+        break;
+      case 1:
+        step(std::false_type{}, std::true_type{}, row, i, j);
+        break;
+      default:
+        step(std::false_type{}, std::false_type{}, row, i, j);
+        break;
     }
   };
   const int64_t j1 = width - 1;
@@ -476,13 +481,17 @@ LMCONV_CPU_CLONES void forward_item(Pass& pass, const ScanView& v,
     // the first, so one switch per row (not per pixel).
     const bool in1 = v.n1.dr == 0 || i > 0, in2 = v.n2.dr == 0 || i > 0;
     if (in1 && in2) {
-      for (int64_t j = 1; j < j1; ++j) step(std::true_type{}, std::true_type{}, row, i, j);
+      for (int64_t j = 1; j < j1; ++j)
+        step(std::true_type{}, std::true_type{}, row, i, j);
     } else if (in1) {
-      for (int64_t j = 1; j < j1; ++j) step(std::true_type{}, std::false_type{}, row, i, j);
+      for (int64_t j = 1; j < j1; ++j)
+        step(std::true_type{}, std::false_type{}, row, i, j);
     } else if (in2) {
-      for (int64_t j = 1; j < j1; ++j) step(std::false_type{}, std::true_type{}, row, i, j);
+      for (int64_t j = 1; j < j1; ++j)
+        step(std::false_type{}, std::true_type{}, row, i, j);
     } else {
-      for (int64_t j = 1; j < j1; ++j) step(std::false_type{}, std::false_type{}, row, i, j);
+      for (int64_t j = 1; j < j1; ++j)
+        step(std::false_type{}, std::false_type{}, row, i, j);
     }
     if (width > 1) edge(row, i, j1);
   }
@@ -504,12 +513,12 @@ LMCONV_CPU_CLONES void forward_item(Pass& pass, const ScanView& v,
 template <typename S>
 struct BackwardArgs {
   const S* x;
-  const S* g;        // the item's first guide element
+  const S* g;  // the item's first guide element
   GuideView gv;
-  const S* o;        // the member's pool (out, or its slot of members)
+  const S* o;  // the member's pool (out, or its slot of members)
   const S* ct;
   S* dx;
-  S* dg;             // x's layout (the guide's gradient per pixel)
+  S* dg;                  // x's layout (the guide's gradient per pixel)
   const uint8_t* winner;  // x's layout; kMasked only
   int member;
   const ScanView* v;
@@ -518,13 +527,10 @@ struct BackwardArgs {
 
 template <typename S, bool kGuided, bool kGuideVec, bool kAccum, bool kIn1,
           bool kIn2>
-LMCONV_INLINE void backward_pixel(const S* __restrict x, const S* __restrict g,
-                                  const S* __restrict o1,
-                                  const S* __restrict o2,
-                                  Compute<S>* __restrict G,
-                                  Compute<S>* __restrict G1,
-                                  Compute<S>* __restrict G2, S* __restrict dx,
-                                  S* __restrict dg, int64_t n) {
+LMCONV_INLINE void backward_pixel(
+    const S* __restrict x, const S* __restrict g, const S* __restrict o1,
+    const S* __restrict o2, Compute<S>* __restrict G, Compute<S>* __restrict G1,
+    Compute<S>* __restrict G2, S* __restrict dx, S* __restrict dg, int64_t n) {
   using T = StorageTraits<S>;
   constexpr bool kInPlace = std::is_same_v<S, Compute<S>> && !kAccum;
   for (int64_t c = 0; c < n; ++c) {
@@ -630,23 +636,35 @@ LMCONV_CPU_CLONES void backward_item(const BackwardArgs<S>& a) {
     auto edge = [&](int64_t j) LMCONV_LAMBDA_INLINE {
       switch (inside(i, j, v.n1, height, width) * 2 +
               inside(i, j, v.n2, height, width)) {
-        case 3: step(std::true_type{}, std::true_type{}, j); break;
-        case 2: step(std::true_type{}, std::false_type{}, j); break;
-        case 1: step(std::false_type{}, std::true_type{}, j); break;
-        default: step(std::false_type{}, std::false_type{}, j); break;
+        case 3:
+          step(std::true_type{}, std::true_type{}, j);
+          break;
+        case 2:
+          step(std::true_type{}, std::false_type{}, j);
+          break;
+        case 1:
+          step(std::false_type{}, std::true_type{}, j);
+          break;
+        default:
+          step(std::false_type{}, std::false_type{}, j);
+          break;
       }
     };
     // Interior columns: one switch per row (see forward_item).
     const bool in1 = v.n1.dr == 0 || i > 0, in2 = v.n2.dr == 0 || i > 0;
     if (width > 1) edge(width - 1);
     if (in1 && in2) {
-      for (int64_t j = width - 2; j >= 1; --j) step(std::true_type{}, std::true_type{}, j);
+      for (int64_t j = width - 2; j >= 1; --j)
+        step(std::true_type{}, std::true_type{}, j);
     } else if (in1) {
-      for (int64_t j = width - 2; j >= 1; --j) step(std::true_type{}, std::false_type{}, j);
+      for (int64_t j = width - 2; j >= 1; --j)
+        step(std::true_type{}, std::false_type{}, j);
     } else if (in2) {
-      for (int64_t j = width - 2; j >= 1; --j) step(std::false_type{}, std::true_type{}, j);
+      for (int64_t j = width - 2; j >= 1; --j)
+        step(std::false_type{}, std::true_type{}, j);
     } else {
-      for (int64_t j = width - 2; j >= 1; --j) step(std::false_type{}, std::false_type{}, j);
+      for (int64_t j = width - 2; j >= 1; --j)
+        step(std::false_type{}, std::false_type{}, j);
     }
     edge(0);
   }
@@ -664,16 +682,16 @@ struct Item {
   int max_members;       // K
   // Element offset of member k's pool of this item in `members`, which is
   // (..., K, H, W, C): image b's member k starts at (b * K + k) * image.
-  int64_t member(int k) const {
-    return (b * max_members + k) * image + c0;
-  }
+  int64_t member(int k) const { return (b * max_members + k) * image + c0; }
 };
 
-// Runs fn(piece) over every work item of the plan: a piece is one group's
-// channels of the item (an item of whole groups has several, run in turn).
+// Runs fn(piece) over every work item of the call's plan (make_plan, for
+// elements of element_bytes): a piece is one group's channels of the item
+// (an item of whole groups has several, run in turn).
 template <typename F>
-void for_each_item(ffi::ThreadPool& pool, const Plan& plan, const Call& c,
+void for_each_item(ffi::ThreadPool& pool, const Call& c, int64_t element_bytes,
                    F fn) {
+  const Plan plan = make_plan(c, pool.num_threads(), element_bytes);
   const Geometry& geo = plan.geo;
   const int64_t image = geo.height * geo.width * geo.channels;
   parallel_for(pool, plan.items(), geo.size(), [&](int64_t k) {
@@ -804,58 +822,72 @@ class CpuBackend {
 
   template <typename S>
   ffi::Error forward(const Call& c, const Buffers<S>& b) {
-    if (!c.guided) return forward_as<S, false, false>(c, b);
-    if (c.guide.channel_stride) return forward_as<S, true, true>(c, b);
-    return forward_as<S, true, false>(c, b);
+    return by_guide(c, [&](auto guided, auto vec) {
+      return forward_as<S, guided.value, vec.value>(c, b);
+    });
   }
 
   template <typename S>
   ffi::Error tangent(const Call& c, const Buffers<S>& b) {
-    if (!c.guided) return tangent_as<S, false, false>(c, b);
-    if (c.guide.channel_stride) return tangent_as<S, true, true>(c, b);
-    return tangent_as<S, true, false>(c, b);
+    return by_guide(c, [&](auto guided, auto vec) {
+      return tangent_as<S, guided.value, vec.value>(c, b);
+    });
   }
 
   template <typename S>
   ffi::Error backward(const Call& c, const Buffers<S>& b) {
-    if (!c.guided) return backward_as<S, false, false>(c, b);
-    if (c.guide.channel_stride) return backward_as<S, true, true>(c, b);
-    return backward_as<S, true, false>(c, b);
+    return by_guide(c, [&](auto guided, auto vec) {
+      return backward_as<S, guided.value, vec.value>(c, b);
+    });
   }
 
  private:
+  // run(kGuided, kGuideVec) with the two as std::bool_constant: is there a
+  // guide, and is it per channel.
+  template <typename Run>
+  static ffi::Error by_guide(const Call& c, Run run) {
+    if (!c.guided) return run(std::false_type{}, std::false_type{});
+    if (c.guide.channel_stride) return run(std::true_type{}, std::true_type{});
+    return run(std::true_type{}, std::false_type{});
+  }
+
+  // Every direction's views of x and of the guide.
   struct Views {
     ScanView scan[kMaxDirections];
     GuideView guide[kMaxDirections];
-  };
 
-  static void make_views(const Call& c, Views* v) {
-    int total = 0;
-    for (int p = 0; p < c.grouping.groups; ++p) total += c.grouping.members[p];
-    for (int k = 0; k < total; ++k) {
-      v->scan[k] = make_scan_view(c.grouping.dirs[k], c.geo.height,
-                                  c.geo.width, c.geo.channels);
-      v->guide[k] = c.guided ? make_guide_view(c.grouping.dirs[k], c.guide)
-                             : GuideView{0, 0, 0};
+    explicit Views(const Call& c) {
+      int total = 0;
+      for (int p = 0; p < c.grouping.groups; ++p) {
+        total += c.grouping.members[p];
+      }
+      for (int k = 0; k < total; ++k) {
+        scan[k] = make_scan_view(c.grouping.dirs[k], c.geo.height, c.geo.width,
+                                 c.geo.channels);
+        guide[k] = c.guided ? make_guide_view(c.grouping.dirs[k], c.guide)
+                            : GuideView{0, 0, 0};
+      }
     }
-  }
+  };
 
   template <typename S, bool kGuided, bool kGuideVec>
   ffi::Error forward_as(const Call& c, const Buffers<S>& b) {
-    const Plan plan = make_plan(c, pool_.num_threads(), sizeof(S));
-    Views views;
-    make_views(c, &views);
+    const Views views(c);
     const Geometry& geo = c.geo;
     const bool full = c.guided && c.guide.full;
-    for_each_item(pool_, plan, c, [&](const Item& it) {
+    for_each_item(pool_, c, sizeof(S), [&](const Item& it) {
       const int members = c.grouping.members[it.group];
       const S* g = kGuided ? b.g + it.guide_offset : nullptr;
       for (int k = 0; k < members; ++k) {
         const int d = c.grouping.first[it.group] + k;
         if (members > 1 && !c.has_members && k > 0) {
-          RingMergePass<S, kGuided, kGuideVec> pass{
-              b.x + it.offset, g, b.out_w + it.offset, views.scan[d],
-              views.guide[d], geo.width, it.n};
+          RingMergePass<S, kGuided, kGuideVec> pass{b.x + it.offset,
+                                                    g,
+                                                    b.out_w + it.offset,
+                                                    views.scan[d],
+                                                    views.guide[d],
+                                                    geo.width,
+                                                    it.n};
           forward_item<S>(pass, views.scan[d], geo.height, geo.width, it.n);
           continue;
         }
@@ -875,21 +907,19 @@ class CpuBackend {
 
   template <typename S, bool kGuided, bool kGuideVec>
   ffi::Error tangent_as(const Call& c, const Buffers<S>& b) {
-    const Plan plan = make_plan(c, pool_.num_threads(), sizeof(S));
-    Views views;
-    make_views(c, &views);
+    const Views views(c);
     const Geometry& geo = c.geo;
     // A merged group's member tangents, before the winner's is picked.
-    std::unique_ptr<S[]> t_members;
-    if (c.has_members) {
-      t_members = uninitialized<S>(c.grouping.max_members * geo.size());  // as members
-    }
-    for_each_item(pool_, plan, c, [&](const Item& it) {
+    const auto t_members = uninitialized<S>(
+        c.has_members ? c.grouping.max_members * geo.size() : 0);
+    for_each_item(pool_, c, sizeof(S), [&](const Item& it) {
       const int members = c.grouping.members[it.group];
       for (int k = 0; k < members; ++k) {
         const int d = c.grouping.first[it.group] + k;
-        const S* o = members == 1 ? b.out + it.offset : b.members + it.member(k);
-        S* t = members == 1 ? b.tout + it.offset : t_members.get() + it.member(k);
+        const S* o =
+            members == 1 ? b.out + it.offset : b.members + it.member(k);
+        S* t =
+            members == 1 ? b.tout + it.offset : t_members.get() + it.member(k);
         TangentPass<S, kGuided, kGuideVec> pass{
             b.x + it.offset,
             kGuided ? b.g + it.guide_offset : nullptr,
@@ -926,12 +956,9 @@ class CpuBackend {
 
   template <typename S, bool kGuided, bool kGuideVec>
   ffi::Error backward_as(const Call& c, const Buffers<S>& b) {
-    const Plan plan = make_plan(c, pool_.num_threads(), sizeof(S));
-    Views views;
-    make_views(c, &views);
+    const Views views(c);
     const Geometry& geo = c.geo;
-    std::unique_ptr<uint8_t[]> winner;
-    if (c.has_members) winner = uninitialized<uint8_t>(geo.size());
+    const auto winner = uninitialized<uint8_t>(c.has_members ? geo.size() : 0);
     // A broadcast guide's gradient, per pixel, before the reduction.
     std::unique_ptr<S[]> dg_full;
     S* dg = b.dg;
@@ -939,7 +966,7 @@ class CpuBackend {
       dg_full = uninitialized<S>(geo.size());
       dg = dg_full.get();
     }
-    for_each_item(pool_, plan, c, [&](const Item& it) {
+    for_each_item(pool_, c, sizeof(S), [&](const Item& it) {
       const int members = c.grouping.members[it.group];
       if (members > 1) {
         merge_item<S>(geo, members, b.members + it.member(0), nullptr,

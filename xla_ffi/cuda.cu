@@ -46,25 +46,23 @@ template <typename Body>
 cudaError_t launch(int64_t blocks, int64_t threads, int64_t phases,
                    int64_t shared_bytes, const typename Body::Args& args,
                    cudaStream_t stream) {
-  phased_kernel<Body><<<static_cast<unsigned>(blocks),
-                        static_cast<unsigned>(threads),
-                        static_cast<size_t>(shared_bytes), stream>>>(args,
-                                                                     phases);
+  phased_kernel<Body>
+      <<<static_cast<unsigned>(blocks), static_cast<unsigned>(threads),
+         static_cast<size_t>(shared_bytes), stream>>>(args, phases);
   return cudaGetLastError();
 }
 
-#define LMCONV_INSTANTIATE(...)                                            \
-  template cudaError_t launch<__VA_ARGS__>(int64_t, int64_t, int64_t,      \
-                                           int64_t,                        \
-                                           const typename __VA_ARGS__::Args&, \
+#define LMCONV_INSTANTIATE(...)                                                \
+  template cudaError_t launch<__VA_ARGS__>(int64_t, int64_t, int64_t, int64_t, \
+                                           const typename __VA_ARGS__::Args&,  \
                                            cudaStream_t);
-#define LMCONV_INSTANTIATE_DTYPE(S)                 \
-  LMCONV_INSTANTIATE(ForwardBody<S, false>)         \
-  LMCONV_INSTANTIATE(ForwardBody<S, true>)          \
-  LMCONV_INSTANTIATE(BackwardBody<S, false>)        \
-  LMCONV_INSTANTIATE(BackwardBody<S, true>)         \
-  LMCONV_INSTANTIATE(TangentBody<S, false>)         \
-  LMCONV_INSTANTIATE(TangentBody<S, true>)          \
+#define LMCONV_INSTANTIATE_DTYPE(S)          \
+  LMCONV_INSTANTIATE(ForwardBody<S, false>)  \
+  LMCONV_INSTANTIATE(ForwardBody<S, true>)   \
+  LMCONV_INSTANTIATE(BackwardBody<S, false>) \
+  LMCONV_INSTANTIATE(BackwardBody<S, true>)  \
+  LMCONV_INSTANTIATE(TangentBody<S, false>)  \
+  LMCONV_INSTANTIATE(TangentBody<S, true>)   \
   LMCONV_INSTANTIATE(ReduceBody<S>)
 
 LMCONV_INSTANTIATE_DTYPE(float)

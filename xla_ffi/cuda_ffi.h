@@ -192,7 +192,6 @@ class PhasedBackend {
   Platform pf_;
 };
 
-
 }  // namespace lmconv
 
 #endif  // LMCONV_JAX_XLA_FFI_CUDA_FFI_H_

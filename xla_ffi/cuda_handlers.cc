@@ -42,10 +42,10 @@ class CudaPlatform {
     if (bytes == 0) bytes = 1;
     std::optional<void*> p = scratch_->Allocate(bytes, /*alignment=*/256);
     if (!p.has_value()) {
-      return ffi::Unexpected(ffi::Error(
-          ffi::ErrorCode::kResourceExhausted,
-          "lmconv_jax CUDA kernels: could not allocate " +
-              std::to_string(bytes) + " bytes of scratch memory"));
+      return ffi::Unexpected(
+          ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                     "lmconv_jax CUDA kernels: could not allocate " +
+                         std::to_string(bytes) + " bytes of scratch memory"));
     }
     return *p;
   }
@@ -89,12 +89,12 @@ using CudaBackend = PhasedBackend<CudaPlatform>;
 #define LMCONV_BACKEND lmconv::cuda::CudaBackend
 #define LMCONV_SYMBOL(name) LmconvCuda##name
 #define LMCONV_TARGET(name) "lmconv_" name
-#define LMCONV_CONTEXT_PARAMS                                   \
+#define LMCONV_CONTEXT_PARAMS \
   cudaStream_t stream, int32_t device, ffi::ScratchAllocator scratch,
-#define LMCONV_BIND                                             \
-  xla::ffi::Ffi::Bind()                                         \
-      .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()            \
-      .Ctx<xla::ffi::DeviceOrdinal>()                           \
+#define LMCONV_BIND                                  \
+  xla::ffi::Ffi::Bind()                              \
+      .Ctx<xla::ffi::PlatformStream<cudaStream_t>>() \
+      .Ctx<xla::ffi::DeviceOrdinal>()                \
       .Ctx<xla::ffi::ScratchAllocator>()
 #define LMCONV_EXTRA_ATTR_PARAMS
 #define LMCONV_EXTRA_ATTRS

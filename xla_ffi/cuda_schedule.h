@@ -106,17 +106,17 @@ constexpr int kPlantOutOfBounds = 2;  // forward reads one element past x
 // ---------------------------------------------------------------------------
 
 struct Sweep {
-  int64_t height, width;    // view extents
+  int64_t height, width;                  // view extents
   int64_t row_stride, col_stride, start;  // element offsets, as in ScanView
   int64_t g_row_stride, g_col_stride, g_start;  // the same in the guide
-  Offset n1, n2;            // neighbour offsets in the view
-  int64_t off1, off2;       // element offsets from a pixel to n1, n2
-  bool transposed;          // view rows are image columns
-  int skew;                 // 0: phase i, k = j; else phase skew*i + j, k = i
-  bool n2_first;            // backward: add n2's pull before n1's
+  Offset n1, n2;                                // neighbour offsets in the view
+  int64_t off1, off2;  // element offsets from a pixel to n1, n2
+  bool transposed;     // view rows are image columns
+  int skew;            // 0: phase i, k = j; else phase skew*i + j, k = i
+  bool n2_first;       // backward: add n2's pull before n1's
   int64_t phases;
-  int64_t slots;            // k is in [0, slots)
-  int64_t per_phase;        // the most pixels a phase has
+  int64_t slots;      // k is in [0, slots)
+  int64_t per_phase;  // the most pixels a phase has
 };
 
 LMCONV_HDI Offset swap_axes(Offset o) { return Offset{o.dc, o.dr}; }
@@ -186,7 +186,7 @@ LMCONV_HDI void phase_pixels(const Sweep& s, int64_t phase, int64_t* lo,
   }
   const int64_t past = phase - s.width + 1;  // j < width: k >= past / skew
   *lo = past > 0 ? (past + s.skew - 1) / s.skew : 0;
-  const int64_t last = phase / s.skew + 1;   // j >= 0
+  const int64_t last = phase / s.skew + 1;  // j >= 0
   *hi = last < s.height ? last : s.height;
 }
 
@@ -205,9 +205,9 @@ LMCONV_HDI void pixel_at(const Sweep& s, int64_t phase, int64_t k, int64_t* i,
 // at most 128 registers, cuda.cu's launch bound), so up to 2 x multiprocessors
 // blocks run at once: one wave for the shapes of interest.
 constexpr int64_t kMaxThreads = 256;
-constexpr int64_t kMaxLanes = 32;     // channels per block: one warp's width
-constexpr int64_t kMinLanes = 16;     // split channels no finer (>= 32 bytes)
-constexpr int kBatch = 4;             // pixels a thread loads before it stores
+constexpr int64_t kMaxLanes = 32;  // channels per block: one warp's width
+constexpr int64_t kMinLanes = 16;  // split channels no finer (>= 32 bytes)
+constexpr int kBatch = 4;          // pixels a thread loads before it stores
 // Split channels until there are this many blocks per multiprocessor, so a
 // small batch still spreads over the GPU. More would not help: a block's
 // time is its number of phases, and blocks past what the GPU holds at once
@@ -220,7 +220,7 @@ constexpr int kPlanMaxGroups = 64;
 constexpr int kPlanMaxDirections = 64;
 constexpr int kPlanMaxRank = 11;
 constexpr int64_t kReduceThreads = 256;
-constexpr int kReduceBatch = 8;     // loads in flight per reducing thread
+constexpr int kReduceBatch = 8;  // loads in flight per reducing thread
 
 // Which kernel a plan is for: the geometry is the same, the workspace not.
 enum class Pass { kForward, kBackward, kTangent };
@@ -228,8 +228,19 @@ enum class Pass { kForward, kBackward, kTangent };
 // The buffers of KernelArgs, as bits of a body's kWrites (what it may write;
 // the emulator's detector refuses any other write).
 enum Buffer {
-  kBufX, kBufG, kBufOut, kBufMembers, kBufTx, kBufTg, kBufTout, kBufCt,
-  kBufDx, kBufDgPixels, kBufDg, kBufRing, kBufCount
+  kBufX,
+  kBufG,
+  kBufOut,
+  kBufMembers,
+  kBufTx,
+  kBufTg,
+  kBufTout,
+  kBufCt,
+  kBufDx,
+  kBufDgPixels,
+  kBufDg,
+  kBufRing,
+  kBufCount
 };
 constexpr unsigned buffer_bit(Buffer b) { return 1u << b; }
 
@@ -241,10 +252,10 @@ struct PlanInput {
   int members[kPlanMaxGroups];
   int first[kPlanMaxGroups];
   Direction dirs[kPlanMaxDirections];
-  bool saved_members;     // K > 1 and the member pools are in `members`
+  bool saved_members;  // K > 1 and the member pools are in `members`
   bool guided;
-  bool guide_full;        // the guide has x's shape
-  int rank;               // x's rank (lead dims + 3)
+  bool guide_full;  // the guide has x's shape
+  int rank;         // x's rank (lead dims + 3)
   int64_t x_dims[kPlanMaxRank];
   int64_t g_strides[kPlanMaxRank];  // guide element strides; 0: broadcast
   int64_t g_elements;
@@ -254,11 +265,11 @@ struct PlanInput {
 // 3 KB: inside CUDA's 4 KB of kernel parameters).
 struct LaunchPlan {
   int64_t batch, height, width, channels;
-  int64_t image;            // elements per image, H * W * C
-  int64_t size;             // elements of x
+  int64_t image;  // elements per image, H * W * C
+  int64_t size;   // elements of x
   int groups;
-  int64_t group_channels;   // C / P
-  int max_members;          // K
+  int64_t group_channels;  // C / P
+  int max_members;         // K
   // The member pools of merged groups are saved in `members` (always for
   // the tangent and backward; a forward for inference may not save them,
   // and then merges as it goes, a later member's pool in the ring).
@@ -273,18 +284,18 @@ struct LaunchPlan {
   int64_t x_dims[kPlanMaxRank];
   int64_t g_strides[kPlanMaxRank];
   int64_t g_elements;
-  GuideStrides guide;       // of the (H, W) dims
+  GuideStrides guide;  // of the (H, W) dims
   int64_t g_channel_stride;
   // The launch: grid, block, phases (a barrier after each), shared memory.
-  int64_t lanes;            // channels per block
-  int64_t chunks;           // channel chunks per group
-  int64_t pixel_lanes;      // threads per channel lane
-  int64_t blocks;           // batch * groups * chunks
-  int64_t threads;          // lanes * pixel_lanes
+  int64_t lanes;        // channels per block
+  int64_t chunks;       // channel chunks per group
+  int64_t pixel_lanes;  // threads per channel lane
+  int64_t blocks;       // batch * groups * chunks
+  int64_t threads;      // lanes * pixel_lanes
   int64_t phases;
-  int64_t shared_bytes;     // per block; this schedule needs none
-  int64_t max_slots;        // the most pixels per phase of any sweep's ring
-  int64_t ring;             // workspace per block, in Compute<S> elements
+  int64_t shared_bytes;  // per block; this schedule needs none
+  int64_t max_slots;     // the most pixels per phase of any sweep's ring
+  int64_t ring;          // workspace per block, in Compute<S> elements
   // The second launch of a guided backward with a broadcast guide: the
   // reduction of the per-pixel guide gradient (0 blocks: none).
   int64_t reduce_blocks, reduce_threads;
@@ -401,18 +412,18 @@ template <typename S>
 struct KernelArgs {
   LaunchPlan plan;
   const S* x;
-  const S* g;         // the guide, at its own shape
-  S* out;             // written by the forward, read by the others
-  S* members;         // (..., K, H, W, C): member pools of merged groups
-  const S* tx;        // tangent
-  const S* tg;        // tangent of the guide, at the guide's shape
+  const S* g;   // the guide, at its own shape
+  S* out;       // written by the forward, read by the others
+  S* members;   // (..., K, H, W, C): member pools of merged groups
+  const S* tx;  // tangent
+  const S* tg;  // tangent of the guide, at the guide's shape
   S* tout;
-  const S* ct;        // backward
+  const S* ct;  // backward
   S* dx;
-  S* dg_pixels;       // backward: the guide's gradient per pixel, x's layout
-  S* dg;              // reduction: the guide's gradient, the guide's shape
-  Compute<S>* ring;   // plan.blocks * plan.ring elements
-  int flags;          // emulator test hooks (kPlantRace, ...); 0 on the GPU
+  S* dg_pixels;      // backward: the guide's gradient per pixel, x's layout
+  S* dg;             // reduction: the guide's gradient, the guide's shape
+  Compute<S>* ring;  // plan.blocks * plan.ring elements
+  int flags;         // emulator test hooks (kPlantRace, ...); 0 on the GPU
 };
 
 // ---------------------------------------------------------------------------
@@ -422,8 +433,8 @@ struct KernelArgs {
 // What thread `thread` of block `block` works on.
 struct Lane {
   int64_t block, thread;
-  bool active;     // false for the lanes past the group's last channel
-  int64_t lane;    // channel lane in the block
+  bool active;   // false for the lanes past the group's last channel
+  int64_t lane;  // channel lane in the block
   int64_t image, group;
   int64_t base;    // element offset of (image, channel); pixels add to it
   int64_t g_base;  // the same in the guide
@@ -452,8 +463,8 @@ LMCONV_HDI Lane lane_of(const LaunchPlan& p, int64_t block, int64_t thread) {
   const int64_t c = l.group * p.group_channels + in_group;
   l.active = in_group < p.group_channels;
   l.base = l.image * p.image + c;
-  l.g_base = p.guided ? guide_image_offset(p, l.image) + c * p.g_channel_stride
-                      : 0;
+  l.g_base =
+      p.guided ? guide_image_offset(p, l.image) + c * p.g_channel_stride : 0;
   l.k0 = thread / p.lanes;
   return l;
 }
@@ -480,9 +491,9 @@ LMCONV_HDI MemberPhase member_phase(const LaunchPlan& p, int64_t group,
 // One pixel of a phase: where it is and which neighbours exist.
 struct Pixel {
   int64_t k, i, j;
-  int64_t at;      // element offset from Lane::base
-  int64_t g_at;    // element offset from Lane::g_base
-  bool in1, in2;   // n1, n2 inside the image
+  int64_t at;     // element offset from Lane::base
+  int64_t g_at;   // element offset from Lane::g_base
+  bool in1, in2;  // n1, n2 inside the image
 };
 
 LMCONV_HDI Pixel pixel(const Sweep& s, int64_t phase, int64_t k) {
@@ -584,7 +595,7 @@ struct MemberStep {
   const Sweep& s;
   int64_t base, g_base;  // Lane's
   PoolRef<S> pool;
-  int64_t ring;          // this block's ring, at this lane (index into a.ring)
+  int64_t ring;  // this block's ring, at this lane (index into a.ring)
   int64_t image;
   int members, member;
   int64_t phase;
@@ -660,10 +671,9 @@ struct SweepBody {
     const int64_t local = Body::kPass == Pass::kBackward
                               ? p.dir_phases[dir] - 1 - mp.local
                               : mp.local;
-    typename Body::Step step{{a, s, l.base, l.g_base,
-                              pool_of(a, members, l.image, mp.member),
-                              l.block * p.ring + l.lane, l.image, members,
-                              mp.member, local}};
+    typename Body::Step step{
+        {a, s, l.base, l.g_base, pool_of(a, members, l.image, mp.member),
+         l.block * p.ring + l.lane, l.image, members, mp.member, local}};
     for_each_batch(s, p.pixel_lanes, l, local, step);
   }
 };
@@ -698,11 +708,11 @@ struct ForwardBody : SweepBody<ForwardBody<S, kGuided>, S> {
 
   struct Step : MemberStep<S, kGuided> {
     using Base = MemberStep<S, kGuided>;
+    using Base::a, Base::s, Base::base, Base::pool, Base::members, Base::member,
+        Base::phase, Base::x, Base::o1, Base::o2, Base::g;
+    using Base::slot, Base::ring_neighbour, Base::load_x, Base::load_neighbours,
+        Base::load_guide, Base::next_in_phase;
     using typename Base::T, typename Base::Acc;
-    using Base::a, Base::s, Base::base, Base::pool, Base::members,
-        Base::member, Base::phase, Base::x, Base::o1, Base::o2, Base::g;
-    using Base::slot, Base::ring_neighbour, Base::load_x,
-        Base::load_neighbours, Base::load_guide, Base::next_in_phase;
     // Merging as it goes: this member's pool is in the ring.
     const bool in_ring = members > 1 && !a.plan.saved_members && member > 0;
 
@@ -753,12 +763,11 @@ struct TangentBody : SweepBody<TangentBody<S, kGuided>, S> {
 
   struct Step : MemberStep<S, kGuided> {
     using Base = MemberStep<S, kGuided>;
-    using typename Base::T, typename Base::Acc;
     using Base::a, Base::s, Base::base, Base::g_base, Base::phase, Base::x,
         Base::o1, Base::o2, Base::g;
-    using Base::slot, Base::ring_neighbour, Base::load_x,
-        Base::load_neighbours, Base::load_guide, Base::won,
-        Base::next_in_phase;
+    using Base::slot, Base::ring_neighbour, Base::load_x, Base::load_neighbours,
+        Base::load_guide, Base::won, Base::next_in_phase;
+    using typename Base::T, typename Base::Acc;
     Acc tx[kBatch] = {}, t1[kBatch] = {}, t2[kBatch] = {}, tg[kBatch] = {};
 
     LMCONV_HDI void load(int u, const Pixel& q) {
@@ -811,11 +820,11 @@ struct BackwardBody : SweepBody<BackwardBody<S, kGuided>, S> {
 
   struct Step : MemberStep<S, kGuided> {
     using Base = MemberStep<S, kGuided>;
+    using Base::a, Base::s, Base::base, Base::ring, Base::member, Base::phase,
+        Base::x, Base::o1, Base::o2, Base::g;
+    using Base::slot_of, Base::load_x, Base::load_neighbours, Base::load_guide,
+        Base::won, Base::next_in_phase;
     using typename Base::T, typename Base::Acc;
-    using Base::a, Base::s, Base::base, Base::ring, Base::member,
-        Base::phase, Base::x, Base::o1, Base::o2, Base::g;
-    using Base::slot_of, Base::load_x, Base::load_neighbours,
-        Base::load_guide, Base::won, Base::next_in_phase;
     Acc G[kBatch] = {};
 
     // Index of what pixel k of phase ph passed to n1 (which = 0) or n2 (1).
@@ -891,8 +900,8 @@ struct ReduceBody {
     return l;
   }
 
-  static LMCONV_HDI void run(const Args& a, const Lane& l,
-                             int64_t /*phase*/, unsigned char* /*shared*/) {
+  static LMCONV_HDI void run(const Args& a, const Lane& l, int64_t /*phase*/,
+                             unsigned char* /*shared*/) {
     using T = StorageTraits<S>;
     const LaunchPlan& p = a.plan;
     const int64_t e = l.block * p.reduce_threads + l.thread;

@@ -50,7 +50,6 @@
 #include <string>
 #include <vector>
 
-
 #include "cuda_ffi.h"
 
 namespace lmconv {
@@ -62,8 +61,9 @@ constexpr int64_t kOrderPlantRace = 4;
 constexpr int64_t kOrderPlantOutOfBounds = 8;
 
 const char* const kBufferNames[kBufCount] = {
-    "x", "guide", "out", "members", "tx", "tguide", "tout", "ct", "dx",
-    "dguide (per pixel)", "dguide", "workspace ring"};
+    "x",      "guide",         "out", "members", "tx",
+    "tguide", "tout",          "ct",  "dx",      "dguide (per pixel)",
+    "dguide", "workspace ring"};
 
 // The race and bounds detector: the state of every element of every buffer
 // in the current launch.
@@ -104,10 +104,11 @@ class Tracer {
     }
     if (k == regions_.size()) {
       std::ostringstream s;
-      s << "an access through a pointer that is no buffer of the call ("
-        << base << ", element " << index << "; buffers:";
+      s << "an access through a pointer that is no buffer of the call (" << base
+        << ", element " << index << "; buffers:";
       for (const Region& r : regions_) {
-        s << " " << kBufferNames[r.id] << "=" << static_cast<const void*>(r.base);
+        s << " " << kBufferNames[r.id] << "="
+          << static_cast<const void*>(r.base);
       }
       s << ")";
       fail(s.str());
@@ -189,9 +190,9 @@ class Tracer {
   static constexpr int64_t kMany = -2;
   struct State {
     int64_t phase = -1;
-    int64_t writer = -1;  // block * threads + thread, this phase
-    int64_t reader = -1;  // the same, or kMany
-    int64_t block = -1;   // the first block that touched it in the launch
+    int64_t writer = -1;      // block * threads + thread, this phase
+    int64_t reader = -1;      // the same, or kMany
+    int64_t block = -1;       // the first block that touched it in the launch
     int64_t last_write = -1;  // the phase of the last write in the launch
     bool multi_block = false, written = false;
   };
@@ -214,8 +215,8 @@ class Tracer {
     } else if (std::string(other) == "another block") {
       s << "touched by block " << who << " (and written) in the same launch";
     } else {
-      s << other << " block " << who / threads_ << " thread "
-        << who % threads_ << " in the same phase";
+      s << other << " block " << who / threads_ << " thread " << who % threads_
+        << " in the same phase";
     }
     fail(s.str());
   }
@@ -235,7 +236,6 @@ bool emu_trace(const void* base, int64_t index, bool write) {
 }
 
 namespace {
-
 
 // Registers the buffers of one launch of Body with the tracer.
 template <typename Body>

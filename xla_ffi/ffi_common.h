@@ -15,6 +15,7 @@
 #include <initializer_list>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -35,15 +36,15 @@ namespace ffi = xla::ffi;
 //                col_step, n1_row, n1_col, n2_row, n2_col), group by group.
 // ---------------------------------------------------------------------------
 
-constexpr int kMaxMembers = 4;    // directions merged in one group
-constexpr int kMaxGroups = 64;    // groups in one call
+constexpr int kMaxMembers = 4;      // directions merged in one group
+constexpr int kMaxGroups = 64;      // groups in one call
 constexpr int kMaxDirections = 64;  // members over all groups
 
 struct Grouping {
-  int groups = 0;         // P
-  int max_members = 0;    // K = the most members of any group
+  int groups = 0;           // P
+  int max_members = 0;      // K = the most members of any group
   int members[kMaxGroups];  // group_sizes: members (directions) per group
-  int first[kMaxGroups];  // index in dirs of the group's first member
+  int first[kMaxGroups];    // index in dirs of the group's first member
   Direction dirs[kMaxDirections];
 
   LMCONV_HDI const Direction& dir(int group, int member) const {
@@ -61,10 +62,10 @@ struct Geometry {
 // dim is x's or 1. Strides are in elements, 0 along broadcast dims.
 struct GuideLayout {
   int64_t row_stride, col_stride, channel_stride;  // of the unflipped image
-  int64_t height, width;       // the guide's own H, W (1 if broadcast)
-  bool full;                   // exactly x's shape: no reduction needed
-  int64_t elements;            // the guide's size
-  int lead = 0;                // number of dims before (H, W, C)
+  int64_t height, width;           // the guide's own H, W (1 if broadcast)
+  bool full;                       // exactly x's shape: no reduction needed
+  int64_t elements;                // the guide's size
+  int lead = 0;                    // number of dims before (H, W, C)
   int64_t x_lead[8], g_stride[8];  // x's leading dims; guide stride (0: bcast)
 
   // Element offset of image b's first guide element.
@@ -88,20 +89,34 @@ inline std::string dims_str(ffi::AnyBuffer::Dimensions dims) {
 
 inline std::string dtype_str(ffi::DataType t) {
   switch (t) {
-    case ffi::DataType::F32: return "float32";
-    case ffi::DataType::F64: return "float64";
-    case ffi::DataType::F16: return "float16";
-    case ffi::DataType::BF16: return "bfloat16";
-    case ffi::DataType::S8: return "int8";
-    case ffi::DataType::S16: return "int16";
-    case ffi::DataType::S32: return "int32";
-    case ffi::DataType::S64: return "int64";
-    case ffi::DataType::U8: return "uint8";
-    case ffi::DataType::U32: return "uint32";
-    case ffi::DataType::PRED: return "bool";
-    case ffi::DataType::C64: return "complex64";
-    case ffi::DataType::C128: return "complex128";
-    default: return "XLA element type " + std::to_string(static_cast<int>(t));
+    case ffi::DataType::F32:
+      return "float32";
+    case ffi::DataType::F64:
+      return "float64";
+    case ffi::DataType::F16:
+      return "float16";
+    case ffi::DataType::BF16:
+      return "bfloat16";
+    case ffi::DataType::S8:
+      return "int8";
+    case ffi::DataType::S16:
+      return "int16";
+    case ffi::DataType::S32:
+      return "int32";
+    case ffi::DataType::S64:
+      return "int64";
+    case ffi::DataType::U8:
+      return "uint8";
+    case ffi::DataType::U32:
+      return "uint32";
+    case ffi::DataType::PRED:
+      return "bool";
+    case ffi::DataType::C64:
+      return "complex64";
+    case ffi::DataType::C128:
+      return "complex128";
+    default:
+      return "XLA element type " + std::to_string(static_cast<int>(t));
   }
 }
 
@@ -128,8 +143,10 @@ inline ffi::Error grouping_of(const char* target,
     const int64_t m = members[k];
     if (m < 1 || m > kMaxMembers) {
       return invalid(target, "group " + std::to_string(k) + " has " +
-                                 std::to_string(m) + " directions; expected 1 "
-                                 "to " + std::to_string(kMaxMembers));
+                                 std::to_string(m) +
+                                 " directions; expected 1 "
+                                 "to " +
+                                 std::to_string(kMaxMembers));
     }
     out->members[k] = static_cast<int>(m);
     out->first[k] = static_cast<int>(total);
@@ -139,7 +156,8 @@ inline ffi::Error grouping_of(const char* target,
   if (total > kMaxDirections) {
     return invalid(target, "the grouping has " + std::to_string(total) +
                                " directions in all; at most " +
-                               std::to_string(kMaxDirections) + " are supported");
+                               std::to_string(kMaxDirections) +
+                               " are supported");
   }
   if (static_cast<int64_t>(directions.size()) != 6 * total) {
     return invalid(target, "`directions` must hold 6 values per direction (" +
@@ -148,8 +166,8 @@ inline ffi::Error grouping_of(const char* target,
   }
   for (int64_t k = 0; k < total; ++k) {
     const int64_t* a = directions.begin() + 6 * k;
-    if (const char* why = make_direction(a[0], a[1], a[2], a[3], a[4], a[5],
-                                         &out->dirs[k])) {
+    if (const char* why =
+            make_direction(a[0], a[1], a[2], a[3], a[4], a[5], &out->dirs[k])) {
       std::ostringstream s;
       s << "invalid direction " << k << " (row_step=" << a[0]
         << ", col_step=" << a[1] << ", n1=(" << a[2] << ", " << a[3]
@@ -169,7 +187,7 @@ struct Call {
   Grouping grouping;
   int64_t group_channels;  // C / P
   bool guided = false;
-  GuideLayout guide;       // if guided
+  GuideLayout guide;  // if guided
   // The member pools of the merged groups (K > 1) are saved in `members`.
   // Without them (a forward for inference) a merged group merges as it goes.
   bool has_members = false;
@@ -179,8 +197,10 @@ inline ffi::Error geometry_of(const char* target, ffi::AnyBuffer x,
                               Geometry* geo) {
   auto dims = x.dimensions();
   if (dims.size() < 3 || dims.size() > 11) {
-    return invalid(target, "x must have rank 3 to 11, shape (..., H, W, C); "
-                           "got shape " + dims_str(dims));
+    return invalid(target,
+                   "x must have rank 3 to 11, shape (..., H, W, C); "
+                   "got shape " +
+                       dims_str(dims));
   }
   const size_t r = dims.size();
   *geo = Geometry{1, dims[r - 3], dims[r - 2], dims[r - 1]};
@@ -219,20 +239,20 @@ inline ffi::Error check_members(const char* target, Call* c, ffi::AnyBuffer x,
   auto xd = x.dimensions(), md = members.dimensions();
   const int k = c->grouping.max_members > 1 ? c->grouping.max_members : 0;
   const size_t r = xd.size();
-  bool ok = md.size() == r + 1 &&
-            (md[r - 3] == k || (optional && md[r - 3] == 0));
+  bool ok =
+      md.size() == r + 1 && (md[r - 3] == k || (optional && md[r - 3] == 0));
   for (size_t d = 0; ok && d < r; ++d) ok = md[d < r - 3 ? d : d + 1] == xd[d];
   if (!ok) {
     std::string lead;
     for (size_t d = 0; d + 3 < r; ++d) lead += std::to_string(xd[d]) + ", ";
-    return invalid(target, "members must have shape (" + lead +
-                               (optional && k ? "0 or " : "") +
-                               std::to_string(k) + ", " +
-                               std::to_string(xd[r - 3]) + ", " +
-                               std::to_string(xd[r - 2]) + ", " +
-                               std::to_string(xd[r - 1]) + ") for this "
-                               "grouping (x " + dims_str(xd) + "); got " +
-                               dims_str(md));
+    return invalid(
+        target,
+        "members must have shape (" + lead + (optional && k ? "0 or " : "") +
+            std::to_string(k) + ", " + std::to_string(xd[r - 3]) + ", " +
+            std::to_string(xd[r - 2]) + ", " + std::to_string(xd[r - 1]) +
+            ") for this "
+            "grouping (x " +
+            dims_str(xd) + "); got " + dims_str(md));
   }
   c->has_members = k > 0 && md[r - 3] == k;
   return check_dtype(target, "members", x, members);
@@ -285,9 +305,10 @@ inline ffi::Error guide_layout_of(const char* target, const char* name,
     ok = gd[k] == xd[k] || gd[k] == 1;
   }
   if (!ok) {
-    return invalid(target, std::string(name) + " must have x's rank with each "
-                               "dim x's or 1 (x " + dims_str(xd) + "); got " +
-                               dims_str(gd));
+    return invalid(target, std::string(name) +
+                               " must have x's rank with each "
+                               "dim x's or 1 (x " +
+                               dims_str(xd) + "); got " + dims_str(gd));
   }
   if (auto e = check_dtype(target, name, x, g); e.failure()) return e;
   *out = guide_layout_from_dims(xd.begin(), gd.begin(),
@@ -342,11 +363,20 @@ inline ffi::Error unsupported_dtype(const char* target, ffi::DataType t) {
 template <typename F>
 bool dispatch_dtype(ffi::DataType t, F&& fn) {
   switch (t) {
-    case ffi::DataType::F32: fn(float{}); return true;
-    case ffi::DataType::F64: fn(double{}); return true;
-    case ffi::DataType::F16: fn(Half{}); return true;
-    case ffi::DataType::BF16: fn(BFloat16{}); return true;
-    default: return false;
+    case ffi::DataType::F32:
+      fn(float{});
+      return true;
+    case ffi::DataType::F64:
+      fn(double{});
+      return true;
+    case ffi::DataType::F16:
+      fn(Half{});
+      return true;
+    case ffi::DataType::BF16:
+      fn(BFloat16{});
+      return true;
+    default:
+      return false;
   }
 }
 
@@ -362,19 +392,19 @@ S* data_or_null(const ffi::AnyBuffer* b) {
 // The buffers of one call, typed. Null where a target has no such operand.
 template <typename S>
 struct Buffers {
+  using Storage = S;
   const S* x = nullptr;
-  const S* g = nullptr;       // guide, at its own (broadcast) shape
-  const S* out = nullptr;     // tangent, backward: the forward's result
-  S* out_w = nullptr;         // forward: the result
-  S* members = nullptr;       // K x x.size: member pools (K > 1)
-  const S* tx = nullptr;      // tangent
-  const S* tg = nullptr;      // tangent of the guide, at the guide's shape
+  const S* g = nullptr;    // guide, at its own (broadcast) shape
+  const S* out = nullptr;  // tangent, backward: the forward's result
+  S* out_w = nullptr;      // forward: the result
+  S* members = nullptr;    // K x x.size: member pools (K > 1)
+  const S* tx = nullptr;   // tangent
+  const S* tg = nullptr;   // tangent of the guide, at the guide's shape
   S* tout = nullptr;
-  const S* ct = nullptr;      // backward
+  const S* ct = nullptr;  // backward
   S* dx = nullptr;
-  S* dg = nullptr;            // at the guide's shape
+  S* dg = nullptr;  // at the guide's shape
 };
-
 
 // ---------------------------------------------------------------------------
 // The handler bodies, once for every back end: check, dispatch on the dtype,
@@ -392,14 +422,22 @@ inline ffi::Error check_guide_like(const char* target, const char* name,
 }
 
 // The buffers every pass reads: x, the guide and the member pools.
-template <typename S>
-Buffers<S> inputs_of(const Call& c, ffi::AnyBuffer x, const ffi::AnyBuffer* g,
-                     ffi::AnyBuffer members) {
-  Buffers<S> b;
-  b.x = data<S>(x);
-  b.g = data_or_null<S>(g);
-  b.members = c.has_members ? data<S>(members) : nullptr;
-  return b;
+// Runs run(b) with b the Buffers<S> of x's dtype S, its inputs x, g and
+// members filled in; run sets the pass's other buffers and returns its error.
+template <typename Run>
+ffi::Error with_inputs(const char* target, const Call& c, ffi::AnyBuffer x,
+                       const ffi::AnyBuffer* g, ffi::AnyBuffer members,
+                       Run run) {
+  ffi::Error result;
+  const bool ok = dispatch_dtype(x.element_type(), [&](auto tag) {
+    using S = decltype(tag);
+    Buffers<S> b;
+    b.x = data<S>(x);
+    b.g = data_or_null<S>(g);
+    b.members = c.has_members ? data<S>(members) : nullptr;
+    result = run(b);
+  });
+  return ok ? std::move(result) : unsupported_dtype(target, x.element_type());
 }
 
 // What the tangent and the backward check alike: the call, three operands
@@ -433,14 +471,11 @@ ffi::Error run_forward(Backend& be, const char* target, ffi::AnyBuffer x,
   }
   if (auto e = check_like_x(target, "out", x, out); e.failure()) return e;
   if (c.geo.size() == 0) return ffi::Error::Success();
-  ffi::Error result;
-  const bool ok = dispatch_dtype(x.element_type(), [&](auto tag) {
-    using S = decltype(tag);
-    Buffers<S> b = inputs_of<S>(c, x, g, members);
+  return with_inputs(target, c, x, g, members, [&](auto& b) {
+    using S = typename std::decay_t<decltype(b)>::Storage;
     b.out_w = data<S>(out);
-    result = be.template forward<S>(c, b);
+    return be.template forward<S>(c, b);
   });
-  return ok ? std::move(result) : unsupported_dtype(target, x.element_type());
 }
 
 template <typename Backend>
@@ -458,17 +493,14 @@ ffi::Error run_tangent(Backend& be, const char* target, ffi::AnyBuffer x,
     return e;
   }
   if (c.geo.size() == 0) return ffi::Error::Success();
-  ffi::Error result;
-  const bool ok = dispatch_dtype(x.element_type(), [&](auto tag) {
-    using S = decltype(tag);
-    Buffers<S> b = inputs_of<S>(c, x, g, members);
+  return with_inputs(target, c, x, g, members, [&](auto& b) {
+    using S = typename std::decay_t<decltype(b)>::Storage;
     b.out = data<S>(out);
     b.tx = data<S>(tx);
     b.tg = data_or_null<S>(tg);
     b.tout = data<S>(tout);
-    result = be.template tangent<S>(c, b);
+    return be.template tangent<S>(c, b);
   });
-  return ok ? std::move(result) : unsupported_dtype(target, x.element_type());
 }
 
 template <typename Backend>
@@ -492,17 +524,14 @@ ffi::Error run_backward(Backend& be, const char* target, ffi::AnyBuffer x,
     }
     return ffi::Error::Success();
   }
-  ffi::Error result;
-  const bool ok = dispatch_dtype(x.element_type(), [&](auto tag) {
-    using S = decltype(tag);
-    Buffers<S> b = inputs_of<S>(c, x, g, members);
+  return with_inputs(target, c, x, g, members, [&](auto& b) {
+    using S = typename std::decay_t<decltype(b)>::Storage;
     b.out = data<S>(out);
     b.ct = data<S>(ct);
     b.dx = data<S>(dx);
     b.dg = g ? data<S>(*dg) : nullptr;
-    result = be.template backward<S>(c, b);
+    return be.template backward<S>(c, b);
   });
-  return ok ? std::move(result) : unsupported_dtype(target, x.element_type());
 }
 
 }  // namespace lmconv

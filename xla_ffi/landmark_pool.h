@@ -85,7 +85,7 @@ struct ScanView {
   int64_t row_stride;
   int64_t col_stride;
   int64_t start;
-  Offset n1;     // neighbour offsets in view coordinates
+  Offset n1;  // neighbour offsets in view coordinates
   Offset n2;
   int64_t off1;  // element offset from a pixel to its neighbour n1
   int64_t off2;
@@ -158,8 +158,7 @@ struct PoolGrad {
 // the SPEC's tests against m: x wins unless a neighbour is strictly greater,
 // n1 beats n2 on ties, and any NaN among them makes every test false.
 template <typename T>
-LMCONV_HDI PoolGrad<T> pool_backward(T x, bool in1, T o1, bool in2, T o2,
-                                     T G) {
+LMCONV_HDI PoolGrad<T> pool_backward(T x, bool in1, T o1, bool in2, T o2, T G) {
   // Bitwise & and | (not && and ||): no branches, so loops vectorise.
   const bool self = (in1 | in2 | (x == x)) &  // a lone NaN x is no winner
                     (!in1 | (x >= o1)) & (!in2 | (x >= o2));
@@ -175,12 +174,13 @@ LMCONV_HDI PoolGrad<T> pool_backward(T x, bool in1, T o1, bool in2, T o2,
 
 // Guide s = g[p]: the SPEC's formulas, evaluated literally.
 template <typename T>
-LMCONV_HDI PoolGrad<T> pool_backward_guided(T x, T m, bool in1, T o1,
-                                            bool in2, T o2, T s, T G) {
+LMCONV_HDI PoolGrad<T> pool_backward_guided(T x, T m, bool in1, T o1, bool in2,
+                                            T o2, T s, T G) {
   const T one(1), zero(0);
   const T self = x >= m ? one : zero;
   const T take1 = (one - self) * ((in1 & (o1 >= m)) ? one : zero);
-  const T take2 = (one - self) * (one - take1) * ((in2 & (o2 >= m)) ? one : zero);
+  const T take2 =
+      (one - self) * (one - take1) * ((in2 & (o2 >= m)) ? one : zero);
   PoolGrad<T> r;
   r.dx = (s * self + (one - s)) * G;
   r.dguide = (m - x) * G;
@@ -200,8 +200,8 @@ LMCONV_HDI PoolGrad<T> pool_backward_guided(T x, T m, bool in1, T o1,
 // nobody if m is NaN, then 0), so a tie never splits it and forward mode is
 // exactly the transpose of reverse mode. No guide (g = 1).
 template <typename T>
-LMCONV_HDI T pool_tangent(T x, T m, bool in1, T o1, bool in2, T o2, T tx,
-                          T t1, T t2) {
+LMCONV_HDI T pool_tangent(T x, T m, bool in1, T o1, bool in2, T o2, T tx, T t1,
+                          T t2) {
   // Bitwise & (not &&) and selects: no branches, so loops vectorise.
   const bool self = x >= m;
   const bool take1 = !self & in1 & (o1 >= m);
@@ -212,8 +212,8 @@ LMCONV_HDI T pool_tangent(T x, T m, bool in1, T o1, bool in2, T o2, T tx,
 // Guide s = g[p] with tangent tg: d(s * m + (1 - s) * x), with the winner's
 // tangent for dm, evaluated literally.
 template <typename T>
-LMCONV_HDI T pool_tangent_guided(T x, T m, bool in1, T o1, bool in2, T o2,
-                                 T s, T tx, T t1, T t2, T tg) {
+LMCONV_HDI T pool_tangent_guided(T x, T m, bool in1, T o1, bool in2, T o2, T s,
+                                 T tx, T t1, T t2, T tg) {
   const T win = pool_tangent(x, m, in1, o1, in2, o2, tx, t1, t2);
   return s * win + (T(1) - s) * tx + (m - x) * tg;
 }
@@ -252,8 +252,8 @@ LMCONV_HDI float half_bits_to_float(uint16_t h) {
   const float normalized =
       bits_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
   const float denormalized = bits_float((two_w >> 17) | (126u << 23)) - 0.5f;
-  const uint32_t magnitude = two_w < (1u << 27) ? float_bits(denormalized)
-                                                : float_bits(normalized);
+  const uint32_t magnitude =
+      two_w < (1u << 27) ? float_bits(denormalized) : float_bits(normalized);
   return bits_float(sign | magnitude);
 }
 

@@ -44,21 +44,25 @@ nb::dict launch_plan(std::vector<int64_t> group_sizes,
     throw nb::value_error("channels do not split into the groups");
   }
   c.group_channels = c.geo.channels / c.grouping.groups;
-  c.has_members = c.grouping.max_members > 1 &&
-                  (saved_members || pass != "forward");
+  c.has_members =
+      c.grouping.max_members > 1 && (saved_members || pass != "forward");
   c.guided = guide_shape.has_value();
   if (c.guided) {
     if (static_cast<int>(guide_shape->size()) != r) {
       throw nb::value_error("guide_shape must have x's rank");
     }
-    c.guide = lmconv::guide_layout_from_dims(shape.data(),
-                                             guide_shape->data(), r);
+    c.guide =
+        lmconv::guide_layout_from_dims(shape.data(), guide_shape->data(), r);
   }
   lmconv::Pass p;
-  if (pass == "forward") p = lmconv::Pass::kForward;
-  else if (pass == "backward") p = lmconv::Pass::kBackward;
-  else if (pass == "tangent") p = lmconv::Pass::kTangent;
-  else throw nb::value_error("pass must be 'forward', 'backward' or 'tangent'");
+  if (pass == "forward")
+    p = lmconv::Pass::kForward;
+  else if (pass == "backward")
+    p = lmconv::Pass::kBackward;
+  else if (pass == "tangent")
+    p = lmconv::Pass::kTangent;
+  else
+    throw nb::value_error("pass must be 'forward', 'backward' or 'tangent'");
   const lmconv::LaunchPlan lp = lmconv::plan_for(c, p, multiprocessors);
   nb::dict d;
   d["blocks"] = lp.blocks;
@@ -96,10 +100,13 @@ nb::dict launch_plan(std::vector<int64_t> group_sizes,
 
 NB_MODULE(_lmconv_cuda_emu, m) {
   m.doc() = "CPU emulation of the CUDA kernels of the landmark pool (tests).";
-  m.def("registrations", [] {
-    return lmconv::registrations("lmconv_emu_",
-                                 LMCONV_POOL_HANDLERS(LmconvEmu));
-  }, "Returns {target name: capsule} for jax.ffi.register_ffi_target (cpu).");
+  m.def(
+      "registrations",
+      [] {
+        return lmconv::registrations("lmconv_emu_",
+                                     LMCONV_POOL_HANDLERS(LmconvEmu));
+      },
+      "Returns {target name: capsule} for jax.ffi.register_ffi_target (cpu).");
   m.def("launch_plan", &launch_plan, nb::arg("group_sizes"),
         nb::arg("directions"), nb::arg("shape"), nb::arg("pass_"),
         nb::arg("multiprocessors"), nb::arg("guide_shape") = nb::none(),
@@ -108,10 +115,13 @@ NB_MODULE(_lmconv_cuda_emu, m) {
         "'backward' or 'tangent'; saved_members=False: a forward that does "
         "not save the member pools): grid, block, phases, workspace, and "
         "each direction's sweep.");
-  m.def("build_info", [] {
-    nb::dict d;
-    d["cuda_compiled"] = bool(LMCONV_CUDA_COMPILED);
-    d["cuda_compiler"] = LMCONV_CUDA_COMPILER;
-    return d;
-  }, "Whether this build compiled the CUDA kernels, and with which nvcc.");
+  m.def(
+      "build_info",
+      [] {
+        nb::dict d;
+        d["cuda_compiled"] = bool(LMCONV_CUDA_COMPILED);
+        d["cuda_compiler"] = LMCONV_CUDA_COMPILER;
+        return d;
+      },
+      "Whether this build compiled the CUDA kernels, and with which nvcc.");
 }

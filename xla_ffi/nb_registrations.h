@@ -14,17 +14,17 @@
 
 // Declares the handlers P##PoolFwd, ..., P##PoolTangentGuided that
 // XLA_FFI_DEFINE_HANDLER_SYMBOL defines elsewhere.
-#define LMCONV_DECLARE_POOL_HANDLERS(P)                                     \
-  extern "C" {                                                              \
-  XLA_FFI_Handler P##PoolFwd, P##PoolFwdGuided, P##PoolBwd,                 \
-      P##PoolBwdGuided, P##PoolTangent, P##PoolTangentGuided;               \
+#define LMCONV_DECLARE_POOL_HANDLERS(P)                                       \
+  extern "C" {                                                                \
+  XLA_FFI_Handler P##PoolFwd, P##PoolFwdGuided, P##PoolBwd, P##PoolBwdGuided, \
+      P##PoolTangent, P##PoolTangentGuided;                                   \
   }
 
 // Those handlers, as a lmconv::PoolHandlers.
-#define LMCONV_POOL_HANDLERS(P)                                             \
-  ::lmconv::PoolHandlers {                                                  \
-    P##PoolFwd, P##PoolFwdGuided, P##PoolBwd, P##PoolBwdGuided,             \
-        P##PoolTangent, P##PoolTangentGuided                                \
+#define LMCONV_POOL_HANDLERS(P)                                 \
+  ::lmconv::PoolHandlers {                                      \
+    P##PoolFwd, P##PoolFwdGuided, P##PoolBwd, P##PoolBwdGuided, \
+        P##PoolTangent, P##PoolTangentGuided                    \
   }
 
 #define LMCONV_STR_(x) #x
@@ -46,12 +46,9 @@ inline nanobind::capsule encapsulate(XLA_FFI_Handler* fn) {
 inline nanobind::dict registrations(const std::string& prefix,
                                     const PoolHandlers& h) {
   const std::pair<const char*, XLA_FFI_Handler*> targets[] = {
-      {"pool_fwd", h.fwd},
-      {"pool_fwd_guided", h.fwd_guided},
-      {"pool_bwd", h.bwd},
-      {"pool_bwd_guided", h.bwd_guided},
-      {"pool_tangent", h.tangent},
-      {"pool_tangent_guided", h.tangent_guided},
+      {"pool_fwd", h.fwd},         {"pool_fwd_guided", h.fwd_guided},
+      {"pool_bwd", h.bwd},         {"pool_bwd_guided", h.bwd_guided},
+      {"pool_tangent", h.tangent}, {"pool_tangent_guided", h.tangent_guided},
   };
   nanobind::dict d;
   for (const auto& [name, fn] : targets) {
@@ -65,8 +62,8 @@ inline nanobind::dict registrations(const std::string& prefix,
 inline void add_build_versions(nanobind::dict& d) {
   d["nanobind"] = LMCONV_STR(NB_VERSION_MAJOR) "." LMCONV_STR(
       NB_VERSION_MINOR) "." LMCONV_STR(NB_VERSION_PATCH);
-  d["xla_ffi_api"] = LMCONV_STR(XLA_FFI_API_MAJOR) "." LMCONV_STR(
-      XLA_FFI_API_MINOR);
+  d["xla_ffi_api"] =
+      LMCONV_STR(XLA_FFI_API_MAJOR) "." LMCONV_STR(XLA_FFI_API_MINOR);
 #ifdef LMCONV_BUILD_JAXLIB_VERSION
   d["jaxlib_headers"] = LMCONV_BUILD_JAXLIB_VERSION;
 #endif
