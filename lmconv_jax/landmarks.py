@@ -56,7 +56,7 @@ def winners(x: jax.Array, out: jax.Array,
   """Each pixel's forward winner: 0 = itself, 1 = its n1 neighbour, 2 = n2.
 
   Where the max is finite or infinite this is the contract's precedence, by
-  ``reference._select`` itself. Where it is NaN, ``_select``'s masks are all
+  ``reference.winner_masks`` itself. Where it is NaN, those masks are all
   false (the backward routes no gradient there); a landmark instead needs a
   winner, so this takes the first NaN candidate (x, n1, n2): the chain ends
   at the NaN input pixel that made the max NaN.
@@ -78,7 +78,7 @@ def winners(x: jax.Array, out: jax.Array,
   a, a_ok = _neighbour(ov, d.n1)
   b, b_ok = _neighbour(ov, d.n2)
   # Normal case: precedence x, n1, n2, a later one only if strictly greater.
-  m, take_x, take_a, _ = reference._select(xv, a_ok, a, b_ok, b)
+  m, take_x, take_a, _ = reference.winner_masks(xv, a_ok, a, b_ok, b)
   # NaN case: the first NaN candidate, so the chain ends at the NaN's source.
   nan_x = jnp.isnan(xv)
   nan_a = ~nan_x & a_ok & jnp.isnan(a)

@@ -85,8 +85,9 @@ def _take_max(m, v):
   return jnp.where(v != v, v, jnp.where(v > m, v, m))
 
 
-def _select(x, in1, o1, in2, o2):
-  """m and the winner masks (self, take1, take2) of the contract.
+def winner_masks(x, in1, o1, in2, o2):
+  """m and the winner masks (self, take1, take2) of the contract, for the
+  reference's backward and tangent and for ``landmarks.winners``.
 
   Where m is NaN all three masks are false, as the backward's comparisons
   with m are (docs/semantics.md): no gradient is routed there.
@@ -360,7 +361,7 @@ def _forward_scan(pr: _Prepared, txg=None, tgg=None, literal=True):
     o1 = _get(out_buf, nb1).astype(cd)
     o2 = _get(out_buf, nb2).astype(cd)
     i1, i2 = in1[..., None, None], in2[..., None, None]
-    m, self_, take1, take2 = _select(xv, i1, o1, i2, o2)
+    m, self_, take1, take2 = winner_masks(xv, i1, o1, i2, o2)
     if pr.gg is None:
       out = m
     else:
@@ -538,7 +539,7 @@ def grouped_backward(x: jax.Array, g: Optional[jax.Array], ct: jax.Array,
     o1 = _get(out_buf, nb1).astype(cd)
     o2 = _get(out_buf, nb2).astype(cd)
     i1, i2 = in1[..., None, None], in2[..., None, None]
-    m, self_, take1, take2 = _select(xv, i1, o1, i2, o2)
+    m, self_, take1, take2 = winner_masks(xv, i1, o1, i2, o2)
     zero = jnp.zeros((), cd)
     if not guided:
       dx = jnp.where(self_, G, zero)

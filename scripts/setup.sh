@@ -47,11 +47,14 @@ find_python() {
       echo "$cand"; return
     fi
   done
-  if command -v pyenv >/dev/null 2>&1; then
-    for cand in "$(pyenv root)"/versions/3.1[2-9]*/bin/python; do
+  # pyenv's interpreters, also where pyenv is installed but not on PATH.
+  local roots=("${PYENV_ROOT:-$HOME/.pyenv}")
+  command -v pyenv >/dev/null 2>&1 && roots=("$(pyenv root)" "${roots[@]}")
+  for root in "${roots[@]}"; do
+    for cand in "$root"/versions/3.1[2-9]*/bin/python; do
       [ -x "$cand" ] && { echo "$cand"; return; }
     done
-  fi
+  done
   echo "error: lmconv_jax needs Python >= 3.12 (current jax does); none found." \
        "Install one (e.g. 'pyenv install 3.12') or set LMCONV_PYTHON=/path/to/python3.12." >&2
   exit 2

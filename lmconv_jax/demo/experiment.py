@@ -14,16 +14,11 @@ import numpy as np
 
 from lmconv_jax import ops
 from lmconv_jax.benchmark import machine, markdown_table
-from lmconv_jax.demo.data import (CLASSES, GLYPH, MIN_DISTANCE,
-                                  make_relation_data)
-from lmconv_jax.demo.models import KINDS, RelationNet, count_params
+from lmconv_jax.demo.data import CLASSES, MIN_DISTANCE, make_relation_data
+from lmconv_jax.demo.models import (BOX_FIELD, BOX_REACH, DILATED_REACH, KINDS,
+                                     RelationNet, count_params)
 from lmconv_jax.demo.train import TrainConfig, train
 
-# How far apart (centre to centre) the two glyphs can be for one pixel of the
-# last layer to see an edge of each: the window width plus GLYPH - 2. Three
-# 3x3 convolutions see a 7-pixel window, the dilated stack a 15-pixel one.
-BOX_FIELD, DILATED_FIELD = 7, 15
-BOX_REACH, DILATED_REACH = BOX_FIELD + GLYPH - 2, DILATED_FIELD + GLYPH - 2
 BANDS = (("near", MIN_DISTANCE, BOX_REACH),
          ("mid", BOX_REACH + 1, DILATED_REACH),
          ("far", DILATED_REACH + 1, 10**6))

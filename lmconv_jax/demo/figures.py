@@ -224,7 +224,7 @@ def result_name(key: str) -> str:
 
 def write_all(out_dir: pathlib.Path, config, rows, trained,
               test_data: RelationData) -> list[str]:
-  from lmconv_jax.demo.experiment import BOX_REACH, DILATED_REACH
+  from lmconv_jax.demo.models import BOX_REACH, DILATED_REACH
   files = [examples(out_dir / "examples.png", test_data),
            curves(out_dir / "accuracy_curves.png", rows),
            by_distance(out_dir / "accuracy_by_distance.png", rows, BOX_REACH,

@@ -19,7 +19,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lmconv_jax.demo.data import GLYPH
 from lmconv_jax.linen import LandmarkConv4, LandmarkConv8
+
+# How far apart (centre to centre) the two glyphs can be for one pixel of the
+# last layer to see an edge of each: the window width plus GLYPH - 2. Three
+# 3x3 convolutions see a 7-pixel window, the dilated stack a 15-pixel one.
+BOX_FIELD, DILATED_FIELD = 7, 15
+BOX_REACH, DILATED_REACH = BOX_FIELD + GLYPH - 2, DILATED_FIELD + GLYPH - 2
 
 
 @dataclasses.dataclass(frozen=True)
