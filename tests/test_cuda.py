@@ -36,6 +36,7 @@ from lmconv_jax.directions import DIRECTIONS, Direction
 
 import emulator
 import inputs
+from spec_oracle import assert_same_bits as same_values
 from emulator import CHECK, PLANT_OUT_OF_BOUNDS, PLANT_RACE, REVERSE
 
 CPU = jax.devices("cpu")[0]
@@ -174,6 +175,45 @@ def test_emulation_equals_cpu_kernels_bit_for_bit(grouping, dtype):
     for how in (dict(multiprocessors=132, order=CHECK),
                 dict(multiprocessors=1, order=REVERSE)):
       assert_same_bits(run(*args, emulated=True, **how), want, grouping)
+
+
+# Bit patterns every 16-bit neighbour set below includes: zeros of both
+# signs, the smallest subnormals, +-1, +-inf, signalling and quiet NaNs of
+# both signs with payloads, for float16 and for bfloat16 (whose infinity is
+# 0x7F80).
+SPECIAL_16 = np.array([
+    0x0000, 0x8000, 0x0001, 0x8001, 0x03FF, 0x007F, 0x807F, 0x0080, 0x3C00,
+    0xBC00, 0x3F80, 0xBF80, 0x7BFF, 0xFBFF, 0x7C00, 0xFC00, 0x7C01, 0xFC01,
+    0x7D00, 0x7E00, 0xFE00, 0x7F7F, 0xFF7F, 0x7F80, 0xFF80, 0x7F81, 0xFF81,
+    0x7FA0, 0x7FC0, 0xFFC0, 0x7FFF, 0xFFFF], np.uint16)
+
+
+@needs_emulator
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16],
+                         ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("grouping", [("top_left",), "quadrants"],
+                         ids=["top_left", "quadrants"])
+def test_16bit_forward_max_on_bits_equals_the_float_path(grouping, dtype):
+  """The CPU kernels' unguided 16-bit forward takes the max on the bits
+  (landmark_pool.h: take_max_bits, no conversion); the emulation converts
+  to float and back. Over every one of the 65536 bit patterns of x, against
+  neighbours that include every special value, they agree bit for bit, NaN
+  bits included, and the reference agrees on every value and NaN position."""
+  allbits = np.arange(1 << 16, dtype=np.uint16)
+  rng = np.random.default_rng(0)
+  px = [allbits, np.resize(SPECIAL_16, allbits.size),
+        rng.permutation(allbits), np.roll(np.resize(SPECIAL_16, allbits.size),
+                                          7)]
+  # (1, 2, 2, C): every pixel has 0, 1 or 2 neighbours in every direction.
+  x = np.stack(px).reshape(1, 2, 2, -1)
+  x = jax.lax.bitcast_convert_type(jnp.asarray(x), dtype)
+  got = emulator.forward(x, None, grouping, emulated=False)[0]
+  want = emulator.forward(x, None, grouping, emulated=True)[0]
+  np.testing.assert_array_equal(bits(got), bits(want))
+  inputs_nan = np.isnan(np.asarray(x, np.float32))
+  assert inputs_nan.any() and (bits(got) != bits(x)).any()  # a real check
+  same_values(got, lmconv_jax.grouped_landmark_pool(
+      x, grouping, implementation="reference"))
 
 
 WIDE = {"top_bottom": (1, 7, 9, 2 * 70),   # 3 chunks of 32 (last partial)

@@ -184,6 +184,17 @@ LMCONV_INLINE void forward_pixel(const S* __restrict x, const S* __restrict g,
                                  S* __restrict out, const S* __restrict o1,
                                  const S* __restrict o2, int64_t n) {
   using T = StorageTraits<S>;
+  if constexpr (!kGuided &&
+                (std::is_same_v<S, Half> || std::is_same_v<S, BFloat16>)) {
+    // The max on the 16-bit lanes (landmark_pool.h: take_max_bits).
+    for (int64_t c = 0; c < n; ++c) {
+      uint16_t m = T::input_bits(x[c].bits);
+      if (kIn1) m = take_max_bits<T>(m, o1[c].bits);
+      if (kIn2) m = take_max_bits<T>(m, o2[c].bits);
+      out[c].bits = T::quiet_bits(m);
+    }
+    return;
+  }
   for (int64_t c = 0; c < n; ++c) {
     const auto xv = T::load_input(x[c]);
     const auto m = pool_max(xv, kIn1, kIn1 ? T::load(o1[c]) : xv, kIn2,

@@ -349,12 +349,25 @@ struct StorageTraits<double> {
   static LMCONV_HDI double store(double v) { return v; }
 };
 
+// The 16-bit types also say, on their bits (see max_bits below): kInfBits,
+// the bits of +infinity (a larger magnitude is a NaN); input_bits, the bits
+// load_input reads (its subnormal rule); quiet_bits, the bits store(load(v))
+// gives for a value v as a float would leave the max (NaNs made quiet).
 template <>
 struct StorageTraits<Half> {
   using Compute = float;
   static LMCONV_HDI float load(Half v) { return half_bits_to_float(v.bits); }
   static LMCONV_HDI float load_input(Half v) { return load(v); }
   static LMCONV_HDI Half store(float v) { return Half{float_to_half_bits(v)}; }
+  static constexpr uint16_t kInfBits = 0x7C00u;
+  static LMCONV_HDI uint16_t input_bits(uint16_t b) { return b; }
+  static LMCONV_HDI uint16_t quiet_bits(uint16_t b) {
+    // float_to_half_bits writes every NaN as sign | 0x7E00 (masks, not ?:).
+    const uint16_t nan =
+        static_cast<uint16_t>(-static_cast<int>((b & 0x7FFFu) > kInfBits));
+    return static_cast<uint16_t>((b & ~nan) |
+                                 (((b & 0x8000u) | 0x7E00u) & nan));
+  }
 };
 
 template <>
@@ -369,7 +382,42 @@ struct StorageTraits<BFloat16> {
   static LMCONV_HDI BFloat16 store(float v) {
     return BFloat16{float_to_bfloat16_bits(v)};
   }
+  static constexpr uint16_t kInfBits = 0x7F80u;
+  static LMCONV_HDI uint16_t input_bits(uint16_t b) {
+    const uint16_t sub =
+        static_cast<uint16_t>(-static_cast<int>((b & 0x7F80u) == 0));
+    return static_cast<uint16_t>(b & (~sub | 0x8000u));
+  }
+  static LMCONV_HDI uint16_t quiet_bits(uint16_t b) {
+    // float_to_bfloat16_bits keeps a NaN's payload and sets its quiet bit.
+    const uint16_t nan =
+        static_cast<uint16_t>(-static_cast<int>((b & 0x7FFFu) > kInfBits));
+    return static_cast<uint16_t>(b | (0x0040u & nan));
+  }
 };
+
+// take_max on the bits of a 16-bit float (sign, exponent, mantissa: both
+// float16 and bfloat16), without converting, equal bit for bit to
+// converting both to float, take_max, and the value it returns: values
+// compare as their floats do (+0 and -0 equal, so the first stays), a NaN
+// candidate wins and a NaN m stays. The unguided forward's max is one of
+// its inputs, so it can run on the 16-bit lanes (twice a float's per vector,
+// no conversions) and store quiet_bits of the result.
+template <typename Traits>
+LMCONV_HDI uint16_t take_max_bits(uint16_t m, uint16_t v) {
+  // Branch-free (masks, not ?:), so the channel loops vectorise. Order keys:
+  // the magnitude, negated for a negative sign (both zeros are 0).
+  const int16_t mm = static_cast<int16_t>(m & 0x7FFFu);
+  const int16_t vm = static_cast<int16_t>(v & 0x7FFFu);
+  const int16_t ms = static_cast<int16_t>(-static_cast<int16_t>(m >> 15));
+  const int16_t vs = static_cast<int16_t>(-static_cast<int16_t>(v >> 15));
+  const int16_t mk = static_cast<int16_t>((mm ^ ms) - ms);
+  const int16_t vk = static_cast<int16_t>((vm ^ vs) - vs);
+  const int16_t inf = static_cast<int16_t>(Traits::kInfBits);
+  const int take = (vm > inf) | ((mm <= inf) & (vk > mk));
+  const uint16_t mask = static_cast<uint16_t>(-take);
+  return static_cast<uint16_t>((v & mask) | (m & ~mask));
+}
 
 // The merge of a group's member pools (lmconv_jax/ops.py): the running
 // result takes a later member's value only if it is strictly greater or NaN,
