@@ -103,6 +103,36 @@ def test_grouped_call_equals_composed_single_pools(grouping, dtype, guide):
     assert got[2].shape == g.shape      # the guide's gradient at its shape
 
 
+@needs_ffi
+@pytest.mark.parametrize("grouping", ["octants", "quadrants", "top_bottom"])
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("guided", [False, True])
+def test_both_cpu_schedules_equal_composed_single_pools(grouping, batch,
+                                                        guided):
+  """Above the threading threshold the CPU forward sweeps an image's narrow
+  groups (octants: 8 float32 channels, under a cache line) together when
+  there are images enough for the threads (batch 4), and group by group
+  when there are not (batch 1); wider and merged groups always go group by
+  group. Every schedule gives the composed single pools' bits, forward and
+  backward."""
+  shape = (batch, 24, 40, 64)
+  x = jnp.asarray(np.maximum(inputs.make_x("small_int", shape), 0) +
+                  inputs.make_x("small_int", shape, 1), jnp.float32)
+  x = x.at[0, 20, 3, 1].set(jnp.nan)
+  ct = jnp.asarray(inputs.make_ct(shape), jnp.float32)
+  g = _guide("channel" if guided else None, shape, "float32")
+
+  def grads(f):
+    out, vjp = jax.vjp(lambda x: f(x, g), x)
+    return (out,) + vjp(ct)
+
+  got = grads(lambda x, g: lmconv_jax.grouped_landmark_pool(
+      x, grouping, g, implementation="ffi"))
+  want = grads(lambda x, g: composed(x, grouping, g, "ffi"))
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def _count(text, pattern):
   return len(re.findall(pattern, text))
 

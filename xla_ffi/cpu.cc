@@ -258,7 +258,7 @@ struct PoolPass {
   const S* x;
   const S* g;  // the item's first guide element
   S* out;
-  const ScanView& v;
+  ScanView v;
   GuideView gv;
   bool prefetch_guide;  // the guide has x's layout
 
@@ -505,6 +505,70 @@ LMCONV_CPU_CLONES void forward_item(Pass& pass, const ScanView& v,
         step(std::false_type{}, std::false_type{}, row, i, j);
     }
     if (width > 1) edge(row, i, j1);
+  }
+}
+
+// Several views swept together: view pixel (i, j) of each in turn, for the
+// views of one image whose scans visit x's rows in the same order (the
+// same row_step). Alone, a group of C / P channels reads one line in every
+// C elements, the hardware fetches the lines around it in vain, and the
+// next group fetches them again; swept together, the groups' views use a
+// row's lines in the same pass (the columns of a view that scans them
+// right to left are read in the same row), and their chains run side by
+// side, so no band is needed.
+template <typename S, typename Pass>
+LMCONV_CPU_CLONES void forward_views(Pass* passes, int count, int64_t height,
+                                     int64_t width, int64_t n) {
+  using Row = typename Pass::Row;
+  Row rows[kMaxDirections];
+  auto step = [&](auto in1, auto in2, int k, int64_t i,
+                  int64_t j) LMCONV_LAMBDA_INLINE {
+    Pass& pass = passes[k];
+    const ScanView& v = pass.v;
+    const int64_t p = v.start + i * v.row_stride + j * v.col_stride;
+    if (const int64_t q = ahead<false>(v, i, j, p, height, width); q >= 0) {
+      pass.prefetch_pixel(q, n);
+    }
+    pass.template pixel<decltype(in1)::value, decltype(in2)::value>(rows[k], p,
+                                                                    j, n);
+  };
+  auto edge = [&](int k, int64_t i, int64_t j) LMCONV_LAMBDA_INLINE {
+    const ScanView& v = passes[k].v;
+    switch (inside(i, j, v.n1, height, width) * 2 +
+            inside(i, j, v.n2, height, width)) {
+      case 3:
+        step(std::true_type{}, std::true_type{}, k, i, j);
+        break;
+      case 2:
+        step(std::true_type{}, std::false_type{}, k, i, j);
+        break;
+      case 1:
+        step(std::false_type{}, std::true_type{}, k, i, j);
+        break;
+      default:
+        step(std::false_type{}, std::false_type{}, k, i, j);
+        break;
+    }
+  };
+  const int64_t j1 = width - 1;
+  for (int64_t i = 0; i < height; ++i) {
+    for (int k = 0; k < count; ++k) rows[k] = passes[k].begin_row(i);
+    for (int k = 0; k < count; ++k) edge(k, i, 0);
+    // Interior columns of a row below the first: every neighbour is inside.
+    if (i > 0) {
+      for (int64_t j = 1; j < j1; ++j) {
+        for (int k = 0; k < count; ++k) {
+          step(std::true_type{}, std::true_type{}, k, i, j);
+        }
+      }
+    } else {
+      for (int64_t j = 1; j < j1; ++j) {
+        for (int k = 0; k < count; ++k) edge(k, i, j);
+      }
+    }
+    if (width > 1) {
+      for (int k = 0; k < count; ++k) edge(k, i, j1);
+    }
   }
 }
 
@@ -881,9 +945,68 @@ class CpuBackend {
     }
   };
 
+  // Whether forward_as sweeps an image's groups together (forward_views):
+  // every group is one direction, a group's channels are narrower than a
+  // cache line (where the group-by-group schedule reads a line in several
+  // sweeps: octants of 64 float32 channels, quadrants of 16-bit types), each
+  // scan order through x's rows (row_step) has no group or at least two
+  // (one alone is better served by forward_item's bands), and there are
+  // images enough for the threads (an item is an image). Measured in
+  // docs/benchmarks.md: wider groups (quadrants of float32), merged groups
+  // and the backward gained nothing from it.
+  bool sweeps_together(const Call& c, int64_t element_bytes) {
+    if (c.grouping.max_members != 1) return false;
+    if (c.group_channels * element_bytes >= 64) return false;
+    int down = 0, up = 0;
+    for (int p = 0; p < c.grouping.groups; ++p) {
+      (c.grouping.dir(p, 0).row_step > 0 ? down : up) += 1;
+    }
+    if (down == 1 || up == 1 || down + up < 2) return false;
+    return c.geo.size() < kMinParallelElements ||
+           c.geo.batch >= pool_.num_threads();
+  }
+
+  // The forward with an item per image: the groups that scan x's rows
+  // downwards, swept together, then those that scan them upwards (they start
+  // where the first sweep ended, so its last rows are still in cache).
+  template <typename S, bool kGuided, bool kGuideVec>
+  void forward_together(const Call& c, const Buffers<S>& b,
+                        const Views& views) {
+    const Geometry& geo = c.geo;
+    const Grouping& gr = c.grouping;
+    const int64_t cg = c.group_channels;
+    const int64_t image = geo.height * geo.width * geo.channels;
+    const bool full = c.guided && c.guide.full;
+    parallel_for(pool_, geo.batch, geo.size(), [&](int64_t bi) {
+      FlushDenormals ftz;
+      for (const int row_step : {1, -1}) {
+        PoolPass<S, kGuided, kGuideVec> passes[kMaxGroups];
+        int count = 0;
+        for (int p = 0; p < gr.groups; ++p) {
+          const int d = gr.first[p];
+          if (gr.dirs[d].row_step != row_step) continue;
+          const int64_t offset = bi * image + p * cg;
+          const S* g = kGuided ? b.g + c.guide.image_offset(bi) +
+                                     p * cg * c.guide.channel_stride
+                               : nullptr;
+          passes[count++] = PoolPass<S, kGuided, kGuideVec>{
+              b.x + offset,   g,   b.out_w + offset, views.scan[d],
+              views.guide[d], full};
+        }
+        if (count > 0) {
+          forward_views<S>(passes, count, geo.height, geo.width, cg);
+        }
+      }
+    });
+  }
+
   template <typename S, bool kGuided, bool kGuideVec>
   ffi::Error forward_as(const Call& c, const Buffers<S>& b) {
     const Views views(c);
+    if (sweeps_together(c, sizeof(S))) {
+      forward_together<S, kGuided, kGuideVec>(c, b, views);
+      return ffi::Error::Success();
+    }
     const Geometry& geo = c.geo;
     const bool full = c.guided && c.guide.full;
     for_each_item(pool_, c, sizeof(S), [&](const Item& it) {
