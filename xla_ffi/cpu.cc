@@ -234,6 +234,28 @@ LMCONV_INLINE int64_t ahead(const ScanView& v, int64_t i, int64_t j, int64_t p,
   return p + (ii - i) * v.row_stride + (wrapped - j) * v.col_stride;
 }
 
+// fn(in1, in2), std::bool_constant each: whether view pixel (i, j)'s
+// neighbours n1 and n2 are inside the image (the scans' edge pixels).
+template <typename F>
+LMCONV_INLINE void with_inside(const ScanView& v, int64_t i, int64_t j,
+                               int64_t height, int64_t width, F fn) {
+  switch (inside(i, j, v.n1, height, width) * 2 +
+          inside(i, j, v.n2, height, width)) {
+    case 3:
+      fn(std::true_type{}, std::true_type{});
+      break;
+    case 2:
+      fn(std::true_type{}, std::false_type{});
+      break;
+    case 1:
+      fn(std::false_type{}, std::true_type{});
+      break;
+    default:
+      fn(std::false_type{}, std::false_type{});
+      break;
+  }
+}
+
 // Narrow channel blocks (at most kBandMaxBytes) are swept kBandRows view rows
 // at a time: each pixel's max waits on its left neighbour's (a chain of
 // store-to-load and compare latency per pixel), so a narrow block leaves the
@@ -446,21 +468,9 @@ LMCONV_CPU_CLONES void forward_item(Pass& pass, const ScanView& v,
                                                                     n);
   };
   auto edge = [&](const Row& row, int64_t i, int64_t j) LMCONV_LAMBDA_INLINE {
-    switch (inside(i, j, v.n1, height, width) * 2 +
-            inside(i, j, v.n2, height, width)) {
-      case 3:
-        step(std::true_type{}, std::true_type{}, row, i, j);
-        break;
-      case 2:
-        step(std::true_type{}, std::false_type{}, row, i, j);
-        break;
-      case 1:
-        step(std::false_type{}, std::true_type{}, row, i, j);
-        break;
-      default:
-        step(std::false_type{}, std::false_type{}, row, i, j);
-        break;
-    }
+    with_inside(v, i, j, height, width,
+                [&](auto in1, auto in2)
+                    LMCONV_LAMBDA_INLINE { step(in1, in2, row, i, j); });
   };
   const int64_t j1 = width - 1;
   constexpr int kBand = Pass::kBand;
@@ -533,22 +543,9 @@ LMCONV_CPU_CLONES void forward_views(Pass* passes, int count, int64_t height,
                                                                     j, n);
   };
   auto edge = [&](int k, int64_t i, int64_t j) LMCONV_LAMBDA_INLINE {
-    const ScanView& v = passes[k].v;
-    switch (inside(i, j, v.n1, height, width) * 2 +
-            inside(i, j, v.n2, height, width)) {
-      case 3:
-        step(std::true_type{}, std::true_type{}, k, i, j);
-        break;
-      case 2:
-        step(std::true_type{}, std::false_type{}, k, i, j);
-        break;
-      case 1:
-        step(std::false_type{}, std::true_type{}, k, i, j);
-        break;
-      default:
-        step(std::false_type{}, std::false_type{}, k, i, j);
-        break;
-    }
+    with_inside(passes[k].v, i, j, height, width,
+                [&](auto in1, auto in2)
+                    LMCONV_LAMBDA_INLINE { step(in1, in2, k, i, j); });
   };
   const int64_t j1 = width - 1;
   for (int64_t i = 0; i < height; ++i) {
@@ -709,21 +706,9 @@ LMCONV_CPU_CLONES void backward_item(const BackwardArgs<S>& a) {
                                            G + goff2, a.dx + p, dgp, n);
     };
     auto edge = [&](int64_t j) LMCONV_LAMBDA_INLINE {
-      switch (inside(i, j, v.n1, height, width) * 2 +
-              inside(i, j, v.n2, height, width)) {
-        case 3:
-          step(std::true_type{}, std::true_type{}, j);
-          break;
-        case 2:
-          step(std::true_type{}, std::false_type{}, j);
-          break;
-        case 1:
-          step(std::false_type{}, std::true_type{}, j);
-          break;
-        default:
-          step(std::false_type{}, std::false_type{}, j);
-          break;
-      }
+      with_inside(v, i, j, height, width,
+                  [&](auto in1, auto in2)
+                      LMCONV_LAMBDA_INLINE { step(in1, in2, j); });
     };
     // Interior columns: one switch per row (see forward_item).
     const bool in1 = v.n1.dr == 0 || i > 0, in2 = v.n2.dr == 0 || i > 0;
