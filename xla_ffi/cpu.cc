@@ -453,9 +453,13 @@ struct TangentPass {
 // two columns behind row i0 + r - 1, so that every neighbour a pixel reads
 // (the previous row's columns j - 1 .. j + 1, and column j - 1 of its own)
 // is made by an earlier step; the rows' chains are independent in a step.
+//
+// forward_rows sweeps view rows [i0, i1) of this schedule (i0 a multiple of
+// Pass::kBand), so that several passes can be run a few rows at a time.
 template <typename S, typename Pass>
-LMCONV_CPU_CLONES void forward_item(Pass& pass, const ScanView& v,
-                                    int64_t height, int64_t width, int64_t n) {
+LMCONV_INLINE void forward_rows(Pass& pass, const ScanView& v, int64_t i0,
+                                int64_t i1, int64_t height, int64_t width,
+                                int64_t n) {
   using Row = typename Pass::Row;
   // One pixel with its neighbours' flags known at compile time.
   auto step = [&](auto in1, auto in2, const Row& row, int64_t i,
@@ -475,15 +479,15 @@ LMCONV_CPU_CLONES void forward_item(Pass& pass, const ScanView& v,
   const int64_t j1 = width - 1;
   constexpr int kBand = Pass::kBand;
   if (kBand > 1 && n * int64_t{sizeof(S)} <= kBandMaxBytes && height > 1) {
-    for (int64_t i0 = 0; i0 < height; i0 += kBand) {
-      const int rows = static_cast<int>(std::min<int64_t>(kBand, height - i0));
+    for (int64_t b0 = i0; b0 < i1; b0 += kBand) {
+      const int rows = static_cast<int>(std::min<int64_t>(kBand, i1 - b0));
       Row row[kBand];
-      for (int r = 0; r < rows; ++r) row[r] = pass.begin_row(i0 + r);
+      for (int r = 0; r < rows; ++r) row[r] = pass.begin_row(b0 + r);
       const int64_t steps = width + 2 * (rows - 1);
       for (int64_t t = 0; t < steps; ++t) {
 #pragma GCC unroll 4  // kBandRows
         for (int r = 0; r < kBand; ++r) {
-          const int64_t i = i0 + r, j = t - 2 * r;
+          const int64_t i = b0 + r, j = t - 2 * r;
           if (r >= rows || j < 0 || j > j1) continue;
           if (i > 0 && j > 0 && j < j1) {
             step(std::true_type{}, std::true_type{}, row[r], i, j);
@@ -495,7 +499,7 @@ LMCONV_CPU_CLONES void forward_item(Pass& pass, const ScanView& v,
     }
     return;
   }
-  for (int64_t i = 0; i < height; ++i) {
+  for (int64_t i = i0; i < i1; ++i) {
     const Row row = pass.begin_row(i);
     edge(row, i, 0);
     // Interior columns: a neighbour is inside unless it is in the row above
@@ -516,6 +520,12 @@ LMCONV_CPU_CLONES void forward_item(Pass& pass, const ScanView& v,
     }
     if (width > 1) edge(row, i, j1);
   }
+}
+
+template <typename S, typename Pass>
+LMCONV_CPU_CLONES void forward_item(Pass& pass, const ScanView& v,
+                                    int64_t height, int64_t width, int64_t n) {
+  forward_rows<S>(pass, v, 0, height, height, width, n);
 }
 
 // Several views swept together: view pixel (i, j) of each in turn, for the
@@ -788,6 +798,17 @@ void for_each_item(ffi::ThreadPool& pool, const Call& c, int64_t element_bytes,
 
 // fn(p) for the element offset p (from the item's offset) of every pixel of
 // the item, with its channels [p, p + n).
+// for_each_pixel(geo, r0, r1, fn): x's rows [r0, r1) only.
+template <typename F>
+LMCONV_INLINE void for_each_pixel(const Geometry& geo, int64_t r0, int64_t r1,
+                                  F fn) {
+  for (int64_t i = r0; i < r1; ++i) {
+    for (int64_t j = 0; j < geo.width; ++j) {
+      fn((i * geo.width + j) * geo.channels);
+    }
+  }
+}
+
 template <typename F>
 LMCONV_INLINE void for_each_pixel(const Geometry& geo, F fn) {
   for (int64_t i = 0; i < geo.height; ++i) {
@@ -800,15 +821,16 @@ LMCONV_INLINE void for_each_pixel(const Geometry& geo, F fn) {
 // out = merge of the item's member pools (member k at pools + k * image);
 // with `winner`, also the index of the member that won (merge_winner's rule,
 // members outer so the channel loops vectorise).
+// merge_rows does it for x's rows [r0, r1) only.
 template <typename S>
-LMCONV_CPU_CLONES void merge_item(const Geometry& geo, int members,
-                                  const S* pools, S* out, uint8_t* winner,
-                                  int64_t n) {
+LMCONV_INLINE void merge_rows(const Geometry& geo, int members, const S* pools,
+                              S* out, uint8_t* winner, int64_t n, int64_t r0,
+                              int64_t r1) {
   using T = StorageTraits<S>;
   const int64_t size = geo.height * geo.width * geo.channels;
   Compute<S> best[kMaxChannelBlock];
   uint8_t w[kMaxChannelBlock];
-  for_each_pixel(geo, [&](int64_t p) LMCONV_LAMBDA_INLINE {
+  for_each_pixel(geo, r0, r1, [&](int64_t p) LMCONV_LAMBDA_INLINE {
     for (int64_t c0 = 0; c0 < n; c0 += kMaxChannelBlock) {
       const int64_t m = std::min(kMaxChannelBlock, n - c0);
       const S* __restrict p0 = pools + p + c0;
@@ -833,6 +855,36 @@ LMCONV_CPU_CLONES void merge_item(const Geometry& geo, int members,
       }
     }
   });
+}
+
+template <typename S>
+LMCONV_CPU_CLONES void merge_item(const Geometry& geo, int members,
+                                  const S* pools, S* out, uint8_t* winner,
+                                  int64_t n) {
+  merge_rows<S>(geo, members, pools, out, winner, n, 0, geo.height);
+}
+
+// The forward of `count` consecutive members of a merged group whose scans
+// visit x's rows in the same order (row_step), each pass writing its
+// member's pool, run together a band of view rows at a time, so the later
+// members find the rows' x in cache. With `out` (the last such run: every
+// member before it is done), the x rows just made are merged into out while
+// the pools are in cache (merge_item's rule: the same bits).
+template <typename S, typename Pass>
+LMCONV_CPU_CLONES void forward_members(Pass* passes, int count, int row_step,
+                                       const Geometry& geo, int members,
+                                       const S* pools, S* out, int64_t n) {
+  const int64_t height = geo.height, width = geo.width;
+  for (int64_t i0 = 0; i0 < height; i0 += Pass::kBand) {
+    const int64_t i1 = std::min<int64_t>(height, i0 + Pass::kBand);
+    for (int k = 0; k < count; ++k) {
+      forward_rows<S>(passes[k], passes[k].v, i0, i1, height, width, n);
+    }
+    if (out) {
+      const int64_t r0 = row_step > 0 ? i0 : height - i1;
+      merge_rows<S>(geo, members, pools, out, nullptr, n, r0, r0 + (i1 - i0));
+    }
+  }
 }
 
 template <typename T>
@@ -997,9 +1049,28 @@ class CpuBackend {
     for_each_item(pool_, c, sizeof(S), [&](const Item& it) {
       const int members = c.grouping.members[it.group];
       const S* g = kGuided ? b.g + it.guide_offset : nullptr;
+      if (members > 1 && c.has_members) {
+        // Runs of members that visit x's rows in the same order, together.
+        for (int k = 0, e; k < members; k = e) {
+          const int row_step = c.grouping.dir(it.group, k).row_step;
+          PoolPass<S, kGuided, kGuideVec> passes[kMaxMembers];
+          for (e = k;
+               e < members && c.grouping.dir(it.group, e).row_step == row_step;
+               ++e) {
+            const int d = c.grouping.first[it.group] + e;
+            passes[e - k] = PoolPass<S, kGuided, kGuideVec>{
+                b.x + it.offset, g,   b.members + it.member(e), views.scan[d],
+                views.guide[d],  full};
+          }
+          forward_members<S>(
+              passes, e - k, row_step, geo, members, b.members + it.member(0),
+              e == members ? b.out_w + it.offset : nullptr, it.n);
+        }
+        return;
+      }
       for (int k = 0; k < members; ++k) {
         const int d = c.grouping.first[it.group] + k;
-        if (members > 1 && !c.has_members && k > 0) {
+        if (members > 1 && k > 0) {
           RingMergePass<S, kGuided, kGuideVec> pass{b.x + it.offset,
                                                     g,
                                                     b.out_w + it.offset,
@@ -1010,15 +1081,10 @@ class CpuBackend {
           forward_item<S>(pass, views.scan[d], geo.height, geo.width, it.n);
           continue;
         }
-        S* dst = members == 1 || !c.has_members ? b.out_w + it.offset
-                                                : b.members + it.member(k);
-        PoolPass<S, kGuided, kGuideVec> pass{
-            b.x + it.offset, g, dst, views.scan[d], views.guide[d], full};
+        PoolPass<S, kGuided, kGuideVec> pass{b.x + it.offset,     g,
+                                             b.out_w + it.offset, views.scan[d],
+                                             views.guide[d],      full};
         forward_item<S>(pass, views.scan[d], geo.height, geo.width, it.n);
-      }
-      if (members > 1 && c.has_members) {
-        merge_item<S>(geo, members, b.members + it.member(0),
-                      b.out_w + it.offset, nullptr, it.n);
       }
     });
     return ffi::Error::Success();
