@@ -797,8 +797,7 @@ void for_each_item(ffi::ThreadPool& pool, const Call& c, int64_t element_bytes,
 }
 
 // fn(p) for the element offset p (from the item's offset) of every pixel of
-// the item, with its channels [p, p + n).
-// for_each_pixel(geo, r0, r1, fn): x's rows [r0, r1) only.
+// the item in x's rows [r0, r1), with its channels [p, p + n).
 template <typename F>
 LMCONV_INLINE void for_each_pixel(const Geometry& geo, int64_t r0, int64_t r1,
                                   F fn) {
@@ -809,13 +808,10 @@ LMCONV_INLINE void for_each_pixel(const Geometry& geo, int64_t r0, int64_t r1,
   }
 }
 
+// The same for every pixel of the item.
 template <typename F>
 LMCONV_INLINE void for_each_pixel(const Geometry& geo, F fn) {
-  for (int64_t i = 0; i < geo.height; ++i) {
-    for (int64_t j = 0; j < geo.width; ++j) {
-      fn((i * geo.width + j) * geo.channels);
-    }
-  }
+  for_each_pixel(geo, 0, geo.height, fn);
 }
 
 // out = merge of the item's member pools (member k at pools + k * image);
