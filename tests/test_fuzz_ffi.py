@@ -11,6 +11,7 @@ import pytest
 
 import lmconv_jax
 from lmconv_jax import _ffi
+from lmconv_jax.directions import resolve_grouping
 
 import fuzz
 import spec_oracle
@@ -69,6 +70,33 @@ def test_ffi_equals_reference_on_drawn_cases(dtype):
     case = fuzz.make_case(100 + seed, dtype)
     _compare(case, f"seed {100 + seed} {dtype} {case.guide_kind} "
                    f"{case.x.shape} {[[d.name for d in g] for g in case.groups]}")
+
+
+@pytest.mark.parametrize("dtype,guide_kind", [
+    ("float32", "none"), ("float32", "full"), ("bfloat16", "none")])
+@pytest.mark.parametrize("width", [1, 6])
+def test_row_bands_and_their_edges(dtype, guide_kind, width):
+  """The CPU forward sweeps a narrow block (at most 128 bytes of channels
+  per pixel) four view rows at a time, each row two columns behind the one
+  before, and saves a merged group's members band by band: nine rows are
+  two bands and a row of a third, and narrow images put most pixels on an
+  edge. Every valid direction alone and the merged groups (one channel
+  each), forward, backward and tangent, bit for bit."""
+  shape = (2, 9, width, len(fuzz.ALL_GROUPS))
+  case = fuzz.make_case(31 + width, dtype, shape=shape, groups=fuzz.ALL_GROUPS,
+                        guide_kind=guide_kind)
+  _compare(case, f"{dtype} {guide_kind} {shape}")
+
+
+@pytest.mark.parametrize("grouping", ["top_bottom", "left_right", "quadrants"])
+def test_row_bands_at_the_width_limit(grouping):
+  """top_bottom / left_right of 64 float32 channels: merged groups of 32
+  channels, 128 bytes, the widest block the banded sweeps take, their
+  members masked and summed in the backward; quadrants: 16 channels each."""
+  groups = resolve_grouping(grouping)
+  case = fuzz.make_case(7, "float32", shape=(2, 11, 7, 64), groups=groups,
+                        guide_kind="none")
+  _compare(case, grouping)
 
 
 def _both(x, d, g=None, ct=None, dtype="float32"):
