@@ -11,14 +11,11 @@
 // single top_left pool over all 64 channels. The pool is the unguided
 // forward (max with the kernels' tie and NaN rule), with the left
 // neighbour's result kept in registers.
-#include <algorithm>
-#include <chrono>
 #include <cstdint>
-#include <cstdio>
-#include <functional>
 #include <random>
-#include <string>
 #include <vector>
+
+#include "standalone.h"
 
 namespace {
 
@@ -34,16 +31,13 @@ inline V take_max(V m, V v) {
   return v != v ? v : larger;
 }
 
-constexpr int64_t H = 64, W = 64, C = 64, B = 8, kImage = H * W * C;
-
-struct View {
-  int64_t start, row, col;  // a direction's strided view of one image
-};
-View view(int row_step, int col_step) {
-  return View{
-      (row_step < 0 ? (H - 1) * W * C : 0) + (col_step < 0 ? (W - 1) * C : 0),
-      row_step * W * C, col_step * C};
-}
+using standalone::B;
+using standalone::C;
+using standalone::H;
+using standalone::kImage;
+using standalone::View;
+using standalone::view;
+using standalone::W;
 
 // K views of NV vectors (8 channels each) swept together, view pixel (i, j)
 // of each in turn; view k's channels start at c0[k].
@@ -87,7 +81,7 @@ int main() {
   const int64_t lines[4] = {0, 16, 32, 48};
   const float* xs = x.data();
   float* os = o.data();
-  std::vector<std::pair<std::string, std::function<void()>>> cases = {
+  const standalone::Cases cases = {
       {"single top_left pool, 64 channels",
        [&] {
          for (int b = 0; b < B; ++b)
@@ -145,19 +139,5 @@ int main() {
                          lines + k);
        }},
   };
-  std::vector<double> best(cases.size(), 1e9);
-  for (int round = 0; round < 60; ++round) {
-    for (size_t c = 0; c < cases.size(); ++c) {
-      const auto t0 = std::chrono::steady_clock::now();
-      cases[c].second();
-      asm volatile("" : : "r"(os) : "memory");
-      const auto t1 = std::chrono::steady_clock::now();
-      best[c] = std::min(
-          best[c], std::chrono::duration<double, std::milli>(t1 - t0).count());
-    }
-  }
-  for (size_t c = 0; c < cases.size(); ++c) {
-    std::printf("%-40s %7.3f ms %5.2fx single pool\n", cases[c].first.c_str(),
-                best[c], best[c] / best[0]);
-  }
+  standalone::run_interleaved(cases, 60, os);
 }

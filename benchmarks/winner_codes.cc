@@ -28,27 +28,22 @@
 // ratios are to a single top_left pool's backward over all 64 channels
 // (pools, the shipped algorithm). Values do not matter to the time (the
 // loops are branch-free selects): x, pools and codes are random.
-#include <algorithm>
-#include <chrono>
 #include <cstdint>
-#include <cstdio>
-#include <functional>
 #include <random>
-#include <string>
+#include <type_traits>
 #include <vector>
+
+#include "standalone.h"
 
 namespace {
 
-constexpr int64_t H = 64, W = 64, C = 64, B = 8, kImage = H * W * C;
-
-struct View {
-  int64_t start, row, col;  // a direction's strided view of one image
-};
-View view(int row_step, int col_step) {
-  return View{
-      (row_step < 0 ? (H - 1) * W * C : 0) + (col_step < 0 ? (W - 1) * C : 0),
-      row_step * W * C, col_step * C};
-}
+using standalone::B;
+using standalone::C;
+using standalone::H;
+using standalone::kImage;
+using standalone::View;
+using standalone::view;
+using standalone::W;
 
 // What one member's sweep reads. G of view pixel (i, j): in dx (the first
 // member, kInPlace: dx := G's share) or row i & 1 of scratch (dx += it).
@@ -231,7 +226,7 @@ int main() {
       }
     }
   };
-  std::vector<std::pair<std::string, std::function<void()>>> cases = {
+  const standalone::Cases cases = {
       {"single top_left pool's backward, 64 ch",
        [&] {
          for (int64_t b = 0; b < B; ++b) {
@@ -253,19 +248,5 @@ int main() {
       {"top_bottom, pools, members by row",
        [&] { top_bottom(std::false_type{}, true); }},
   };
-  std::vector<double> best(cases.size(), 1e9);
-  for (int round = 0; round < 40; ++round) {
-    for (size_t c = 0; c < cases.size(); ++c) {
-      const auto t0 = std::chrono::steady_clock::now();
-      cases[c].second();
-      asm volatile("" : : "r"(dx.data()) : "memory");
-      const auto t1 = std::chrono::steady_clock::now();
-      best[c] = std::min(
-          best[c], std::chrono::duration<double, std::milli>(t1 - t0).count());
-    }
-  }
-  for (size_t c = 0; c < cases.size(); ++c) {
-    std::printf("%-40s %7.3f ms %5.2fx single pool\n", cases[c].first.c_str(),
-                best[c], best[c] / best[0]);
-  }
+  standalone::run_interleaved(cases, 40, dx.data());
 }
