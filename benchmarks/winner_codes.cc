@@ -9,7 +9,7 @@
 // two cache lines of a 256-byte pixel), each the merge of two quadrant
 // members that share a row order (top: rows down, columns either way;
 // bottom: rows up). The unguided backward of each member is the kernels'
-// reverse scan (cpu.cc: backward_item): G starts as ct where the member
+// reverse scan (cpu_kernels.h: backward_item): G starts as ct where the member
 // won the merge, each pixel gives G to the winner of its forward max (x,
 // n1 = the previous column, n2 = the previous row), the first member's G
 // lives in dx, the second's in a scratch of two rows and is added to dx.

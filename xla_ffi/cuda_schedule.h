@@ -42,11 +42,11 @@
 // workspace (float32 for halves, double for double), reused by the group's
 // members in turn, so there are no atomics and the sum is taken in the same
 // order as on the CPU. Member 0 writes dx (and the guide's gradient); later
-// members add theirs, rounded to the storage type, as cpu.cc does. A guide
-// broadcast along some dims gets its per-pixel gradient in a workspace of x's
-// size, which a second, small kernel (ReduceBody) sums over the broadcast
-// dims, one thread per guide element, in x's element order (cpu.cc's order):
-// deterministic, no atomics.
+// members add theirs, rounded to the storage type, as cpu_kernels.h does. A
+// guide broadcast along some dims gets its per-pixel gradient in a workspace of
+// x's size, which a second, small kernel (ReduceBody) sums over the broadcast
+// dims, one thread per guide element, in x's element order (cpu_kernels.h's
+// order): deterministic, no atomics.
 //
 // The tangent (forward-mode AD) is the forward's schedule with another
 // per-pixel step: it reads the member's pool instead of writing it, and each
@@ -884,7 +884,7 @@ struct BackwardBody : SweepBody<BackwardBody<S, kGuided>, S> {
 // The second launch of a guided backward whose guide is broadcast: guide
 // element e = block * reduce_threads + thread gets the sum, in Compute<S>,
 // of the per-pixel gradient over the x elements that read it, in x's element
-// order (cpu.cc's reduce_guide adds in the same order), rounded once.
+// order (cpu_kernels.h's reduce_guide adds in the same order), rounded once.
 template <typename S>
 struct ReduceBody {
   static constexpr Pass kPass = Pass::kBackward;

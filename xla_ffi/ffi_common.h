@@ -1,7 +1,7 @@
 // What every lmconv XLA FFI target has in common, whatever runs it: the
 // grouping attributes, the operands of the six targets, the input checks and
 // the dtype dispatch. The handlers themselves are written once, in
-// handlers.inc, over a back end (cpu.cc, cuda_handlers.cc, emulate.cc).
+// handlers.inc, over a back end (cpu.h, cuda_handlers.cc, emulate.cc).
 //
 // A call pools the whole array x of shape (..., H, W, C) for a *grouping*:
 // P groups of C / P contiguous channels; group p pools its channels in each

@@ -1,8 +1,9 @@
 // Per-pixel math of the landmark pool, shared by the CPU and CUDA back ends.
 //
 // Everything here is a __host__ __device__ inline function on plain values;
-// the schedules (which pixel when, which thread) live in cpu.cc and cuda.cu.
-// The contract is docs/semantics.md: read it before changing anything here.
+// the schedules (which pixel when, which thread) live in cpu_kernels.h and
+// cuda_schedule.h. The contract is docs/semantics.md: read it before changing
+// anything here.
 #ifndef LMCONV_JAX_XLA_FFI_LANDMARK_POOL_H_
 #define LMCONV_JAX_XLA_FFI_LANDMARK_POOL_H_
 

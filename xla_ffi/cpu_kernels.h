@@ -1,0 +1,1217 @@
+// CPU kernels of the grouped landmark pool: the schedule. Included only by
+// cpu_kernels.cc, which CMake compiles once per (dtype, pass) so the cores
+// share the build; cpu.h declares what each instantiates. The handlers are
+// handlers.inc (shared with the CUDA back end and its emulation, through
+// cpu.h's CpuBackend); the per-pixel math is landmark_pool.h.
+//
+// Every direction is mapped to a strided view scanned rows ascending, columns
+// ascending (landmark_pool.h: ScanView), and one templated kernel walks it.
+// Work items are (image, group, channel block) triples; within an item the
+// inner loop runs over contiguous channels so the compiler vectorises it.
+// Items run in parallel on XLA's intra-op thread pool.
+//
+// What the backward saves, and why: the forward's residuals are x, the guide
+// at its own shape, out and, for a grouping with a merged group (K > 1
+// members), `members` (K x the size of x: each member's pool). The backward
+// recomputes every pixel's max m[p] = max(x[p], o[p+n1], o[p+n2]) from x and
+// the member's stored pool o, with the forward's tie rule, which is exact
+// because o is what the forward stored; so nothing else is saved. Saving the
+// member pools costs memory only for merged groups, and saves one forward
+// sweep per member in the backward (recomputing them would make the
+// all_quadrants backward 4 sweeps slower). A merged group's backward finds,
+// per pixel, the member that won the merge (one byte per element of scratch),
+// then runs each member's backward with the cotangent routed to its winners.
+// A broadcast guide's gradient is written per pixel into scratch, then summed
+// over the broadcast dims in a fixed order (no atomics: deterministic).
+
+#ifndef LMCONV_CPU_KERNELS_H_
+#define LMCONV_CPU_KERNELS_H_
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "cpu.h"
+
+namespace ffi = xla::ffi;
+
+namespace lmconv {
+namespace {
+
+// ---------------------------------------------------------------------------
+// Parallel schedule
+// ---------------------------------------------------------------------------
+
+// Channel blocks of at most this many elements keep a row of a work item in
+// L1/L2 for wide images; blocks are multiples of 16 elements (whole vectors).
+constexpr int64_t kMaxChannelBlock = 256;
+constexpr int64_t kMinChannelBlock = 16;
+// Below this many elements, threads cost more than they save.
+constexpr int64_t kMinParallelElements = 1 << 15;
+
+// Work items. Normally one item is (image, group, channel block) with the
+// block inside the group. When a group's channels are less than a cache
+// line (64 bytes: octants of 64 float32 channels, quadrants of bfloat16),
+// an item is (image, one line of channels) and pools each group in it in
+// turn: no cache line is shared by two items (no false sharing), and the
+// second group finds the lines in cache.
+struct Plan {
+  Geometry geo;
+  int groups;
+  int64_t group_channels;
+  int64_t block;  // channels per work item
+  int64_t items_per_image;
+  bool whole_groups;  // an item holds block / group_channels groups
+  int64_t nblocks;    // channel blocks per group (!whole_groups)
+  int64_t items() const { return geo.batch * items_per_image; }
+};
+
+Plan make_plan(const Call& c, int64_t threads, int64_t element_bytes) {
+  const int64_t cg = c.group_channels;
+  const int64_t line = 64;
+  if (cg * element_bytes < line && line % (cg * element_bytes) == 0 &&
+      (c.geo.channels * element_bytes) % line == 0) {
+    const int64_t block = line / element_bytes;
+    return Plan{
+        c.geo, c.grouping.groups, cg, block, c.geo.channels / block, true, 0};
+  }
+  int64_t block = std::min(cg, kMaxChannelBlock);
+  auto nblocks = [&] { return (cg + block - 1) / block; };
+  // Split channels further only while there is too little work to go round.
+  while (c.geo.batch * c.grouping.groups * nblocks() < threads &&
+         block >= 2 * kMinChannelBlock) {
+    block = (block / 2 + kMinChannelBlock - 1) / kMinChannelBlock *
+            kMinChannelBlock;
+  }
+  return Plan{
+      c.geo, c.grouping.groups, cg, block, c.grouping.groups * nblocks(),
+      false, nblocks()};
+}
+
+// Runs fn(0), ..., fn(n - 1) on the calling thread and on at most
+// pool.num_threads() - 1 helper tasks. Items are claimed from a shared
+// counter, so the caller never waits on a task that has not started (no
+// deadlock when the caller is itself a pool thread); helpers that start after
+// all items are claimed return at once.
+void parallel_for(ffi::ThreadPool& pool, int64_t n, int64_t elements,
+                  const std::function<void(int64_t)>& fn) {
+  const int64_t threads =
+      elements < kMinParallelElements ? 0 : pool.num_threads();
+  const int64_t helpers = std::min(threads, n) - 1;
+  if (helpers <= 0) {
+    for (int64_t k = 0; k < n; ++k) fn(k);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> pending{0};
+    std::mutex mu;
+    std::condition_variable done;
+    const std::function<void(int64_t)>* fn = nullptr;
+    int64_t n = 0;
+    void drain() {
+      for (int64_t k; (k = next.fetch_add(1)) < n;) {
+        (*fn)(k);
+        if (pending.fetch_sub(1) == 1) {
+          std::lock_guard<std::mutex> lock(mu);
+          done.notify_all();
+        }
+      }
+    }
+  };
+  auto state = std::make_shared<State>();
+  state->fn = &fn;  // only dereferenced for claimed items, all before we return
+  state->n = n;
+  state->pending = n;
+  for (int64_t t = 0; t < helpers; ++t) {
+    pool.Schedule([state] { state->drain(); });
+  }
+  state->drain();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->done.wait(lock, [&] { return state->pending.load() == 0; });
+}
+
+// ---------------------------------------------------------------------------
+// Kernels: one work item = one image, one group, channels [c0, c0 + n).
+// Pointers are offset to (image, c0); pixel offsets come from the ScanView
+// (x and every buffer of x's layout) and the GuideView (the guide).
+// ---------------------------------------------------------------------------
+
+template <typename S>
+using Compute = typename StorageTraits<S>::Compute;
+
+// The item kernels are compiled for x86-64-v3 (AVX2, F16C) and for the
+// baseline ISA, picked at load time (gcc/clang function multiversioning); the
+// pixel loops are forced inline so they are vectorised for the clone they
+// land in. FP contraction is off for the whole file (CMakeLists.txt), so
+// the FMA the v3 clone may use never fuses our blend.
+#if defined(__x86_64__) && defined(__ELF__)
+#define LMCONV_CPU_CLONES \
+  __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define LMCONV_CPU_CLONES
+#endif
+#define LMCONV_INLINE inline __attribute__((always_inline))
+// Lambdas inside a cloned function are functions of their own, compiled for
+// the baseline ISA unless inlined: they must be, or the v3 clone runs SSE2.
+#define LMCONV_LAMBDA_INLINE __attribute__((always_inline))
+
+// Where the guide of a direction's view pixel (i, j) is, from the item's
+// first guide element: broadcast dims have stride 0.
+struct GuideView {
+  int64_t start, row_stride, col_stride;
+};
+
+GuideView make_guide_view(Direction d, const GuideLayout& l) {
+  GuideView v;
+  v.row_stride = d.row_step * l.row_stride;
+  v.col_stride = d.col_step * l.col_stride;
+  v.start = (d.row_step < 0 ? (l.height - 1) * l.row_stride : 0) +
+            (d.col_step < 0 ? (l.width - 1) * l.col_stride : 0);
+  return v;
+}
+
+// The guide value for channel c: per channel, or one for all channels.
+template <bool kGuideVec, typename S>
+LMCONV_INLINE auto guide_at(const S* g, int64_t c) {
+  return StorageTraits<S>::load_input(g[kGuideVec ? c : 0]);
+}
+
+template <typename S, bool kGuided, bool kGuideVec, bool kIn1, bool kIn2>
+LMCONV_INLINE void forward_pixel(const S* __restrict x, const S* __restrict g,
+                                 S* __restrict out, const S* __restrict o1,
+                                 const S* __restrict o2, int64_t n) {
+  using T = StorageTraits<S>;
+  if constexpr (!kGuided &&
+                (std::is_same_v<S, Half> || std::is_same_v<S, BFloat16>)) {
+    // The max on the 16-bit lanes (landmark_pool.h: take_max_bits).
+    for (int64_t c = 0; c < n; ++c) {
+      uint16_t m = T::input_bits(x[c].bits);
+      if (kIn1) m = take_max_bits<T>(m, o1[c].bits);
+      if (kIn2) m = take_max_bits<T>(m, o2[c].bits);
+      out[c].bits = T::quiet_bits(m);
+    }
+    return;
+  }
+  for (int64_t c = 0; c < n; ++c) {
+    const auto xv = T::load_input(x[c]);
+    const auto m = pool_max(xv, kIn1, kIn1 ? T::load(o1[c]) : xv, kIn2,
+                            kIn2 ? T::load(o2[c]) : xv);
+    if constexpr (kGuided) {
+      out[c] = T::store(pool_blend(guide_at<kGuideVec>(g, c), m, xv));
+    } else {
+      out[c] = T::store(m);
+    }
+  }
+}
+
+// Scans that run backwards through memory defeat the hardware prefetcher
+// (3x slower with a guide), so each kernel prefetches the pixel it will visit
+// kPrefetchPixels later in scan order.
+constexpr int64_t kPrefetchPixels = 8;
+
+template <int kWrite, typename T>
+LMCONV_INLINE void prefetch(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < n * int64_t{sizeof(T)}; b += 64) {
+    __builtin_prefetch(c + b, kWrite);
+  }
+}
+
+// Element offset of the pixel kPrefetchPixels after view pixel (i, j) at
+// element offset p in scan order (before it if kReverse), or -1 if none.
+template <bool kReverse>
+LMCONV_INLINE int64_t ahead(const ScanView& v, int64_t i, int64_t j, int64_t p,
+                            int64_t height, int64_t width) {
+  constexpr int64_t d = kReverse ? -kPrefetchPixels : kPrefetchPixels;
+  const int64_t jj = j + d;
+  if (jj >= 0 && jj < width) return p + d * v.col_stride;
+  const int64_t ii = kReverse ? i - 1 : i + 1;  // wraps to the next row
+  if (ii < 0 || ii >= height) return -1;
+  const int64_t wrapped = kReverse ? jj + width : jj - width;
+  return p + (ii - i) * v.row_stride + (wrapped - j) * v.col_stride;
+}
+
+// fn(in1, in2), std::bool_constant each: whether view pixel (i, j)'s
+// neighbours n1 and n2 are inside the image (the scans' edge pixels).
+template <typename F>
+LMCONV_INLINE void with_inside(const ScanView& v, int64_t i, int64_t j,
+                               int64_t height, int64_t width, F fn) {
+  switch (inside(i, j, v.n1, height, width) * 2 +
+          inside(i, j, v.n2, height, width)) {
+    case 3:
+      fn(std::true_type{}, std::true_type{});
+      break;
+    case 2:
+      fn(std::true_type{}, std::false_type{});
+      break;
+    case 1:
+      fn(std::false_type{}, std::true_type{});
+      break;
+    default:
+      fn(std::false_type{}, std::false_type{});
+      break;
+  }
+}
+
+// Narrow channel blocks (at most kBandMaxBytes) are swept kBandRows view rows
+// at a time: each pixel's max waits on its left neighbour's (a chain of
+// store-to-load and compare latency per pixel), so a narrow block leaves the
+// vector units idle unless several rows' chains run side by side.
+constexpr int kBandRows = 4;
+constexpr int64_t kBandMaxBytes = 128;
+
+// The passes that visit pixels in forward scan order. A pass says what one
+// pixel does (pixel<kIn1, kIn2>(row, p, j): p its element offset, j its view
+// column, row what begin_row(i) set up for its view row; kIn1 / kIn2 whether
+// n1 / n2 are inside) and what to prefetch for a later pixel; forward_item
+// walks the image once for any of them. kBand: how many view rows a pass
+// lets forward_item keep in flight (see forward_item).
+
+// The pool: out[p] from x[p] (g) and the outputs of its neighbours.
+template <typename S, bool kGuided, bool kGuideVec>
+struct PoolPass {
+  static constexpr int kBand = kBandRows;
+  struct Row {
+    const S* g;  // the guide of view pixel (i, 0)
+  };
+  const S* x;
+  const S* g;  // the item's first guide element
+  S* out;
+  ScanView v;
+  GuideView gv;
+  bool prefetch_guide;  // the guide has x's layout
+
+  LMCONV_INLINE Row begin_row(int64_t i) const {
+    return Row{kGuided ? g + gv.start + i * gv.row_stride : nullptr};
+  }
+  LMCONV_INLINE void prefetch_pixel(int64_t q, int64_t n) const {
+    prefetch<0>(x + q, n);
+    if (kGuided && prefetch_guide) prefetch<0>(g + q, n);
+    prefetch<1>(out + q, n);
+  }
+  template <bool kIn1, bool kIn2>
+  LMCONV_INLINE void pixel(const Row& row, int64_t p, int64_t j, int64_t n) {
+    forward_pixel<S, kGuided, kGuideVec, kIn1, kIn2>(
+        x + p, kGuided ? row.g + j * gv.col_stride : nullptr, out + p,
+        out + p + v.off1, out + p + v.off2, n);
+  }
+};
+
+// A later member of a merged group when the member pools are not saved
+// (inference): its pool lives in a ring of kBand + 1 view rows (its
+// neighbours are in the same or the previous view row, and forward_item
+// keeps kBand rows in flight), stored as S as if in a buffer, and each value
+// is merged into out (which holds the merge of the members before) as it is
+// made: out = v if v > out or v is NaN.
+template <typename S, bool kGuided, bool kGuideVec>
+struct RingMergePass {
+  static constexpr int kBand = kBandRows;
+  static constexpr int kRing = kBand + 1;
+  struct Row {
+    S* r;                  // the ring's row for view row i
+    int64_t roff1, roff2;  // from the ring at p to p + n1, p + n2
+    const S* g;
+  };
+  const S* x;
+  const S* g;
+  S* out;
+  const ScanView& v;
+  GuideView gv;
+  int64_t width, n;
+  std::vector<S> ring = std::vector<S>(kRing * width * n);
+
+  LMCONV_INLINE Row begin_row(int64_t i) {
+    S* row = ring.data() + (i % kRing) * width * n;
+    S* prev = ring.data() + ((i + kRing - 1) % kRing) * width * n;
+    const int64_t prev_row = prev - row;
+    return Row{row, (v.n1.dr ? prev_row : 0) + v.n1.dc * n,
+               (v.n2.dr ? prev_row : 0) + v.n2.dc * n,
+               kGuided ? g + gv.start + i * gv.row_stride : nullptr};
+  }
+  LMCONV_INLINE void prefetch_pixel(int64_t q, int64_t n_) const {
+    prefetch<0>(x + q, n_);
+    prefetch<1>(out + q, n_);
+  }
+  template <bool kIn1, bool kIn2>
+  LMCONV_INLINE void pixel(const Row& row, int64_t p, int64_t j, int64_t n_) {
+    using T = StorageTraits<S>;
+    S* __restrict r = row.r + j * n;
+    const S* __restrict o1 = r + row.roff1;
+    const S* __restrict o2 = r + row.roff2;
+    const S* __restrict xp = x + p;
+    S* __restrict op = out + p;
+    const S* gp = kGuided ? row.g + j * gv.col_stride : nullptr;
+    for (int64_t c = 0; c < n_; ++c) {
+      const auto xv = T::load_input(xp[c]);
+      const auto m = pool_max(xv, kIn1, kIn1 ? T::load(o1[c]) : xv, kIn2,
+                              kIn2 ? T::load(o2[c]) : xv);
+      const S val =
+          T::store(kGuided ? pool_blend(guide_at<kGuideVec>(gp, c), m, xv) : m);
+      r[c] = val;
+      const auto vv = T::load(val), cur = T::load(op[c]);
+      op[c] = ((vv > cur) | (vv != vv)) ? val : op[c];
+    }
+  }
+};
+
+// The tangent of a pool already computed (o, its output, is read): t[p]
+// from tx[p] (g, tg) and the tangents of the winners. Like G in the
+// backward, the running tangent t (type Compute<S>) lives in the output
+// buffer for float and double; halves keep two view rows of it in a float
+// scratch (neighbours are in the same or the previous view row) and store
+// each t[p] rounded once.
+template <typename S, bool kGuided, bool kGuideVec, bool kIn1, bool kIn2>
+LMCONV_INLINE void tangent_pixel(const S* __restrict x, const S* __restrict g,
+                                 const S* __restrict o1, const S* __restrict o2,
+                                 const S* __restrict tx, const S* __restrict tg,
+                                 const Compute<S>* __restrict t1,
+                                 const Compute<S>* __restrict t2,
+                                 Compute<S>* __restrict t, S* __restrict tout,
+                                 int64_t n) {
+  using T = StorageTraits<S>;
+  using Acc = Compute<S>;
+  for (int64_t c = 0; c < n; ++c) {
+    const auto xv = T::load_input(x[c]);
+    const auto o1v = kIn1 ? T::load(o1[c]) : xv;
+    const auto o2v = kIn2 ? T::load(o2[c]) : xv;
+    const Acc t1v = kIn1 ? t1[c] : Acc(0);
+    const Acc t2v = kIn2 ? t2[c] : Acc(0);
+    const auto m = pool_max(xv, kIn1, o1v, kIn2, o2v);
+    Acc r;
+    if constexpr (kGuided) {
+      r = pool_tangent_guided(xv, m, kIn1, o1v, kIn2, o2v,
+                              guide_at<kGuideVec>(g, c), T::load(tx[c]), t1v,
+                              t2v, T::load(tg[kGuideVec ? c : 0]));
+    } else {
+      r = pool_tangent(xv, m, kIn1, o1v, kIn2, o2v, T::load(tx[c]), t1v, t2v);
+    }
+    t[c] = r;
+    if constexpr (!std::is_same_v<S, Acc>) tout[c] = T::store(r);
+  }
+}
+
+template <typename S, bool kGuided, bool kGuideVec>
+struct TangentPass {
+  using Acc = Compute<S>;
+  static constexpr bool kInPlace = std::is_same_v<S, Acc>;
+  static constexpr int kBand = 1;  // the scratch holds two view rows
+  struct Row {
+    Acc* t;                // t of view pixel (i, 0)
+    int64_t toff1, toff2;  // from t[p] to t[p + n1], t[p + n2]
+    int64_t g;             // guide offset of view pixel (i, 0)
+  };
+  const S* x;
+  const S* g;
+  const S* out;
+  const S* tx;
+  const S* tg;
+  S* tout;
+  const ScanView& v;
+  GuideView gv;
+  int64_t width, n;
+  std::vector<Acc> scratch = std::vector<Acc>(kInPlace ? 0 : 2 * width * n);
+  // t of view pixel (i, j) is at row + j * t_col, channels contiguous.
+  const int64_t t_col = kInPlace ? v.col_stride : n;
+
+  Acc* row_ptr(int64_t i) {
+    if constexpr (kInPlace) {
+      return reinterpret_cast<Acc*>(tout) + v.start + i * v.row_stride;
+    } else {
+      return scratch.data() + (i & 1) * width * n;
+    }
+  }
+  LMCONV_INLINE Row begin_row(int64_t i) {
+    Acc* row = row_ptr(i);
+    const int64_t prev_row = i > 0 ? row_ptr(i - 1) - row : 0;
+    return Row{row, (v.n1.dr ? prev_row : 0) + v.n1.dc * t_col,
+               (v.n2.dr ? prev_row : 0) + v.n2.dc * t_col,
+               gv.start + i * gv.row_stride};
+  }
+  LMCONV_INLINE void prefetch_pixel(int64_t q, int64_t n_) const {
+    prefetch<0>(x + q, n_);
+    prefetch<0>(out + q + v.off1, n_);  // may be outside: harmless
+    prefetch<0>(out + q + v.off2, n_);
+    prefetch<0>(tx + q, n_);
+    prefetch<1>(tout + q, n_);
+  }
+  template <bool kIn1, bool kIn2>
+  LMCONV_INLINE void pixel(const Row& row, int64_t p, int64_t j, int64_t n_) {
+    Acc* t = row.t + j * t_col;
+    const int64_t gq = row.g + j * gv.col_stride;
+    tangent_pixel<S, kGuided, kGuideVec, kIn1, kIn2>(
+        x + p, kGuided ? g + gq : nullptr, out + p + v.off1, out + p + v.off2,
+        tx + p, kGuided ? tg + gq : nullptr, t + row.toff1, t + row.toff2, t,
+        kInPlace ? nullptr : tout + p, n_);
+  }
+};
+
+// Walks the item's view rows in scan order. Wide blocks: one row at a time.
+// Narrow blocks (kBandMaxBytes): bands of up to Pass::kBand rows, row i0 + r
+// two columns behind row i0 + r - 1, so that every neighbour a pixel reads
+// (the previous row's columns j - 1 .. j + 1, and column j - 1 of its own)
+// is made by an earlier step; the rows' chains are independent in a step.
+//
+// forward_rows sweeps view rows [i0, i1) of this schedule (i0 a multiple of
+// Pass::kBand), so that several passes can be run a few rows at a time.
+template <typename S, typename Pass>
+LMCONV_INLINE void forward_rows(Pass& pass, const ScanView& v, int64_t i0,
+                                int64_t i1, int64_t height, int64_t width,
+                                int64_t n) {
+  using Row = typename Pass::Row;
+  // One pixel with its neighbours' flags known at compile time.
+  auto step = [&](auto in1, auto in2, const Row& row, int64_t i,
+                  int64_t j) LMCONV_LAMBDA_INLINE {
+    const int64_t p = v.start + i * v.row_stride + j * v.col_stride;
+    if (const int64_t q = ahead<false>(v, i, j, p, height, width); q >= 0) {
+      pass.prefetch_pixel(q, n);
+    }
+    pass.template pixel<decltype(in1)::value, decltype(in2)::value>(row, p, j,
+                                                                    n);
+  };
+  auto edge = [&](const Row& row, int64_t i, int64_t j) LMCONV_LAMBDA_INLINE {
+    with_inside(v, i, j, height, width,
+                [&](auto in1, auto in2)
+                    LMCONV_LAMBDA_INLINE { step(in1, in2, row, i, j); });
+  };
+  const int64_t j1 = width - 1;
+  constexpr int kBand = Pass::kBand;
+  if (kBand > 1 && n * int64_t{sizeof(S)} <= kBandMaxBytes && height > 1) {
+    for (int64_t b0 = i0; b0 < i1; b0 += kBand) {
+      const int rows = static_cast<int>(std::min<int64_t>(kBand, i1 - b0));
+      Row row[kBand];
+      for (int r = 0; r < rows; ++r) row[r] = pass.begin_row(b0 + r);
+      const int64_t steps = width + 2 * (rows - 1);
+      for (int64_t t = 0; t < steps; ++t) {
+#pragma GCC unroll 4  // kBandRows
+        for (int r = 0; r < kBand; ++r) {
+          const int64_t i = b0 + r, j = t - 2 * r;
+          if (r >= rows || j < 0 || j > j1) continue;
+          if (i > 0 && j > 0 && j < j1) {
+            step(std::true_type{}, std::true_type{}, row[r], i, j);
+          } else {
+            edge(row[r], i, j);
+          }
+        }
+      }
+    }
+    return;
+  }
+  for (int64_t i = i0; i < i1; ++i) {
+    const Row row = pass.begin_row(i);
+    edge(row, i, 0);
+    // Interior columns: a neighbour is inside unless it is in the row above
+    // the first, so one switch per row (not per pixel).
+    const bool in1 = v.n1.dr == 0 || i > 0, in2 = v.n2.dr == 0 || i > 0;
+    if (in1 && in2) {
+      for (int64_t j = 1; j < j1; ++j)
+        step(std::true_type{}, std::true_type{}, row, i, j);
+    } else if (in1) {
+      for (int64_t j = 1; j < j1; ++j)
+        step(std::true_type{}, std::false_type{}, row, i, j);
+    } else if (in2) {
+      for (int64_t j = 1; j < j1; ++j)
+        step(std::false_type{}, std::true_type{}, row, i, j);
+    } else {
+      for (int64_t j = 1; j < j1; ++j)
+        step(std::false_type{}, std::false_type{}, row, i, j);
+    }
+    if (width > 1) edge(row, i, j1);
+  }
+}
+
+template <typename S, typename Pass>
+LMCONV_CPU_CLONES void forward_item(Pass& pass, const ScanView& v,
+                                    int64_t height, int64_t width, int64_t n) {
+  forward_rows<S>(pass, v, 0, height, height, width, n);
+}
+
+// Several views swept together: view pixel (i, j) of each in turn, for the
+// views of one image whose scans visit x's rows in the same order (the
+// same row_step). Alone, a group of C / P channels reads one line in every
+// C elements, the hardware fetches the lines around it in vain, and the
+// next group fetches them again; swept together, the groups' views use a
+// row's lines in the same pass (the columns of a view that scans them
+// right to left are read in the same row), and their chains run side by
+// side, so no band is needed.
+template <typename S, typename Pass>
+LMCONV_CPU_CLONES void forward_views(Pass* passes, int count, int64_t height,
+                                     int64_t width, int64_t n) {
+  using Row = typename Pass::Row;
+  Row rows[kMaxDirections];
+  auto step = [&](auto in1, auto in2, int k, int64_t i,
+                  int64_t j) LMCONV_LAMBDA_INLINE {
+    Pass& pass = passes[k];
+    const ScanView& v = pass.v;
+    const int64_t p = v.start + i * v.row_stride + j * v.col_stride;
+    if (const int64_t q = ahead<false>(v, i, j, p, height, width); q >= 0) {
+      pass.prefetch_pixel(q, n);
+    }
+    pass.template pixel<decltype(in1)::value, decltype(in2)::value>(rows[k], p,
+                                                                    j, n);
+  };
+  auto edge = [&](int k, int64_t i, int64_t j) LMCONV_LAMBDA_INLINE {
+    with_inside(passes[k].v, i, j, height, width,
+                [&](auto in1, auto in2)
+                    LMCONV_LAMBDA_INLINE { step(in1, in2, k, i, j); });
+  };
+  const int64_t j1 = width - 1;
+  for (int64_t i = 0; i < height; ++i) {
+    for (int k = 0; k < count; ++k) rows[k] = passes[k].begin_row(i);
+    for (int k = 0; k < count; ++k) edge(k, i, 0);
+    // Interior columns of a row below the first: every neighbour is inside.
+    if (i > 0) {
+      for (int64_t j = 1; j < j1; ++j) {
+        for (int k = 0; k < count; ++k) {
+          step(std::true_type{}, std::true_type{}, k, i, j);
+        }
+      }
+    } else {
+      for (int64_t j = 1; j < j1; ++j) {
+        for (int k = 0; k < count; ++k) edge(k, i, j);
+      }
+    }
+    if (width > 1) {
+      for (int k = 0; k < count; ++k) edge(k, i, j1);
+    }
+  }
+}
+
+// The backward of one member's pool over one item.
+//
+// G (the running cotangent of the member's pool, type Compute<S>) lives in
+// the dx buffer when S is its own compute type and dx is not accumulated
+// (the first member): each G[p] is final when p is visited, is read, then
+// overwritten by dx[p], and pushes only go to neighbours, which are visited
+// later. Otherwise G is in a scratch of two view rows, since pushes reach at
+// most the previous row of the view.
+//
+// kMasked: a merged group's member; G starts as ct where this member won the
+// merge (winner[p] == member) and 0 elsewhere. kAccum: dx and dg already
+// hold the earlier members' gradients; this member's, rounded to S, is added
+// (in S), as composing the pools in jnp would.
+template <typename S>
+struct BackwardArgs {
+  const S* x;
+  const S* g;  // the item's first guide element
+  GuideView gv;
+  const S* o;  // the member's pool (out, or its slot of members)
+  const S* ct;
+  S* dx;
+  S* dg;                  // x's layout (the guide's gradient per pixel)
+  const uint8_t* winner;  // x's layout; kMasked only
+  int member;
+  const ScanView* v;
+  int64_t height, width, n;
+};
+
+template <typename S, bool kGuided, bool kGuideVec, bool kAccum, bool kIn1,
+          bool kIn2>
+LMCONV_INLINE void backward_pixel(
+    const S* __restrict x, const S* __restrict g, const S* __restrict o1,
+    const S* __restrict o2, Compute<S>* __restrict G, Compute<S>* __restrict G1,
+    Compute<S>* __restrict G2, S* __restrict dx, S* __restrict dg, int64_t n) {
+  using T = StorageTraits<S>;
+  constexpr bool kInPlace = std::is_same_v<S, Compute<S>> && !kAccum;
+  for (int64_t c = 0; c < n; ++c) {
+    const auto xv = T::load_input(x[c]);
+    const auto o1v = kIn1 ? T::load(o1[c]) : xv;
+    const auto o2v = kIn2 ? T::load(o2[c]) : xv;
+    PoolGrad<Compute<S>> r;
+    if constexpr (kGuided) {
+      const auto m = pool_max(xv, kIn1, o1v, kIn2, o2v);
+      r = pool_backward_guided(xv, m, kIn1, o1v, kIn2, o2v,
+                               guide_at<kGuideVec>(g, c), G[c]);
+    } else {
+      r = pool_backward(xv, kIn1, o1v, kIn2, o2v, G[c]);
+    }
+    if constexpr (kIn1) G1[c] += r.to_n1;
+    if constexpr (kIn2) G2[c] += r.to_n2;
+    if constexpr (kInPlace) {
+      G[c] = r.dx;  // G is dx
+    } else if constexpr (kAccum) {
+      dx[c] = T::store(T::load(dx[c]) + T::load(T::store(r.dx)));
+    } else {
+      dx[c] = T::store(r.dx);
+    }
+    if constexpr (kGuided) {
+      if constexpr (kAccum) {
+        dg[c] = T::store(T::load(dg[c]) + T::load(T::store(r.dguide)));
+      } else {
+        dg[c] = T::store(r.dguide);
+      }
+    }
+  }
+}
+
+template <typename S, bool kGuided, bool kGuideVec, bool kMasked, bool kAccum>
+LMCONV_CPU_CLONES void backward_item(const BackwardArgs<S>& a) {
+  using Acc = Compute<S>;
+  constexpr bool kInPlace = std::is_same_v<S, Acc> && !kAccum;
+  const ScanView& v = *a.v;
+  const int64_t height = a.height, width = a.width, n = a.n;
+  std::vector<Acc> scratch(kInPlace ? 0 : 2 * width * n);
+  // G of view pixel (i, j) is at row_ptr(i) + j * g_col, channels contiguous.
+  const int64_t g_col = kInPlace ? v.col_stride : n;
+  auto row_ptr = [&](int64_t i) LMCONV_LAMBDA_INLINE -> Acc* {
+    if constexpr (kInPlace) {
+      return reinterpret_cast<Acc*>(a.dx) + v.start + i * v.row_stride;
+    } else {
+      return scratch.data() + (i & 1) * width * n;
+    }
+  };
+  // G of view pixel (i, j) := ct (routed). Done one pixel at a time inside
+  // the pixel loop, so the loads of ct overlap the math.
+  auto load_ct = [&](int64_t i, int64_t j) LMCONV_LAMBDA_INLINE {
+    Acc* __restrict G = row_ptr(i) + j * g_col;
+    const int64_t q = v.start + i * v.row_stride + j * v.col_stride;
+    const S* __restrict c = a.ct + q;
+    if constexpr (kMasked) {
+      const uint8_t* __restrict w = a.winner + q;
+      const uint8_t me = static_cast<uint8_t>(a.member);
+      for (int64_t k = 0; k < n; ++k) {
+        const Acc ck = StorageTraits<S>::load(c[k]);
+        G[k] = w[k] == me ? ck : Acc(0);
+      }
+    } else {
+      for (int64_t k = 0; k < n; ++k) G[k] = StorageTraits<S>::load(c[k]);
+    }
+  };
+  for (int64_t j = width - 1; j >= 0; --j) load_ct(height - 1, j);
+  for (int64_t i = height - 1; i >= 0; --i) {
+    // Pushes from pixel (i, j) reach row i - 1 at columns j - 1 .. j + 1:
+    // column j - 1 of row i - 1 is loaded just before pixel j, the last
+    // column before the row starts.
+    if (i > 0) load_ct(i - 1, width - 1);
+    Acc* G_row = row_ptr(i);
+    // Offsets of the neighbours' G from G[p] (view rows dr are 0 or -1).
+    const int64_t prev_row = i > 0 ? row_ptr(i - 1) - G_row : 0;
+    const int64_t goff1 = (v.n1.dr ? prev_row : 0) + v.n1.dc * g_col;
+    const int64_t goff2 = (v.n2.dr ? prev_row : 0) + v.n2.dc * g_col;
+    const int64_t g_row = a.gv.start + i * a.gv.row_stride;
+    auto step = [&](auto in1, auto in2, int64_t j) LMCONV_LAMBDA_INLINE {
+      const int64_t p = v.start + i * v.row_stride + j * v.col_stride;
+      Acc* G = G_row + j * g_col;
+      const S* gp = kGuided ? a.g + g_row + j * a.gv.col_stride : nullptr;
+      S* dgp = kGuided ? a.dg + p : nullptr;
+      const S* o1 = a.o + p + v.off1;
+      const S* o2 = a.o + p + v.off2;
+      if (const int64_t q = ahead<true>(v, i, j, p, height, width); q >= 0) {
+        prefetch<0>(a.x + q, n);
+        prefetch<0>(a.o + q + v.off1, n);  // may be outside: harmless
+        prefetch<0>(a.o + q + v.off2, n);
+        if (kGuided) prefetch<1>(a.dg + q, n);
+        if (!kInPlace) prefetch<1>(a.dx + q, n);
+      }
+      if (i >= 2) {  // row i - 2 of ct and of G is loaded before row i - 1
+        const int64_t q = v.start + (i - 2) * v.row_stride + j * v.col_stride;
+        prefetch<0>(a.ct + q, n);
+        if (kInPlace) prefetch<1>(a.dx + q, n);
+      }
+      if (i > 0 && j > 0) load_ct(i - 1, j - 1);
+      backward_pixel<S, kGuided, kGuideVec, kAccum, decltype(in1)::value,
+                     decltype(in2)::value>(a.x + p, gp, o1, o2, G, G + goff1,
+                                           G + goff2, a.dx + p, dgp, n);
+    };
+    auto edge = [&](int64_t j) LMCONV_LAMBDA_INLINE {
+      with_inside(v, i, j, height, width,
+                  [&](auto in1, auto in2)
+                      LMCONV_LAMBDA_INLINE { step(in1, in2, j); });
+    };
+    // Interior columns: one switch per row (see forward_item).
+    const bool in1 = v.n1.dr == 0 || i > 0, in2 = v.n2.dr == 0 || i > 0;
+    if (width > 1) edge(width - 1);
+    if (in1 && in2) {
+      for (int64_t j = width - 2; j >= 1; --j)
+        step(std::true_type{}, std::true_type{}, j);
+    } else if (in1) {
+      for (int64_t j = width - 2; j >= 1; --j)
+        step(std::true_type{}, std::false_type{}, j);
+    } else if (in2) {
+      for (int64_t j = width - 2; j >= 1; --j)
+        step(std::false_type{}, std::true_type{}, j);
+    } else {
+      for (int64_t j = width - 2; j >= 1; --j)
+        step(std::false_type{}, std::false_type{}, j);
+    }
+    edge(0);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The item loop and the per-pixel passes outside the scans.
+// ---------------------------------------------------------------------------
+
+struct Item {
+  int64_t b, group, c0, n;
+  int64_t offset;        // element offset of (image b, channel c0) in x
+  int64_t guide_offset;  // of the item's first guide element
+  int64_t image;         // H * W * C
+  int max_members;       // K
+  // Element offset of member k's pool of this item in `members`, which is
+  // (..., K, H, W, C): image b's member k starts at (b * K + k) * image.
+  int64_t member(int k) const { return (b * max_members + k) * image + c0; }
+};
+
+// Runs fn(piece) over every work item of the call's plan (make_plan, for
+// elements of element_bytes): a piece is one group's channels of the item
+// (an item of whole groups has several, run in turn).
+template <typename F>
+void for_each_item(ffi::ThreadPool& pool, const Call& c, int64_t element_bytes,
+                   F fn) {
+  const Plan plan = make_plan(c, pool.num_threads(), element_bytes);
+  const Geometry& geo = plan.geo;
+  const int64_t image = geo.height * geo.width * geo.channels;
+  parallel_for(pool, plan.items(), geo.size(), [&](int64_t k) {
+    FlushDenormals ftz;
+    const int64_t b = k / plan.items_per_image;
+    const int64_t in_image = k % plan.items_per_image;
+    auto piece = [&](int64_t group, int64_t c0, int64_t n) {
+      Item it;
+      it.b = b;
+      it.group = group;
+      it.c0 = c0;
+      it.n = n;
+      it.offset = b * image + c0;
+      it.image = image;
+      it.max_members = c.has_members ? c.grouping.max_members : 0;
+      it.guide_offset =
+          c.guided ? c.guide.image_offset(b) + c0 * c.guide.channel_stride : 0;
+      fn(it);
+    };
+    if (plan.whole_groups) {
+      const int64_t c0 = in_image * plan.block;
+      for (int64_t g = c0 / plan.group_channels;
+           g < (c0 + plan.block) / plan.group_channels; ++g) {
+        piece(g, g * plan.group_channels, plan.group_channels);
+      }
+    } else {
+      const int64_t group = in_image / plan.nblocks;
+      const int64_t c_in_group = (in_image % plan.nblocks) * plan.block;
+      piece(group, group * plan.group_channels + c_in_group,
+            std::min(plan.block, plan.group_channels - c_in_group));
+    }
+  });
+}
+
+// fn(p) for the element offset p (from the item's offset) of every pixel of
+// the item in x's rows [r0, r1), with its channels [p, p + n).
+template <typename F>
+LMCONV_INLINE void for_each_pixel(const Geometry& geo, int64_t r0, int64_t r1,
+                                  F fn) {
+  for (int64_t i = r0; i < r1; ++i) {
+    for (int64_t j = 0; j < geo.width; ++j) {
+      fn((i * geo.width + j) * geo.channels);
+    }
+  }
+}
+
+// The same for every pixel of the item.
+template <typename F>
+LMCONV_INLINE void for_each_pixel(const Geometry& geo, F fn) {
+  for_each_pixel(geo, 0, geo.height, fn);
+}
+
+// out = merge of the item's member pools (member k at pools + k * image);
+// with `winner`, also the index of the member that won (merge_winner's rule,
+// members outer so the channel loops vectorise).
+// merge_rows does it for x's rows [r0, r1) only.
+template <typename S>
+LMCONV_INLINE void merge_rows(const Geometry& geo, int members, const S* pools,
+                              S* out, uint8_t* winner, int64_t n, int64_t r0,
+                              int64_t r1) {
+  using T = StorageTraits<S>;
+  const int64_t size = geo.height * geo.width * geo.channels;
+  Compute<S> best[kMaxChannelBlock];
+  uint8_t w[kMaxChannelBlock];
+  for_each_pixel(geo, r0, r1, [&](int64_t p) LMCONV_LAMBDA_INLINE {
+    for (int64_t c0 = 0; c0 < n; c0 += kMaxChannelBlock) {
+      const int64_t m = std::min(kMaxChannelBlock, n - c0);
+      const S* __restrict p0 = pools + p + c0;
+      for (int64_t c = 0; c < m; ++c) {
+        best[c] = T::load(p0[c]);
+        w[c] = 0;
+      }
+      for (int k = 1; k < members; ++k) {
+        const S* __restrict pk = pools + k * size + p + c0;
+        for (int64_t c = 0; c < m; ++c) {
+          const Compute<S> v = T::load(pk[c]);
+          const bool take = (v > best[c]) | (v != v);
+          best[c] = take ? v : best[c];
+          w[c] = take ? static_cast<uint8_t>(k) : w[c];
+        }
+      }
+      if (out) {
+        for (int64_t c = 0; c < m; ++c) out[p + c0 + c] = T::store(best[c]);
+      }
+      if (winner) {
+        for (int64_t c = 0; c < m; ++c) winner[p + c0 + c] = w[c];
+      }
+    }
+  });
+}
+
+template <typename S>
+LMCONV_CPU_CLONES void merge_item(const Geometry& geo, int members,
+                                  const S* pools, S* out, uint8_t* winner,
+                                  int64_t n) {
+  merge_rows<S>(geo, members, pools, out, winner, n, 0, geo.height);
+}
+
+// The forward of `count` consecutive members of a merged group whose scans
+// visit x's rows in the same order (row_step), each pass writing its
+// member's pool, run together a band of view rows at a time, so the later
+// members find the rows' x in cache. With `out` (the last such run: every
+// member before it is done), the x rows just made are merged into out while
+// the pools are in cache (merge_item's rule: the same bits).
+template <typename S, typename Pass>
+LMCONV_CPU_CLONES void forward_members(Pass* passes, int count, int row_step,
+                                       const Geometry& geo, int members,
+                                       const S* pools, S* out, int64_t n) {
+  const int64_t height = geo.height, width = geo.width;
+  for (int64_t i0 = 0; i0 < height; i0 += Pass::kBand) {
+    const int64_t i1 = std::min<int64_t>(height, i0 + Pass::kBand);
+    for (int k = 0; k < count; ++k) {
+      forward_rows<S>(passes[k], passes[k].v, i0, i1, height, width, n);
+    }
+    if (out) {
+      const int64_t r0 = row_step > 0 ? i0 : height - i1;
+      merge_rows<S>(geo, members, pools, out, nullptr, n, r0, r0 + (i1 - i0));
+    }
+  }
+}
+
+template <typename T>
+std::unique_ptr<T[]> uninitialized(int64_t n) {
+  return std::unique_ptr<T[]>(new T[static_cast<size_t>(n)]);
+}
+
+// dg (the guide's shape) = the per-pixel gradient dg_full (x's layout)
+// summed over the broadcast dims, in Compute<S>, in x's element order.
+template <typename S>
+void reduce_guide(const Geometry& geo, const GuideLayout& l, const S* dg_full,
+                  S* dg) {
+  using T = StorageTraits<S>;
+  FlushDenormals ftz;
+  std::vector<Compute<S>> acc(static_cast<size_t>(l.elements), Compute<S>(0));
+  const int64_t image = geo.height * geo.width * geo.channels;
+  for (int64_t b = 0; b < geo.batch; ++b) {
+    Compute<S>* a = acc.data() + l.image_offset(b);
+    const S* d = dg_full + b * image;
+    for (int64_t i = 0; i < geo.height; ++i) {
+      for (int64_t j = 0; j < geo.width; ++j) {
+        Compute<S>* ap = a + i * l.row_stride + j * l.col_stride;
+        const S* dp = d + (i * geo.width + j) * geo.channels;
+        if (l.channel_stride) {
+          for (int64_t c = 0; c < geo.channels; ++c) ap[c] += T::load(dp[c]);
+        } else {
+          for (int64_t c = 0; c < geo.channels; ++c) ap[0] += T::load(dp[c]);
+        }
+      }
+    }
+  }
+  for (int64_t k = 0; k < l.elements; ++k) dg[k] = T::store(acc[k]);
+}
+
+// ---------------------------------------------------------------------------
+// The back end.
+// ---------------------------------------------------------------------------
+
+// The passes of one call, for cpu_forward, cpu_tangent and cpu_backward
+// below.
+class CpuKernels {
+ public:
+  explicit CpuKernels(ffi::ThreadPool pool) : pool_(pool) {}
+
+  template <typename S>
+  ffi::Error forward(const Call& c, const Buffers<S>& b) {
+    return by_guide(c, [&](auto guided, auto vec) {
+      return forward_as<S, guided.value, vec.value>(c, b);
+    });
+  }
+
+  template <typename S>
+  ffi::Error tangent(const Call& c, const Buffers<S>& b) {
+    return by_guide(c, [&](auto guided, auto vec) {
+      return tangent_as<S, guided.value, vec.value>(c, b);
+    });
+  }
+
+  template <typename S>
+  ffi::Error backward(const Call& c, const Buffers<S>& b) {
+    return by_guide(c, [&](auto guided, auto vec) {
+      return backward_as<S, guided.value, vec.value>(c, b);
+    });
+  }
+
+ private:
+  // run(kGuided, kGuideVec) with the two as std::bool_constant: is there a
+  // guide, and is it per channel.
+  template <typename Run>
+  static ffi::Error by_guide(const Call& c, Run run) {
+    if (!c.guided) return run(std::false_type{}, std::false_type{});
+    if (c.guide.channel_stride) return run(std::true_type{}, std::true_type{});
+    return run(std::true_type{}, std::false_type{});
+  }
+
+  // Every direction's views of x and of the guide.
+  struct Views {
+    ScanView scan[kMaxDirections];
+    GuideView guide[kMaxDirections];
+
+    explicit Views(const Call& c) {
+      int total = 0;
+      for (int p = 0; p < c.grouping.groups; ++p) {
+        total += c.grouping.members[p];
+      }
+      for (int k = 0; k < total; ++k) {
+        scan[k] = make_scan_view(c.grouping.dirs[k], c.geo.height, c.geo.width,
+                                 c.geo.channels);
+        guide[k] = c.guided ? make_guide_view(c.grouping.dirs[k], c.guide)
+                            : GuideView{0, 0, 0};
+      }
+    }
+  };
+
+  // Whether forward_as sweeps an image's groups together (forward_views):
+  // every group is one direction, a group's channels are narrower than a
+  // cache line (where the group-by-group schedule reads a line in several
+  // sweeps: octants of 64 float32 channels, quadrants of 16-bit types), each
+  // scan order through x's rows (row_step) has no group or at least two
+  // (one alone is better served by forward_item's bands), and there are
+  // images enough for the threads (an item is an image). Measured in
+  // docs/benchmarks.md: wider groups (quadrants of float32), merged groups
+  // and the backward gained nothing from it.
+  bool sweeps_together(const Call& c, int64_t element_bytes) {
+    if (c.grouping.max_members != 1) return false;
+    if (c.group_channels * element_bytes >= 64) return false;
+    int down = 0, up = 0;
+    for (int p = 0; p < c.grouping.groups; ++p) {
+      (c.grouping.dir(p, 0).row_step > 0 ? down : up) += 1;
+    }
+    if (down == 1 || up == 1 || down + up < 2) return false;
+    return c.geo.size() < kMinParallelElements ||
+           c.geo.batch >= pool_.num_threads();
+  }
+
+  // The forward with an item per image: the groups that scan x's rows
+  // downwards, swept together, then those that scan them upwards (they start
+  // where the first sweep ended, so its last rows are still in cache).
+  template <typename S, bool kGuided, bool kGuideVec>
+  void forward_together(const Call& c, const Buffers<S>& b,
+                        const Views& views) {
+    const Geometry& geo = c.geo;
+    const Grouping& gr = c.grouping;
+    const int64_t cg = c.group_channels;
+    const int64_t image = geo.height * geo.width * geo.channels;
+    const bool full = c.guided && c.guide.full;
+    parallel_for(pool_, geo.batch, geo.size(), [&](int64_t bi) {
+      FlushDenormals ftz;
+      for (const int row_step : {1, -1}) {
+        PoolPass<S, kGuided, kGuideVec> passes[kMaxGroups];
+        int count = 0;
+        for (int p = 0; p < gr.groups; ++p) {
+          const int d = gr.first[p];
+          if (gr.dirs[d].row_step != row_step) continue;
+          const int64_t offset = bi * image + p * cg;
+          const S* g = kGuided ? b.g + c.guide.image_offset(bi) +
+                                     p * cg * c.guide.channel_stride
+                               : nullptr;
+          passes[count++] = PoolPass<S, kGuided, kGuideVec>{
+              b.x + offset,   g,   b.out_w + offset, views.scan[d],
+              views.guide[d], full};
+        }
+        if (count > 0) {
+          forward_views<S>(passes, count, geo.height, geo.width, cg);
+        }
+      }
+    });
+  }
+
+  template <typename S, bool kGuided, bool kGuideVec>
+  ffi::Error forward_as(const Call& c, const Buffers<S>& b) {
+    const Views views(c);
+    if (sweeps_together(c, sizeof(S))) {
+      forward_together<S, kGuided, kGuideVec>(c, b, views);
+      return ffi::Error::Success();
+    }
+    const Geometry& geo = c.geo;
+    const bool full = c.guided && c.guide.full;
+    for_each_item(pool_, c, sizeof(S), [&](const Item& it) {
+      const int members = c.grouping.members[it.group];
+      const S* g = kGuided ? b.g + it.guide_offset : nullptr;
+      if (members > 1 && c.has_members) {
+        // Runs of members that visit x's rows in the same order, together.
+        for (int k = 0, e; k < members; k = e) {
+          const int row_step = c.grouping.dir(it.group, k).row_step;
+          PoolPass<S, kGuided, kGuideVec> passes[kMaxMembers];
+          for (e = k;
+               e < members && c.grouping.dir(it.group, e).row_step == row_step;
+               ++e) {
+            const int d = c.grouping.first[it.group] + e;
+            passes[e - k] = PoolPass<S, kGuided, kGuideVec>{
+                b.x + it.offset, g,   b.members + it.member(e), views.scan[d],
+                views.guide[d],  full};
+          }
+          forward_members<S>(
+              passes, e - k, row_step, geo, members, b.members + it.member(0),
+              e == members ? b.out_w + it.offset : nullptr, it.n);
+        }
+        return;
+      }
+      for (int k = 0; k < members; ++k) {
+        const int d = c.grouping.first[it.group] + k;
+        if (members > 1 && k > 0) {
+          RingMergePass<S, kGuided, kGuideVec> pass{b.x + it.offset,
+                                                    g,
+                                                    b.out_w + it.offset,
+                                                    views.scan[d],
+                                                    views.guide[d],
+                                                    geo.width,
+                                                    it.n};
+          forward_item<S>(pass, views.scan[d], geo.height, geo.width, it.n);
+          continue;
+        }
+        PoolPass<S, kGuided, kGuideVec> pass{b.x + it.offset,     g,
+                                             b.out_w + it.offset, views.scan[d],
+                                             views.guide[d],      full};
+        forward_item<S>(pass, views.scan[d], geo.height, geo.width, it.n);
+      }
+    });
+    return ffi::Error::Success();
+  }
+
+  template <typename S, bool kGuided, bool kGuideVec>
+  ffi::Error tangent_as(const Call& c, const Buffers<S>& b) {
+    const Views views(c);
+    const Geometry& geo = c.geo;
+    // A merged group's member tangents, before the winner's is picked.
+    const auto t_members = uninitialized<S>(
+        c.has_members ? c.grouping.max_members * geo.size() : 0);
+    for_each_item(pool_, c, sizeof(S), [&](const Item& it) {
+      const int members = c.grouping.members[it.group];
+      for (int k = 0; k < members; ++k) {
+        const int d = c.grouping.first[it.group] + k;
+        const S* o =
+            members == 1 ? b.out + it.offset : b.members + it.member(k);
+        S* t =
+            members == 1 ? b.tout + it.offset : t_members.get() + it.member(k);
+        TangentPass<S, kGuided, kGuideVec> pass{
+            b.x + it.offset,
+            kGuided ? b.g + it.guide_offset : nullptr,
+            o,
+            b.tx + it.offset,
+            kGuided ? b.tg + it.guide_offset : nullptr,
+            t,
+            views.scan[d],
+            views.guide[d],
+            geo.width,
+            it.n};
+        forward_item<S>(pass, views.scan[d], geo.height, geo.width, it.n);
+      }
+      if (members > 1) {
+        using T = StorageTraits<S>;
+        const int64_t size = it.image;  // from one member to the next
+        const S* pools = b.members + it.member(0);
+        const S* ts = t_members.get() + it.member(0);
+        S* tout = b.tout + it.offset;
+        for_each_pixel(geo, [&](int64_t p) LMCONV_LAMBDA_INLINE {
+          for (int64_t ch = 0; ch < it.n; ++ch) {
+            Compute<S> best;
+            const int w = merge_winner(
+                members,
+                [&](int k) { return T::load(pools[k * size + p + ch]); },
+                &best);
+            tout[p + ch] = ts[w * size + p + ch];
+          }
+        });
+      }
+    });
+    return ffi::Error::Success();
+  }
+
+  template <typename S, bool kGuided, bool kGuideVec>
+  ffi::Error backward_as(const Call& c, const Buffers<S>& b) {
+    const Views views(c);
+    const Geometry& geo = c.geo;
+    const auto winner = uninitialized<uint8_t>(c.has_members ? geo.size() : 0);
+    // A broadcast guide's gradient, per pixel, before the reduction.
+    std::unique_ptr<S[]> dg_full;
+    S* dg = b.dg;
+    if (kGuided && !c.guide.full) {
+      dg_full = uninitialized<S>(geo.size());
+      dg = dg_full.get();
+    }
+    for_each_item(pool_, c, sizeof(S), [&](const Item& it) {
+      const int members = c.grouping.members[it.group];
+      if (members > 1) {
+        merge_item<S>(geo, members, b.members + it.member(0), nullptr,
+                      winner.get() + it.offset, it.n);
+      }
+      for (int k = 0; k < members; ++k) {
+        const int d = c.grouping.first[it.group] + k;
+        BackwardArgs<S> a{
+            b.x + it.offset,
+            kGuided ? b.g + it.guide_offset : nullptr,
+            views.guide[d],
+            members == 1 ? b.out + it.offset : b.members + it.member(k),
+            b.ct + it.offset,
+            b.dx + it.offset,
+            kGuided ? dg + it.offset : nullptr,
+            members > 1 ? winner.get() + it.offset : nullptr,
+            k,
+            &views.scan[d],
+            geo.height,
+            geo.width,
+            it.n};
+        if (members == 1) {
+          backward_item<S, kGuided, kGuideVec, false, false>(a);
+        } else if (k == 0) {
+          backward_item<S, kGuided, kGuideVec, true, false>(a);
+        } else {
+          backward_item<S, kGuided, kGuideVec, true, true>(a);
+        }
+      }
+    });
+    if (kGuided && !c.guide.full) reduce_guide<S>(geo, c.guide, dg, b.dg);
+    return ffi::Error::Success();
+  }
+
+  ffi::ThreadPool pool_;
+};
+
+}  // namespace
+}  // namespace lmconv
+
+namespace lmconv {
+
+// The entry points cpu.h declares. Defined here, instantiated only in
+// cpu_kernels.cc, one storage type and one pass per object file.
+template <typename S>
+ffi::Error cpu_forward(ffi::ThreadPool pool, const Call& c,
+                       const Buffers<S>& b) {
+  return CpuKernels(pool).forward(c, b);
+}
+
+template <typename S>
+ffi::Error cpu_tangent(ffi::ThreadPool pool, const Call& c,
+                       const Buffers<S>& b) {
+  return CpuKernels(pool).tangent(c, b);
+}
+
+template <typename S>
+ffi::Error cpu_backward(ffi::ThreadPool pool, const Call& c,
+                        const Buffers<S>& b) {
+  return CpuKernels(pool).backward(c, b);
+}
+
+}  // namespace lmconv
+
+#endif  // LMCONV_CPU_KERNELS_H_
