@@ -24,3 +24,47 @@ def _x64_only_where_marked(request):
     jax.config.update("jax_enable_x64", before)
     pytest.fail(f"{request.node.nodeid} left jax_enable_x64 switched; "
                 "mark it x64 instead", pytrace=False)
+
+
+# --------------------------------------------------------------------------
+# Subprocess suites started at collection time.
+#
+# A test marked ``@pytest.mark.background.with_args(start)`` runs a long
+# subprocess: ``start()`` returns a ``subprocess.Popen`` whose output goes to
+# a file, never to a pipe nobody reads (``with_args``: a bare function as the
+# marker's one argument would be taken for the decorated test). It is started
+# as soon as collection has selected the test, so it runs on the second core
+# while the rest of the session runs on the first; the test waits for it
+# through the ``background`` fixture. A session that ends first (``-x``,
+# Ctrl-C) kills what it started.
+
+_BACKGROUND = pytest.StashKey()
+
+
+def pytest_collection_finish(session):
+  if session.config.option.collectonly:
+    return
+  for item in session.items:  # what -k, -m and the rest left selected
+    marker = item.get_closest_marker("background")
+    if marker is not None:
+      item.stash[_BACKGROUND] = marker.args[0]()
+
+
+@pytest.fixture
+def background(request):
+  """The subprocess the test's ``background`` marker started (started now if
+  collection did not)."""
+  proc = request.node.stash.get(_BACKGROUND, None)
+  if proc is None:
+    proc = request.node.get_closest_marker("background").args[0]()
+    request.node.stash[_BACKGROUND] = proc
+  return proc
+
+
+def pytest_sessionfinish(session, exitstatus):
+  del exitstatus
+  for item in session.items:
+    proc = item.stash.get(_BACKGROUND, None)
+    if proc is not None and proc.poll() is None:
+      proc.kill()
+      proc.wait()

@@ -12,6 +12,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import jax
@@ -421,19 +422,37 @@ def test_export_serialize_and_run_in_a_fresh_process(tmp_path):
 # --------------------------------------------------------------------------
 # Multi-device: a separate pytest run with 8 host devices.
 
-def test_multidevice_suite_with_8_host_devices():
-  """pmap, shard_map, sharded jit (HLO grepped for collectives), exported
-  sharded models: tests/multidevice, which needs XLA_FLAGS set before jax is
-  imported, hence the subprocess."""
+def _start_multidevice_suite():
+  """tests/multidevice in a pytest subprocess with 8 host devices, its
+  output in a temporary file (read by the test)."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                       " --xla_force_host_platform_device_count=8").strip()
-  run = subprocess.run(
+  log = tempfile.TemporaryFile(mode="w+")
+  proc = subprocess.Popen(
       [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
        str(REPO / "tests" / "multidevice")],
-      capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
-  assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-  assert " passed" in run.stdout, run.stdout
+      stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
+  proc.log = log
+  return proc
+
+
+@pytest.mark.background.with_args(_start_multidevice_suite)
+def test_multidevice_suite_with_8_host_devices(background):
+  """pmap, shard_map, sharded jit (HLO grepped for collectives), exported
+  sharded models: tests/multidevice, which needs XLA_FLAGS set before jax is
+  imported, hence the subprocess. It starts at collection and runs beside
+  the rest of the session (tests/conftest.py: background)."""
+  try:
+    background.wait(timeout=900)
+  except subprocess.TimeoutExpired:
+    background.kill()
+    background.wait()
+  background.log.seek(0)
+  stdout = background.log.read()
+  background.log.close()
+  assert background.returncode == 0, stdout[-9000:]
+  assert " passed" in stdout, stdout
   # Nothing skips, except on jax 0.11 the per-shard (no-collective) checks.
   from lmconv_jax import _sharding
-  assert _sharding.PER_SHARD is ("skipped" not in run.stdout), run.stdout
+  assert _sharding.PER_SHARD is ("skipped" not in stdout), stdout
