@@ -52,13 +52,8 @@ def pytest_collection_finish(session):
 
 @pytest.fixture
 def background(request):
-  """The subprocess the test's ``background`` marker started (started now if
-  collection did not)."""
-  proc = request.node.stash.get(_BACKGROUND, None)
-  if proc is None:
-    proc = request.node.get_closest_marker("background").args[0]()
-    request.node.stash[_BACKGROUND] = proc
-  return proc
+  """The subprocess the test's ``background`` marker started at collection."""
+  return request.node.stash[_BACKGROUND]
 
 
 def pytest_sessionfinish(session, exitstatus):

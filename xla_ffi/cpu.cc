@@ -1,12 +1,11 @@
-// The CPU handlers of the grouped landmark pool: handlers.inc over CpuBackend
-// (cpu.h), with XLA's intra-op thread pool. The kernels are cpu_kernels.h,
-// compiled in their own object files (cpu_kernels.cc).
+// The six CPU handlers of the grouped landmark pool: handlers.inc over
+// CpuBackend (cpu.h), with XLA's intra-op thread pool. The kernels are
+// cpu_kernels.h, compiled in their own object files (cpu_kernels.cc).
 
 #include "cpu.h"
 
 namespace ffi = xla::ffi;
 
-// The six handlers (handlers.inc), with XLA's intra-op thread pool.
 #define LMCONV_BACKEND lmconv::CpuBackend
 #define LMCONV_SYMBOL(name) Lmconv##name
 #define LMCONV_TARGET(name) "lmconv_" name

@@ -29,6 +29,8 @@ ffi::Error cpu_backward(ffi::ThreadPool pool, const Call& c,
                         const Buffers<S>& b);
 
 // Instantiated in cpu_kernels.cc only: no other file compiles the kernels.
+// The storage types here, CMakeLists.txt's list and ffi_common.h's
+// dispatch_dtype are the same four: keep them in step.
 #define LMCONV_CPU_EXTERN(S)                                               \
   extern template ffi::Error cpu_forward<S>(ffi::ThreadPool, const Call&,  \
                                             const Buffers<S>&);            \
