@@ -5,8 +5,12 @@ Three primitives. ``groups`` is a tuple of P groups, each a tuple of
 Directions (several: merged by max, ties to the first listed); x is
 ``(..., H, W, C)``; the guide g has x's rank with each dim x's or 1 (it is
 never broadcast to x's size); ``members`` is ``(..., K, H, W, C)`` with K the
-most members of a group when K > 1, else ``(..., 0, H, W, C)``: each merged
-member's pool, which the forward writes and the derivatives read.
+most members of a group when K > 1, else ``(..., 0, H, W, C)``: the merged
+groups' residual, which the forward writes and the derivatives read. Without
+a guide it is uint8 winner codes (landmark_pool.h: per member and element,
+the route of its max and whether it won the merge), so the derivatives read
+neither x nor any pool; with a guide it is each member's pool (x's dtype:
+dguide = (m - x) G needs it).
 
   pool_p           (x[, g])                          -> out, members
   pool_tangent_p   (x, [g], out, members, tx[, tg])  -> tout     linear in tx, tg
@@ -64,10 +68,15 @@ def max_members(groups) -> int:
 
 
 def members_shape(x_shape, groups, saved: bool = True) -> tuple:
-  """The member pools' shape: (..., K, H, W, C) if saved (K > 1), else 0."""
+  """The residual's shape: (..., K, H, W, C) if saved (K > 1), else K = 0."""
   k = max_members(groups)
   k = k if k > 1 and saved else 0
   return tuple(x_shape[:-3]) + (k,) + tuple(x_shape[-3:])
+
+
+def members_dtype(x_dtype, guided: bool):
+  """The residual's dtype: the member pools' (x's) guided, else the codes'."""
+  return jnp.dtype(x_dtype) if guided else jnp.dtype(jnp.uint8)
 
 
 def grouping_attrs(groups) -> dict:
@@ -138,10 +147,11 @@ def _members_sharding(x):
 
 
 def _pool_abstract(*avals, groups, guided, implementation, save_members):
-  del guided, implementation
+  del implementation
   x = avals[0]
   members = x.update(shape=members_shape(x.shape, groups, save_members),
-                     weak_type=False, sharding=_members_sharding(x))
+                     dtype=members_dtype(x.dtype, guided), weak_type=False,
+                     sharding=_members_sharding(x))
   return [x.update(weak_type=False), members]
 
 
@@ -171,8 +181,8 @@ def _zero(aval):
 
 
 def _pool_jvp(primals, tangents, *, save_members, **params):
-  # Differentiated: the merged groups' member pools are saved for the
-  # tangent and backward kernels (which would otherwise recompute them).
+  # Differentiated: the merged groups' residual (winner codes, or the
+  # member pools with a guide) is saved for the tangent and backward kernels.
   del save_members
   out, members = _bind(pool_p, *primals, **params, save_members=True)
   zero_members = _zero(jax.typeof(members))
@@ -323,7 +333,7 @@ def _reference_rule(prim):
           x, g[0] if g else None, groups),), operands[:1 + guided], (0,))
       # The reference's derivatives recompute; its "members" are unused.
       return [out, jnp.zeros(members_shape(x.shape, groups, save_members),
-                             x.dtype)]
+                             members_dtype(x.dtype, guided))]
     if prim is pool_tangent_p:
       if guided:
         x, g, _, _, tx, tg = operands
@@ -357,7 +367,8 @@ def ffi_call(prim, operands, groups, guided, save_members=False):
   like = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
   if prim is pool_p:
     results = (like(x), jax.ShapeDtypeStruct(
-        members_shape(x.shape, groups, save_members), x.dtype))
+        members_shape(x.shape, groups, save_members),
+        members_dtype(x.dtype, guided)))
   elif prim is pool_tangent_p:
     results = like(x)
   else:

@@ -26,6 +26,7 @@ import numpy as np
 
 import lmconv_jax  # registers the CPU targets lmconv_pool_*
 from lmconv_jax import _ffi  # noqa: F401
+from lmconv_jax._primitives import members_dtype
 
 try:
   from lmconv_jax import _lmconv_cuda_emu as EMULATOR
@@ -65,7 +66,8 @@ def guide_at_rank(guide, x):
 def _members_shape(groups, x, saved=True):
   """(..., K, H, W, C) for K > 1 (member k of image b at (b*K + k)*H*W*C),
   else, or when the forward does not save them (inference), (..., 0, H, W,
-  C)."""
+  C). Its dtype is members_dtype's: uint8 winner codes without a guide, the
+  member pools (x's dtype) with one."""
   k = max(len(g) for g in resolve_groups(groups))
   return x.shape[:-3] + (k if k > 1 and saved else 0,) + x.shape[-3:]
 
@@ -96,7 +98,8 @@ def forward(x, guide, groups, *, emulated, multiprocessors=132, order=0,
   call = jax.ffi.ffi_call(
       _target("pool_fwd", g is not None, emulated),
       (_sds(x.shape, x.dtype),
-       _sds(_members_shape(groups, x, save_members), x.dtype)))
+       _sds(_members_shape(groups, x, save_members),
+            members_dtype(x.dtype, g is not None))))
   args = (x,) if g is None else (x, g)
   return call(*args, **_attrs(groups, emulated, multiprocessors, order))
 

@@ -121,7 +121,8 @@ def run(x, g, grouping, ct, tx, tg, **how):
 def bits(a):
   """The bit patterns of an array (so -0.0 != 0.0 and NaNs compare)."""
   a = np.asarray(a)
-  return a.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[a.itemsize])
+  return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32,
+                 8: np.uint64}[a.itemsize])
 
 
 NAMES = ("out", "members", "tout", "dx", "dguide", "inference out")
@@ -374,7 +375,9 @@ def test_race_detector_catches_a_planted_race(grouping):
     call(CHECK)  # clean
     buffer = buffer.strip()
     if buffer == "pool":
-      buffer = "members" if grouping == "top_bottom" else "out"
+      # Unguided, a merged group's pools are never stored: member 0's is
+      # out, a later member's the ring (the residual is winner codes).
+      buffer = "out"
     # Threads ascending: the read comes before the other thread's write, so
     # it reads what this launch has not written (yet, or since two phases).
     with pytest.raises(Exception, match=(
@@ -459,12 +462,14 @@ def test_build_info_says_when_nvcc_was_missing(monkeypatch):
 # --------------------------------------------------------------------------
 # 3. Launch plans
 
-def expected_phases(grouping, shape, pass_):
+def expected_phases(grouping, shape, pass_, guided=False):
+  """Each member's sweep in turn; a merge phase only in a guided forward
+  that saves its member pools (unguided, members merge as they go)."""
   h, w = shape[-3:-1]
   per_dir = lambda d: (h + w - 1 if d.is_quadrant else
                        (w if d.n1[1] == d.n2[1] != 0 else h))
   return max(sum(per_dir(d) for d in grp) +
-             (1 if pass_ == "forward" and len(grp) > 1 else 0)
+             (1 if pass_ == "forward" and guided and len(grp) > 1 else 0)
              for grp in emulator.resolve_groups(grouping))
 
 
@@ -473,8 +478,9 @@ def expected_phases(grouping, shape, pass_):
 @pytest.mark.parametrize("grouping", GROUPINGS)
 def test_launch_plan_is_one_launch_for_the_whole_grouping(grouping, shape):
   """(image, group, channel chunk) blocks; one launch per pass; the phases of
-  the group with the most; only tangent and backward need a workspace; the
-  kernel arguments fit CUDA's 4 KB."""
+  the group with the most; the tangent and backward need a workspace, and
+  so does a forward with merged groups but no guide (a later member's pool
+  in the ring); the kernel arguments fit CUDA's 4 KB."""
   g = GROUPINGS[grouping]
   p = n_groups(g)
   if shape[-1] % p:
@@ -486,10 +492,14 @@ def test_launch_plan_is_one_launch_for_the_whole_grouping(grouping, shape):
     assert plan["chunks"] * plan["lanes"] >= shape[-1] // p
     assert plan["phases"] == expected_phases(g, shape, pass_)
     assert plan["threads"] <= 256 and plan["threads"] % plan["lanes"] == 0
-    assert (plan["workspace_elements"] == 0) == (pass_ == "forward")
+    merged = max(len(grp) for grp in emulator.resolve_groups(g)) > 1
+    assert (plan["workspace_elements"] == 0) == (pass_ == "forward" and
+                                                 not merged)
     assert plan["shared_bytes"] == 0
     assert plan["kernel_args_bytes"] <= 4096
-  merged = max(len(grp) for grp in emulator.resolve_groups(g)) > 1
+  guided_fwd = emulator.launch_plan(g, shape, guide_shape=(shape[-1],))
+  assert guided_fwd["phases"] == expected_phases(g, shape, "forward", True)
+  assert guided_fwd["workspace_elements"] == 0  # the member pools, merged
   inference = emulator.launch_plan(g, shape, saved_members=False)
   assert inference["phases"] == expected_phases(g, shape, "tangent")
   assert (inference["workspace_elements"] > 0) == merged   # the ring

@@ -173,6 +173,56 @@ def test_inference_saves_no_member_pools():
   assert eqn.outvars[1].aval.shape == (2, 4, 4, 4, 4)
 
 
+@pytest.mark.parametrize("guided", [False, True])
+def test_merged_residual_is_winner_codes_unguided_member_pools_guided(guided):
+  """Differentiated, an unguided merged group saves one uint8 winner code
+  per member and element (a quarter of float32 member pools); a guided one
+  its member pools in x's dtype (dguide needs each member's max)."""
+  x = jnp.ones((2, 4, 4, 4))
+  g = jnp.full((4,), 0.5) if guided else None
+  f = lambda x: lmconv_jax.grouped_landmark_pool(x, "all_quadrants", g).sum()
+  jaxpr = jax.make_jaxpr(jax.grad(f))(x)
+  (eqn,) = [e for e in jaxpr.eqns if e.primitive.name == "lmconv_pool"]
+  aval = eqn.outvars[1].aval
+  assert aval.shape == (2, 4, 4, 4, 4)
+  assert aval.dtype == (x.dtype if guided else jnp.uint8)
+
+
+@needs_ffi
+@pytest.mark.parametrize("grouping", ["top_bottom", "all_quadrants", CUSTOM])
+@pytest.mark.parametrize("kind", ["relu", "small_int", "constant", "nan"])
+def test_winner_codes_name_the_merge_winner_once(grouping, kind):
+  """Bit 2 of member k's code is set where member k won its group's merge
+  (the first of the largest, a later NaN wins), exactly once per element;
+  a single-direction group's slots are not part of the residual."""
+  import emulator  # tests/emulator.py: the targets called directly
+  shape = (2, 5, 6, 12)
+  x = inputs.make_x("small_int" if kind == "nan" else kind, shape)
+  if kind == "nan":
+    x[np.random.default_rng(5).random(shape) < 0.1] = np.nan
+  x = jnp.asarray(x, jnp.float32)
+  _, codes = emulator.forward(x, None, grouping, emulated=False)
+  codes = np.asarray(codes)
+  groups = resolve_grouping(grouping)
+  assert codes.dtype == np.uint8
+  assert codes.shape == shape[:1] + (max(map(len, groups)),) + shape[1:]
+  cg = shape[-1] // len(groups)
+  for k, members in enumerate(groups):
+    if len(members) == 1:
+      continue
+    blk = slice(k * cg, (k + 1) * cg)
+    pools = [np.asarray(lmconv_jax.landmark_pool(x[..., blk], d))
+             for d in members]
+    best, win = pools[0], np.zeros(pools[0].shape, int)
+    for m, pm in enumerate(pools[1:], 1):
+      take = (pm > best) | np.isnan(pm)
+      best, win = np.where(take, pm, best), np.where(take, m, win)
+    won = (codes[:, :len(members), ..., blk] & 4) != 0  # (B, K, H, W, cg)
+    np.testing.assert_array_equal(won.sum(axis=1), 1)
+    np.testing.assert_array_equal(np.argmax(won, axis=1), win)
+    assert (codes[:, :len(members), ..., blk] < 8).all()  # bits 0-2 only
+
+
 def _layers():
   return {
       "LandmarkConv4": lmconv_jax.LandmarkConv4(8, (3, 3)),

@@ -12,15 +12,19 @@
 //
 // What the backward saves, and why: the forward's residuals are x, the guide
 // at its own shape, out and, for a grouping with a merged group (K > 1
-// members), `members` (K x the size of x: each member's pool). The backward
-// recomputes every pixel's max m[p] = max(x[p], o[p+n1], o[p+n2]) from x and
-// the member's stored pool o, with the forward's tie rule, which is exact
-// because o is what the forward stored; so nothing else is saved. Saving the
-// member pools costs memory only for merged groups, and saves one forward
-// sweep per member in the backward (recomputing them would make the
-// all_quadrants backward 4 sweeps slower). A merged group's backward finds,
-// per pixel, the member that won the merge (one byte per element of scratch),
-// then runs each member's backward with the cotangent routed to its winners.
+// members), `members` (K x the size of x). A single-direction group's
+// backward recomputes every pixel's max m[p] = max(x[p], o[p+n1], o[p+n2])
+// from x and its pool o = out, with the forward's tie rule, which is exact
+// because o is what the forward stored; so nothing else is saved.
+// * Unguided, a merged group saves its members' winner codes (one byte per
+//   member and element, landmark_pool.h): each member's route at p and
+//   whether it won the merge. The backward and tangent then read only ct
+//   (tx) and the codes: a member's pool is never stored (it lives in a ring
+//   of rows while the forward makes it), and no sweep recomputes it.
+// * Guided, it saves the member pools (x's dtype): dguide = (m - x) G needs
+//   each member's m. Its backward finds, per pixel, the member that won the
+//   merge (one byte per element of scratch), then runs each member's
+//   backward with the cotangent routed to its winners.
 // A broadcast guide's gradient is written per pixel into scratch, then summed
 // over the broadcast dims in a fixed order (no atomics: deterministic).
 
@@ -362,6 +366,128 @@ struct RingMergePass {
   }
 };
 
+// A member of an unguided merged group in a forward that saves the winner
+// codes (landmark_pool.h) for the derivatives: its pool lives in a ring of
+// view rows, as RingMergePass's does, and is merged into out as it is made
+// (member 0 writes out), and it writes its code of every element: the route
+// of its max, and kWonMerge where it took out, cleared in the codes of the
+// earlier members it took it from (so exactly one member keeps it).
+template <typename S>
+struct CodePass {
+  static constexpr int kBand = kBandRows;
+  static constexpr int kRing = kBand + 1;
+  struct Row {
+    S* r;                  // the ring's row for view row i
+    int64_t roff1, roff2;  // from the ring at p to p + n1, p + n2
+  };
+  const S* x;
+  S* out;
+  uint8_t* code;          // this member's codes, x's layout
+  int64_t member_stride;  // from one member's codes to the next's
+  int member;
+  const ScanView& v;
+  int64_t width, n;
+  std::vector<S> ring = std::vector<S>(kRing * width * n);
+
+  LMCONV_INLINE Row begin_row(int64_t i) {
+    S* row = ring.data() + (i % kRing) * width * n;
+    S* prev = ring.data() + ((i + kRing - 1) % kRing) * width * n;
+    const int64_t prev_row = prev - row;
+    return Row{row, (v.n1.dr ? prev_row : 0) + v.n1.dc * n,
+               (v.n2.dr ? prev_row : 0) + v.n2.dc * n};
+  }
+  LMCONV_INLINE void prefetch_pixel(int64_t q, int64_t n_) const {
+    prefetch<0>(x + q, n_);
+    prefetch<1>(out + q, n_);
+    prefetch<1>(code + q, n_);
+  }
+  template <bool kIn1, bool kIn2>
+  LMCONV_INLINE void pixel(const Row& row, int64_t p, int64_t j, int64_t n_) {
+    using T = StorageTraits<S>;
+    S* __restrict r = row.r + j * n;
+    const S* __restrict o1 = r + row.roff1;
+    const S* __restrict o2 = r + row.roff2;
+    const S* __restrict xp = x + p;
+    S* __restrict op = out + p;
+    uint8_t* __restrict cp = code + p;
+    for (int64_t c = 0; c < n_; ++c) {
+      const auto xv = T::load_input(xp[c]);
+      const auto o1v = kIn1 ? T::load(o1[c]) : xv;
+      const auto o2v = kIn2 ? T::load(o2[c]) : xv;
+      const S val = T::store(pool_max(xv, kIn1, o1v, kIn2, o2v));
+      r[c] = val;
+      const int32_t route = pool_route(xv, kIn1, o1v, kIn2, o2v);
+      if (member == 0) {
+        op[c] = val;
+        cp[c] = static_cast<uint8_t>(route | kWonMerge);
+        continue;
+      }
+      const auto vv = T::load(val), cur = T::load(op[c]);
+      const int32_t take = (vv > cur) | (vv != vv);
+      op[c] = take ? val : op[c];
+      cp[c] = static_cast<uint8_t>(route | (take * kWonMerge));
+    }
+    // The earlier members lose the merge where this one took it.
+    for (int k = 1; k <= member; ++k) {
+      uint8_t* __restrict prev = cp - k * member_stride;
+      for (int64_t c = 0; c < n_; ++c) {
+        const int32_t take = (cp[c] & kWonMerge) != 0;
+        prev[c] = static_cast<uint8_t>(prev[c] & ~(take * kWonMerge));
+      }
+    }
+  }
+};
+
+// The tangent of an unguided merged group's member from its winner codes:
+// t[p] is tx[p] or a neighbour's t along the saved route (tangent_by_route);
+// t lives in a scratch of two view rows (Compute<S>), and the member that
+// won the merge at p writes tout[p], rounded once.
+template <typename S>
+struct TangentCodePass {
+  using Acc = Compute<S>;
+  static constexpr int kBand = 1;  // the scratch holds two view rows
+  struct Row {
+    Acc* t;                // t of view pixel (i, 0)
+    int64_t toff1, toff2;  // from t[p] to t[p + n1], t[p + n2]
+  };
+  const uint8_t* code;  // this member's codes, x's layout
+  const S* tx;
+  S* tout;
+  const ScanView& v;
+  int64_t width, n;
+  std::vector<Acc> scratch = std::vector<Acc>(2 * width * n);
+
+  LMCONV_INLINE Row begin_row(int64_t i) {
+    Acc* row = scratch.data() + (i & 1) * width * n;
+    Acc* prev = scratch.data() + ((i + 1) & 1) * width * n;
+    const int64_t prev_row = i > 0 ? prev - row : 0;
+    return Row{row, (v.n1.dr ? prev_row : 0) + v.n1.dc * n,
+               (v.n2.dr ? prev_row : 0) + v.n2.dc * n};
+  }
+  LMCONV_INLINE void prefetch_pixel(int64_t q, int64_t n_) const {
+    prefetch<0>(code + q, n_);
+    prefetch<0>(tx + q, n_);
+    prefetch<1>(tout + q, n_);
+  }
+  template <bool kIn1, bool kIn2>
+  LMCONV_INLINE void pixel(const Row& row, int64_t p, int64_t j, int64_t n_) {
+    using T = StorageTraits<S>;
+    Acc* __restrict t = row.t + j * n;
+    const Acc* __restrict t1 = t + row.toff1;
+    const Acc* __restrict t2 = t + row.toff2;
+    const uint8_t* __restrict cp = code + p;
+    const S* __restrict txp = tx + p;
+    S* __restrict tp = tout + p;
+    for (int64_t c = 0; c < n_; ++c) {
+      const int32_t k = cp[c];
+      const Acc r = tangent_by_route(k, T::load(txp[c]), kIn1 ? t1[c] : Acc(0),
+                                     kIn2 ? t2[c] : Acc(0));
+      t[c] = r;
+      tp[c] = (k & kWonMerge) ? T::store(r) : tp[c];
+    }
+  }
+};
+
 // The tangent of a pool already computed (o, its output, is read): t[p]
 // from tx[p] (g, tg) and the tangents of the winners. Like G in the
 // backward, the running tangent t (type Compute<S>) lives in the output
@@ -594,9 +720,11 @@ LMCONV_CPU_CLONES void forward_views(Pass* passes, int count, int64_t height,
 // most the previous row of the view.
 //
 // kMasked: a merged group's member; G starts as ct where this member won the
-// merge (winner[p] == member) and 0 elsewhere. kAccum: dx and dg already
-// hold the earlier members' gradients; this member's, rounded to S, is added
-// (in S), as composing the pools in jnp would.
+// merge (winner[p] == member, or kWonMerge in its code) and 0 elsewhere.
+// kAccum: dx and dg already hold the earlier members' gradients; this
+// member's, rounded to S, is added (in S), as composing the pools in jnp
+// would. kCodes (unguided merged groups): the member's winner codes say
+// where G goes (landmark_pool.h), so neither x nor the pool is read.
 template <typename S>
 struct BackwardArgs {
   const S* x;
@@ -607,29 +735,36 @@ struct BackwardArgs {
   S* dx;
   S* dg;                  // x's layout (the guide's gradient per pixel)
   const uint8_t* winner;  // x's layout; kMasked only
+  const uint8_t* code;    // the member's winner codes, x's layout; kCodes
   int member;
   const ScanView* v;
   int64_t height, width, n;
 };
 
-template <typename S, bool kGuided, bool kGuideVec, bool kAccum, bool kIn1,
-          bool kIn2>
+template <typename S, bool kGuided, bool kGuideVec, bool kAccum, bool kCodes,
+          bool kIn1, bool kIn2>
 LMCONV_INLINE void backward_pixel(
     const S* __restrict x, const S* __restrict g, const S* __restrict o1,
-    const S* __restrict o2, Compute<S>* __restrict G, Compute<S>* __restrict G1,
+    const S* __restrict o2, const uint8_t* __restrict code,
+    Compute<S>* __restrict G, Compute<S>* __restrict G1,
     Compute<S>* __restrict G2, S* __restrict dx, S* __restrict dg, int64_t n) {
   using T = StorageTraits<S>;
   constexpr bool kInPlace = std::is_same_v<S, Compute<S>> && !kAccum;
   for (int64_t c = 0; c < n; ++c) {
-    const auto xv = T::load_input(x[c]);
-    const auto o1v = kIn1 ? T::load(o1[c]) : xv;
-    const auto o2v = kIn2 ? T::load(o2[c]) : xv;
     PoolGrad<Compute<S>> r;
-    if constexpr (kGuided) {
+    if constexpr (kCodes) {
+      r = backward_by_route(int32_t{code[c]}, G[c]);
+    } else if constexpr (kGuided) {
+      const auto xv = T::load_input(x[c]);
+      const auto o1v = kIn1 ? T::load(o1[c]) : xv;
+      const auto o2v = kIn2 ? T::load(o2[c]) : xv;
       const auto m = pool_max(xv, kIn1, o1v, kIn2, o2v);
       r = pool_backward_guided(xv, m, kIn1, o1v, kIn2, o2v,
                                guide_at<kGuideVec>(g, c), G[c]);
     } else {
+      const auto xv = T::load_input(x[c]);
+      const auto o1v = kIn1 ? T::load(o1[c]) : xv;
+      const auto o2v = kIn2 ? T::load(o2[c]) : xv;
       r = pool_backward(xv, kIn1, o1v, kIn2, o2v, G[c]);
     }
     if constexpr (kIn1) G1[c] += r.to_n1;
@@ -651,8 +786,10 @@ LMCONV_INLINE void backward_pixel(
   }
 }
 
-template <typename S, bool kGuided, bool kGuideVec, bool kMasked, bool kAccum>
+template <typename S, bool kGuided, bool kGuideVec, bool kMasked, bool kAccum,
+          bool kCodes = false>
 LMCONV_CPU_CLONES void backward_item(const BackwardArgs<S>& a) {
+  static_assert(!kCodes || (kMasked && !kGuided), "codes: unguided, merged");
   using Acc = Compute<S>;
   constexpr bool kInPlace = std::is_same_v<S, Acc> && !kAccum;
   const ScanView& v = *a.v;
@@ -673,7 +810,13 @@ LMCONV_CPU_CLONES void backward_item(const BackwardArgs<S>& a) {
     Acc* __restrict G = row_ptr(i) + j * g_col;
     const int64_t q = v.start + i * v.row_stride + j * v.col_stride;
     const S* __restrict c = a.ct + q;
-    if constexpr (kMasked) {
+    if constexpr (kCodes) {
+      const uint8_t* __restrict w = a.code + q;
+      for (int64_t k = 0; k < n; ++k) {
+        const Acc ck = StorageTraits<S>::load(c[k]);
+        G[k] = (int32_t{w[k]} & kWonMerge) ? ck : Acc(0);
+      }
+    } else if constexpr (kMasked) {
       const uint8_t* __restrict w = a.winner + q;
       const uint8_t me = static_cast<uint8_t>(a.member);
       for (int64_t k = 0; k < n; ++k) {
@@ -701,12 +844,16 @@ LMCONV_CPU_CLONES void backward_item(const BackwardArgs<S>& a) {
       Acc* G = G_row + j * g_col;
       const S* gp = kGuided ? a.g + g_row + j * a.gv.col_stride : nullptr;
       S* dgp = kGuided ? a.dg + p : nullptr;
-      const S* o1 = a.o + p + v.off1;
-      const S* o2 = a.o + p + v.off2;
+      const S* o1 = kCodes ? nullptr : a.o + p + v.off1;
+      const S* o2 = kCodes ? nullptr : a.o + p + v.off2;
       if (const int64_t q = ahead<true>(v, i, j, p, height, width); q >= 0) {
-        prefetch<0>(a.x + q, n);
-        prefetch<0>(a.o + q + v.off1, n);  // may be outside: harmless
-        prefetch<0>(a.o + q + v.off2, n);
+        if constexpr (kCodes) {
+          prefetch<0>(a.code + q, n);
+        } else {
+          prefetch<0>(a.x + q, n);
+          prefetch<0>(a.o + q + v.off1, n);  // may be outside: harmless
+          prefetch<0>(a.o + q + v.off2, n);
+        }
         if (kGuided) prefetch<1>(a.dg + q, n);
         if (!kInPlace) prefetch<1>(a.dx + q, n);
       }
@@ -716,9 +863,10 @@ LMCONV_CPU_CLONES void backward_item(const BackwardArgs<S>& a) {
         if (kInPlace) prefetch<1>(a.dx + q, n);
       }
       if (i > 0 && j > 0) load_ct(i - 1, j - 1);
-      backward_pixel<S, kGuided, kGuideVec, kAccum, decltype(in1)::value,
-                     decltype(in2)::value>(a.x + p, gp, o1, o2, G, G + goff1,
-                                           G + goff2, a.dx + p, dgp, n);
+      backward_pixel<S, kGuided, kGuideVec, kAccum, kCodes,
+                     decltype(in1)::value, decltype(in2)::value>(
+          a.x + p, gp, o1, o2, kCodes ? a.code + p : nullptr, G, G + goff1,
+          G + goff2, a.dx + p, dgp, n);
     };
     auto edge = [&](int64_t j) LMCONV_LAMBDA_INLINE {
       with_inside(v, i, j, height, width,
@@ -1047,6 +1195,21 @@ class CpuKernels {
     for_each_item(pool_, c, sizeof(S), [&](const Item& it) {
       const int members = c.grouping.members[it.group];
       const S* g = kGuided ? b.g + it.guide_offset : nullptr;
+      if (members > 1 && c.codes()) {
+        for (int k = 0; k < members; ++k) {
+          const int d = c.grouping.first[it.group] + k;
+          CodePass<S> pass{b.x + it.offset,
+                           b.out_w + it.offset,
+                           b.codes + it.member(k),
+                           it.image,
+                           k,
+                           views.scan[d],
+                           geo.width,
+                           it.n};
+          forward_item<S>(pass, views.scan[d], geo.height, geo.width, it.n);
+        }
+        return;
+      }
       if (members > 1 && c.has_members) {
         // Runs of members that visit x's rows in the same order, together.
         for (int k = 0, e; k < members; k = e) {
@@ -1092,11 +1255,22 @@ class CpuKernels {
   ffi::Error tangent_as(const Call& c, const Buffers<S>& b) {
     const Views views(c);
     const Geometry& geo = c.geo;
-    // A merged group's member tangents, before the winner's is picked.
+    // A guided merged group's member tangents, before the winner's is
+    // picked (an unguided one's winner codes say where each goes).
     const auto t_members = uninitialized<S>(
-        c.has_members ? c.grouping.max_members * geo.size() : 0);
+        c.has_members && kGuided ? c.grouping.max_members * geo.size() : 0);
     for_each_item(pool_, c, sizeof(S), [&](const Item& it) {
       const int members = c.grouping.members[it.group];
+      if (!kGuided && members > 1) {
+        for (int k = 0; k < members; ++k) {
+          const int d = c.grouping.first[it.group] + k;
+          TangentCodePass<S> pass{
+              b.codes + it.member(k), b.tx + it.offset, b.tout + it.offset,
+              views.scan[d],          geo.width,        it.n};
+          forward_item<S>(pass, views.scan[d], geo.height, geo.width, it.n);
+        }
+        return;
+      }
       for (int k = 0; k < members; ++k) {
         const int d = c.grouping.first[it.group] + k;
         const S* o =
@@ -1141,7 +1315,10 @@ class CpuKernels {
   ffi::Error backward_as(const Call& c, const Buffers<S>& b) {
     const Views views(c);
     const Geometry& geo = c.geo;
-    const auto winner = uninitialized<uint8_t>(c.has_members ? geo.size() : 0);
+    // A guided merged group's merge winners (an unguided one's are in its
+    // winner codes).
+    const auto winner =
+        uninitialized<uint8_t>(c.has_members && kGuided ? geo.size() : 0);
     // A broadcast guide's gradient, per pixel, before the reduction.
     std::unique_ptr<S[]> dg_full;
     S* dg = b.dg;
@@ -1151,7 +1328,7 @@ class CpuKernels {
     }
     for_each_item(pool_, c, sizeof(S), [&](const Item& it) {
       const int members = c.grouping.members[it.group];
-      if (members > 1) {
+      if (kGuided && members > 1) {
         merge_item<S>(geo, members, b.members + it.member(0), nullptr,
                       winner.get() + it.offset, it.n);
       }
@@ -1161,11 +1338,13 @@ class CpuKernels {
             b.x + it.offset,
             kGuided ? b.g + it.guide_offset : nullptr,
             views.guide[d],
-            members == 1 ? b.out + it.offset : b.members + it.member(k),
+            members == 1 || !kGuided ? b.out + it.offset
+                                     : b.members + it.member(k),
             b.ct + it.offset,
             b.dx + it.offset,
             kGuided ? dg + it.offset : nullptr,
-            members > 1 ? winner.get() + it.offset : nullptr,
+            kGuided && members > 1 ? winner.get() + it.offset : nullptr,
+            !kGuided && members > 1 ? b.codes + it.member(k) : nullptr,
             k,
             &views.scan[d],
             geo.height,
@@ -1173,6 +1352,12 @@ class CpuKernels {
             it.n};
         if (members == 1) {
           backward_item<S, kGuided, kGuideVec, false, false>(a);
+        } else if constexpr (!kGuided) {
+          if (k == 0) {
+            backward_item<S, false, false, true, false, true>(a);
+          } else {
+            backward_item<S, false, false, true, true, true>(a);
+          }
         } else if (k == 0) {
           backward_item<S, kGuided, kGuideVec, true, false>(a);
         } else {

@@ -92,8 +92,10 @@ class PhasedBackend {
     if (auto e = args_of(c, Pass::kForward, b, &a); e.failure()) return e;
     a.out = b.out_w;
     pf_.poison(a.out, bytes<S>(a.plan.size));
-    if (c.has_members) {
+    if (c.has_members && c.guided) {
       pf_.poison(a.members, bytes<S>(a.plan.max_members * a.plan.size));
+    } else if (c.has_members) {
+      pf_.poison(a.codes, bytes<uint8_t>(a.plan.max_members * a.plan.size));
     }
     return launch_main<ForwardBody>(c.guided, a);
   }
@@ -159,6 +161,7 @@ class PhasedBackend {
     a.g = b.g;
     a.out = const_cast<S*>(b.out);  // only the forward's body writes it
     a.members = b.members;
+    a.codes = b.codes;
     a.tx = b.tx;
     a.tg = b.tg;
     a.tout = b.tout;

@@ -17,9 +17,16 @@
 // threads are (channel lane, pixel lane) pairs, channels fastest, so a warp
 // reads whole runs of contiguous channels (NHWC). The block runs its group's
 // members one after the other, each member's sweep a run of phases; a merged
-// group's forward adds one merge phase (out = max of the member pools, ties
-// to the first). The launch has max over groups of those phases; a block
-// past its own phases only meets the barriers.
+// group merges as it goes (member 0 writes out, a later member takes out[p]
+// where it is strictly greater or NaN), except a guided forward that saves
+// the member pools, which adds one merge phase (out = max of the member
+// pools, ties to the first). The launch has max over groups of those
+// phases; a block past its own phases only meets the barriers.
+//
+// The merged groups' residual (ffi_common.h: `members`): unguided, the
+// members' winner codes (landmark_pool.h), which the forward writes as it
+// merges and from which the tangent and backward route t and G without
+// reading x or any pool; guided, the member pools.
 //
 // The sweep of one direction. Every direction is seen through a view of the
 // image (flipped, and transposed for the directions that depend on the
@@ -49,12 +56,13 @@
 // order): deterministic, no atomics.
 //
 // The tangent (forward-mode AD) is the forward's schedule with another
-// per-pixel step: it reads the member's pool instead of writing it, and each
-// pixel's running tangent t[p] (Compute<S>: float32 for halves, never
-// rounded) goes to a per-block ring of two phases, from which the next phase
-// reads its neighbours' t, and to tout, rounded once; in a merged group only
-// the member that won the merge at p writes tout[p] (the winner is found from
-// the member pools, the forward's residuals), so no merge phase is needed.
+// per-pixel step: it reads the member's pool (or, unguided merged, its
+// winner codes) instead of writing it, and each pixel's running tangent t[p]
+// (Compute<S>: float32 for halves, never rounded) goes to a per-block ring
+// of two phases, from which the next phase reads its neighbours' t, and to
+// tout, rounded once; in a merged group only the member that won the merge
+// at p writes tout[p] (from the codes, or found from the member pools), so
+// no merge phase is needed.
 //
 // Memory accesses of the bodies go through ld() / st() (below): plain loads
 // and stores on the GPU; in the emulator build (LMCONV_EMULATOR) they are
@@ -252,7 +260,7 @@ struct PlanInput {
   int members[kPlanMaxGroups];
   int first[kPlanMaxGroups];
   Direction dirs[kPlanMaxDirections];
-  bool saved_members;  // K > 1 and the member pools are in `members`
+  bool saved_members;  // K > 1 and the residual is in `members`
   bool guided;
   bool guide_full;  // the guide has x's shape
   int rank;         // x's rank (lead dims + 3)
@@ -270,10 +278,12 @@ struct LaunchPlan {
   int groups;
   int64_t group_channels;  // C / P
   int max_members;         // K
-  // The member pools of merged groups are saved in `members` (always for
-  // the tangent and backward; a forward for inference may not save them,
-  // and then merges as it goes, a later member's pool in the ring).
+  // The merged groups' residual is in `members` (always for the tangent and
+  // backward; a forward for inference may not save it): the member pools
+  // (guided) or, `codes`, their winner codes (unguided). A forward that
+  // does not save pools merges as it goes, a later member's pool in the ring.
   bool saved_members;
+  bool codes;
   int members[kPlanMaxGroups];
   int first[kPlanMaxGroups];
   Direction dirs[kPlanMaxDirections];
@@ -334,7 +344,9 @@ inline LaunchPlan plan_launch(const PlanInput& in, Pass pass,
     p.members[in.groups + k] = p.first[in.groups + k] = 0;
   }
   p.saved_members = p.max_members > 1 && in.saved_members;
-  const bool merge_as_it_goes = p.max_members > 1 && !p.saved_members;
+  p.codes = p.saved_members && !in.guided;
+  const bool merge_as_it_goes =
+      p.max_members > 1 && (!p.saved_members || p.codes);
   p.guided = in.guided;
   p.guide_full = in.guided && in.guide_full;
   p.rank = in.rank;
@@ -361,7 +373,8 @@ inline LaunchPlan plan_launch(const PlanInput& in, Pass pass,
   }
   p.chunks = ceil_div(cg, p.lanes);
   // Phases: each group runs its members' sweeps in turn (+ a merge phase in
-  // the forward of a merged group); threads: enough for the widest phase.
+  // the forward of a merged group that saves its pools); threads: enough for
+  // the widest phase.
   int64_t per_phase = 1;
   p.max_slots = 0;
   for (int k = 0; k < kPlanMaxDirections; ++k) {
@@ -377,7 +390,7 @@ inline LaunchPlan plan_launch(const PlanInput& in, Pass pass,
   for (int g = 0; g < in.groups; ++g) {
     int64_t n = 0;
     for (int m = 0; m < p.members[g]; ++m) n += p.dir_phases[p.first[g] + m];
-    if (pass == Pass::kForward && p.members[g] > 1 && p.saved_members) {
+    if (pass == Pass::kForward && p.members[g] > 1 && !merge_as_it_goes) {
       n += 1;  // the merge phase
     }
     if (n > p.phases) p.phases = n;
@@ -412,11 +425,12 @@ template <typename S>
 struct KernelArgs {
   LaunchPlan plan;
   const S* x;
-  const S* g;   // the guide, at its own shape
-  S* out;       // written by the forward, read by the others
-  S* members;   // (..., K, H, W, C): member pools of merged groups
-  const S* tx;  // tangent
-  const S* tg;  // tangent of the guide, at the guide's shape
+  const S* g;      // the guide, at its own shape
+  S* out;          // written by the forward, read by the others
+  S* members;      // (..., K, H, W, C): member pools of guided merged groups
+  uint8_t* codes;  // the same shape: winner codes of unguided ones
+  const S* tx;     // tangent
+  const S* tg;     // tangent of the guide, at the guide's shape
   S* tout;
   const S* ct;  // backward
   S* dx;
@@ -552,8 +566,8 @@ LMCONV_HDI int64_t member_offset(const LaunchPlan& p, int64_t image, int k) {
 
 // The member pool a merged group's member k reads or writes (as an offset
 // from the pixel's element in x): its slot of `members` where the plan saves
-// the member pools (always for the tangent and backward), else out (a
-// single-member group's pool; a forward that merges as it goes).
+// the member pools (guided), else out (a single-member group's pool; a
+// forward that merges as it goes; unused where the codes are read).
 template <typename S>
 struct PoolRef {
   S* base;
@@ -563,7 +577,9 @@ struct PoolRef {
 template <typename S>
 LMCONV_HDI PoolRef<S> pool_of(const KernelArgs<S>& a, int members,
                               int64_t image, int k) {
-  if (members == 1 || !a.plan.saved_members) return PoolRef<S>{a.out, 0};
+  if (members == 1 || !a.plan.saved_members || a.plan.codes) {
+    return PoolRef<S>{a.out, 0};
+  }
   return PoolRef<S>{a.members, member_offset(a.plan, image, k)};
 }
 
@@ -627,10 +643,19 @@ struct MemberStep {
     if constexpr (kGuided) g[u] = T::load_input(ld<S>(a.g, g_base + q.g_at));
   }
 
-  // Whether the member won the merge at x's element p (alone: always).
+  // Whether the member won the merge at x's element p (alone: always),
+  // from the member pools (guided).
   LMCONV_HDI bool won(int64_t p) const {
     Acc best;
     return members == 1 || winner_at(a, members, image, p, &best) == member;
+  }
+  // Whether this member's winner codes are the residual (unguided, merged).
+  LMCONV_HDI bool coded() const {
+    return !kGuided && a.plan.codes && members > 1;
+  }
+  // Index in a.codes of member k's code of x's element p.
+  LMCONV_HDI int64_t code_index(int64_t p, int k) const {
+    return p + member_offset(a.plan, image, k);
   }
 
   // Whether q's phase has a pixel after q (the emulator's kPlantRace reads
@@ -691,11 +716,12 @@ struct ForwardBody : SweepBody<ForwardBody<S, kGuided>, S> {
   static constexpr Pass kPass = Pass::kForward;
   static constexpr unsigned kWrites =
       buffer_bit(kBufOut) | buffer_bit(kBufMembers) | buffer_bit(kBufRing);
+  // (kBufMembers: the member pools or the winner codes, whichever it has.)
 
   // The merge phase of lane l's group.
   static LMCONV_HDI void merge(const KernelArgs<S>& a, const Lane& l) {
     const LaunchPlan& p = a.plan;
-    if (!p.saved_members) return;
+    if (!p.saved_members || p.codes) return;  // merged as it went
     using T = StorageTraits<S>;
     const int64_t pixels = p.height * p.width;
     for (int64_t q = l.k0; q < pixels; q += p.pixel_lanes) {
@@ -710,11 +736,13 @@ struct ForwardBody : SweepBody<ForwardBody<S, kGuided>, S> {
     using Base = MemberStep<S, kGuided>;
     using Base::a, Base::s, Base::base, Base::pool, Base::members, Base::member,
         Base::phase, Base::x, Base::o1, Base::o2, Base::g;
+    using Base::coded, Base::code_index;
     using Base::slot, Base::ring_neighbour, Base::load_x, Base::load_neighbours,
         Base::load_guide, Base::next_in_phase;
     using typename Base::T, typename Base::Acc;
     // Merging as it goes: this member's pool is in the ring.
-    const bool in_ring = members > 1 && !a.plan.saved_members && member > 0;
+    const bool in_ring = members > 1 &&
+                         (!a.plan.saved_members || a.plan.codes) && member > 0;
 
     LMCONV_HDI void load(int u, const Pixel& q) {
       load_x(u, q);
@@ -738,13 +766,26 @@ struct ForwardBody : SweepBody<ForwardBody<S, kGuided>, S> {
       const Acc m = pool_max(x[u], q.in1, o1[u], q.in2, o2[u]);
       const S v = T::store(kGuided ? pool_blend(g[u], m, x[u]) : m);
       const int64_t p = base + q.at;
+      bool took = true;  // member 0 writes out
       if (in_ring) {
         const Acc vv = T::load(v);
         st<Acc>(a.ring, slot(phase, q.k), vv);
         const Acc cur = T::load(ld<S>(a.out, p));
-        if ((vv > cur) | (vv != vv)) st<S>(a.out, p, v);
+        took = (vv > cur) | (vv != vv);
+        if (took) st<S>(a.out, p, v);
       } else {
         st<S>(pool.base, pool.offset + p, v);
+      }
+      if (coded()) {  // the route, and the merge won from the earlier members
+        const int route = pool_route(x[u], q.in1, o1[u], q.in2, o2[u]);
+        st<uint8_t>(a.codes, code_index(p, member),
+                    static_cast<uint8_t>(route | (took ? kWonMerge : 0)));
+        for (int k = 0; took && k < member; ++k) {
+          const int64_t e = code_index(p, k);
+          st<uint8_t>(
+              a.codes, e,
+              static_cast<uint8_t>(ld<uint8_t>(a.codes, e) & ~kWonMerge));
+        }
       }
     }
   };
@@ -766,13 +807,19 @@ struct TangentBody : SweepBody<TangentBody<S, kGuided>, S> {
     using Base::a, Base::s, Base::base, Base::g_base, Base::phase, Base::x,
         Base::o1, Base::o2, Base::g;
     using Base::slot, Base::ring_neighbour, Base::load_x, Base::load_neighbours,
-        Base::load_guide, Base::won, Base::next_in_phase;
+        Base::load_guide, Base::won, Base::next_in_phase, Base::coded,
+        Base::code_index, Base::member;
     using typename Base::T, typename Base::Acc;
     Acc tx[kBatch] = {}, t1[kBatch] = {}, t2[kBatch] = {}, tg[kBatch] = {};
+    int code[kBatch] = {};
 
     LMCONV_HDI void load(int u, const Pixel& q) {
-      load_x(u, q);
-      load_neighbours(u, q);
+      if (coded()) {
+        code[u] = ld<uint8_t>(a.codes, code_index(base + q.at, member));
+      } else {
+        load_x(u, q);
+        load_neighbours(u, q);
+      }
       tx[u] = T::load(ld<S>(a.tx, base + q.at));
       t1[u] = q.in1 ? ring_neighbour(q, s.n1) : Acc(0);
       t2[u] = q.in2 ? ring_neighbour(q, s.n2) : Acc(0);
@@ -788,6 +835,13 @@ struct TangentBody : SweepBody<TangentBody<S, kGuided>, S> {
     }
 
     LMCONV_HDI void store(int u, const Pixel& q) {
+      const int64_t p = base + q.at;
+      if (coded()) {
+        const Acc t = tangent_by_route(code[u], tx[u], t1[u], t2[u]);
+        if (code[u] & kWonMerge) st<S>(a.tout, p, T::store(t));
+        st<Acc>(a.ring, slot(phase, q.k), t);
+        return;
+      }
       const Acc m = pool_max(x[u], q.in1, o1[u], q.in2, o2[u]);
       Acc t;
       if constexpr (kGuided) {
@@ -797,7 +851,6 @@ struct TangentBody : SweepBody<TangentBody<S, kGuided>, S> {
         t = pool_tangent(x[u], m, q.in1, o1[u], q.in2, o2[u], tx[u], t1[u],
                          t2[u]);
       }
-      const int64_t p = base + q.at;
       if (won(p)) st<S>(a.tout, p, T::store(t));
       st<Acc>(a.ring, slot(phase, q.k), t);
     }
@@ -823,9 +876,10 @@ struct BackwardBody : SweepBody<BackwardBody<S, kGuided>, S> {
     using Base::a, Base::s, Base::base, Base::ring, Base::member, Base::phase,
         Base::x, Base::o1, Base::o2, Base::g;
     using Base::slot_of, Base::load_x, Base::load_neighbours, Base::load_guide,
-        Base::won, Base::next_in_phase;
+        Base::won, Base::next_in_phase, Base::coded, Base::code_index;
     using typename Base::T, typename Base::Acc;
     Acc G[kBatch] = {};
+    int code[kBatch] = {};
 
     // Index of what pixel k of phase ph passed to n1 (which = 0) or n2 (1).
     LMCONV_HDI int64_t slot(int64_t ph, int64_t k, int which) const {
@@ -835,7 +889,12 @@ struct BackwardBody : SweepBody<BackwardBody<S, kGuided>, S> {
     LMCONV_HDI void load(int u, const Pixel& q) {
       const int64_t p = base + q.at;
       const Acc c = T::load(ld<S>(a.ct, p));
-      G[u] = won(p) ? c : Acc(0);
+      if (coded()) {
+        code[u] = ld<uint8_t>(a.codes, code_index(p, member));
+        G[u] = (code[u] & kWonMerge) ? c : Acc(0);
+      } else {
+        G[u] = won(p) ? c : Acc(0);
+      }
       for (int t = 0; t < 2; ++t) {  // in the CPU's order
         const int which = (t == 0) == s.n2_first ? 1 : 0;
         const Offset n = which ? s.n2 : s.n1;
@@ -844,9 +903,11 @@ struct BackwardBody : SweepBody<BackwardBody<S, kGuided>, S> {
           G[u] += ld<Acc>(a.ring, slot(phase + 1, slot_of(q, from), which));
         }
       }
-      load_x(u, q);
-      load_neighbours(u, q);
-      load_guide(u, q);
+      if (!coded()) {
+        load_x(u, q);
+        load_neighbours(u, q);
+        load_guide(u, q);
+      }
 #if defined(LMCONV_EMULATOR)
       if ((a.flags & kPlantRace) && next_in_phase(q)) {
         (void)ld<Acc>(a.ring, slot(phase, q.k + 1, 0));  // the next pixel's
@@ -871,6 +932,8 @@ struct BackwardBody : SweepBody<BackwardBody<S, kGuided>, S> {
         r = pool_backward_guided(x[u], m, q.in1, o1[u], q.in2, o2[u], g[u],
                                  G[u]);
         put(a.dg_pixels, p, r.dguide);
+      } else if (coded()) {
+        r = backward_by_route(code[u], G[u]);
       } else {
         r = pool_backward(x[u], q.in1, o1[u], q.in2, o2[u], G[u]);
       }

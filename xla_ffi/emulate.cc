@@ -251,7 +251,11 @@ void add_buffers(Tracer& t, const typename Body::Args& a) {
   add(kBufX, a.x, p.size, s);
   add(kBufG, a.g, p.g_elements, s);
   add(kBufOut, a.out, p.size, s);
-  add(kBufMembers, a.members, p.max_members * p.size, s);
+  if (a.members) {  // the member pools (guided) or the winner codes
+    add(kBufMembers, a.members, p.max_members * p.size, s);
+  } else {
+    add(kBufMembers, a.codes, p.max_members * p.size, sizeof(uint8_t));
+  }
   add(kBufTx, a.tx, p.size, s);
   add(kBufTg, a.tg, p.g_elements, s);
   add(kBufTout, a.tout, p.size, s);

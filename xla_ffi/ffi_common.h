@@ -188,9 +188,12 @@ struct Call {
   int64_t group_channels;  // C / P
   bool guided = false;
   GuideLayout guide;  // if guided
-  // The member pools of the merged groups (K > 1) are saved in `members`.
-  // Without them (a forward for inference) a merged group merges as it goes.
+  // The merged groups' (K > 1) residual is in `members`: the member pools
+  // (guided) or their winner codes (unguided). Without it (a forward for
+  // inference) a merged group merges as it goes.
   bool has_members = false;
+  // Unguided with the residual: the derivatives read winner codes.
+  bool codes() const { return has_members && !guided; }
 };
 
 inline ffi::Error geometry_of(const char* target, ffi::AnyBuffer x,
@@ -231,9 +234,11 @@ inline ffi::Error check_like_x(const char* target, const char* name,
 
 // `members` is (..., K', H, W, C) (x's leading dims, then K'): member k of
 // image b is at element (b * K' + k) * H*W*C. K' = K (the most members of a
-// group) when the member pools are saved for the derivatives (a grouping
-// with a merged group, K > 1), else 0. The forward may leave them unsaved
-// (`optional`: inference); the tangent and backward read them.
+// group) when the merged groups' residual is saved for the derivatives (a
+// grouping with a merged group, K > 1), else 0. The forward may leave it
+// unsaved (`optional`: inference); the tangent and backward read it. With a
+// guide it holds each member's pool (x's dtype: dguide = (m - x) G needs
+// m); without one, each member's winner codes (uint8, landmark_pool.h).
 inline ffi::Error check_members(const char* target, Call* c, ffi::AnyBuffer x,
                                 ffi::AnyBuffer members, bool optional) {
   auto xd = x.dimensions(), md = members.dimensions();
@@ -255,7 +260,15 @@ inline ffi::Error check_members(const char* target, Call* c, ffi::AnyBuffer x,
             dims_str(xd) + "); got " + dims_str(md));
   }
   c->has_members = k > 0 && md[r - 3] == k;
-  return check_dtype(target, "members", x, members);
+  if (c->guided) return check_dtype(target, "members", x, members);
+  // Unguided: the winner codes (landmark_pool.h), one byte per element.
+  if (members.element_type() != ffi::DataType::U8) {
+    return invalid(target,
+                   "members (the winner codes of an unguided pool) must be "
+                   "uint8; got " +
+                       dtype_str(members.element_type()));
+  }
+  return ffi::Error::Success();
 }
 
 // The layout of a guide of dims gd (checked: x's rank r, each dim x's or 1)
@@ -394,12 +407,13 @@ template <typename S>
 struct Buffers {
   using Storage = S;
   const S* x = nullptr;
-  const S* g = nullptr;    // guide, at its own (broadcast) shape
-  const S* out = nullptr;  // tangent, backward: the forward's result
-  S* out_w = nullptr;      // forward: the result
-  S* members = nullptr;    // K x x.size: member pools (K > 1)
-  const S* tx = nullptr;   // tangent
-  const S* tg = nullptr;   // tangent of the guide, at the guide's shape
+  const S* g = nullptr;      // guide, at its own (broadcast) shape
+  const S* out = nullptr;    // tangent, backward: the forward's result
+  S* out_w = nullptr;        // forward: the result
+  S* members = nullptr;      // K x x.size: member pools (K > 1, guided)
+  uint8_t* codes = nullptr;  // K x x.size: winner codes (K > 1, unguided)
+  const S* tx = nullptr;     // tangent
+  const S* tg = nullptr;     // tangent of the guide, at the guide's shape
   S* tout = nullptr;
   const S* ct = nullptr;  // backward
   S* dx = nullptr;
@@ -434,7 +448,8 @@ ffi::Error with_inputs(const char* target, const Call& c, ffi::AnyBuffer x,
     Buffers<S> b;
     b.x = data<S>(x);
     b.g = data_or_null<S>(g);
-    b.members = c.has_members ? data<S>(members) : nullptr;
+    b.members = c.has_members && c.guided ? data<S>(members) : nullptr;
+    b.codes = c.has_members && !c.guided ? data<uint8_t>(members) : nullptr;
     result = run(b);
   });
   return ok ? std::move(result) : unsupported_dtype(target, x.element_type());
