@@ -38,6 +38,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -372,7 +373,8 @@ struct RingMergePass {
 // (member 0 writes out), and it writes its code of every element: the route
 // of its max, and kWonMerge where it took out, cleared in the codes of the
 // earlier members it took it from (so exactly one member keeps it).
-template <typename S>
+// kFirst: member 0 (a compile-time flag, so each loop has one body).
+template <typename S, bool kFirst>
 struct CodePass {
   static constexpr int kBand = kBandRows;
   static constexpr int kRing = kBand + 1;
@@ -410,6 +412,9 @@ struct CodePass {
     const S* __restrict xp = x + p;
     S* __restrict op = out + p;
     uint8_t* __restrict cp = code + p;
+    // The codes as int32 lanes first, then narrowed to bytes: gcc 12 leaves
+    // a loop that stores bytes beside float lanes scalar (15x slower).
+    int32_t k32[kMaxChannelBlock];  // an item has at most this many channels
     for (int64_t c = 0; c < n_; ++c) {
       const auto xv = T::load_input(xp[c]);
       const auto o1v = kIn1 ? T::load(o1[c]) : xv;
@@ -417,22 +422,22 @@ struct CodePass {
       const S val = T::store(pool_max(xv, kIn1, o1v, kIn2, o2v));
       r[c] = val;
       const int32_t route = pool_route(xv, kIn1, o1v, kIn2, o2v);
-      if (member == 0) {
+      if constexpr (kFirst) {
         op[c] = val;
-        cp[c] = static_cast<uint8_t>(route | kWonMerge);
-        continue;
+        k32[c] = route | kWonMerge;
+      } else {
+        const auto vv = T::load(val), cur = T::load(op[c]);
+        const int32_t take = (vv > cur) | (vv != vv);
+        op[c] = take ? val : op[c];
+        k32[c] = route | (take * kWonMerge);
       }
-      const auto vv = T::load(val), cur = T::load(op[c]);
-      const int32_t take = (vv > cur) | (vv != vv);
-      op[c] = take ? val : op[c];
-      cp[c] = static_cast<uint8_t>(route | (take * kWonMerge));
     }
+    for (int64_t c = 0; c < n_; ++c) cp[c] = static_cast<uint8_t>(k32[c]);
     // The earlier members lose the merge where this one took it.
-    for (int k = 1; k <= member; ++k) {
+    for (int k = 1; !kFirst && k <= member; ++k) {
       uint8_t* __restrict prev = cp - k * member_stride;
       for (int64_t c = 0; c < n_; ++c) {
-        const int32_t take = (cp[c] & kWonMerge) != 0;
-        prev[c] = static_cast<uint8_t>(prev[c] & ~(take * kWonMerge));
+        prev[c] = static_cast<uint8_t>(prev[c] & ~(k32[c] & kWonMerge));
       }
     }
   }
@@ -1036,6 +1041,25 @@ LMCONV_CPU_CLONES void forward_members(Pass* passes, int count, int row_step,
   }
 }
 
+// The forward of an unguided merged group's members that visit x's rows in
+// the same order (row_step), writing winner codes: `first` (member 0, or
+// null when the run starts later) and the `count` members after it, run a
+// band of view rows at a time in member order, so the later members find
+// the rows' x and out in cache (each pixel still merges in member order).
+template <typename S>
+LMCONV_CPU_CLONES void forward_code_members(CodePass<S, true>* first,
+                                            CodePass<S, false>* rest, int count,
+                                            int64_t height, int64_t width,
+                                            int64_t n) {
+  for (int64_t i0 = 0; i0 < height; i0 += kBandRows) {
+    const int64_t i1 = std::min<int64_t>(height, i0 + kBandRows);
+    if (first) forward_rows<S>(*first, first->v, i0, i1, height, width, n);
+    for (int k = 0; k < count; ++k) {
+      forward_rows<S>(rest[k], rest[k].v, i0, i1, height, width, n);
+    }
+  }
+}
+
 template <typename T>
 std::unique_ptr<T[]> uninitialized(int64_t n) {
   return std::unique_ptr<T[]>(new T[static_cast<size_t>(n)]);
@@ -1196,17 +1220,31 @@ class CpuKernels {
       const int members = c.grouping.members[it.group];
       const S* g = kGuided ? b.g + it.guide_offset : nullptr;
       if (members > 1 && c.codes()) {
-        for (int k = 0; k < members; ++k) {
-          const int d = c.grouping.first[it.group] + k;
-          CodePass<S> pass{b.x + it.offset,
-                           b.out_w + it.offset,
-                           b.codes + it.member(k),
-                           it.image,
-                           k,
-                           views.scan[d],
-                           geo.width,
-                           it.n};
-          forward_item<S>(pass, views.scan[d], geo.height, geo.width, it.n);
+        // Runs of members that visit x's rows in the same order, together.
+        for (int k = 0, e; k < members; k = e) {
+          const int row_step = c.grouping.dir(it.group, k).row_step;
+          std::vector<CodePass<S, false>> rest;
+          auto pass = [&](auto first, int m) {
+            const int d = c.grouping.first[it.group] + m;
+            return CodePass<S, decltype(first)::value>{b.x + it.offset,
+                                                       b.out_w + it.offset,
+                                                       b.codes + it.member(m),
+                                                       it.image,
+                                                       m,
+                                                       views.scan[d],
+                                                       geo.width,
+                                                       it.n};
+          };
+          std::optional<CodePass<S, true>> first;
+          if (k == 0) first.emplace(pass(std::true_type{}, 0));
+          for (e = k + (k == 0);
+               e < members && c.grouping.dir(it.group, e).row_step == row_step;
+               ++e) {
+            rest.push_back(pass(std::false_type{}, e));
+          }
+          forward_code_members<S>(first ? &*first : nullptr, rest.data(),
+                                  static_cast<int>(rest.size()), geo.height,
+                                  geo.width, it.n);
         }
         return;
       }

@@ -158,29 +158,20 @@ struct PoolGrad {
 // The winner is found from x, o1, o2 directly (no m), which is equivalent to
 // the SPEC's tests against m: x wins unless a neighbour is strictly greater,
 // n1 beats n2 on ties, and any NaN among them makes every test false.
-struct Winner {
-  bool self, take1, take2;  // at most one is true (none: a NaN among them)
-};
-
-template <typename T>
-LMCONV_HDI Winner pool_winner(T x, bool in1, T o1, bool in2, T o2) {
-  // Bitwise & and | (not && and ||): no branches, so loops vectorise.
-  Winner w;
-  w.self = (in1 | in2 | (x == x)) &  // a lone NaN x is no winner
-           (!in1 | (x >= o1)) & (!in2 | (x >= o2));
-  w.take1 = in1 & (o1 > x) & (!in2 | (o1 >= o2));
-  w.take2 = in2 & (o2 > x) & (!in1 | (o2 > o1));
-  return w;
-}
-
 template <typename T>
 LMCONV_HDI PoolGrad<T> pool_backward(T x, bool in1, T o1, bool in2, T o2, T G) {
-  const Winner w = pool_winner(x, in1, o1, in2, o2);
+  // Bitwise & and | (not && and ||): no branches, so loops vectorise. (No
+  // struct of the three flags either: gcc 12 keeps one in memory and leaves
+  // the channel loop scalar.) pool_route below makes the same three tests.
+  const bool self = (in1 | in2 | (x == x)) &  // a lone NaN x is no winner
+                    (!in1 | (x >= o1)) & (!in2 | (x >= o2));
+  const bool take1 = in1 & (o1 > x) & (!in2 | (o1 >= o2));
+  const bool take2 = in2 & (o2 > x) & (!in1 | (o2 > o1));
   PoolGrad<T> r;
-  r.dx = w.self ? G : T(0);
+  r.dx = self ? G : T(0);
   r.dguide = T(0);
-  r.to_n1 = w.take1 ? G : T(0);
-  r.to_n2 = w.take2 ? G : T(0);
+  r.to_n1 = take1 ? G : T(0);
+  r.to_n2 = take2 ? G : T(0);
   return r;
 }
 
@@ -190,7 +181,7 @@ LMCONV_HDI PoolGrad<T> pool_backward(T x, bool in1, T o1, bool in2, T o2, T G) {
 
 // For an unguided merged group the forward saves, per member and element,
 // one byte instead of the member's pool: bits 0-1 the route of the winner
-// of the member's max at p (pool_winner: kRouteX, kRouteN1, kRouteN2, or
+// of the member's max at p (pool_route: kRouteX, kRouteN1, kRouteN2, or
 // kRouteNone when a NaN is among them), bit 2 (kWonMerge) whether this
 // member won the group's merge at p (merge_winner's rule: exactly one
 // member of the group has it). The backward and tangent then need neither
@@ -199,13 +190,15 @@ LMCONV_HDI PoolGrad<T> pool_backward(T x, bool in1, T o1, bool in2, T o2, T G) {
 constexpr int kRouteNone = 0, kRouteX = 1, kRouteN1 = 2, kRouteN2 = 3;
 constexpr int kRouteMask = 3, kWonMerge = 4;
 
-LMCONV_HDI int route_code(Winner w) {
-  return int(w.self) | (int(w.take1) << 1) | (int(w.take2) * kRouteN2);
-}
-
+// The winner pool_backward routes G to, as a route (its three tests; at
+// most one holds, none where a NaN is among them).
 template <typename T>
 LMCONV_HDI int pool_route(T x, bool in1, T o1, bool in2, T o2) {
-  return route_code(pool_winner(x, in1, o1, in2, o2));
+  const int self =
+      (in1 | in2 | (x == x)) & (!in1 | (x >= o1)) & (!in2 | (x >= o2));
+  const int take1 = in1 & (o1 > x) & (!in2 | (o1 >= o2));
+  const int take2 = in2 & (o2 > x) & (!in1 | (o2 > o1));
+  return self * kRouteX + take1 * kRouteN1 + take2 * kRouteN2;
 }
 
 // pool_backward from the route the forward saved (the same bits).
@@ -220,7 +213,7 @@ LMCONV_HDI PoolGrad<T> backward_by_route(int code, T G) {
   return g;
 }
 
-// pool_tangent from the route (its winner is pool_winner's, docs above).
+// pool_tangent from the route (its winner is pool_route's, docs above).
 template <typename T>
 LMCONV_HDI T tangent_by_route(int code, T tx, T t1, T t2) {
   const int r = code & kRouteMask;
