@@ -310,6 +310,26 @@ struct PoolPass {
   }
 };
 
+// A ring of kRows view rows (each `width` pixels of n contiguous elements)
+// in which a pass keeps the values its later pixels read: a scan's
+// neighbours are in the pixel's own view row or the one before.
+template <typename T, int kRows>
+struct RowRing {
+  struct Row {
+    T* r;                  // view row i
+    int64_t roff1, roff2;  // from a pixel's values to its n1's, n2's
+  };
+  int64_t width, n;
+  std::vector<T> buf = std::vector<T>(kRows * width * n);
+
+  LMCONV_INLINE Row row(const ScanView& v, int64_t i) {
+    T* r = buf.data() + (i % kRows) * width * n;
+    const int64_t prev = ((i + kRows - 1) % kRows - i % kRows) * width * n;
+    return Row{r, (v.n1.dr ? prev : 0) + v.n1.dc * n,
+               (v.n2.dr ? prev : 0) + v.n2.dc * n};
+  }
+};
+
 // A later member of a merged group when the member pools are not saved
 // (inference): its pool lives in a ring of kBand + 1 view rows (its
 // neighbours are in the same or the previous view row, and forward_item
@@ -321,8 +341,7 @@ struct RingMergePass {
   static constexpr int kBand = kBandRows;
   static constexpr int kRing = kBand + 1;
   struct Row {
-    S* r;                  // the ring's row for view row i
-    int64_t roff1, roff2;  // from the ring at p to p + n1, p + n2
+    typename RowRing<S, kRing>::Row ring;  // the ring's row for view row i
     const S* g;
   };
   const S* x;
@@ -331,14 +350,10 @@ struct RingMergePass {
   const ScanView& v;
   GuideView gv;
   int64_t width, n;
-  std::vector<S> ring = std::vector<S>(kRing * width * n);
+  RowRing<S, kRing> ring = RowRing<S, kRing>{width, n};
 
   LMCONV_INLINE Row begin_row(int64_t i) {
-    S* row = ring.data() + (i % kRing) * width * n;
-    S* prev = ring.data() + ((i + kRing - 1) % kRing) * width * n;
-    const int64_t prev_row = prev - row;
-    return Row{row, (v.n1.dr ? prev_row : 0) + v.n1.dc * n,
-               (v.n2.dr ? prev_row : 0) + v.n2.dc * n,
+    return Row{ring.row(v, i),
                kGuided ? g + gv.start + i * gv.row_stride : nullptr};
   }
   LMCONV_INLINE void prefetch_pixel(int64_t q, int64_t n_) const {
@@ -348,9 +363,9 @@ struct RingMergePass {
   template <bool kIn1, bool kIn2>
   LMCONV_INLINE void pixel(const Row& row, int64_t p, int64_t j, int64_t n_) {
     using T = StorageTraits<S>;
-    S* __restrict r = row.r + j * n;
-    const S* __restrict o1 = r + row.roff1;
-    const S* __restrict o2 = r + row.roff2;
+    S* __restrict r = row.ring.r + j * n;
+    const S* __restrict o1 = r + row.ring.roff1;
+    const S* __restrict o2 = r + row.ring.roff2;
     const S* __restrict xp = x + p;
     S* __restrict op = out + p;
     const S* gp = kGuided ? row.g + j * gv.col_stride : nullptr;
@@ -378,10 +393,7 @@ template <typename S, bool kFirst>
 struct CodePass {
   static constexpr int kBand = kBandRows;
   static constexpr int kRing = kBand + 1;
-  struct Row {
-    S* r;                  // the ring's row for view row i
-    int64_t roff1, roff2;  // from the ring at p to p + n1, p + n2
-  };
+  using Row = typename RowRing<S, kRing>::Row;  // the ring's row for view row i
   const S* x;
   S* out;
   uint8_t* code;          // this member's codes, x's layout
@@ -389,15 +401,9 @@ struct CodePass {
   int member;
   const ScanView& v;
   int64_t width, n;
-  std::vector<S> ring = std::vector<S>(kRing * width * n);
+  RowRing<S, kRing> ring = RowRing<S, kRing>{width, n};
 
-  LMCONV_INLINE Row begin_row(int64_t i) {
-    S* row = ring.data() + (i % kRing) * width * n;
-    S* prev = ring.data() + ((i + kRing - 1) % kRing) * width * n;
-    const int64_t prev_row = prev - row;
-    return Row{row, (v.n1.dr ? prev_row : 0) + v.n1.dc * n,
-               (v.n2.dr ? prev_row : 0) + v.n2.dc * n};
-  }
+  LMCONV_INLINE Row begin_row(int64_t i) { return ring.row(v, i); }
   LMCONV_INLINE void prefetch_pixel(int64_t q, int64_t n_) const {
     prefetch<0>(x + q, n_);
     prefetch<1>(out + q, n_);
@@ -450,25 +456,16 @@ struct CodePass {
 template <typename S>
 struct TangentCodePass {
   using Acc = Compute<S>;
-  static constexpr int kBand = 1;  // the scratch holds two view rows
-  struct Row {
-    Acc* t;                // t of view pixel (i, 0)
-    int64_t toff1, toff2;  // from t[p] to t[p + n1], t[p + n2]
-  };
+  static constexpr int kBand = 1;  // the ring holds two view rows of t
+  using Row = typename RowRing<Acc, 2>::Row;
   const uint8_t* code;  // this member's codes, x's layout
   const S* tx;
   S* tout;
   const ScanView& v;
   int64_t width, n;
-  std::vector<Acc> scratch = std::vector<Acc>(2 * width * n);
+  RowRing<Acc, 2> t_ring = RowRing<Acc, 2>{width, n};
 
-  LMCONV_INLINE Row begin_row(int64_t i) {
-    Acc* row = scratch.data() + (i & 1) * width * n;
-    Acc* prev = scratch.data() + ((i + 1) & 1) * width * n;
-    const int64_t prev_row = i > 0 ? prev - row : 0;
-    return Row{row, (v.n1.dr ? prev_row : 0) + v.n1.dc * n,
-               (v.n2.dr ? prev_row : 0) + v.n2.dc * n};
-  }
+  LMCONV_INLINE Row begin_row(int64_t i) { return t_ring.row(v, i); }
   LMCONV_INLINE void prefetch_pixel(int64_t q, int64_t n_) const {
     prefetch<0>(code + q, n_);
     prefetch<0>(tx + q, n_);
@@ -477,9 +474,9 @@ struct TangentCodePass {
   template <bool kIn1, bool kIn2>
   LMCONV_INLINE void pixel(const Row& row, int64_t p, int64_t j, int64_t n_) {
     using T = StorageTraits<S>;
-    Acc* __restrict t = row.t + j * n;
-    const Acc* __restrict t1 = t + row.toff1;
-    const Acc* __restrict t2 = t + row.toff2;
+    Acc* __restrict t = row.r + j * n;
+    const Acc* __restrict t1 = t + row.roff1;
+    const Acc* __restrict t2 = t + row.roff2;
     const uint8_t* __restrict cp = code + p;
     const S* __restrict txp = tx + p;
     S* __restrict tp = tout + p;
