@@ -16,6 +16,7 @@ import lmconv_jax
 from lmconv_jax import _ffi
 from lmconv_jax.directions import GROUPINGS, resolve, resolve_grouping
 
+import emulator  # tests/emulator.py: the targets called directly
 import inputs
 
 needs_ffi = pytest.mark.skipif(not _ffi.has_kernels("cpu"),
@@ -195,7 +196,6 @@ def test_winner_codes_name_the_merge_winner_once(grouping, kind):
   """Bit 2 of member k's code is set where member k won its group's merge
   (the first of the largest, a later NaN wins), exactly once per element;
   a single-direction group's slots are not part of the residual."""
-  import emulator  # tests/emulator.py: the targets called directly
   shape = (2, 5, 6, 12)
   x = inputs.make_x("small_int" if kind == "nan" else kind, shape)
   if kind == "nan":
