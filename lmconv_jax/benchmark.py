@@ -10,8 +10,8 @@ Sections (rows carry ``section``):
   depth (scan steps, forward / forward+backward).
 * ``guide``: a single pool with a per-channel ``(C,)`` and a per-batch guide
   over the same pool with a per-pixel guide, forward+backward.
-* ``dtype``: bfloat16 and float16 forward (single pool, quadrants) over
-  float32's.
+* ``dtype``: bfloat16 and float16 forward (single pool, quadrants,
+  octants: LandmarkConv4's and LandmarkConv8's pools) over float32's.
 * ``wide``: the forward at (B, 64, 64, 256) and the same bytes as
   (B, 128, 128, 64), each over a same-size copy (``x + c``).
 * ``layers``: LandmarkConv4 / LandmarkConv8 over an ``nn.Conv`` with the same
@@ -42,6 +42,10 @@ DEFAULT_SHAPE = (8, 64, 64, 64)
 TARGETS = {"quadrants": 1.25, "octants": 1.25, "top_bottom": 2.6,
            "left_right": 2.6, "all_quadrants": 4.6, "guide (C,)": 1.25,
            "bfloat16": 1.0, "float16": 1.0, "C=256": 1.3}
+
+
+# The dtype section's groupings: a single pool and the layers' pools.
+DTYPE_GROUPINGS = ("top_left", "quadrants", "octants")
 
 
 def _time_interleaved(calls: dict, repeats: int, budget_s: float,
@@ -148,11 +152,11 @@ def run(shape: Sequence[int] = DEFAULT_SHAPE, dtype="float32",
       calls = {}
       for dt in ("float32", "bfloat16", "float16"):
         xd = x.astype(dt)
-        for grouping in ("top_left", "quadrants"):
+        for grouping in DTYPE_GROUPINGS:
           calls[dt, grouping] = (jax.jit(_grouped(grouping)), (xd, None))
       t = timed(calls)
       for dt in ("bfloat16", "float16"):
-        for grouping in ("top_left", "quadrants"):
+        for grouping in DTYPE_GROUPINGS:
           rows.append(_row("dtype", dt, f"forward, {grouping}",
                            t[dt, grouping], "float32", t["float32", grouping]))
     elif section == "wide":

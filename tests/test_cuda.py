@@ -192,21 +192,31 @@ SPECIAL_16 = np.array([
 @needs_emulator
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16],
                          ids=["float16", "bfloat16"])
-@pytest.mark.parametrize("grouping", [("top_left",), "quadrants"],
-                         ids=["top_left", "quadrants"])
-def test_16bit_forward_max_on_bits_equals_the_float_path(grouping, dtype):
+@pytest.mark.parametrize("grouping,lanes", [
+    (("top_left",), 1 << 16), ("quadrants", 1 << 14), ("quadrants", 16),
+    ("octants", 8), ("octants", 4), ("octants", 2)],
+    ids=["top_left", "quadrants", "quadrants-16", "octants-8", "octants-4",
+         "octants-2"])
+def test_16bit_forward_max_on_bits_equals_the_float_path(grouping, lanes,
+                                                         dtype):
   """The CPU kernels' unguided 16-bit forward takes the max on the bits
   (landmark_pool.h: take_max_bits, no conversion); the emulation converts
   to float and back. Over every one of the 65536 bit patterns of x, against
   neighbours that include every special value, they agree bit for bit, NaN
-  bits included, and the reference agrees on every value and NaN position."""
+  bits included, and the reference agrees on every value and NaN position.
+  `lanes` is a group's width: 16, 8 and 4 have their own loops in
+  cpu_kernels.h (forward_pixel), wide groups and 2 the general one."""
   allbits = np.arange(1 << 16, dtype=np.uint16)
   rng = np.random.default_rng(0)
   px = [allbits, np.resize(SPECIAL_16, allbits.size),
         rng.permutation(allbits), np.roll(np.resize(SPECIAL_16, allbits.size),
                                           7)]
-  # (1, 2, 2, C): every pixel has 0, 1 or 2 neighbours in every direction.
-  x = np.stack(px).reshape(1, 2, 2, -1)
+  # (B, 2, 2, C): every pixel has 0, 1 or 2 neighbours in every direction,
+  # and pixel (i, j) of the images holds all of px[2 i + j].
+  groups = len(lmconv_jax.directions.resolve_grouping(grouping))
+  channels = groups * lanes
+  x = np.stack(px).reshape(4, -1, channels).transpose(1, 0, 2)
+  x = x.reshape(-1, 2, 2, channels)
   x = jax.lax.bitcast_convert_type(jnp.asarray(x), dtype)
   got = emulator.forward(x, None, grouping, emulated=False)[0]
   want = emulator.forward(x, None, grouping, emulated=True)[0]

@@ -189,23 +189,33 @@ LMCONV_INLINE auto guide_at(const S* g, int64_t c) {
   return StorageTraits<S>::load_input(g[kGuideVec ? c : 0]);
 }
 
-template <typename S, bool kGuided, bool kGuideVec, bool kIn1, bool kIn2>
+// n: the lane count, an int64_t or (narrow unguided 16-bit groups,
+// forward_item's with_lane_count) a std::integral_constant.
+template <typename S, bool kGuided, bool kGuideVec, bool kIn1, bool kIn2,
+          typename N>
 LMCONV_INLINE void forward_pixel(const S* __restrict x, const S* __restrict g,
                                  S* __restrict out, const S* __restrict o1,
-                                 const S* __restrict o2, int64_t n) {
+                                 const S* __restrict o2, N n) {
   using T = StorageTraits<S>;
   if constexpr (!kGuided &&
                 (std::is_same_v<S, Half> || std::is_same_v<S, BFloat16>)) {
-    // The max on the 16-bit lanes (landmark_pool.h: take_max_bits).
-    for (int64_t c = 0; c < n; ++c) {
+    // The max on the 16-bit lanes (landmark_pool.h: take_max_bits), the
+    // result made quiet. With a constant lane count (a narrow group, whose
+    // pixel's chain through o2, the previous pixel, is the critical path),
+    // x is made quiet before the max instead: o1 and o2 are this pass's
+    // own outputs, quiet already, and take_max_bits picks the same input
+    // whether or not a NaN is quiet, so the bits are the same.
+    constexpr bool kQuietFirst = !std::is_same_v<N, int64_t>;
+    for (int64_t c = 0; c < int64_t{n}; ++c) {
       uint16_t m = T::input_bits(x[c].bits);
+      if (kQuietFirst) m = T::quiet_bits(m);
       if (kIn1) m = take_max_bits<T>(m, o1[c].bits);
       if (kIn2) m = take_max_bits<T>(m, o2[c].bits);
-      out[c].bits = T::quiet_bits(m);
+      out[c].bits = kQuietFirst ? m : T::quiet_bits(m);
     }
     return;
   }
-  for (int64_t c = 0; c < n; ++c) {
+  for (int64_t c = 0; c < int64_t{n}; ++c) {
     const auto xv = T::load_input(x[c]);
     const auto m = pool_max(xv, kIn1, kIn1 ? T::load(o1[c]) : xv, kIn2,
                             kIn2 ? T::load(o2[c]) : xv);
@@ -302,8 +312,8 @@ struct PoolPass {
     if (kGuided && prefetch_guide) prefetch<0>(g + q, n);
     prefetch<1>(out + q, n);
   }
-  template <bool kIn1, bool kIn2>
-  LMCONV_INLINE void pixel(const Row& row, int64_t p, int64_t j, int64_t n) {
+  template <bool kIn1, bool kIn2, typename N>
+  LMCONV_INLINE void pixel(const Row& row, int64_t p, int64_t j, N n) {
     forward_pixel<S, kGuided, kGuideVec, kIn1, kIn2>(
         x + p, kGuided ? row.g + j * gv.col_stride : nullptr, out + p,
         out + p + v.off1, out + p + v.off2, n);
@@ -589,10 +599,10 @@ struct TangentPass {
 //
 // forward_rows sweeps view rows [i0, i1) of this schedule (i0 a multiple of
 // Pass::kBand), so that several passes can be run a few rows at a time.
-template <typename S, typename Pass>
+template <typename S, typename Pass, typename N = int64_t>
 LMCONV_INLINE void forward_rows(Pass& pass, const ScanView& v, int64_t i0,
                                 int64_t i1, int64_t height, int64_t width,
-                                int64_t n) {
+                                N n) {
   using Row = typename Pass::Row;
   // One pixel with its neighbours' flags known at compile time.
   auto step = [&](auto in1, auto in2, const Row& row, int64_t i,
@@ -655,10 +665,38 @@ LMCONV_INLINE void forward_rows(Pass& pass, const ScanView& v, int64_t i0,
   }
 }
 
+// fn(lanes): lanes is n, or, for an unguided 16-bit PoolPass (the max on the
+// bits, forward_pixel) and n in {4, 8, 16}, n as a std::integral_constant:
+// with n at run time gcc 12 left those groups' lane loops scalar (octants of
+// 64 16-bit channels took 1.3-1.5x float32's, of 32 channels 5-6x;
+// docs/benchmarks.md). Dispatched once per item, not per pixel (a branch in
+// the pixel loop slowed the wide groups' by 10 %).
+template <typename S, typename Pass, typename F>
+LMCONV_INLINE void with_lane_count(int64_t n, F fn) {
+  constexpr bool kBits =
+      (std::is_same_v<S, Half> || std::is_same_v<S, BFloat16>) &&
+      std::is_same_v<Pass, PoolPass<S, false, false>>;
+  if constexpr (kBits) {
+    switch (n) {
+      case 4:
+        return fn(std::integral_constant<int64_t, 4>{});
+      case 8:
+        return fn(std::integral_constant<int64_t, 8>{});
+      case 16:
+        return fn(std::integral_constant<int64_t, 16>{});
+      default:
+        break;
+    }
+  }
+  fn(n);
+}
+
 template <typename S, typename Pass>
 LMCONV_CPU_CLONES void forward_item(Pass& pass, const ScanView& v,
                                     int64_t height, int64_t width, int64_t n) {
-  forward_rows<S>(pass, v, 0, height, height, width, n);
+  with_lane_count<S, Pass>(n, [&](auto lanes) LMCONV_LAMBDA_INLINE {
+    forward_rows<S>(pass, v, 0, height, height, width, lanes);
+  });
 }
 
 // Several views swept together: view pixel (i, j) of each in turn, for the
@@ -669,9 +707,9 @@ LMCONV_CPU_CLONES void forward_item(Pass& pass, const ScanView& v,
 // row's lines in the same pass (the columns of a view that scans them
 // right to left are read in the same row), and their chains run side by
 // side, so no band is needed.
-template <typename S, typename Pass>
-LMCONV_CPU_CLONES void forward_views(Pass* passes, int count, int64_t height,
-                                     int64_t width, int64_t n) {
+template <typename S, typename Pass, typename N>
+LMCONV_INLINE void forward_views_n(Pass* passes, int count, int64_t height,
+                                   int64_t width, N n) {
   using Row = typename Pass::Row;
   Row rows[kMaxDirections];
   auto step = [&](auto in1, auto in2, int k, int64_t i,
@@ -710,6 +748,14 @@ LMCONV_CPU_CLONES void forward_views(Pass* passes, int count, int64_t height,
       for (int k = 0; k < count; ++k) edge(k, i, j1);
     }
   }
+}
+
+template <typename S, typename Pass>
+LMCONV_CPU_CLONES void forward_views(Pass* passes, int count, int64_t height,
+                                     int64_t width, int64_t n) {
+  with_lane_count<S, Pass>(n, [&](auto lanes) LMCONV_LAMBDA_INLINE {
+    forward_views_n<S>(passes, count, height, width, lanes);
+  });
 }
 
 // The backward of one member's pool over one item.
