@@ -941,6 +941,96 @@ LMCONV_CPU_CLONES void backward_item(const BackwardArgs<S>& a) {
   }
 }
 
+// The unguided backward of an item's single-direction groups whose views
+// scan in the same order (a line of octants of float32 holds two: I1 / I2,
+// I3 / I4, I5 / I6 or I7 / I8), swept together: view pixel (i, j) of each
+// in turn, each exactly as backward_item would (its G, its pushes, its
+// loads of ct in the same order; the groups' channels are disjoint), so one
+// pass reads the item's lines and the groups' per-pixel work overlaps.
+template <typename S>
+LMCONV_CPU_CLONES void backward_views(const BackwardArgs<S>* args, int count) {
+  using Acc = Compute<S>;
+  constexpr bool kInPlace = std::is_same_v<S, Acc>;
+  const int64_t height = args[0].height, width = args[0].width, n = args[0].n;
+  std::vector<Acc> scratch(kInPlace ? 0 : count * 2 * width * n);
+  auto row_ptr = [&](int k, int64_t i) LMCONV_LAMBDA_INLINE -> Acc* {
+    if constexpr (kInPlace) {
+      const ScanView& v = *args[k].v;
+      return reinterpret_cast<Acc*>(args[k].dx) + v.start + i * v.row_stride;
+    } else {
+      return scratch.data() + (2 * k + (i & 1)) * width * n;
+    }
+  };
+  auto g_col = [&](int k) LMCONV_LAMBDA_INLINE -> int64_t {
+    return kInPlace ? args[k].v->col_stride : n;
+  };
+  auto load_ct = [&](int k, int64_t i, int64_t j) LMCONV_LAMBDA_INLINE {
+    const ScanView& v = *args[k].v;
+    Acc* __restrict G = row_ptr(k, i) + j * g_col(k);
+    const S* __restrict c =
+        args[k].ct + v.start + i * v.row_stride + j * v.col_stride;
+    for (int64_t e = 0; e < n; ++e) G[e] = StorageTraits<S>::load(c[e]);
+  };
+  for (int k = 0; k < count; ++k) {
+    for (int64_t j = width - 1; j >= 0; --j) load_ct(k, height - 1, j);
+  }
+  Acc* G_row[kMaxGroups];
+  int64_t goff1[kMaxGroups], goff2[kMaxGroups];
+  for (int64_t i = height - 1; i >= 0; --i) {
+    for (int k = 0; k < count; ++k) {
+      const ScanView& v = *args[k].v;
+      if (i > 0) load_ct(k, i - 1, width - 1);
+      G_row[k] = row_ptr(k, i);
+      const int64_t prev_row = i > 0 ? row_ptr(k, i - 1) - G_row[k] : 0;
+      goff1[k] = (v.n1.dr ? prev_row : 0) + v.n1.dc * g_col(k);
+      goff2[k] = (v.n2.dr ? prev_row : 0) + v.n2.dc * g_col(k);
+    }
+    auto step = [&](auto in1, auto in2, int k, int64_t j) LMCONV_LAMBDA_INLINE {
+      const BackwardArgs<S>& a = args[k];
+      const ScanView& v = *a.v;
+      const int64_t p = v.start + i * v.row_stride + j * v.col_stride;
+      Acc* G = G_row[k] + j * g_col(k);
+      if (const int64_t q = ahead<true>(v, i, j, p, height, width); q >= 0) {
+        prefetch<0>(a.x + q, n);
+        prefetch<0>(a.o + q + v.off1, n);  // may be outside: harmless
+        prefetch<0>(a.o + q + v.off2, n);
+        if (!kInPlace) prefetch<1>(a.dx + q, n);
+      }
+      if (i >= 2) {  // row i - 2 of ct and of G is loaded before row i - 1
+        const int64_t q = v.start + (i - 2) * v.row_stride + j * v.col_stride;
+        prefetch<0>(a.ct + q, n);
+        if (kInPlace) prefetch<1>(a.dx + q, n);
+      }
+      if (i > 0 && j > 0) load_ct(k, i - 1, j - 1);
+      backward_pixel<S, false, false, false, false, decltype(in1)::value,
+                     decltype(in2)::value>(
+          a.x + p, nullptr, a.o + p + v.off1, a.o + p + v.off2, nullptr, G,
+          G + goff1[k], G + goff2[k], a.dx + p, nullptr, n);
+    };
+    auto edge = [&](int k, int64_t j) LMCONV_LAMBDA_INLINE {
+      with_inside(*args[k].v, i, j, height, width,
+                  [&](auto in1, auto in2)
+                      LMCONV_LAMBDA_INLINE { step(in1, in2, k, j); });
+    };
+    if (width > 1) {
+      for (int k = 0; k < count; ++k) edge(k, width - 1);
+    }
+    // Interior columns of a row below the first: every neighbour is inside.
+    if (i > 0) {
+      for (int64_t j = width - 2; j >= 1; --j) {
+        for (int k = 0; k < count; ++k) {
+          step(std::true_type{}, std::true_type{}, k, j);
+        }
+      }
+    } else {
+      for (int64_t j = width - 2; j >= 1; --j) {
+        for (int k = 0; k < count; ++k) edge(k, j);
+      }
+    }
+    for (int k = 0; k < count; ++k) edge(k, 0);
+  }
+}
+
 // ---------------------------------------------------------------------------
 // The item loop and the per-pixel passes outside the scans.
 // ---------------------------------------------------------------------------
@@ -959,9 +1049,11 @@ struct Item {
 // Runs fn(piece) over every work item of the call's plan (make_plan, for
 // elements of element_bytes): a piece is one group's channels of the item
 // (an item of whole groups has several, run in turn).
+// for_each_item_pieces gives fn(pieces, count) all of an item's pieces at
+// once.
 template <typename F>
-void for_each_item(ffi::ThreadPool& pool, const Call& c, int64_t element_bytes,
-                   F fn) {
+void for_each_item_pieces(ffi::ThreadPool& pool, const Call& c,
+                          int64_t element_bytes, F fn) {
   const Plan plan = make_plan(c, pool.num_threads(), element_bytes);
   const Geometry& geo = plan.geo;
   const int64_t image = geo.height * geo.width * geo.channels;
@@ -969,8 +1061,10 @@ void for_each_item(ffi::ThreadPool& pool, const Call& c, int64_t element_bytes,
     FlushDenormals ftz;
     const int64_t b = k / plan.items_per_image;
     const int64_t in_image = k % plan.items_per_image;
+    Item pieces[kMaxGroups];
+    int count = 0;
     auto piece = [&](int64_t group, int64_t c0, int64_t n) {
-      Item it;
+      Item& it = pieces[count++];
       it.b = b;
       it.group = group;
       it.c0 = c0;
@@ -980,7 +1074,6 @@ void for_each_item(ffi::ThreadPool& pool, const Call& c, int64_t element_bytes,
       it.max_members = c.has_members ? c.grouping.max_members : 0;
       it.guide_offset =
           c.guided ? c.guide.image_offset(b) + c0 * c.guide.channel_stride : 0;
-      fn(it);
     };
     if (plan.whole_groups) {
       const int64_t c0 = in_image * plan.block;
@@ -994,7 +1087,17 @@ void for_each_item(ffi::ThreadPool& pool, const Call& c, int64_t element_bytes,
       piece(group, group * plan.group_channels + c_in_group,
             std::min(plan.block, plan.group_channels - c_in_group));
     }
+    fn(static_cast<const Item*>(pieces), count);
   });
+}
+
+template <typename F>
+void for_each_item(ffi::ThreadPool& pool, const Call& c, int64_t element_bytes,
+                   F fn) {
+  for_each_item_pieces(pool, c, element_bytes,
+                       [&](const Item* pieces, int count) {
+                         for (int k = 0; k < count; ++k) fn(pieces[k]);
+                       });
 }
 
 // fn(p) for the element offset p (from the item's offset) of every pixel of
@@ -1216,6 +1319,23 @@ class CpuKernels {
            c.geo.batch >= pool_.num_threads();
   }
 
+  // Whether an item's pieces are swept together in the backward
+  // (backward_views): two or more single-direction groups whose scans visit
+  // pixels in the same order (an item of octants of float32 is a line of two:
+  // I1 / I2, ...). On the Intel Xeon VM of docs/benchmarks.md, octants'
+  // backward at (8, 64, 64, 64) float32 went from 5.1-6.3 to 3.6-3.8 ms one
+  // thread; on the EPYC an image's groups swept together had gained nothing.
+  static bool together_backward(const Call& c, const Item* pieces, int count) {
+    if (count < 2) return false;
+    const Direction& d0 = c.grouping.dir(pieces[0].group, 0);
+    for (int k = 0; k < count; ++k) {
+      if (c.grouping.members[pieces[k].group] != 1) return false;
+      const Direction& d = c.grouping.dir(pieces[k].group, 0);
+      if (d.row_step != d0.row_step || d.col_step != d0.col_step) return false;
+    }
+    return true;
+  }
+
   // The forward with an item per image: the groups that scan x's rows
   // downwards, swept together, then those that scan them upwards (they start
   // where the first sweep ended, so its last rows are still in cache).
@@ -1407,30 +1527,35 @@ class CpuKernels {
       dg_full = uninitialized<S>(geo.size());
       dg = dg_full.get();
     }
-    for_each_item(pool_, c, sizeof(S), [&](const Item& it) {
+    // The backward of member k of item it's group.
+    auto args_of = [&](const Item& it, int k) {
+      const int members = c.grouping.members[it.group];
+      const int d = c.grouping.first[it.group] + k;
+      return BackwardArgs<S>{
+          b.x + it.offset,
+          kGuided ? b.g + it.guide_offset : nullptr,
+          views.guide[d],
+          members == 1 || !kGuided ? b.out + it.offset
+                                   : b.members + it.member(k),
+          b.ct + it.offset,
+          b.dx + it.offset,
+          kGuided ? dg + it.offset : nullptr,
+          kGuided && members > 1 ? winner.get() + it.offset : nullptr,
+          !kGuided && members > 1 ? b.codes + it.member(k) : nullptr,
+          k,
+          &views.scan[d],
+          geo.height,
+          geo.width,
+          it.n};
+    };
+    auto item = [&](const Item& it) {
       const int members = c.grouping.members[it.group];
       if (kGuided && members > 1) {
         merge_item<S>(geo, members, b.members + it.member(0), nullptr,
                       winner.get() + it.offset, it.n);
       }
       for (int k = 0; k < members; ++k) {
-        const int d = c.grouping.first[it.group] + k;
-        BackwardArgs<S> a{
-            b.x + it.offset,
-            kGuided ? b.g + it.guide_offset : nullptr,
-            views.guide[d],
-            members == 1 || !kGuided ? b.out + it.offset
-                                     : b.members + it.member(k),
-            b.ct + it.offset,
-            b.dx + it.offset,
-            kGuided ? dg + it.offset : nullptr,
-            kGuided && members > 1 ? winner.get() + it.offset : nullptr,
-            !kGuided && members > 1 ? b.codes + it.member(k) : nullptr,
-            k,
-            &views.scan[d],
-            geo.height,
-            geo.width,
-            it.n};
+        const BackwardArgs<S> a = args_of(it, k);
         if (members == 1) {
           backward_item<S, kGuided, kGuideVec, false, false>(a);
         } else if constexpr (!kGuided) {
@@ -1445,7 +1570,17 @@ class CpuKernels {
           backward_item<S, kGuided, kGuideVec, true, true>(a);
         }
       }
-    });
+    };
+    for_each_item_pieces(
+        pool_, c, sizeof(S), [&](const Item* pieces, int count) {
+          if (!kGuided && together_backward(c, pieces, count)) {
+            BackwardArgs<S> args[kMaxGroups];
+            for (int k = 0; k < count; ++k) args[k] = args_of(pieces[k], 0);
+            backward_views<S>(args, count);
+            return;
+          }
+          for (int k = 0; k < count; ++k) item(pieces[k]);
+        });
     if (kGuided && !c.guide.full) reduce_guide<S>(geo, c.guide, dg, b.dg);
     return ffi::Error::Success();
   }
