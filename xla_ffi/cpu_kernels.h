@@ -1323,7 +1323,7 @@ class CpuKernels {
   // (backward_views): two or more single-direction groups whose scans visit
   // pixels in the same order (an item of octants of float32 is a line of two:
   // I1 / I2, ...). On the Intel Xeon VM of docs/benchmarks.md, octants'
-  // backward at (8, 64, 64, 64) float32 went from 5.1-6.3 to 3.6-3.8 ms one
+  // backward at (8, 64, 64, 64) float32 went from 5.1-6.3 to 3.3-3.8 ms one
   // thread; on the EPYC an image's groups swept together had gained nothing.
   static bool together_backward(const Call& c, const Item* pieces, int count) {
     if (count < 2) return false;
