@@ -1046,6 +1046,21 @@ struct Item {
   int64_t member(int k) const { return (b * max_members + k) * image + c0; }
 };
 
+// The piece of image b's group `group` over channels [c0, c0 + n).
+Item make_item(const Call& c, int64_t b, int64_t group, int64_t c0, int64_t n) {
+  Item it;
+  it.b = b;
+  it.group = group;
+  it.c0 = c0;
+  it.n = n;
+  it.image = c.geo.height * c.geo.width * c.geo.channels;
+  it.offset = b * it.image + c0;
+  it.max_members = c.has_members ? c.grouping.max_members : 0;
+  it.guide_offset =
+      c.guided ? c.guide.image_offset(b) + c0 * c.guide.channel_stride : 0;
+  return it;
+}
+
 // Runs fn(piece) over every work item of the call's plan (make_plan, for
 // elements of element_bytes): a piece is one group's channels of the item
 // (an item of whole groups has several, run in turn).
@@ -1056,7 +1071,6 @@ void for_each_item_pieces(ffi::ThreadPool& pool, const Call& c,
                           int64_t element_bytes, F fn) {
   const Plan plan = make_plan(c, pool.num_threads(), element_bytes);
   const Geometry& geo = plan.geo;
-  const int64_t image = geo.height * geo.width * geo.channels;
   parallel_for(pool, plan.items(), geo.size(), [&](int64_t k) {
     FlushDenormals ftz;
     const int64_t b = k / plan.items_per_image;
@@ -1064,16 +1078,7 @@ void for_each_item_pieces(ffi::ThreadPool& pool, const Call& c,
     Item pieces[kMaxGroups];
     int count = 0;
     auto piece = [&](int64_t group, int64_t c0, int64_t n) {
-      Item& it = pieces[count++];
-      it.b = b;
-      it.group = group;
-      it.c0 = c0;
-      it.n = n;
-      it.offset = b * image + c0;
-      it.image = image;
-      it.max_members = c.has_members ? c.grouping.max_members : 0;
-      it.guide_offset =
-          c.guided ? c.guide.image_offset(b) + c0 * c.guide.channel_stride : 0;
+      pieces[count++] = make_item(c, b, group, c0, n);
     };
     if (plan.whole_groups) {
       const int64_t c0 = in_image * plan.block;
@@ -1298,23 +1303,43 @@ class CpuKernels {
     }
   };
 
-  // Whether forward_as sweeps an image's groups together (forward_views):
-  // every group is one direction, a group's channels are narrower than a
-  // cache line (where the group-by-group schedule reads a line in several
-  // sweeps: octants of 64 float32 channels, quadrants of 16-bit types), each
-  // scan order through x's rows (row_step) has no group or at least two
-  // (one alone is better served by forward_item's bands), and there are
-  // images enough for the threads (an item is an image). Measured in
-  // docs/benchmarks.md: wider groups (quadrants of float32), merged groups
-  // and the backward gained nothing from it.
-  bool sweeps_together(const Call& c, int64_t element_bytes) {
-    if (c.grouping.max_members != 1) return false;
-    if (c.group_channels * element_bytes >= 64) return false;
+  // Whether every group is one direction, of at most a channel block, and
+  // each scan order through x's rows (row_step) has no group or at least two
+  // (a group alone in its order is better served group by group: forward_item
+  // has bands). Then the kernels can sweep an image's groups of one row order
+  // together: view pixel (i, j) of each in turn, so a row's lines are read in
+  // one pass and the groups' chains run side by side.
+  static bool rows_pair_up(const Call& c) {
+    if (c.grouping.max_members != 1 || c.group_channels > kMaxChannelBlock) {
+      return false;
+    }
     int down = 0, up = 0;
     for (int p = 0; p < c.grouping.groups; ++p) {
       (c.grouping.dir(p, 0).row_step > 0 ? down : up) += 1;
     }
-    if (down == 1 || up == 1 || down + up < 2) return false;
+    return down != 1 && up != 1 && down + up >= 2;
+  }
+
+  // A group narrower than a cache line (octants of 64 float32 channels,
+  // quadrants of the 16-bit types) or of whole lines (quadrants of float32).
+  // Groups of part-lines (24 float32 channels) are left to the items of
+  // make_plan, which share no line.
+  static bool narrow_or_whole_lines(const Call& c, int64_t element_bytes) {
+    const int64_t bytes = c.group_channels * element_bytes;
+    return bytes < 64 || bytes % 64 == 0;
+  }
+
+  // Whether forward_as sweeps an image's groups together (forward_views), an
+  // item per image: rows_pair_up, narrow_or_whole_lines, and images enough
+  // for the threads. Measured in docs/benchmarks.md: on the Intel Xeon VM
+  // quadrants of float32 at (8, 64, 64, 64) went from 1.10-1.25 to
+  // 1.00-1.10 ms one thread (on the EPYC of an earlier week a similar
+  // schedule had lost, 2.07-2.46x against 1.73-1.95x a single pool); merged
+  // groups gained nothing.
+  bool sweeps_together(const Call& c, int64_t element_bytes) {
+    if (!rows_pair_up(c) || !narrow_or_whole_lines(c, element_bytes)) {
+      return false;
+    }
     return c.geo.size() < kMinParallelElements ||
            c.geo.batch >= pool_.num_threads();
   }
@@ -1325,6 +1350,8 @@ class CpuKernels {
   // I1 / I2, ...). On the Intel Xeon VM of docs/benchmarks.md, octants'
   // backward at (8, 64, 64, 64) float32 went from 5.1-6.3 to 3.3-3.8 ms one
   // thread; on the EPYC an image's groups swept together had gained nothing.
+  // (Lines of groups with one row order but two column orders, bfloat16
+  // quadrants: 2.42 against 2.25-2.37 ms, not taken.)
   static bool together_backward(const Call& c, const Item* pieces, int count) {
     if (count < 2) return false;
     const Direction& d0 = c.grouping.dir(pieces[0].group, 0);
@@ -1334,6 +1361,22 @@ class CpuKernels {
       if (d.row_step != d0.row_step || d.col_step != d0.col_step) return false;
     }
     return true;
+  }
+
+  // Whether backward_as sweeps an image's groups of one row order together
+  // (backward_views), an item per (image, row order): unguided, rows_pair_up,
+  // groups of whole cache lines (narrower ones are lines of groups,
+  // together_backward), and items enough for the threads. Quadrants of
+  // float32 at (8, 64, 64, 64): top_left with top_right, bottom_left with
+  // bottom_right; their backward went from 2.4-3.2 to 2.2-2.4 ms one thread
+  // on the Intel Xeon VM (docs/benchmarks.md).
+  bool rows_together_backward(const Call& c, int64_t element_bytes) {
+    const int64_t bytes = c.group_channels * element_bytes;
+    if (c.guided || !rows_pair_up(c) || bytes < 64 || bytes % 64 != 0) {
+      return false;
+    }
+    return c.geo.size() < kMinParallelElements ||
+           2 * c.geo.batch >= pool_.num_threads();
   }
 
   // The forward with an item per image: the groups that scan x's rows
@@ -1571,6 +1614,25 @@ class CpuKernels {
         }
       }
     };
+    if (!kGuided && rows_together_backward(c, sizeof(S))) {
+      // An item per (image, scan order through x's rows): its groups swept
+      // together.
+      const Grouping& gr = c.grouping;
+      parallel_for(pool_, 2 * geo.batch, geo.size(), [&](int64_t k) {
+        FlushDenormals ftz;
+        const int row_step = k % 2 ? -1 : 1;
+        BackwardArgs<S> args[kMaxGroups];
+        int count = 0;
+        for (int p = 0; p < gr.groups; ++p) {
+          if (gr.dir(p, 0).row_step != row_step) continue;
+          args[count++] = args_of(
+              make_item(c, k / 2, p, p * c.group_channels, c.group_channels),
+              0);
+        }
+        if (count > 0) backward_views<S>(args, count);
+      });
+      return ffi::Error::Success();
+    }
     for_each_item_pieces(
         pool_, c, sizeof(S), [&](const Item* pieces, int count) {
           if (!kGuided && together_backward(c, pieces, count)) {
