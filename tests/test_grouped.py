@@ -186,14 +186,20 @@ def test_backward_of_a_line_of_groups_swept_together(dtype, channels,
                                  "bottom_right", "bottom_left", "top_left"),
      None),
     ("float32", (2, 9, 13, 32), ("bottom_right", "top_left"), None),  # alone
+    ("float32", (4, 17, 19, 64), "octants", None),  # lines of two, one order
+    pytest.param("float64", (2, 9, 13, 32), "octants", None,
+                 marks=pytest.mark.x64),
+    ("bfloat16", (2, 9, 13, 64), "octants", None),  # a line, two row orders
+    ("float16", (2, 9, 13, 128), "octants", None),
 ])
-def test_groups_of_whole_lines_swept_in_row_order(dtype, shape, grouping,
-                                                  guide):
-  """Single-direction groups of whole cache lines (quadrants of float32)
-  are swept an image at a time, the groups of one row order together:
-  forward_views, and, unguided, backward_views with an item per (image, row
-  order). Forward and gradient equal the reference's bit for bit, and,
-  where sums are exact in any order, the composed single pools'."""
+def test_groups_of_one_row_order_swept_together(dtype, shape, grouping,
+                                                 guide):
+  """Single-direction groups of whole cache lines (quadrants of float32),
+  or lines of narrow groups of one row order (octants of float32), are swept
+  an image at a time, the groups of one row order together: forward_views,
+  and, unguided, backward_views with an item per (image, row order).
+  Forward and gradient equal the reference's bit for bit, and, where sums
+  are exact in any order, the composed single pools'."""
   x = jnp.asarray(np.maximum(inputs.make_x("small_int", shape), 0) +
                   inputs.make_x("small_int", shape, 1)).astype(dtype)
   x = x.at[0, 4, 6, 3].set(jnp.nan).at[-1, 2, 5, shape[-1] - 1].set(jnp.nan)

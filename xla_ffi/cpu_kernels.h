@@ -1363,16 +1363,37 @@ class CpuKernels {
     return true;
   }
 
+  // Whether the groups that share a cache line of a pixel share a row order:
+  // groups of whole lines, or narrow groups a whole number of which fill a
+  // line (octants of float32: I1 / I2 in a line), so that items of one image
+  // and two row orders write no line in common.
+  static bool lines_share_row_order(const Call& c, int64_t element_bytes) {
+    const int64_t bytes = c.group_channels * element_bytes;
+    if (bytes % 64 == 0) return true;
+    if (64 % bytes != 0 || (c.geo.channels * element_bytes) % 64 != 0) {
+      return false;
+    }
+    const int per_line = static_cast<int>(64 / bytes);
+    for (int p = 0; p < c.grouping.groups; ++p) {
+      if (c.grouping.dir(p, 0).row_step !=
+          c.grouping.dir(p - p % per_line, 0).row_step) {
+        return false;
+      }
+    }
+    return true;
+  }
+
   // Whether backward_as sweeps an image's groups of one row order together
   // (backward_views), an item per (image, row order): unguided, rows_pair_up,
-  // groups of whole cache lines (narrower ones are lines of groups,
-  // together_backward), and items enough for the threads. Quadrants of
-  // float32 at (8, 64, 64, 64): top_left with top_right, bottom_left with
-  // bottom_right; their backward went from 2.4-3.2 to 2.2-2.4 ms one thread
-  // on the Intel Xeon VM (docs/benchmarks.md).
+  // lines_share_row_order, and items enough for the threads. At (8, 64, 64,
+  // 64) on the Intel Xeon VM (docs/benchmarks.md), one thread: quadrants of
+  // float32 (top_left with top_right, bottom_left with bottom_right) went
+  // from 2.4-3.2 to 2.2-2.4 ms, octants of float32 (four groups a sweep,
+  // where lines of two had been) from 3.4-3.5 to 2.9-3.0 ms. Other lines of
+  // groups of one scan order are swept together by together_backward.
   bool rows_together_backward(const Call& c, int64_t element_bytes) {
-    const int64_t bytes = c.group_channels * element_bytes;
-    if (c.guided || !rows_pair_up(c) || bytes < 64 || bytes % 64 != 0) {
+    if (c.guided || !rows_pair_up(c) ||
+        !lines_share_row_order(c, element_bytes)) {
       return false;
     }
     return c.geo.size() < kMinParallelElements ||
