@@ -64,6 +64,8 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.interpreters import mlir
 from jax.sharding import NamedSharding, PartitionSpec
 
+from lmconv_jax import reference
+
 try:  # custom_partitioning needs the device assignment when it is lowered.
   from jax._src import dispatch as _dispatch
   _NEEDS_DEVICES = _dispatch.prim_requires_devices_during_lowering
@@ -292,34 +294,6 @@ def _explicit_channel_split(x, groups):
   return mesh, spec, axes, n
 
 
-def _varying_like(g, x):
-  """g marked varying over the mesh axes x varies over, before the switch.
-
-  A guide replicated over some of x's axes is cast to varying inside the
-  branch that uses it, and the transpose of that cast (the psum of the
-  guide's gradient) lands in the branch too: devices in different branches
-  then wait on different all-reduces, and jax/jaxlib 0.12.1's CPU runtime
-  deadlocks on them (its rendezvous is per instruction). Cast here, the
-  psum is one all-reduce outside the conditional, the same on every device.
-  """
-  missing = tuple(sorted(_varying_axes(x) - _varying_axes(g)))
-  if not missing:
-    return g
-  if hasattr(jax.lax, "pcast"):
-    return jax.lax.pcast(g, missing, to="varying")
-  return jax.lax.pvary(g, missing)  # jax without pcast
-
-
-def _varying_axes(a) -> frozenset:
-  """The manual mesh axes a varies over, inside shard_map (jax 0.12.1 keeps
-  them in the aval's manual_axis_type, earlier jax in its vma)."""
-  aval = jax.typeof(a)
-  vma = getattr(aval, "vma", None)
-  if vma is None:
-    vma = aval.manual_axis_type.varying
-  return frozenset(vma)
-
-
 def grouped_pool_per_shard(pool, x, g, groups):
   """``pool(x, g, groups)`` run per channel shard (each its own groups) where
   x's channels are split over Explicit mesh axes in whole groups; None where
@@ -349,7 +323,13 @@ def grouped_pool_per_shard(pool, x, g, groups):
     if len(unique) == 1:
       return pool(x, g, unique[0])
     if g is not None:
-      g = _varying_like(g, x)
+      # A guide replicated over some of x's axes would be cast to varying
+      # inside the branch that uses it, and the transpose of that cast (the
+      # psum of the guide's gradient) would land in each branch: devices in
+      # different branches then wait on different all-reduces, and jax/jaxlib
+      # 0.12.1's CPU runtime deadlocks (its rendezvous is per instruction).
+      # Cast before the switch, the psum is one all-reduce outside it.
+      g = reference._vary(g, x)
     index = jnp.asarray([unique.index(s) for s in subs], jnp.int32)[
         jax.lax.axis_index(axes)]
     branches = [functools.partial(lambda sub, x, g: pool(x, g, sub), sub)

@@ -462,7 +462,7 @@ def test_explicit_axes_whole_groups_with_broadcast_guides(grouping, kind):
   # One all-reduce (the guide's gradient over the axes it is replicated on),
   # outside the per-shard switch: one in each branch had the devices of two
   # branches wait on different all-reduces (a deadlock on jax 0.12.1's CPU
-  # runtime; _sharding._varying_like).
+  # runtime; _sharding.grouped_pool_per_shard).
   assert backward.as_text().count(" all-reduce(") == 1
   np.testing.assert_array_equal(forward(xs, gs), jax.jit(pool)(x, g))
   (dx, dg), (want_dx, want_dg) = backward(xs, gs, ts), jax.jit(grad)(x, g, t)
