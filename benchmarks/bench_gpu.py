@@ -365,74 +365,147 @@ def write(table: str, rows: list[dict], info: dict,
 
 
 # --------------------------------------------------------------------------
-# docs/benchmarks.md's model (--model). It needs the CUDA launch plan, which
-# only the package's private _ffi module knows; nothing else here uses it.
+# docs/benchmarks.md's model (--model): the grouped launch as the CUDA handler
+# plans it. The plan comes from the CPU emulation module of the CUDA kernels
+# (built with -DLMCONV_EMULATOR=ON, as scripts/setup.sh does), which runs the
+# handler's own plan_launch (xla_ffi/cuda_schedule.h); nothing else here uses
+# it, and it needs no GPU.
 
 COPY_TBPS = 2.6       # achievable H100 copy bandwidth assumed by the model
-PHASE_US = 1.0        # one phase: a DRAM round trip plus a block barrier
+PHASE_US = 1.0        # one batch of a phase: a DRAM round trip (+ barrier)
+BLOCKS_PER_SM = 2     # 256-thread blocks of <= 128 registers per multiprocessor
+REDUCE_BATCH = 8      # loads in flight per reducing thread (kReduceBatch)
+MODEL_GROUPINGS = ("top_left", "north_northwest", "quadrants", "octants",
+                   "top_bottom", "all_quadrants")
+MODEL_SHAPES = ("small", "lbylnet", "large")
 
 
-def kernel_model(name: str, shape, backward: bool, guided: bool,
-                 multiprocessors: int = 132) -> dict:
-  """The model of one kernel launch (H100 default): the larger of the bytes
-  at COPY_TBPS and waves x batches x PHASE_US (docs/benchmarks.md)."""
-  from lmconv_jax import _ffi
-  from lmconv_jax.directions import DIRECTIONS
-  d = DIRECTIONS[name]
-  plan = _ffi._cuda_launch_plan(d, shape, backward, multiprocessors)
-  h, w, per_batch = plan["view_height"], plan["view_width"], \
-      plan["pixels_per_batch"]
-  if plan["skew"] == 0:
-    batches = plan["phases"] * -(-w // per_batch)
-  else:
-    s = plan["skew"]
-    k = np.arange(h)
-    batches = 0
-    for phase in range(plan["phases"]):
-      n = int(np.sum((phase - s * k >= 0) & (phase - s * k < w)))
-      batches += -(-n // per_batch)
-  waves = -(-plan["blocks"] // (2 * multiprocessors))
-  arrays = (4 if backward else 2) + (2 if guided and backward else
-                                     1 if guided else 0)
-  nbytes = arrays * 4 * int(np.prod(shape))
-  bw_us = nbytes / (COPY_TBPS * 1e12) * 1e6
+def _emulator():
+  try:
+    from lmconv_jax import _lmconv_cuda_emu
+  except ImportError:
+    return None
+  return _lmconv_cuda_emu
+
+
+def _sweep_batches(sweep: dict, per_batch: int) -> int:
+  """Batches a thread runs one after the other over one direction's sweep:
+  per phase, the phase's pixels over the pixels a block loads at once."""
+  h, w, skew = sweep["view_height"], sweep["view_width"], sweep["skew"]
+  if skew == 0:
+    return sweep["phases"] * -(-w // per_batch)
+  k = np.arange(h)
+  total = 0
+  for phase in range(sweep["phases"]):
+    n = int(np.sum((phase - skew * k >= 0) & (phase - skew * k < w)))
+    total += -(-n // per_batch)
+  return total
+
+
+def grouped_model(grouping, shape, pass_: str = "forward", *,
+                  guide_shape=None, saved_members: bool = True,
+                  itemsize: int = 4, multiprocessors: int = 132) -> dict:
+  """The model of one grouped call (H100 by default): the larger of
+
+  * bytes-bound: the bytes it must move from DRAM at COPY_TBPS: x and out
+    forward; x, out, ct and dx backward; x, tx, out and tout for the tangent;
+    plus a merged group's residual (uint8 winner codes, or the member pools
+    with a guide, written forward and read by the merge phase, the backward
+    and the tangent), the guide and its gradient, and a broadcast guide's
+    per-pixel gradient (written, then read by the reduction launch);
+  * latency-bound: waves x the batches a block's threads run in turn
+    (each member's sweep of the block's group, plus a merge phase) x
+    PHASE_US, plus the reduction launch's batches.
+  """
+  emu = _emulator()
+  if emu is None:
+    raise RuntimeError("the model needs lmconv_jax._lmconv_cuda_emu: build "
+                       "with -C cmake.define.LMCONV_EMULATOR=ON (as "
+                       "scripts/setup.sh does)")
+  from lmconv_jax.directions import resolve_grouping
+  groups = resolve_grouping(grouping)
+  sizes = [len(g) for g in groups]
+  dirs = [v for g in groups for d in g
+          for v in (d.row_step, d.col_step, *d.n1, *d.n2)]
+  shape = tuple(int(v) for v in shape)
+  if guide_shape is not None:
+    guide_shape = (1,) * (len(shape) - len(guide_shape)) + tuple(guide_shape)
+  plan = emu.launch_plan(sizes, dirs, list(shape), pass_, multiprocessors,
+                         guide_shape, saved_members)
+  per_batch = plan["pixels_per_batch"]
+  sweeps = plan["sweeps"]
+  h, w = shape[-3], shape[-2]
+  merge_batches = -(-(h * w) // per_batch)
+  batches, k = 0, 0
+  k_max = max(sizes)
+  residual = k_max > 1 and (saved_members or pass_ != "forward")
+  for g in groups:
+    n = sum(_sweep_batches(sweeps[k + m], per_batch) for m in range(len(g)))
+    if pass_ == "forward" and len(g) > 1 and residual and guide_shape:
+      n += merge_batches   # the merge phase of saved member pools
+    batches = max(batches, n)
+    k += len(g)
+  waves = -(-plan["blocks"] // (BLOCKS_PER_SM * multiprocessors))
   lat_us = waves * batches * PHASE_US
+  size = int(np.prod(shape))
+  if plan["launches"] > 1:
+    # The broadcast guide's gradient reduction: a thread per guide element
+    # sums its x-size / guide-size pixels in order, REDUCE_BATCH loads at a
+    # time (deterministic, no atomics; cuda_schedule.h's ReduceBody).
+    reduce_waves = -(-plan["reduce_blocks"] // (BLOCKS_PER_SM *
+                                                multiprocessors))
+    per_element = size // int(np.prod(guide_shape))
+    lat_us += reduce_waves * -(-per_element // REDUCE_BATCH) * PHASE_US
+  arrays = 2 if pass_ == "forward" else 4
+  nbytes = arrays * itemsize * size
+  if residual:
+    res = size * (k_max * itemsize if guide_shape else 1)
+    nbytes += res * (2 if pass_ == "forward" and guide_shape else 1)
+  if guide_shape is not None:
+    g_elems = int(np.prod(guide_shape))
+    nbytes += itemsize * g_elems * (1 if pass_ == "forward" else 2)
+    if pass_ == "tangent":
+      nbytes += itemsize * g_elems
+    if plan["launches"] > 1:
+      nbytes += 2 * itemsize * size
+  bw_us = nbytes / (COPY_TBPS * 1e12) * 1e6
+  model_us = max(bw_us, lat_us)
+  floor_us = arrays * itemsize * size / (COPY_TBPS * 1e12) * 1e6
   return dict(plan, waves=waves, batches=batches, bytes=nbytes, bw_us=bw_us,
-              latency_us=lat_us, model_us=max(bw_us, lat_us))
+              latency_us=lat_us, model_us=model_us,
+              vs_copy=floor_us / model_us)
+
+
+def model_rows(multiprocessors: int = 132) -> list[tuple]:
+  rows = []
+  for shape_name in MODEL_SHAPES:
+    shape = SHAPES[shape_name]
+    cases = [(g, None) for g in MODEL_GROUPINGS]
+    cases.append(("quadrants", (shape[-1],)))
+    for grouping, guide in cases:
+      for pass_ in ("forward", "backward", "tangent"):
+        m = grouped_model(grouping, shape, pass_, guide_shape=guide,
+                          multiprocessors=multiprocessors)
+        label = grouping + (", guide (C,)" if guide else "")
+        rows.append((str(shape), label, pass_, m["launches"],
+                     f"{m['blocks']} x {m['threads']}", m["phases"],
+                     m["waves"], m["batches"], f"{m['bytes'] / 1e6:.0f}",
+                     f"{m['bw_us']:.0f}", f"{m['latency_us']:.0f}",
+                     f"{m['model_us']:.0f}", f"{m['vs_copy']:.2f}"))
+  return rows
 
 
 def model_table(multiprocessors: int = 132) -> str:
-  """The per-kernel model as a markdown table, as docs/benchmarks.md has it."""
-  from lmconv_jax import _ffi
-  if not hasattr(_ffi, "_cuda_launch_plan"):
-    return ("bench_gpu: this lmconv_jax does not expose its CUDA launch "
-            "plan; the model cannot be printed.\n")
-  table = []
-  cases = [("lbylnet", SHAPES["lbylnet"], 1),
-           ("lbylnet P=4 group", SHAPES["lbylnet"], 4),
-           ("lbylnet P=8 group", SHAPES["lbylnet"], 8),
-           ("large", SHAPES["large"], 1)]
-  names = {1: ("top_left", "north_northwest", "east_northeast"),
-           4: ("top_left",), 8: ("north_northwest", "east_northeast")}
-  for label, (b, h, w, c), groups in cases:
-    shape = (b, h, w, c // groups)
-    for name in names[groups]:
-      for bwd, guided in ((False, False), (True, False), (False, True),
-                          (True, True)):
-        if guided and groups > 1:
-          continue
-        m = kernel_model(name, shape, bwd, guided, multiprocessors)
-        kernel = (f"{name} {'bwd' if bwd else 'fwd'}"
-                  f"{' guided' if guided else ''}")
-        table.append((
-            f"{label} {shape}", kernel, f"{m['blocks']} x {m['threads']}",
-            m["phases"], m["waves"], m["batches"], f"{m['bytes'] / 1e6:.0f}",
-            f"{m['bw_us']:.0f}", f"{m['latency_us']:.0f}",
-            f"{m['model_us']:.0f}"))
+  """The grouped launch's model as a markdown table (docs/benchmarks.md)."""
+  if _emulator() is None:
+    return ("bench_gpu: this build has no lmconv_jax._lmconv_cuda_emu (the "
+            "CUDA plan's CPU emulation); build with -C "
+            "cmake.define.LMCONV_EMULATOR=ON to print the model.\n")
   return markdown_table(
-      ("shape", "kernel", "blocks x threads", "phases", "waves", "batches",
-       "MB moved", "bytes-bound us", "latency-bound us", "model us"),
-      table, "lll" + "r" * 7) + "\n"
+      ("shape", "grouping", "pass", "launches", "blocks x threads", "phases",
+       "waves", "batches", "MB moved", "bytes-bound us", "latency-bound us",
+       "model us", "vs copy"),
+      model_rows(multiprocessors), "lll" + "r" * 10) + "\n"
 
 
 def _csv(choices: Sequence[str]):

@@ -532,6 +532,45 @@ def test_launch_plan_fills_the_gpu_with_a_small_batch():
   assert (plan["lanes"], plan["blocks"]) == (32, 128)
 
 
+
+def _bench_gpu():
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).parents[1] / "benchmarks" / "bench_gpu.py"
+  spec = importlib.util.spec_from_file_location("bench_gpu", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@needs_emulator
+def test_gpu_model_is_the_grouped_launch_plan():
+  """benchmarks/bench_gpu.py --model (docs/benchmarks.md's GPU model) reads
+  the handler's own plan: one launch per unguided pass, the plan's blocks
+  and phases; a quadrant's wavefront is one batch per anti-diagonal at
+  LBYLNet's shape, a merged group runs its members' sweeps in turn, and the
+  bytes are 2 arrays forward, 4 backward (+ uint8 winner codes)."""
+  bench = _bench_gpu()
+  shape = (64, 32, 32, 128)
+  n = 4 * int(np.prod(shape))
+  for grouping in ("top_left", "quadrants", "octants", "top_bottom",
+                   "all_quadrants"):
+    for pass_ in ("forward", "backward", "tangent"):
+      m = bench.grouped_model(grouping, shape, pass_)
+      plan = emulator.launch_plan(grouping, shape, pass_)
+      assert (m["launches"], m["blocks"], m["phases"]) == (
+          1, plan["blocks"], plan["phases"])
+  tl = bench.grouped_model("top_left", shape, "forward")
+  assert (tl["batches"], tl["bytes"]) == (63, 2 * n)
+  tb = bench.grouped_model("top_bottom", shape, "backward")
+  assert (tb["batches"], tb["bytes"]) == (126, 4 * n + n // 4)
+  guided = bench.grouped_model("quadrants", shape, "backward",
+                               guide_shape=(128,))
+  assert guided["launches"] == 2
+  assert guided["latency_us"] > tl["latency_us"]   # the reduction's chain
+  table = bench.model_table()
+  assert table.count("\n| (") == 3 * 7 * 3   # shapes x cases x passes
+
 # --------------------------------------------------------------------------
 # 4. Lowering for CUDA on a machine without a GPU (the public API)
 
