@@ -91,13 +91,6 @@ def grouping_attrs(groups) -> dict:
 # --------------------------------------------------------------------------
 # Binding.
 
-def _varying_axes(a) -> frozenset:
-  """The shard_map axes ``a`` varies over (empty outside shard_map)."""
-  t = jax.typeof(a)
-  mat = getattr(t, "mat", None)  # jax 0.12: aval.mat.varying; 0.11: aval.vma
-  return frozenset(getattr(mat, "varying", None) or getattr(t, "vma", ()) or ())
-
-
 def _bind(prim, *operands, **params):
   """prim.bind after making every operand vary over the same shard_map axes.
 
@@ -105,7 +98,7 @@ def _bind(prim, *operands, **params):
   ``pcast`` marks it varying as jax's own ops do, so the output's type is
   right and reverse mode psums the guide's gradient.
   """
-  axes = [_varying_axes(o) for o in operands]
+  axes = [reference.varying_axes(o) for o in operands]
   union = frozenset().union(*axes)
   operands = [o if a == union else
               jax.lax.pcast(o, tuple(sorted(union - a)), to="varying")

@@ -322,16 +322,23 @@ def _prepare(x, g, groups) -> _Prepared:
   return _Prepared(plan, tuple(x.shape), b, dtype, cd, xg, gg)
 
 
+def varying_axes(v) -> frozenset:
+  """The manual mesh axes (shard_map) ``v`` varies over; empty outside
+  shard_map. The one lookup of the package (_vary and _primitives._bind use
+  it): jax 0.12 keeps them in ``aval.mat.varying``, jax 0.11 in
+  ``aval.vma``."""
+  aval = jax.typeof(v)
+  mat = getattr(aval, "mat", None)
+  found = getattr(mat, "varying", None) if mat is not None else None
+  return frozenset(found or getattr(aval, "vma", None) or ())
+
+
 def _vary(z, *inputs):
   """z, typed as varying over every manual mesh axis (shard_map) that any of
   ``inputs`` varies over, so that a scan carry keeps its type; a no-op
   outside shard_map. Values unchanged, no data moved."""
-  def vma(v):
-    aval = jax.typeof(v)
-    mat = getattr(aval, "mat", None)          # jax >= 0.9: manual axis type
-    found = mat.varying if mat is not None else getattr(aval, "vma", None)
-    return frozenset(found or ())
-  axes = frozenset().union(*(vma(v) for v in inputs if v is not None)) - vma(z)
+  axes = frozenset().union(
+      *(varying_axes(v) for v in inputs if v is not None)) - varying_axes(z)
   if axes:
     z = lax.pcast(z, tuple(sorted(axes)), to="varying")
   return z
