@@ -463,9 +463,8 @@ def grouped_model(grouping, shape, pass_: str = "forward", *,
     nbytes += res * (2 if pass_ == "forward" and guide_shape else 1)
   if guide_shape is not None:
     g_elems = int(np.prod(guide_shape))
+    # g; + dg written (backward) or tg read (tangent)
     nbytes += itemsize * g_elems * (1 if pass_ == "forward" else 2)
-    if pass_ == "tangent":
-      nbytes += itemsize * g_elems
     if plan["launches"] > 1:
       nbytes += 2 * itemsize * size
   bw_us = nbytes / (COPY_TBPS * 1e12) * 1e6
