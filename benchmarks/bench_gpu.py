@@ -422,27 +422,28 @@ def grouped_model(grouping, shape, pass_: str = "forward", *,
     raise RuntimeError("the model needs lmconv_jax._lmconv_cuda_emu: build "
                        "with -C cmake.define.LMCONV_EMULATOR=ON (as "
                        "scripts/setup.sh does)")
+  from lmconv_jax._primitives import grouping_attrs
   from lmconv_jax.directions import resolve_grouping
   groups = resolve_grouping(grouping)
-  sizes = [len(g) for g in groups]
-  dirs = [v for g in groups for d in g
-          for v in (d.row_step, d.col_step, *d.n1, *d.n2)]
+  attrs = grouping_attrs(groups)
   shape = tuple(int(v) for v in shape)
   if guide_shape is not None:
     guide_shape = (1,) * (len(shape) - len(guide_shape)) + tuple(guide_shape)
-  plan = emu.launch_plan(sizes, dirs, list(shape), pass_, multiprocessors,
-                         guide_shape, saved_members)
+  plan = emu.launch_plan(attrs["group_sizes"].tolist(),
+                         attrs["directions"].tolist(), list(shape), pass_,
+                         multiprocessors, guide_shape, saved_members)
   per_batch = plan["pixels_per_batch"]
   sweeps = plan["sweeps"]
   h, w = shape[-3], shape[-2]
-  merge_batches = -(-(h * w) // per_batch)
+  # The residual is the plan's: uint8 winner codes, or the member pools,
+  # which the forward merges in a phase of its own.
+  residual, codes = plan["saved_members"], plan["codes"]
+  merge_phase = pass_ == "forward" and residual and not codes
   batches, k = 0, 0
-  k_max = max(sizes)
-  residual = k_max > 1 and (saved_members or pass_ != "forward")
   for g in groups:
     n = sum(_sweep_batches(sweeps[k + m], per_batch) for m in range(len(g)))
-    if pass_ == "forward" and len(g) > 1 and residual and guide_shape:
-      n += merge_batches   # the merge phase of saved member pools
+    if merge_phase and len(g) > 1:
+      n += -(-(h * w) // per_batch)
     batches = max(batches, n)
     k += len(g)
   waves = -(-plan["blocks"] // (BLOCKS_PER_SM * multiprocessors))
@@ -459,8 +460,8 @@ def grouped_model(grouping, shape, pass_: str = "forward", *,
   arrays = 2 if pass_ == "forward" else 4
   nbytes = arrays * itemsize * size
   if residual:
-    res = size * (k_max * itemsize if guide_shape else 1)
-    nbytes += res * (2 if pass_ == "forward" and guide_shape else 1)
+    res = size * (1 if codes else plan["max_members"] * itemsize)
+    nbytes += res * (2 if merge_phase else 1)
   if guide_shape is not None:
     g_elems = int(np.prod(guide_shape))
     # g; + dg written (backward) or tg read (tangent)

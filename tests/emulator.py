@@ -26,6 +26,7 @@ import numpy as np
 
 import lmconv_jax  # registers the CPU targets lmconv_pool_*
 from lmconv_jax import _ffi  # noqa: F401
+from lmconv_jax import _primitives
 from lmconv_jax._primitives import members_dtype
 
 try:
@@ -47,12 +48,8 @@ def resolve_groups(groups):
 
 
 def grouping_attrs(groups):
-  groups = resolve_groups(groups)
-  return dict(
-      group_sizes=np.array([len(g) for g in groups], np.int64),
-      directions=np.array([v for g in groups for d in g
-                           for v in (d.row_step, d.col_step, d.n1[0], d.n1[1],
-                                     d.n2[0], d.n2[1])], np.int64))
+  """The targets' attributes, as the package's primitives pass them."""
+  return _primitives.grouping_attrs(resolve_groups(groups))
 
 
 def guide_at_rank(guide, x):

@@ -532,7 +532,6 @@ def test_launch_plan_fills_the_gpu_with_a_small_batch():
   assert (plan["lanes"], plan["blocks"]) == (32, 128)
 
 
-
 def _bench_gpu():
   import importlib.util
   import pathlib
@@ -570,6 +569,7 @@ def test_gpu_model_is_the_grouped_launch_plan():
   assert guided["latency_us"] > tl["latency_us"]   # the reduction's chain
   table = bench.model_table()
   assert table.count("\n| (") == 3 * 7 * 3   # shapes x cases x passes
+
 
 # --------------------------------------------------------------------------
 # 4. Lowering for CUDA on a machine without a GPU (the public API)

@@ -75,6 +75,9 @@ nb::dict launch_plan(std::vector<int64_t> group_sizes,
   d["pixel_lanes"] = lp.pixel_lanes;
   d["pixels_per_batch"] = lp.pixel_lanes * lmconv::kBatch;
   d["launches"] = lp.launches;
+  d["max_members"] = lp.max_members;
+  d["saved_members"] = lp.saved_members;  // the residual is in `members`
+  d["codes"] = lp.codes;  // ... as uint8 winner codes (else member pools)
   d["reduce_blocks"] = lp.reduce_blocks;
   d["reduce_threads"] = lp.reduce_threads;
   d["kernel_args_bytes"] = sizeof(lmconv::KernelArgs<float>);
