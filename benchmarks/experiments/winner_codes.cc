@@ -1,9 +1,12 @@
 // What a merged grouping's backward would cost if the forward saved per-pixel
 // winner codes instead of the members' pools: a standalone experiment (no
-// JAX), the numbers are in docs/benchmarks.md ("winner codes").
+// JAX) written before the kernels did so (they have since 2026-12-04), the
+// numbers are in docs/perf-log.md ("CPU, 2026-12-03 (evening): what winner
+// codes would buy, modelled").
 //
 //   g++ -O3 -march=x86-64-v3 -ffp-contract=off -o /tmp/winner_codes
-//       benchmarks/winner_codes.cc && taskset -c 1 /tmp/winner_codes
+//       benchmarks/experiments/winner_codes.cc &&
+//       taskset -c 1 /tmp/winner_codes
 //
 // (8, 64, 64, 64) float32, top_bottom: two groups of 32 channels (128 bytes,
 // two cache lines of a 256-byte pixel), each the merge of two quadrant
@@ -14,9 +17,9 @@
 // n1 = the previous column, n2 = the previous row), the first member's G
 // lives in dx, the second's in a scratch of two rows and is added to dx.
 //
-// * pools: what ships. A merge pass reads both members' pools and writes
-//   a winner byte per element; each member's sweep reads x, its pool at
-//   the two neighbours, ct, the winner bytes and dx.
+// * pools: what shipped then. A merge pass reads both members' pools and
+//   writes a winner byte per element; each member's sweep reads x, its pool
+//   at the two neighbours, ct, the winner bytes and dx.
 // * codes: the forward would have saved, per member and element, one byte:
 //   bits 0-1 which of x / n1 / n2 won its max (3: none, a NaN), bit 2
 //   whether it won the merge. Each member's sweep reads ct, its byte and dx.
@@ -26,7 +29,7 @@
 //
 // Every case is timed interleaved with the others, minimum of 40 rounds;
 // ratios are to a single top_left pool's backward over all 64 channels
-// (pools, the shipped algorithm). Values do not matter to the time (the
+// (pools, the algorithm shipped then). Values do not matter to the time (the
 // loops are branch-free selects): x, pools and codes are random.
 #include <cstdint>
 #include <random>

@@ -1,9 +1,10 @@
 // Why a grouped pool of float32 quadrants costs more than one pool over the
 // same array on a CPU: a standalone experiment (no JAX), the numbers are in
-// docs/benchmarks.md ("The grouped gap is the memory system's").
+// docs/perf-log.md ("CPU, 2026-12-03: octants swept together; where the rest
+// of the grouped gap is").
 //
 //   g++ -O3 -march=x86-64-v3 -ffp-contract=off -o /tmp/line_split
-//       benchmarks/line_split.cc && taskset -c 1 /tmp/line_split
+//       benchmarks/experiments/line_split.cc && taskset -c 1 /tmp/line_split
 //
 // (8, 64, 64, 64) float32: a pixel's 64 channels are 256 bytes, four cache
 // lines, and a quadrant group of 16 channels is one of them. Every case is
