@@ -1,0 +1,828 @@
+"""Pallas TPU kernels of the grouped landmark pool: forward, tangent, backward.
+
+The same contract as :mod:`lmconv_jax.reference` (docs/semantics.md), bit for
+bit in Pallas' interpret mode, written for Mosaic TPU: x is (..., H, W, C)
+with C on lanes and W on sublanes; the leading dims are folded into one
+batch dim B.
+
+Layout and grid
+---------------
+Every valid direction scans rows as the outer loop, and in its scan order a
+pixel's neighbours lie in the previous row, or one in the previous row and
+one just before it in the same row (quadrants, column octants, skew 2). So
+each pass walks the image row by row:
+
+* a row whose two neighbours both lie in the previous row (row octants) is
+  computed at once as a (W, Cb) slab from the previous row (neighbour columns
+  by a shifted read of a padded VMEM row buffer, edge columns masked);
+* otherwise the up-neighbours are gathered for the whole row the same way
+  and a sequential loop over the columns (in the direction's column order,
+  on (1, Cb) vectors) resolves the in-row dependence. Simple and exact; an
+  anti-diagonal wavefront would take H + W - 1 steps instead of H * W.
+
+The grid is ``(B, C // Cb, S, nb)``:
+
+* axis 0, batch (parallel);
+* axis 1, lane block of ``Cb`` channels (parallel): 128 lanes when the group
+  width C/P is a multiple of 128 (one group per block), 128 lanes holding
+  several whole groups when 128 is a multiple of C/P and of C, else all C
+  channels (the full-dim rule of TPU blocks). A block may hold groups of
+  several directions: each direction present (a static table, scalar
+  prefetch) runs its own body on the whole block and stores only its lanes.
+* axis 2, slot ``s`` (parallel): member ``k`` of the groups (a merged group's
+  k-th direction) and, when one lane block holds directions that scan rows
+  in opposite orders, the row order (``S = K`` or ``2 K``); slots a group
+  lacks are skipped and their lanes dropped when the members are merged;
+* axis 3, band of ``bh`` rows (arbitrary: sequential). The band index map
+  reverses (nb - 1 - t) for a slot whose rows scan upwards (forward) or
+  downwards (backward), chosen per (lane block, slot) from a prefetched
+  table, so every band sees the bands before it in its scan order.
+
+Scratch (VMEM, persists across grid steps, hence across bands):
+
+* forward / tangent: ``prev`` (W, Cb) float32, the stored (rounded) output
+  of the previous row in scan order, which the next band's first row reads;
+  ``tprev`` the same for the running tangent (float32, unrounded);
+* backward: ``pend`` (2, W, Cb) float32, the pushes the next row to visit
+  (in reverse scan order) receives from the row visited last, already at
+  their target columns, the contract's first and second push apart so that
+  ``G = (ct + first) + second`` keeps its order;
+* row buffers (W + 2, Cb) and (W, Cb) for shifted reads and the column loop.
+
+The backward takes the forward's member pools (``out`` of each member) as
+input rather than carrying them: the row before a band in scan order comes
+in as a one-row block of its own. A merged group's members are merged in
+jnp around the kernels (elementwise, the reference's own chain), the
+cotangent is routed to the winner inside the backward kernel, and the
+members' dx / dguide are summed in member order in jnp in the storage dtype,
+as the reference does; a broadcast guide's gradient is the per-pixel
+dguide summed by the reference's own ``jnp.sum``.
+
+Block sizes: the lane block is the smallest the TPU allows (128 lanes or
+the full C) so that bands can be tall; the band height is the most rows
+whose double-buffered blocks (all inputs and outputs of the pass) fit a
+VMEM budget (12 MiB by default, under v5e's 16 MiB scoped default), so
+(8, 128, 128, 256) and (1, 512, 512, 64) fit.
+
+Exactness on TPU: no ``v != v`` (``v == v`` instead); no
+``optimization_barrier`` (no Pallas TPU lowering): a product that must not
+be contracted into an FMA, or a 0/1 float XLA must not turn into a select,
+goes through :func:`_opaque`, an integer XOR of its bits with a zero the
+compiler cannot see (derived from a program id).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from lmconv_jax import reference as _R
+from lmconv_jax.directions import Direction, resolve
+
+VMEM_BUDGET = 12 * 2**20
+
+
+# --------------------------------------------------------------------------
+# The static plan.
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Block sizes of one pass (see the module docstring).
+
+  Attributes:
+    band_rows: rows per band (bh); the last band may be partial.
+    n_bands: bands per image, ceil(H / band_rows).
+    lanes: channels per lane block (Cb).
+    n_lane_blocks: C // lanes.
+    slots: S, grid axis 2 (members times row orders).
+    vmem_bytes: the estimate of VMEM the pass's blocks and scratch use.
+  """
+  band_rows: int
+  n_bands: int
+  lanes: int
+  n_lane_blocks: int
+  slots: int
+  vmem_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  p: int
+  k: int
+  cg: int
+  cb: int
+  nc: int
+  r: int                       # row orders per member (1 or 2)
+  s: int                       # slots
+  codes: tuple                 # distinct Directions
+  lane_code: np.ndarray        # (S, C) code of each channel per slot, -1 none
+  up: np.ndarray               # (nc * S,) 1 where the slot's rows scan up
+  present: np.ndarray          # (nc * S * ncodes,) 1 where code in block
+  uniform: bool                # every (block, slot) holds at most one code
+  valid: np.ndarray            # (K, C) bool: member k exists for the channel
+  lane_up: np.ndarray          # (K, C) bool: member k scans rows upwards
+
+
+def _lanes(c, cg):
+  if cg % 128 == 0:
+    return 128
+  if c % 128 == 0 and 128 % cg == 0:
+    return 128
+  return c
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(groups: tuple, c: int) -> _Layout:
+  p = len(groups)
+  kk = max(len(g) for g in groups)
+  cg = c // p
+  cb = _lanes(c, cg)
+  nc = c // cb
+  codes = []
+  for g in groups:
+    for d in g:
+      if d not in codes:
+        codes.append(d)
+  up_of = np.zeros((kk, c), bool)
+  valid = np.zeros((kk, c), bool)
+  for q, g in enumerate(groups):
+    for k, d in enumerate(g):
+      valid[k, q * cg:(q + 1) * cg] = True
+      up_of[k, q * cg:(q + 1) * cg] = d.row_step < 0
+  mixed = False
+  for cc in range(nc):
+    sl = slice(cc * cb, (cc + 1) * cb)
+    for k in range(kk):
+      ups = set(up_of[k, sl][valid[k, sl]].tolist())
+      mixed |= len(ups) > 1
+  r = 2 if mixed else 1
+  s = kk * r
+  lane_code = np.full((s, c), -1, np.int32)
+  for q, g in enumerate(groups):
+    for k, d in enumerate(g):
+      slot = k * r + (int(d.row_step < 0) if r == 2 else 0)
+      lane_code[slot, q * cg:(q + 1) * cg] = codes.index(d)
+  nd = len(codes)
+  up = np.zeros(nc * s, np.int32)
+  present = np.zeros(nc * s * nd, np.int32)
+  uniform = True
+  for cc in range(nc):
+    for sl_ in range(s):
+      lc = lane_code[sl_, cc * cb:(cc + 1) * cb]
+      here = sorted(set(lc.tolist()) - {-1})
+      uniform &= len(set(lc.tolist())) == 1
+      for ci in here:
+        present[(cc * s + sl_) * nd + ci] = 1
+      if here:
+        up[cc * s + sl_] = int(codes[here[0]].row_step < 0)
+        assert all((codes[ci].row_step < 0) == bool(up[cc * s + sl_])
+                   for ci in here)
+  return _Layout(p, kk, cg, cb, nc, r, s, tuple(codes), lane_code, up,
+                 present, uniform, valid, up_of)
+
+
+def _pad(n, m):
+  return -(-n // m) * m
+
+
+def block_sizes(shape, dtype, groups, guide_shape=None, *, pass_="backward",
+                band_rows: Optional[int] = None,
+                vmem_budget: int = VMEM_BUDGET) -> BlockSizes:
+  """The block sizes a pass uses for x of ``shape`` (..., H, W, C).
+
+  ``pass_`` is "forward", "tangent" or "backward" (the backward moves the
+  most blocks, so its bands are the shortest); ``band_rows`` forces the
+  band height (clipped to H).
+  """
+  groups = _R._groups(groups)
+  h, w, c = (int(v) for v in shape[-3:])
+  lay = _layout(groups, c)
+  isz = jnp.dtype(dtype).itemsize
+  cdsz = _R.compute_dtype(dtype).itemsize
+  cbp = _pad(lay.cb, 128)
+  row = _pad(w, 8 * max(1, 4 // isz)) * cbp * isz     # one row of one block
+  full_guide = (guide_shape is not None and len(guide_shape) >= 3
+                and guide_shape[-3] != 1)
+  n_arr = {"forward": 2, "tangent": 4, "backward": 4}[pass_]
+  n_arr += int(full_guide) * (1 if pass_ != "tangent" else 2)
+  if pass_ == "backward":
+    n_arr += int(guide_shape is not None) + int(lay.k > 1) * max(1, 4 // isz)
+  fixed = 8 * _pad(w + 2, 8) * cbp * cdsz + 2 * 2 * row
+  per_row = 2 * n_arr * row
+  if band_rows is None:
+    bh = max(1, (vmem_budget - fixed) // per_row)
+  else:
+    bh = int(band_rows)
+  bh = max(1, min(bh, h))
+  return BlockSizes(bh, -(-h // bh), lay.cb, lay.nc, lay.s,
+                    fixed + bh * per_row)
+
+
+# --------------------------------------------------------------------------
+# Scalar rules inside the kernels.
+
+def _opaque(v, z):
+  """v, unchanged, through an integer XOR with z (a zero the compiler cannot
+  see): stops XLA (interpret mode) and Mosaic from contracting a product
+  into an add (FMA) or rewriting a 0/1 float as a select."""
+  it = jnp.int64 if v.dtype == jnp.float64 else jnp.int32
+  bits = lax.bitcast_convert_type(v, it)
+  return lax.bitcast_convert_type(bits ^ z.astype(it), v.dtype)
+
+
+def _flush(v):
+  tiny = jnp.finfo(v.dtype).tiny
+  return jnp.where(jnp.abs(v) < tiny, v * jnp.zeros((), v.dtype), v)
+
+
+def _take_max(m, v):
+  """m := v if v > m or v is NaN (``v == v`` compiles on TPU, ``!=`` not)."""
+  return jnp.where(v == v, jnp.where(v > m, v, m), v)
+
+
+def _winner(x, in1, o1, in2, o2):
+  m = jnp.where(in1, _take_max(x, o1), x)
+  m = jnp.where(in2, _take_max(m, o2), m)
+  self_ = x >= m
+  take1 = jnp.logical_not(self_) & in1 & (o1 >= m)
+  take2 = jnp.logical_not(self_) & jnp.logical_not(take1) & in2 & (o2 >= m)
+  return m, self_, take1, take2
+
+
+def _blend(g, m, x, z):
+  one = jnp.ones((), g.dtype)
+  return _opaque(g * m, z) + _opaque((one - g) * x, z)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Geo:
+  """A direction in the kernels' terms (actual column offsets)."""
+  up: bool                     # rows scan upwards (row_step = -1)
+  cs: int                      # col_step
+  row_type: bool               # both neighbours in the previous row
+  dc: tuple                    # (dc1, dc2) column offsets of n1, n2
+  same: int                    # which neighbour (0 or 1) is in the same row
+  n2_first: bool               # backward: the n2 push is added first
+
+
+def _geo(d: Direction) -> _Geo:
+  row_type = d.n1[0] != 0 and d.n2[0] != 0
+  same = -1 if row_type else (0 if d.n1[0] == 0 else 1)
+  v1 = (d.n1[0] * d.row_step, d.n1[1] * d.col_step)
+  v2 = (d.n2[0] * d.row_step, d.n2[1] * d.col_step)
+  n2_first = (-v2[0], -v2[1]) > (-v1[0], -v1[1])
+  return _Geo(d.row_step < 0, d.col_step, row_type, (d.n1[1], d.n2[1]), same,
+              n2_first)
+
+
+# --------------------------------------------------------------------------
+# Kernels.
+
+class _Ctx:
+  """What a kernel body needs: static sizes and the refs of the step."""
+
+  def __init__(self, **kw):
+    self.__dict__.update(kw)
+
+
+def _shifted(sh, v, d, w):
+  """u[j] = v[j + d] (garbage where j + d is outside; mask it)."""
+  if d == 0:
+    return v
+  sh[pl.ds(1, w), :] = v
+  return sh[pl.ds(1 + d, w), :]
+
+
+def _colmask(w, cb, d):
+  j = lax.broadcasted_iota(jnp.int32, (w, cb), 0) + d
+  return (j >= 0) & (j < w)
+
+
+def _load_guide(ref, row, gh, w, cb, cd):
+  v = ref[row if gh > 1 else 0]
+  return _flush(jnp.broadcast_to(v.astype(cd), (w, cb)))
+
+
+def _fwd_kernel(cx, *refs):
+  """Forward (and, with cx.tangent, the running tangent) of one band."""
+  rev_ref, present_ref = refs[:2]
+  it = iter(refs[2:])
+  lc_ref = None if cx.uniform else next(it)
+  x_ref = next(it)
+  g_ref = next(it) if cx.guided else None
+  tx_ref = next(it) if cx.tangent else None
+  tg_ref = next(it) if cx.tangent and cx.guided and cx.has_tg else None
+  out_ref = next(it)
+  tout_ref = next(it) if cx.tangent else None
+  prev_ref = next(it)
+  tprev_ref = next(it) if cx.tangent else None
+  sh_ref, xs_ref, gs_ref, us_ref, row_ref = (next(it) for _ in range(5))
+  if cx.tangent:
+    txs_ref, tgs_ref, tus_ref, trow_ref = (next(it) for _ in range(4))
+  del rev_ref
+  w, cb, bh, h, nb, cd, sd = cx.w, cx.cb, cx.bh, cx.h, cx.nb, cx.cd, cx.sd
+  c_i, s_i, t = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+  z = lax.shift_right_logical(pl.program_id(0), 31)
+  nd = len(cx.geos)
+  zero = jnp.zeros((), cd)
+
+  for ci, geo in enumerate(cx.geos):
+    @pl.when(present_ref[(c_i * cx.s + s_i) * nd + ci] == 1)
+    def _body(ci=ci, geo=geo):
+      mask = None if cx.uniform else (lc_ref[...] == ci)   # (1, Cb)
+      band = (nb - 1 - t) if geo.up else t
+
+      def put(ref, idx, v):
+        if mask is not None:
+          v = jnp.where(mask, v, ref[idx])
+        ref[idx] = v
+
+      def row_step(r, carry):
+        rr = (bh - 1 - r) if geo.up else r
+        i = band * bh + rr
+        ip = i + (1 if geo.up else -1)
+        has_prev = (ip >= 0) & (ip < h)
+        prev = carry[0]
+        xv = _flush(x_ref[rr].astype(cd))
+        gv = _load_guide(g_ref, rr, cx.gh, w, cb, cd) if cx.guided else None
+        if cx.tangent:
+          tprev = carry[1]
+          txv = tx_ref[rr].astype(cd)
+          if tg_ref is not None:
+            tgv = jnp.broadcast_to(
+                tg_ref[rr if cx.gh > 1 else 0].astype(cd), (w, cb))
+          else:
+            tgv = jnp.zeros((w, cb), cd)
+        if geo.row_type:
+          ins = [has_prev & _colmask(w, cb, d) for d in geo.dc]
+          os_ = [_shifted(sh_ref, prev, d, w) for d in geo.dc]
+          m, self_, tk1, tk2 = _winner(xv, ins[0], os_[0], ins[1], os_[1])
+          out = m if gv is None else _blend(gv, m, xv, z)
+          out = out.astype(sd).astype(cd)
+          new = (out,)
+          if cx.tangent:
+            ts = [_shifted(sh_ref, tprev, d, w) for d in geo.dc]
+            win = jnp.where(self_, txv, jnp.where(
+                tk1, ts[0], jnp.where(tk2, ts[1], zero)))
+            new += (_tangent_blend(gv, win, txv, m, xv, tgv, z),)
+        else:
+          du = geo.dc[1 - geo.same]
+          xs_ref[...] = xv
+          if gv is not None:
+            gs_ref[...] = gv
+          us_ref[...] = _shifted(sh_ref, prev, du, w)
+          if cx.tangent:
+            txs_ref[...] = txv
+            tus_ref[...] = _shifted(sh_ref, tprev, du, w)
+            if gv is not None:
+              tgs_ref[...] = tgv
+
+          def col(k, cc):
+            jj = k if geo.cs > 0 else w - 1 - k
+            jn = jj + du
+            in_u = has_prev & (jn >= 0) & (jn < w)
+            in_s = k > 0
+            xj = xs_ref[pl.ds(jj, 1), :]
+            uj = us_ref[pl.ds(jj, 1), :]
+            ys = cc[0]
+            if geo.same == 0:
+              m, self_, tk1, tk2 = _winner(xj, in_s, ys, in_u, uj)
+            else:
+              m, self_, tk1, tk2 = _winner(xj, in_u, uj, in_s, ys)
+            if gv is None:
+              y = m
+            else:
+              gj = gs_ref[pl.ds(jj, 1), :]
+              y = _blend(gj, m, xj, z)
+            y = y.astype(sd).astype(cd)
+            row_ref[pl.ds(jj, 1), :] = y
+            res = (y,)
+            if cx.tangent:
+              txj = txs_ref[pl.ds(jj, 1), :]
+              tuj = tus_ref[pl.ds(jj, 1), :]
+              ts = (cc[1], tuj) if geo.same == 0 else (tuj, cc[1])
+              win = jnp.where(self_, txj, jnp.where(
+                  tk1, ts[0], jnp.where(tk2, ts[1], zero)))
+              if gv is None:
+                tv = win
+              else:
+                tgj = tgs_ref[pl.ds(jj, 1), :]
+                tv = _tangent_blend(gj, win, txj, m, xj, tgj, z)
+              trow_ref[pl.ds(jj, 1), :] = tv
+              res += (tv,)
+            return res
+
+          init = (jnp.zeros((1, cb), cd),) * (2 if cx.tangent else 1)
+          lax.fori_loop(0, w, col, init)
+          new = (row_ref[...],)
+          if cx.tangent:
+            new += (trow_ref[...],)
+        put(out_ref, rr, new[0].astype(sd))
+        if cx.tangent:
+          put(tout_ref, rr, new[1].astype(sd))
+        return new
+
+      init = (prev_ref[...],)
+      if cx.tangent:
+        init += (tprev_ref[...],)
+      fin = lax.fori_loop(0, bh, row_step, init)
+      put(prev_ref, Ellipsis, fin[0])
+      if cx.tangent:
+        put(tprev_ref, Ellipsis, fin[1])
+
+
+def _tangent_blend(g, win, tx, m, x, tg, z):
+  if g is None:
+    return win
+  one = jnp.ones((), g.dtype)
+  a = _opaque(g * win, z)
+  b = _opaque((one - g) * tx, z)
+  c = _opaque((m - x) * tg, z)
+  return (a + b) + c
+
+
+def _bwd_kernel(cx, *refs):
+  """Backward of one band, rows in reverse scan order."""
+  present_ref = refs[1]
+  it = iter(refs[2:])
+  lc_ref = None if cx.uniform else next(it)
+  x_ref = next(it)
+  g_ref = next(it) if cx.guided else None
+  ct_ref = next(it)
+  win_ref = next(it) if cx.k > 1 else None
+  pool_ref, bnd_ref = next(it), next(it)
+  dx_ref = next(it)
+  dg_ref = next(it) if cx.guided else None
+  pend_ref, sh_ref, gb_ref, cf_ref, gbuf_ref = (next(it) for _ in range(5))
+  w, cb, bh, h, nb, cd, sd = cx.w, cx.cb, cx.bh, cx.h, cx.nb, cx.cd, cx.sd
+  c_i, s_i, t = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+  z = lax.shift_right_logical(pl.program_id(0), 31)
+  member = s_i // cx.r
+  nd = len(cx.geos)
+  zero, one = jnp.zeros((), cd), jnp.ones((), cd)
+  guided = cx.guided
+
+  def fl(v):                   # a 0/1 float XLA must not see as one
+    return _opaque(v.astype(cd), z)
+
+  for ci, geo in enumerate(cx.geos):
+    @pl.when(present_ref[(c_i * cx.s + s_i) * nd + ci] == 1)
+    def _body(ci=ci, geo=geo):
+      mask = None if cx.uniform else (lc_ref[...] == ci)
+      band = t if geo.up else (nb - 1 - t)
+      rs = -1 if geo.up else 1
+
+      def put(ref, idx, v):
+        if mask is not None:
+          v = jnp.where(mask, v, ref[idx])
+        ref[idx] = v
+
+      def row_step(r, pend):
+        rr = r if geo.up else (bh - 1 - r)
+        i = band * bh + rr
+        has_next = (i + rs >= 0) & (i + rs < h)
+        has_prev = (i - rs >= 0) & (i - rs < h)
+        pr = rr - rs
+        inband = (pr >= 0) & (pr < bh)
+        pv = jnp.where(inband, pool_ref[jnp.clip(pr, 0, bh - 1)],
+                       bnd_ref[0]).astype(cd)
+        xv = _flush(x_ref[rr].astype(cd))
+        sv = _load_guide(g_ref, rr, cx.gh, w, cb, cd) if guided else None
+        ctv = ct_ref[rr]
+        if win_ref is not None:
+          ctv = jnp.where(win_ref[rr] == member, ctv, jnp.zeros((), sd))
+        base = ctv.astype(cd)
+        if geo.row_type:
+          order = (1, 0) if geo.n2_first else (0, 1)
+          G = base
+          for n in order:
+            G = jnp.where(has_next & _colmask(w, cb, -geo.dc[n]),
+                          G + pend[n], G)
+          os_ = [_shifted(sh_ref, pv, d, w) for d in geo.dc]
+          ins = [has_prev & _colmask(w, cb, d) for d in geo.dc]
+        else:
+          su = 1 - geo.same
+          du = geo.dc[su]
+          G = jnp.where(has_next & _colmask(w, cb, -du), base + pend[0], base)
+          cur = pool_ref[rr].astype(cd)
+          os_, ins = [None, None], [None, None]
+          os_[su] = _shifted(sh_ref, pv, du, w)
+          ins[su] = has_prev & _colmask(w, cb, du)
+          ds_ = geo.dc[geo.same]
+          os_[geo.same] = _shifted(sh_ref, cur, ds_, w)
+          ins[geo.same] = _colmask(w, cb, ds_)
+        m, self_, tk1, tk2 = _winner(xv, ins[0], os_[0], ins[1], os_[1])
+        if guided:
+          selff = fl(self_)
+          k1 = fl(ins[0] & (os_[0] >= m))
+          k2 = fl(ins[1] & (os_[1] >= m))
+          t1 = (one - selff) * k1
+          t2 = ((one - selff) * (one - t1)) * k2
+          tt = (t1, t2)
+        if not geo.row_type:
+          # The in-row dependence: G[j] gets the push of the pixel after it.
+          gb_ref[...] = G
+          if guided:
+            cf_ref[...] = sv * tt[geo.same]
+          else:
+            cf_ref[...] = (tk1, tk2)[geo.same].astype(cd)
+
+          def col(k, push):
+            jj = (w - 1 - k) if geo.cs > 0 else k
+            gj = gb_ref[pl.ds(jj, 1), :]
+            gj = jnp.where(k > 0, gj + push, gj)
+            gbuf_ref[pl.ds(jj, 1), :] = gj
+            cfj = cf_ref[pl.ds(jj, 1), :]
+            if guided:
+              return _opaque(cfj * gj, z)
+            return jnp.where(cfj > 0.5, gj, zero)
+
+          lax.fori_loop(0, w, col, jnp.zeros((1, cb), cd))
+          G = gbuf_ref[...]
+        if guided:
+          a, bb = sv * selff, one - sv
+          dx = (a + bb) * G
+          dg = (m - xv) * G
+          pushes = [_opaque((sv * tt[n]) * G, z) for n in (0, 1)]
+        else:
+          dx = jnp.where(self_, G, zero)
+          pushes = [jnp.where(tk, G, zero) for tk in (tk1, tk2)]
+        put(dx_ref, rr, dx.astype(sd))
+        if guided:
+          put(dg_ref, rr, dg.astype(sd))
+        if geo.row_type:
+          return tuple(_shifted(sh_ref, pushes[n], -geo.dc[n], w)
+                       for n in (0, 1))
+        su = 1 - geo.same
+        return (_shifted(sh_ref, pushes[su], -geo.dc[su], w), pend[1])
+
+      init = (pend_ref[0], pend_ref[1])
+      fin = lax.fori_loop(0, bh, row_step, init)
+      put(pend_ref, 0, fin[0])
+      put(pend_ref, 1, fin[1])
+
+
+# --------------------------------------------------------------------------
+# The wrappers.
+
+def _fold(shape):
+  return int(np.prod(shape[:-3], dtype=np.int64))
+
+
+def _guide4(g, xshape, b):
+  """g (x's rank or fewer dims, each x's or 1) as (gb, gh, gw, gc)."""
+  g = jnp.asarray(g)
+  g = g.reshape((1,) * (len(xshape) - g.ndim) + g.shape)
+  lead, xl = g.shape[:-3], tuple(xshape[:-3])
+  if all(v == 1 for v in lead):
+    gb = 1
+  else:
+    if tuple(lead) != xl:
+      g = jnp.broadcast_to(g, xl + g.shape[-3:])
+    gb = b
+  return g.reshape((gb,) + g.shape[-3:])
+
+
+class _Pass:
+  """Static description of one pallas_call."""
+
+  def __init__(self, kind, x4shape, dtype, groups, gshape4, has_tg,
+               band_rows):
+    self.kind = kind
+    self.b, self.h, self.w, self.c = x4shape
+    self.sd = jnp.dtype(dtype)
+    self.cd = _R.compute_dtype(dtype)
+    self.lay = _layout(groups, self.c)
+    self.gshape = gshape4
+    self.bs = block_sizes(x4shape, dtype, groups, gshape4, pass_=kind,
+                          band_rows=band_rows)
+    self.geos = tuple(_geo(d) for d in self.lay.codes)
+    self.has_tg = has_tg
+
+  def ctx(self):
+    lay, bs = self.lay, self.bs
+    gh = 1 if self.gshape is None else self.gshape[1]
+    return _Ctx(w=self.w, h=self.h, cb=lay.cb, bh=bs.band_rows,
+                nb=bs.n_bands, cd=self.cd, sd=self.sd, s=lay.s, r=lay.r,
+                k=lay.k, uniform=lay.uniform, guided=self.gshape is not None,
+                gh=gh, geos=self.geos, tangent=self.kind == "tangent",
+                has_tg=self.has_tg)
+
+  def band(self, c, s, t, up_ref):
+    nb, flip = self.bs.n_bands, int(self.kind != "backward")
+    up = up_ref[c * self.lay.s + s]
+    return jnp.where(up == flip, nb - 1 - t, t)
+
+  def x_spec(self):
+    bh, cb = self.bs.band_rows, self.lay.cb
+    return pl.BlockSpec(
+        (None, bh, self.w, cb),
+        lambda b, c, s, t, up, pr: (b, self.band(c, s, t, up), 0, c))
+
+  def g_spec(self):
+    gb, gh, gw, gc = self.gshape
+    bh, cb = self.bs.band_rows, self.lay.cb
+
+    def index(b, c, s, t, up, pr):
+      return (b if gb > 1 else 0, self.band(c, s, t, up) if gh > 1 else 0, 0,
+              c if gc > 1 else 0)
+    return pl.BlockSpec((None, bh if gh > 1 else 1, gw, cb if gc > 1 else 1),
+                        index)
+
+  def slot_spec(self):
+    bh, cb = self.bs.band_rows, self.lay.cb
+    return pl.BlockSpec(
+        (None, None, bh, self.w, cb),
+        lambda b, c, s, t, up, pr: (s, b, self.band(c, s, t, up), 0, c))
+
+  def bnd_spec(self):
+    bh, cb, h = self.bs.band_rows, self.lay.cb, self.h
+
+    def index(b, c, s, t, up, pr):
+      band = self.band(c, s, t, up)
+      fwd_up = up[c * self.lay.s + s] == 1
+      row = jnp.where(fwd_up, jnp.minimum((band + 1) * bh, h - 1),
+                      jnp.maximum(band * bh - 1, 0))
+      return (s, b, row, 0, c)
+    return pl.BlockSpec((None, None, 1, self.w, cb), index)
+
+  def lc_spec(self):
+    return pl.BlockSpec((None, 1, self.lay.cb),
+                        lambda b, c, s, t, up, pr: (s, 0, c))
+
+  def scratch(self):
+    w, cb, cd = self.w, self.lay.cb, self.cd
+    v = lambda *shape: pltpu.VMEM(shape, cd)  # noqa: E731
+    if self.kind == "backward":
+      return [v(2, w, cb), v(w + 2, cb), v(w, cb), v(w, cb), v(w, cb)]
+    out = [v(w, cb)]
+    if self.kind == "tangent":
+      out.append(v(w, cb))
+    out += [v(w + 2, cb)] + [v(w, cb) for _ in range(4)]
+    if self.kind == "tangent":
+      out += [v(w, cb) for _ in range(4)]
+    return out
+
+  def call(self, inputs, in_specs, n_out, interpret):
+    lay, bs = self.lay, self.bs
+    shape5 = (lay.s, self.b, self.h, self.w, self.c)
+    pre = [jnp.asarray(lay.up), jnp.asarray(lay.present)]
+    if not lay.uniform:
+      inputs = [jnp.asarray(lay.lane_code[:, None, :])] + list(inputs)
+      in_specs = [self.lc_spec()] + list(in_specs)
+    kernel = functools.partial(
+        _bwd_kernel if self.kind == "backward" else _fwd_kernel, self.ctx())
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=2,
+        grid=(self.b, lay.nc, lay.s, bs.n_bands),
+        in_specs=in_specs,
+        out_specs=[self.slot_spec() for _ in range(n_out)],
+        scratch_shapes=self.scratch())
+    limit = int(min(max(2 * bs.vmem_bytes, 16 * 2**20), 100 * 2**20))
+    return pl.pallas_call(
+        kernel,
+        out_shape=[jax.ShapeDtypeStruct(shape5, self.sd)] * n_out,
+        grid_spec=grid_spec,
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel",
+                                 "arbitrary"),
+            vmem_limit_bytes=limit),
+        interpret=interpret,
+        name=f"landmark_pool_{self.kind}",
+    )(*pre, *inputs)
+
+
+def _members(v5, lay):
+  """Slots (S, B, H, W, C) -> each member's pool (B, H, W, C)."""
+  if lay.r == 1:
+    return [v5[k] for k in range(lay.k)]
+  return [jnp.where(jnp.asarray(lay.lane_up[k]), v5[2 * k + 1], v5[2 * k])
+          for k in range(lay.k)]
+
+
+def _valid(lay):
+  return [jnp.asarray(lay.valid[k]) for k in range(lay.k)]
+
+
+def _prepare(x, g, groups):
+  x = jnp.asarray(x)
+  groups = _R._groups(groups)
+  h, w, c = x.shape[-3:]
+  if c % len(groups):
+    raise ValueError(f"x has {c} channels, which do not split into "
+                     f"{len(groups)} groups")
+  b = _fold(x.shape)
+  x4 = x.reshape(b, h, w, c)
+  g4 = None if g is None else _guide4(jnp.asarray(g).astype(x.dtype),
+                                      x.shape, b)
+  return x, groups, x4, g4
+
+
+def _forward_pools(x4, g4, groups, interpret, band_rows):
+  ps = _Pass("forward", x4.shape, x4.dtype, groups,
+             None if g4 is None else g4.shape, False, band_rows)
+  ins, specs = [x4], [ps.x_spec()]
+  if g4 is not None:
+    ins.append(g4)
+    specs.append(ps.g_spec())
+  (out5,) = ps.call(ins, specs, 1, interpret)
+  return out5, ps.lay
+
+
+def grouped_forward(x, g, groups, *, interpret=False, band_rows=None):
+  """The grouped pool (reference.grouped_forward) by the Pallas kernel."""
+  x = jnp.asarray(x)
+  if x.size == 0:
+    return x
+  x, groups, x4, g4 = _prepare(x, g, groups)
+  out5, lay = _forward_pools(x4, g4, groups, interpret, band_rows)
+  pools = _members(out5, lay)
+  out = pools[0] if lay.k == 1 else _R.merge_members(pools, _valid(lay))[0]
+  return out.reshape(x.shape)
+
+
+def grouped_tangent(x, g, tx, tg, groups, *, interpret=False, band_rows=None):
+  """The tangent of grouped_forward (reference.grouped_tangent)."""
+  x = jnp.asarray(x)
+  if x.size == 0:
+    return jnp.zeros_like(x)
+  x, groups, x4, g4 = _prepare(x, g, groups)
+  tx4 = jnp.broadcast_to(jnp.asarray(tx).astype(x.dtype), x.shape).reshape(
+      x4.shape)
+  tg4 = None
+  if g4 is not None and tg is not None:
+    tg4 = _guide4(jnp.asarray(tg).astype(x.dtype), x.shape, x4.shape[0])
+    tg4 = jnp.broadcast_to(tg4, g4.shape)
+  ps = _Pass("tangent", x4.shape, x4.dtype, groups,
+             None if g4 is None else g4.shape, tg4 is not None, band_rows)
+  ins, specs = [x4], [ps.x_spec()]
+  if g4 is not None:
+    ins.append(g4)
+    specs.append(ps.g_spec())
+  ins.append(tx4)
+  specs.append(ps.x_spec())
+  if tg4 is not None:
+    ins.append(tg4)
+    specs.append(ps.g_spec())
+  out5, t5 = ps.call(ins, specs, 2, interpret)
+  lay = ps.lay
+  tm = _members(t5, lay)
+  if lay.k == 1:
+    return tm[0].reshape(x.shape)
+  _, win = _R.merge_members(_members(out5, lay), _valid(lay))
+  return _R.pick_member(tm, win).reshape(x.shape)
+
+
+def grouped_backward(x, g, ct, groups, *, interpret=False, band_rows=None):
+  """The VJP of grouped_forward (reference.grouped_backward): (dx, dg)."""
+  x = jnp.asarray(x)
+  if x.size == 0:
+    return jnp.zeros_like(x), (None if g is None else jnp.zeros_like(g))
+  x, groups, x4, g4 = _prepare(x, g, groups)
+  out5, lay = _forward_pools(x4, g4, groups, interpret, band_rows)
+  ct4 = jnp.broadcast_to(jnp.asarray(ct).astype(x.dtype), x.shape).reshape(
+      x4.shape)
+  ps = _Pass("backward", x4.shape, x4.dtype, groups,
+             None if g4 is None else g4.shape, False, band_rows)
+  ins, specs = [x4], [ps.x_spec()]
+  if g4 is not None:
+    ins.append(g4)
+    specs.append(ps.g_spec())
+  ins.append(ct4)
+  specs.append(ps.x_spec())
+  if lay.k > 1:
+    _, win = _R.merge_members(_members(out5, lay), _valid(lay))
+    ins.append(win.astype(jnp.int32))
+    specs.append(ps.x_spec())
+  ins += [out5, out5]
+  specs += [ps.slot_spec(), ps.bnd_spec()]
+  res = ps.call(ins, specs, 2 if g4 is not None else 1, interpret)
+
+  def per_member_sum(v5):
+    vals = _members(v5, lay)
+    acc = vals[0]
+    for k in range(1, lay.k):
+      acc = jnp.where(jnp.asarray(lay.valid[k]), acc + vals[k], acc)
+    return acc.reshape(x.shape)
+
+  dx = per_member_sum(res[0])
+  if g is None:
+    return dx, None
+  dg = per_member_sum(res[1])
+  gshape = tuple(jnp.shape(g))
+  xs = tuple(x.shape)
+  gfull = (1,) * (len(xs) - len(gshape)) + gshape
+  axes = tuple(i for i, (a, bdim) in enumerate(zip(gfull, xs))
+               if a == 1 and bdim != 1)
+  if axes:
+    cd = _R.compute_dtype(x.dtype)
+    dg = jnp.sum(dg.astype(cd), axis=axes, keepdims=True).astype(x.dtype)
+  return dx, dg.reshape(gshape)
