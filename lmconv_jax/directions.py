@@ -23,6 +23,7 @@ Every valid direction works identically in every implementation.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from typing import Iterable, Sequence, Union
 
 
@@ -154,18 +155,47 @@ def _earlier(row_step: int, col_step: int) -> str:
 def resolve(direction: DirectionLike) -> Direction:
   """Returns the Direction for a readable name, an original alias or a Direction.
 
+  Names and aliases are matched ignoring case (``"TL"``, ``"i3"``,
+  ``"Top_Left"`` work); an unknown one is reported with the closest names.
   A Direction instance is validated (see the module docstring) and returned.
   """
   if isinstance(direction, Direction):
     return validate(direction)
   if isinstance(direction, str):
-    found = DIRECTIONS.get(direction) or _ALIASES.get(direction)
+    found = (DIRECTIONS.get(direction) or _ALIASES.get(direction)
+             or _BY_FOLDED_NAME.get(_fold(direction)))
     if found is not None:
       return found
   names = ", ".join(f"{d.name!r} (alias {d.alias!r})" for d in _TABLE)
+  hint = ""
+  if isinstance(direction, str):
+    grouping = GROUPINGS.get(_fold(direction))
+    if grouping is not None:
+      raise ValueError(
+          f"{direction!r} is a grouping ({len(grouping)} channel groups), not "
+          f"a direction: pass it to lmconv_jax.grouped_landmark_pool (or "
+          f"LandmarkConv(directions=...)), or give one direction here: "
+          f"{names}.")
+    close = difflib.get_close_matches(_fold(direction), _BY_FOLDED_NAME, n=3)
+    if close:
+      hint = " Did you mean " + " or ".join(
+          repr(_BY_FOLDED_NAME[c].name if c == _BY_FOLDED_NAME[c].name
+               else _BY_FOLDED_NAME[c].alias) for c in close) + "?"
   raise ValueError(
-      f"Unknown landmark-pool direction {direction!r}. Valid directions are: "
-      f"{names}. Use lmconv_jax.QUADRANTS or lmconv_jax.OCTANTS for the groups.")
+      f"Unknown landmark-pool direction {direction!r}.{hint} Valid directions "
+      f"(case does not matter) are: {names}. Use lmconv_jax.QUADRANTS or "
+      f"lmconv_jax.OCTANTS for the groups.")
+
+
+def _fold(name: str) -> str:
+  """A direction name as resolve compares it: case and '-' / ' ' ignored."""
+  return name.strip().lower().replace("-", "_").replace(" ", "_")
+
+
+# Every name and alias, case-folded (resolve's second try, and its "did you
+# mean" candidates).
+_BY_FOLDED_NAME: dict[str, Direction] = {
+    **{_fold(d.name): d for d in _TABLE}, **{_fold(d.alias): d for d in _TABLE}}
 
 
 # --------------------------------------------------------------------------

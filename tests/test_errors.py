@@ -27,7 +27,7 @@ def test_integer_bool_complex_x_is_a_type_error(dtype):
     lmconv_jax.landmark_pool(jnp.zeros((3, 3, 2), dtype), "tl")
 
 
-@pytest.mark.parametrize("name", ["top-left", "TL", "i1", "north", "", 3, None])
+@pytest.mark.parametrize("name", ["top-lef", "north", "I9", "", 3, None])
 def test_unknown_direction_lists_valid_names(name):
   with pytest.raises(ValueError) as e:
     lmconv_jax.landmark_pool(X, name)
@@ -36,6 +36,53 @@ def test_unknown_direction_lists_valid_names(name):
   for valid in lmconv_jax.QUADRANTS + lmconv_jax.OCTANTS:
     assert repr(valid) in msg
   assert "'I8'" in msg and "'br'" in msg
+
+
+@pytest.mark.parametrize("given", ["TL", "Tl", "TOP_LEFT", "Top-Left",
+                                   "top left", "i3", "North_NorthWest"])
+def test_direction_names_and_aliases_ignore_case(given):
+  want = {"t": "top_left", "n": "north_northwest", "i": "north_northwest"}[
+      given[0].lower()]
+  assert lmconv_jax.directions.resolve(given) is lmconv_jax.DIRECTIONS[want]
+  assert jnp.array_equal(lmconv_jax.landmark_pool(X, given),
+                         lmconv_jax.landmark_pool(X, want))
+
+
+@pytest.mark.parametrize("given,suggestion", [
+    ("top_lef", "Did you mean 'top_left' or 'bottom_left'?"),
+    ("TOP_RIGTH", "Did you mean 'top_right'"),
+    ("north_north_west", "Did you mean 'north_northwest'"),
+    ("Tll", "Did you mean 'tl'"),
+])
+def test_unknown_direction_suggests_the_closest_names(given, suggestion):
+  with pytest.raises(ValueError) as e:
+    lmconv_jax.landmark_pool(X, given)
+  msg = str(e.value)
+  assert msg.startswith(f"Unknown landmark-pool direction {given!r}. "
+                        f"{suggestion}")
+  assert "(case does not matter)" in msg
+
+
+def test_no_suggestion_when_nothing_is_close():
+  with pytest.raises(ValueError) as e:
+    lmconv_jax.landmark_pool(X, "xyz")
+  assert str(e.value).startswith(
+      "Unknown landmark-pool direction 'xyz'. Valid directions (case does not "
+      "matter) are: 'top_left' (alias 'tl'),")
+
+
+@pytest.mark.parametrize("grouping,groups", [("quadrants", 4), ("octants", 8),
+                                             ("top_bottom", 2),
+                                             ("Quadrants", 4)])
+def test_a_grouping_given_for_one_direction_says_where_it_goes(grouping,
+                                                              groups):
+  with pytest.raises(ValueError) as e:
+    lmconv_jax.landmark_pool(X, grouping)
+  assert str(e.value).startswith(
+      f"{grouping!r} is a grouping ({groups} channel groups), not a "
+      f"direction: pass it to lmconv_jax.grouped_landmark_pool (or "
+      f"LandmarkConv(directions=...)), or give one direction here: "
+      f"'top_left' (alias 'tl'),")
 
 
 @pytest.mark.parametrize("gshape", [(3,), (4, 1, 8, 2), (2, 4, 6, 8), (5, 2, 4, 5, 8)])
