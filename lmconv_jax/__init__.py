@@ -10,6 +10,7 @@ from lmconv_jax.landmarks import (grouped_landmark_map, grouped_landmarks,
 from lmconv_jax.linen import (LandmarkBlock, LandmarkConv, LandmarkConv4,
                               LandmarkConv8)
 from lmconv_jax import nnx
+from lmconv_jax import lbylnet
 from lmconv_jax._ffi import export_disabled_checks
 
 __version__ = "0.1.0"
@@ -20,4 +21,5 @@ __all__ = [
     "grouped_landmark_pool", "landmark_pool", "landmark_pool_reference",
     "grouped_landmark_map", "grouped_landmarks", "landmark_map", "landmarks",
     "LandmarkBlock", "export_disabled_checks", "LandmarkConv", "LandmarkConv4", "LandmarkConv8", "nnx",
+    "lbylnet",
 ]

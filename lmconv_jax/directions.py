@@ -214,12 +214,35 @@ GROUPINGS = {
     "all_quadrants": ALL_QUADRANTS,                # P = 1, merged by max
 }
 
+# LBYLNet's landmark blocks (svip-lab/LBYLNet, core/models/context/module.py),
+# each in its own channel order: group k is the block's branch p{k+1}_conv1,
+# pooled in the directions LBYLNet pools it in, merged in the order of its
+# torch.max calls. Not in GROUPINGS (the library's own set, which the
+# benchmarks and the exhaustive tests walk); resolve_grouping accepts both.
+# "lbylnet_p4" is not "quadrants": LandmarkP4 concatenates tr, tl, bl, br.
+# "lbylnet_p4x" pairs I5 (south-southwest) with I4 and I6 (west-southwest)
+# with I7: two of its pairs are not adjacent wedges, as LBYLNet has them.
+LBYLNET_GROUPINGS = {
+    "lbylnet_p1": (("top_right", "top_left", "bottom_left", "bottom_right"),),
+    "lbylnet_p2": (("top_right", "top_left"), ("bottom_left", "bottom_right")),
+    "lbylnet_p2x": (("top_right", "bottom_right"), ("top_left", "bottom_left")),
+    "lbylnet_p4": (("top_right",), ("top_left",), ("bottom_left",),
+                   ("bottom_right",)),
+    "lbylnet_p4x": (("east_northeast", "east_southeast"),        # I1, I8
+                    ("north_northeast", "north_northwest"),      # I2, I3
+                    ("west_northwest", "south_southwest"),       # I4, I5
+                    ("west_southwest", "south_southeast")),      # I6, I7
+    "lbylnet_p8": tuple((d,) for d in OCTANTS),                  # I1 ... I8
+}
+
 Grouping = Union[str, Direction,
                  Iterable[Union[DirectionLike, Sequence[DirectionLike]]]]
 
 
 def _grouping_help() -> str:
-  return (f"a grouping name ({', '.join(map(repr, GROUPINGS))}) or a sequence "
+  return (f"a grouping name ({', '.join(map(repr, GROUPINGS))}; LBYLNet's "
+          f"blocks in its channel order: "
+          f"{', '.join(map(repr, LBYLNET_GROUPINGS))}) or a sequence "
           f"of directions (each a direction name, a Direction, or a tuple of "
           f"them merged by max)")
 
@@ -239,6 +262,8 @@ def resolve_grouping(directions: Grouping) -> tuple[tuple[Direction, ...], ...]:
   if isinstance(directions, str):
     if directions in GROUPINGS:
       directions = GROUPINGS[directions]
+    elif directions in LBYLNET_GROUPINGS:
+      directions = LBYLNET_GROUPINGS[directions]
     else:
       try:
         return ((resolve(directions),),)

@@ -191,7 +191,10 @@ class LandmarkBlock(nn.Module):
   output channels ``k*m : (k+1)*m`` are branch k, and BatchNorm is per
   channel, so this is the same function with one kernel instead of P.
   Branch k is pooled in direction group k (merged groups by max, as in
-  LBYLNet's P = 1 and P = 2 variants). Convolutions have no bias (each is
+  LBYLNet's P1, P2, P2x and P4x). With an ``"lbylnet_*"`` grouping the block
+  computes LBYLNet's block of that name; what cannot match (gradient ties,
+  which ``torch.max`` splits; BatchNorm's running statistics in training)
+  is in docs/lbylnet.md. Convolutions have no bias (each is
   followed by BatchNorm) and ``'SAME'`` padding; the output has ``features``
   channels at the input's resolution. BatchNorm statistics live in the
   ``batch_stats`` collection.
@@ -222,9 +225,15 @@ class LandmarkBlock(nn.Module):
       LBYLNet configs (dim 256, ctx_dim 128). ``features // P`` gives a
       cheaper block whose pooled tensor has ``features`` channels.
     directions: the grouping, as in :class:`LandmarkConv` (default
-      ``"quadrants"``, LBYLNet's ``LandmarkP4``; ``"octants"`` is
-      ``LandmarkP8``, ``"top_bottom"`` / ``"left_right"`` are ``LandmarkP2``
-      / ``LandmarkP2x``, ``"all_quadrants"`` is ``LandmarkP1``).
+      ``"quadrants"``: tl, tr, bl, br). LBYLNet's blocks concatenate their
+      groups in their own order, which their checkpoints learned:
+      ``"lbylnet_p4"`` is ``LandmarkP4`` (tr, tl, bl, br), and
+      ``"lbylnet_p1"``, ``"lbylnet_p2"``, ``"lbylnet_p2x"``,
+      ``"lbylnet_p4x"``, ``"lbylnet_p8"`` the others;
+      :func:`lmconv_jax.lbylnet.landmark_block` builds them and
+      :func:`lmconv_jax.lbylnet.convert_state_dict` loads their weights
+      (docs/lbylnet.md). ``"quadrants"`` and ``"left_right"`` are *not*
+      ``LandmarkP4`` and ``LandmarkP2x``: same regions, other order.
     implementation: ``"auto"``, ``"ffi"`` or ``"reference"``, for the pool.
     momentum: BatchNorm decay of the running averages (default 0.9, PyTorch's
       momentum 0.1 as the original used).

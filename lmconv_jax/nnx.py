@@ -231,7 +231,11 @@ class LandmarkBlock(nnx.Module):
     out_features: output channels (LBYLNet's ``dim``).
     branch_features: channels per direction branch (LBYLNet's ``mapdim``);
       default ``out_features // 2`` as in the released LBYLNet configs.
-    directions: the grouping (default ``"quadrants"``).
+    directions: the grouping (default ``"quadrants"``: tl, tr, bl, br);
+      LBYLNet's blocks are the ``"lbylnet_*"`` groupings, in their channel
+      order (``"lbylnet_p4"`` is ``LandmarkP4``, not ``"quadrants"``), and
+      :func:`lmconv_jax.lbylnet.nnx_landmark_block` builds them
+      (docs/lbylnet.md).
     implementation: ``"auto"``, ``"ffi"`` or ``"reference"``, for the pool.
   """
 
