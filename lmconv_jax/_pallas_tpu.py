@@ -465,7 +465,7 @@ def _bwd_kernel(cx, *refs):
   w, cb, bh, h, nb, cd, sd = cx.w, cx.cb, cx.bh, cx.h, cx.nb, cx.cd, cx.sd
   c_i, s_i, t = pl.program_id(1), pl.program_id(2), pl.program_id(3)
   z = lax.shift_right_logical(pl.program_id(0), 31)
-  member = s_i // cx.r
+  member = s_i if cx.r == 1 else lax.div(s_i, jnp.int32(cx.r))
   nd = len(cx.geos)
   zero, one = jnp.zeros((), cd), jnp.ones((), cd)
   guided = cx.guided
