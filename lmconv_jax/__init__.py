@@ -3,8 +3,7 @@
 from lmconv_jax.directions import DIRECTIONS, OCTANTS, QUADRANTS, Direction
 from lmconv_jax.ops import (ALL_QUADRANTS, GROUPINGS, IMPLEMENTATIONS,
                             LEFT_RIGHT, TOP_BOTTOM, grouped_landmark_pool,
-                            landmark_pool)
-from lmconv_jax.reference import landmark_pool_reference
+                            landmark_pool, landmark_pool_reference)
 from lmconv_jax.landmarks import (grouped_landmark_map, grouped_landmarks,
                                   landmark_map, landmarks)
 from lmconv_jax.linen import (LandmarkBlock, LandmarkConv, LandmarkConv4,

@@ -45,7 +45,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir, xla
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lmconv_jax import _sharding, reference
+from lmconv_jax import _jax_compat, _sharding, reference
 
 pool_p = Primitive("lmconv_pool")
 pool_p.multiple_results = True
@@ -59,7 +59,9 @@ TARGETS = {pool_p: "lmconv_pool_fwd", pool_tangent_p: "lmconv_pool_tangent",
 PRIMITIVES = tuple(TARGETS)
 TARGET_NAMES = tuple(name + suffix for name in TARGETS.values()
                      for suffix in ("", "_guided"))
-IMPLEMENTATIONS = ("auto", "reference", "ffi")
+IMPLEMENTATIONS = ("auto", "reference", "ffi", "pallas")
+# Where "auto" runs the Pallas kernels (elsewhere "pallas" is interpret mode).
+PALLAS_PLATFORMS = ("tpu",)
 
 
 def max_members(groups) -> int:
@@ -98,7 +100,7 @@ def _bind(prim, *operands, **params):
   ``pcast`` marks it varying as jax's own ops do, so the output's type is
   right and reverse mode psums the guide's gradient.
   """
-  axes = [reference.varying_axes(o) for o in operands]
+  axes = [_jax_compat.varying_axes(o) for o in operands]
   union = frozenset().union(*axes)
   operands = [o if a == union else
               jax.lax.pcast(o, tuple(sorted(union - a)), to="varying")
@@ -163,7 +165,7 @@ for _p, _rule in ((pool_p, _pool_abstract), (pool_tangent_p, _tangent_abstract),
                   (pool_backward_p, _backward_abstract)):
   _p.def_impl(functools.partial(xla.apply_primitive, _p))
   _p.def_abstract_eval(_rule)
-  _sharding.needs_devices_during_lowering(_p)
+  _jax_compat.needs_devices_during_lowering(_p)
 
 
 # --------------------------------------------------------------------------
@@ -224,8 +226,8 @@ def _linear_jvp(prim, what):
         tangents = [ad.instantiate_zeros(t) for t in tangents]
         return jax.jvp(fn, tuple(primals), tuple(tangents))
       raise NotImplementedError(
-          f"lmconv_jax: the FFI pool is differentiable once (forward or "
-          f"reverse mode), not twice ({what} depends on x and the guide "
+          f"lmconv_jax: the {params['implementation']!r} pool is "
+          f"differentiable once (forward or reverse mode), not twice ({what} depends on x and the guide "
           f"piecewise). For second derivatives use "
           f"implementation='reference', whose derivatives of the pool's "
           f"derivatives JAX derives itself.")
@@ -276,12 +278,12 @@ def _operand_kinds(prim, guided: bool) -> tuple:
 def _batch_rule(prim):
   def rule(args, dims, **params):
     kinds = _operand_kinds(prim, params["guided"])
-    ref, ref_dim, ref_kind = next((a, d, k) for a, d, k in zip(args, dims, kinds)
-                                  if d is not None and k != "m")
+    ref, ref_dim = next((a, d) for a, d, k in zip(args, dims, kinds)
+                        if d is not None and k != "m")
     size = ref.shape[ref_dim]
-    rank = ref.ndim if ref_kind == "x" else ref.ndim  # the guide has x's rank
-    # Dims in front of (H, W, C) are the kernel's batch already: stay there.
-    to = ref_dim if ref_dim < rank - 3 else 0
+    # Dims in front of (H, W, C) are the kernel's batch already: stay there
+    # (the guide has x's rank, so the rule is the same for every operand).
+    to = ref_dim if ref_dim < ref.ndim - 3 else 0
     # An unmapped guide gets a size-1 dim (it broadcasts), unless the guide
     # and its tangent must agree in shape (one of them is mapped) or the
     # guide's gradient must come back per mapped element (the backward).
@@ -313,36 +315,66 @@ for _p in PRIMITIVES:
 # --------------------------------------------------------------------------
 # Lowering: the reference anywhere, our custom call where compiled.
 
-def _reference_rule(prim):
-  """The primitive as pure jnp (reference.py), for mlir.lower_fun. Under
-  Explicit mesh axes it runs per shard (_sharding.reference_per_shard)."""
+def _passes_rule(prim, forward, tangent, backward):
+  """The primitive from three jnp-traceable passes with reference.py's
+  signatures (``grouped_forward(x, g, groups)``, ``grouped_tangent(x, g,
+  tx, tg, groups)``, ``grouped_backward(x, g, ct, groups)``): the pure-jnp
+  reference, or the Pallas kernels. The derivatives recompute the forward,
+  so the "members" residual is zeros. Under Explicit mesh axes it runs per
+  shard (_sharding.reference_per_shard)."""
   def fn(*operands, groups, guided, implementation, save_members=False):
     del implementation
     run = functools.partial(_sharding.reference_per_shard,
                             single_group=len(groups) == 1)
     if prim is pool_p:
       x = operands[0]
-      (out,) = run(lambda x, *g: (reference.grouped_forward(
+      (out,) = run(lambda x, *g: (forward(
           x, g[0] if g else None, groups),), operands[:1 + guided], (0,))
-      # The reference's derivatives recompute; its "members" are unused.
       return [out, jnp.zeros(members_shape(x.shape, groups, save_members),
                              members_dtype(x.dtype, guided))]
     if prim is pool_tangent_p:
       if guided:
         x, g, _, _, tx, tg = operands
-        return run(lambda x, g, tx, tg: (reference.grouped_tangent(
+        return run(lambda x, g, tx, tg: (tangent(
             x, g, tx, tg, groups),), (x, g, tx, tg), (0,))[0]
       x, _, _, tx = operands
-      return run(lambda x, tx: (reference.grouped_tangent(
+      return run(lambda x, tx: (tangent(
           x, None, tx, None, groups),), (x, tx), (0,))[0]
     if guided:
       x, g, _, _, ct = operands
-      return list(run(lambda x, g, ct: reference.grouped_backward(
+      return list(run(lambda x, g, ct: backward(
           x, g, ct, groups), (x, g, ct), (0, 1), summed_guide=g))
     x, _, _, ct = operands
-    return list(run(lambda x, ct: reference.grouped_backward(
+    return list(run(lambda x, ct: backward(
         x, None, ct, groups)[:1], (x, ct), (0,)))
   return fn
+
+
+def _reference_rule(prim):
+  """The primitive as pure jnp (reference.py), for mlir.lower_fun."""
+  return _passes_rule(prim, reference.grouped_forward,
+                      reference.grouped_tangent, reference.grouped_backward)
+
+
+def _pallas_rule(prim, interpret):
+  """The primitive through the Pallas TPU kernels (lmconv_jax/_pallas_tpu.py);
+  ``interpret``: False on a TPU, else Pallas' interpret mode (any platform,
+  exact and slow)."""
+  from lmconv_jax import _pallas_tpu  # pallas is imported only when used
+  kw = dict(interpret=interpret)
+  return _passes_rule(
+      prim, functools.partial(_pallas_tpu.grouped_forward, **kw),
+      functools.partial(_pallas_tpu.grouped_tangent, **kw),
+      functools.partial(_pallas_tpu.grouped_backward, **kw))
+
+
+def pallas_call(prim, operands, groups, guided, save_members=False, *,
+                interpret=False):
+  """The Pallas kernels behind ``prim`` as a plain function of its operands:
+  what each device runs inside a partitioned call (as ``ffi_call``)."""
+  return _pallas_rule(prim, interpret)(
+      *operands, groups=groups, guided=guided, implementation="pallas",
+      save_members=save_members)
 
 
 def _ffi_call_lowering(prim, ctx, *operands, groups, guided):
@@ -372,10 +404,20 @@ def ffi_call(prim, operands, groups, guided, save_members=False):
 def _lowering(prim, platform: str, compiled: bool):
   reference_lowering = mlir.lower_fun(_reference_rule(prim),
                                       multiple_results=prim.multiple_results)
+  on_tpu = platform in PALLAS_PLATFORMS
 
   def rule(ctx, *operands, groups, guided, implementation, **extra):
     params = dict(groups=groups, guided=guided, implementation=implementation,
                   **extra)
+    if implementation == "pallas" or (implementation == "auto" and on_tpu):
+      interpret = not on_tpu
+      if on_tpu and _sharding.partitioned_by_jax(ctx):
+        return _sharding.partitioned_lowering(
+            functools.partial(pallas_call, interpret=interpret), prim, ctx,
+            operands, groups, guided, **extra)
+      return mlir.lower_fun(_pallas_rule(prim, interpret),
+                            multiple_results=prim.multiple_results)(
+                                ctx, *operands, **params)
     if implementation == "reference" or (implementation == "auto" and
                                          not compiled):
       return reference_lowering(ctx, *operands, **params)
@@ -383,7 +425,8 @@ def _lowering(prim, platform: str, compiled: bool):
       raise NotImplementedError(
           f"lmconv_jax: implementation='ffi' has no kernels for platform "
           f"{platform!r} in this build; use implementation='auto' (which "
-          f"lowers to the pure-jnp reference there) or 'reference'.")
+          f"lowers to {'the Pallas kernels' if on_tpu else 'the pure-jnp reference'} "
+          f"there), 'pallas' or 'reference'.")
     if _sharding.partitioned_by_jax(ctx):
       return _sharding.partitioned_lowering(ffi_call, prim, ctx, operands,
                                             groups, guided, **extra)

@@ -64,20 +64,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.interpreters import mlir
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lmconv_jax import reference
-
-try:  # custom_partitioning needs the device assignment when it is lowered.
-  from jax._src import dispatch as _dispatch
-  _NEEDS_DEVICES = _dispatch.prim_requires_devices_during_lowering
-except (ImportError, AttributeError) as e:  # fail loudly: no silent fallback
-  raise ImportError(
-      f"lmconv_jax needs jax._src.dispatch.prim_requires_devices_during_lowering"
-      f" (jax {jax.__version__} lacks it); install a supported jax "
-      f"(see pyproject.toml).") from e
-
-
-def needs_devices_during_lowering(prim) -> None:
-  _NEEDS_DEVICES.add(prim)
+from lmconv_jax import _jax_compat, reference
 
 
 def _factor_name(k: int) -> str:
@@ -156,13 +143,12 @@ def partitioned_by_jax(ctx) -> bool:
   computation is replicated per device (pmap): there the plain call already
   runs on per-device data.
   """
-  if ctx.module_context.lowering_parameters.for_export:
+  if _jax_compat.lowering_for_export(ctx):
     return False
-  axis_context = ctx.module_context.axis_context
-  manual = getattr(axis_context, "manual_axes", None)
-  if manual is not None:  # shard_map (SPMDAxisContext)
-    return set(manual) != set(axis_context.mesh.axis_names)
-  return getattr(axis_context, "num_devices", 1) > 1  # jit (ShardingContext)
+  manual, mesh_axes, num_devices = _jax_compat.lowering_devices(ctx)
+  if manual is not None:  # shard_map
+    return set(manual) != set(mesh_axes)
+  return num_devices > 1  # jit
 
 
 def _sharding_like(mesh, spec, x_rank: int, shape, keep_channels: bool):
@@ -179,13 +165,44 @@ def _sharding_like(mesh, spec, x_rank: int, shape, keep_channels: bool):
   return NamedSharding(mesh, PartitionSpec(*full))
 
 
+def broadcast_axes(x_spec, x_shape, g_shape) -> tuple:
+  """The mesh axes that split x (``x_spec``, the layout it is pooled on)
+  along a dim the guide broadcasts over (size 1 in ``g_shape``): the axes the
+  guide's gradient must be summed over. In mesh-spec order, each once."""
+  axes = []
+  for s, n, m in zip(x_spec, x_shape, g_shape):
+    if s is not None and m == 1 and n != 1:
+      axes += [a for a in (s if isinstance(s, (tuple, list)) else (s,))
+               if a not in axes]
+  return tuple(axes)
+
+
+def sum_guide_gradient(dg, axes):
+  """dg (one device's part of a broadcast guide's gradient) summed over the
+  mesh ``axes`` (manual here): one all-reduce, in the compute dtype (float32
+  for the half types, rounded once more), so every device gets the same
+  bits. The caller runs it outside any conditional."""
+  if not axes:
+    return dg
+  cd = reference.compute_dtype(dg.dtype)
+  return jax.lax.psum(dg.astype(cd), axes).astype(dg.dtype)
+
+
 @functools.lru_cache(maxsize=None)
 def _partitioned_call(ffi_call, prim, groups, guided: bool, in_shapes,
                       out_shapes, extra: tuple):
   """``ffi_call(prim, operands, groups, guided)`` (the plain custom call) per
   device, wrapped in custom_partitioning, for operands of ``in_shapes`` (x
-  first) and results of ``out_shapes``."""
+  first) and results of ``out_shapes``.
+
+  The guided backward's second result is the guide's gradient, summed by
+  the kernel over the guide's broadcast dims on the device's own block:
+  where x is split along one of those dims, each device holds a partial sum,
+  so the per-device function adds them (``sum_guide_gradient``)."""
   single_group = len(groups) == 1
+  # A result shaped like the guide (the backward's; pool_p's second result
+  # is the members, rank + 1) is the guide's gradient.
+  summed = guided and len(out_shapes) == 2 and out_shapes[1] == in_shapes[1]
 
   def per_device(*operands):
     return ffi_call(prim, operands, groups, guided, **dict(extra))
@@ -203,7 +220,15 @@ def _partitioned_call(ffi_call, prim, groups, guided: bool, in_shapes,
     shard = lambda shape: _sharding_like(mesh, spec, r, shape, single_group)
     results = jax.tree.map(lambda s: shard(s.shape), result_shape)
     args = tuple(shard(s.shape) for s in arg_shapes)
-    return mesh, per_device, results, args
+    axes = (broadcast_axes(args[0].spec, x_shape, in_shapes[1]) if summed
+            else ())
+    if not axes:
+      return mesh, per_device, results, args
+
+    def per_device_summed(*operands):
+      dx, dg = per_device(*operands)
+      return dx, sum_guide_gradient(dg, axes)
+    return mesh, per_device_summed, results, args
 
   names = [_factor_name(k) for k in range(r)]
 
@@ -251,11 +276,9 @@ def _vmapped_over_a_sharded_dim(x) -> bool:
 
   x's type is then per example and shard_map's batching would gather that
   dim; the path above keeps it split (and gathers the channels instead)."""
-  while hasattr(x, "batch_dim") and hasattr(x, "val"):  # a vmap's tracer
-    dim = x.batch_dim
-    if isinstance(dim, int) and _typed_sharding(x.val)[1][dim] is not None:
+  for dim, val in _jax_compat.vmap_levels(x):
+    if isinstance(dim, int) and _typed_sharding(val)[1][dim] is not None:
       return True
-    x = x.val
   return False
 
 
@@ -329,7 +352,7 @@ def grouped_pool_per_shard(pool, x, g, groups):
       # different branches then wait on different all-reduces, and jax/jaxlib
       # 0.12.1's CPU runtime deadlocks (its rendezvous is per instruction).
       # Cast before the switch, the psum is one all-reduce outside it.
-      g = reference._vary(g, x)
+      g = _jax_compat.vary(g, x)
     index = jnp.asarray([unique.index(s) for s in subs], jnp.int32)[
         jax.lax.axis_index(axes)]
     branches = [functools.partial(lambda sub, x, g: pool(x, g, sub), sub)
@@ -381,12 +404,16 @@ def reference_per_shard(fn, operands, out_like, *, single_group: bool,
   runs inside ``jax.shard_map`` on local blocks, on the layout the custom
   calls get (``_sharding_like``): x's leading dims stay split (and the
   channels for a single group), H, W and the channels of P > 1 groups are
-  gathered; a guide's size-1 dims are replicated. ``summed_guide`` (the
-  backward's guide): x's dims where the guide has size 1 are gathered too,
-  so the guide's gradient is summed over them on one device, in the
-  reference's order. Results are resharded to their operand's sharding.
-  Each device computes the unsharded reference's ops on its block: the same
-  numbers bit for bit.
+  gathered; a guide's size-1 dims are replicated. Operands from anywhere (a
+  host array, an unplaced or replicated jnp array, sharded) are placed so.
+  ``summed_guide`` (the backward's guide, ``operands[out_like[k]]`` for its
+  gradient's k): where x is split along a dim the guide broadcasts over,
+  each device sums its block and one all-reduce adds the devices' sums, as
+  the custom calls' path does (``sum_guide_gradient``). Results take their
+  operand's sharding (replicated over the mesh for an operand that had
+  none). Everything else is the unsharded reference's ops on each block:
+  the same numbers bit for bit; the guide's gradient differs from one
+  device's only in the order of its sum.
   """
   found = _explicit_mesh(operands)
   if found is None:
@@ -395,15 +422,31 @@ def reference_per_shard(fn, operands, out_like, *, single_group: bool,
   x = operands[0]
   r = x.ndim
   spec = _typed_sharding(x)[1]
-  if summed_guide is not None:
-    spec = tuple(None if n == 1 and m != 1 else s for s, n, m in
-                 zip(spec, jnp.shape(summed_guide), x.shape))
   specs = tuple(_sharding_like(mesh, spec, r, jnp.shape(a), single_group).spec
                 for a in operands)
   placed = [jax.sharding.reshard(a, NamedSharding(mesh, s))
             for a, s in zip(operands, specs)]
-  outs = jax.shard_map(fn, mesh=mesh, in_specs=specs,
+  sums = {}
+  if summed_guide is not None:
+    g_axes = broadcast_axes(specs[0], x.shape, jnp.shape(summed_guide))
+    sums = {k: g_axes for k, i in enumerate(out_like)
+            if operands[i] is summed_guide}
+
+  def per_shard(*blocks):
+    outs = fn(*blocks)
+    return tuple(sum_guide_gradient(o, sums[k]) if k in sums else o
+                 for k, o in enumerate(outs))
+
+  outs = jax.shard_map(per_shard, mesh=mesh, in_specs=specs,
                        out_specs=tuple(specs[i] for i in out_like),
                        axis_names=set(axes))(*placed)
-  return tuple(jax.sharding.reshard(o, jax.typeof(operands[i]).sharding)
-               for o, i in zip(outs, out_like))
+  return tuple(_back_to(o, operands[i]) for o, i in zip(outs, out_like))
+
+
+def _back_to(y, like):
+  """y resharded to like's sharding type; unchanged (replicated over y's
+  mesh, which is what an operand with no mesh is) where like has none."""
+  sharding = jax.typeof(like).sharding
+  if not getattr(getattr(sharding, "mesh", None), "axis_names", ()):
+    return y
+  return jax.sharding.reshard(y, sharding)

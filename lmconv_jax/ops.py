@@ -13,7 +13,6 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lmconv_jax import _ffi, _primitives
 from lmconv_jax.directions import (ALL_QUADRANTS, GROUPINGS, LEFT_RIGHT,
@@ -27,8 +26,8 @@ DTYPE_NAMES = tuple(jnp.dtype(d).name for d in DTYPES)
 
 __all__ = ["ALL_QUADRANTS", "GROUPINGS", "IMPLEMENTATIONS", "LEFT_RIGHT",
            "TOP_BOTTOM", "check_channels", "check_guide", "check_x",
-           "grouped_landmark_pool", "landmark_pool", "resolve_grouping",
-           "resolve_implementation"]
+           "grouped_landmark_pool", "landmark_pool", "landmark_pool_reference",
+           "resolve_grouping", "resolve_implementation"]
 
 
 # --------------------------------------------------------------------------
@@ -67,11 +66,11 @@ def check_guide(guide, x: jax.Array, where: str) -> Optional[jax.Array]:
     raise TypeError(
         f"{where}: guide must be real, got dtype {guide.dtype}. Give a float "
         f"guide, e.g. guide.real.astype(x.dtype).")
-  try:
-    shape = np.broadcast_shapes(tuple(guide.shape), tuple(x.shape))
-  except ValueError:
-    shape = None
-  if shape != tuple(x.shape):
+  # Dim by dim, not np.broadcast_shapes: dims may be symbolic (jax.export),
+  # where == says whether they are provably equal.
+  gshape, xshape = tuple(guide.shape), tuple(x.shape)
+  if len(gshape) > len(xshape) or not all(
+      g == 1 or g == d for g, d in zip(gshape[::-1], xshape[::-1])):
     raise ValueError(
         f"{where}: guide of shape {tuple(guide.shape)} does not broadcast to x "
         f"of shape {tuple(x.shape)}. Give a guide per pixel (..., H, W, C), "
@@ -96,20 +95,26 @@ def platform() -> str:
 
 def resolve_implementation(implementation: str = "auto",
                            where: str = "lmconv_jax") -> str:
-  """What ``implementation`` runs on the default backend: "ffi" or "reference".
+  """What ``implementation`` runs on the default backend: "ffi", "pallas" or
+  "reference".
 
   "auto" is decided again, per platform, when a function is lowered (so a
   function traced here lowers and exports for other platforms too); this is
-  what it picks for the default backend. "ffi" on a platform without
+  what it picks for the default backend: our custom calls where this build
+  compiled them (cpu, cuda), the Pallas kernels on a TPU, the reference
+  elsewhere. "pallas" runs the Pallas TPU kernels on a TPU and in Pallas'
+  interpret mode (exact, slow) anywhere else. "ffi" on a platform without
   compiled kernels raises, naming the fix.
   """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(
         f"{where}: unknown implementation {implementation!r}; expected one of "
         f"{', '.join(map(repr, IMPLEMENTATIONS))}.")
-  if implementation == "reference":
-    return "reference"
+  if implementation in ("reference", "pallas"):
+    return implementation
   platform = globals()["platform"]()
+  if implementation == "auto" and platform in _primitives.PALLAS_PLATFORMS:
+    return "pallas"
   if _ffi.has_kernels(platform):
     return "ffi"
   if implementation == "auto":
@@ -120,12 +125,15 @@ def resolve_implementation(implementation: str = "auto",
   elif platform == "cuda":
     fix = ("rebuild lmconv_jax where `nvcc` is on PATH (pip install "
            "--no-build-isolation -e .) to get the CUDA kernels")
+  elif platform in _primitives.PALLAS_PLATFORMS:
+    fix = (f"on {platform!r} the kernels are Pallas kernels: use "
+           f"implementation='pallas' (or 'auto')")
   else:
     fix = f"lmconv_jax has no kernels for {platform!r}"
   raise NotImplementedError(
       f"{where}: implementation='ffi' has no kernel for platform {platform!r} "
       f"(compiled: {', '.join(_ffi.available_platforms()) or 'none'}); "
-      f"{fix}. Or use implementation='auto' or 'reference'; "
+      f"{fix}. Or use implementation='auto', 'pallas' or 'reference'; "
       f"`python -m lmconv_jax info` shows what is available.")
 
 
@@ -153,9 +161,11 @@ def grouped_landmark_pool(x: jax.Array, directions: Grouping,
     guide: None or an array broadcastable to ``x`` (per pixel, per channel
       ``(C,)``, per batch ``(..., 1, 1, 1)``, ...). It reaches the kernels
       at its own shape; its gradient comes back at that shape.
-    implementation: ``"ffi"`` (our XLA custom call), ``"reference"`` (pure
-      jnp) or ``"auto"`` (per platform, at lowering: our kernels where this
-      build compiled them, the reference elsewhere).
+    implementation: ``"ffi"`` (our XLA custom call), ``"pallas"`` (our
+      Pallas TPU kernels; interpret mode off a TPU), ``"reference"`` (pure
+      jnp) or ``"auto"`` (per platform, at lowering: our custom calls where
+      this build compiled them, the Pallas kernels on a TPU, the reference
+      elsewhere).
 
   Example:
     >>> import jax.numpy as jnp, lmconv_jax
@@ -187,8 +197,8 @@ def landmark_pool(x: jax.Array, direction: DirectionLike,
     guide: None (all ones: the output is the max over the pixel's region) or
       an array broadcastable to ``x``; each pixel blends
       ``g * max + (1 - g) * x``. Its gradient is summed over broadcast dims.
-    implementation: ``"ffi"``, ``"reference"`` or ``"auto"``, as in
-      :func:`grouped_landmark_pool`.
+    implementation: ``"ffi"``, ``"pallas"``, ``"reference"`` or ``"auto"``,
+      as in :func:`grouped_landmark_pool`.
 
   Returns:
     An array with the shape and dtype of ``x``.
@@ -205,3 +215,17 @@ def landmark_pool(x: jax.Array, direction: DirectionLike,
   x = check_x(x, where)
   g = check_guide(guide, x, where)
   return _primitives.grouped_pool(x, g, groups, implementation)
+
+
+def landmark_pool_reference(x: jax.Array, direction: DirectionLike,
+                            guide: Optional[jax.Array] = None) -> jax.Array:
+  """Pure-jnp landmark pool of ``x`` (shape (..., H, W, C)) in ``direction``.
+
+  ``landmark_pool(..., implementation="reference")``: the same primitive as
+  the kernels (its JVP is ``reference.grouped_tangent``, its transpose
+  ``reference.grouped_backward``, the contract's formulas literally),
+  lowered to lmconv_jax/reference.py's jnp on every platform, never to a
+  custom call. ``guide`` is None (all ones) or an array broadcastable to
+  ``x``.
+  """
+  return landmark_pool(x, direction, guide, implementation="reference")

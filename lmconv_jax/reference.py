@@ -11,7 +11,7 @@ It is the executable form of docs/semantics.md, evaluated literally:
 
 Each recomputes what it needs from ``x`` and ``g``; none takes residuals. The
 JAX primitives wrap them (JVP = tangent, transpose = backward) on platforms
-without compiled kernels; :func:`landmark_pool_reference` is the public
+without compiled kernels; ``ops.landmark_pool_reference`` is the public
 single-direction pool built on them.
 
 Schedule. Every member pool of every group is cut into *phases*:
@@ -42,6 +42,7 @@ same sign (docs/semantics.md, "Edges").
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple, Optional, Sequence
 
 import jax
@@ -49,7 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lmconv_jax.directions import Direction, DirectionLike, resolve
+from lmconv_jax import _jax_compat
+from lmconv_jax.directions import Direction, resolve
 
 _HALF = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
@@ -266,7 +268,7 @@ def _buffer(like, plan, dtype, *inputs):
   Explicit mesh axes the primitives run this module per shard
   (_sharding.reference_per_shard): no array here has a sharded type."""
   z = jnp.zeros((plan.p, plan.k * plan.r) + like.shape[2:], dtype)
-  return _vary(z, *inputs)
+  return _jax_compat.vary(z, *inputs)
 
 
 class _GuideIn(NamedTuple):
@@ -304,14 +306,37 @@ class _Prepared(NamedTuple):
   gg: Optional[_GuideIn]
 
 
+def check_static_dims(shape, groups: int) -> None:
+  """Raises where the reference cannot trace ``shape`` (dims symbolic under
+  jax.export's shape polymorphism): H and W must be concrete (the wavefront
+  plan is static index tables over the H x W pixels, one scan step per
+  phase), and C too when it splits into several groups; the batch dims may
+  be symbolic."""
+  h, w, c = shape[-3:]
+  fixed = {"H": h, "W": w} | ({"C": c} if groups > 1 else {})
+  symbolic = ", ".join(n for n, d in fixed.items() if not isinstance(d, int))
+  if symbolic:
+    why = "static index tables over the H x W pixels (one scan step per phase)"
+    if groups > 1:
+      why += f" and splits C into {groups} equal groups"
+    raise ValueError(
+        f"lmconv_jax's reference pool (implementation='reference', or 'auto' "
+        f"on a platform without kernels) got x of shape {tuple(shape)} with "
+        f"symbolic {symbolic}: its wavefront plan is {why}, so {symbolic} "
+        f"must be concrete. Give them as numbers in "
+        f"jax.export.symbolic_shape (e.g. 'b, 32, 32, 16'); the batch dims "
+        f"may stay symbolic.")
+
+
 def _prepare(x, g, groups) -> _Prepared:
   x = jnp.asarray(x)
   groups = _groups(groups)
   h, w, c = x.shape[-3:]
   p = len(groups)
+  check_static_dims(x.shape, p)
   if c % p:
     raise ValueError(f"x has {c} channels, which do not split into {p} groups")
-  b = int(np.prod(x.shape[:-3], dtype=np.int64))
+  b = math.prod(x.shape[:-3])      # symbolic where the batch is (jax.export)
   dtype = jnp.dtype(x.dtype)
   cd = compute_dtype(dtype)
   plan = _plan(groups, h, w)
@@ -322,47 +347,36 @@ def _prepare(x, g, groups) -> _Prepared:
   return _Prepared(plan, tuple(x.shape), b, dtype, cd, xg, gg)
 
 
-def varying_axes(v) -> frozenset:
-  """The manual mesh axes (shard_map) ``v`` varies over; empty outside
-  shard_map. The one lookup of the package (_vary and _primitives._bind use
-  it): jax 0.12 keeps them in ``aval.mat.varying``, jax 0.11 in
-  ``aval.vma``."""
-  aval = jax.typeof(v)
-  mat = getattr(aval, "mat", None)
-  found = getattr(mat, "varying", None) if mat is not None else None
-  return frozenset(found or getattr(aval, "vma", None) or ())
-
-
-def _vary(z, *inputs):
-  """z, typed as varying over every manual mesh axis (shard_map) that any of
-  ``inputs`` varies over, so that a scan carry keeps its type; a no-op
-  outside shard_map. Values unchanged, no data moved."""
-  axes = frozenset().union(
-      *(varying_axes(v) for v in inputs if v is not None)) - varying_axes(z)
-  if axes:
-    z = lax.pcast(z, tuple(sorted(axes)), to="varying")
-  return z
-
-
 def _steps(plan: _Plan, *names):
   return tuple(jnp.asarray(getattr(plan, n)) for n in names)
+
+
+def _kernel_bound(src):
+  """src (this step's index table) unchanged, through a two-element sort.
+
+  XLA's CPU compiler compiles a while loop without a sort (or a custom
+  call) as one function (a "small call", at every size here), where LLVM
+  contracts a product into the add that reads it, across the
+  optimization barriers that keep them in separate kernels elsewhere: FMAs
+  (one-column images with a row octant did). A sort keeps the loop's
+  kernels apart; the sorted pair is two copies of one index, so the offset
+  added is 0 (which XLA cannot fold)."""
+  a = src.reshape(-1)[0]
+  lo, hi = lax.sort(jnp.stack([a, a]))
+  return src + (hi - lo)
 
 
 # --------------------------------------------------------------------------
 # The passes.
 
-def _forward_scan(pr: _Prepared, txg=None, tgg=None, literal=True):
-  """Forward pass in member layout; with txg, also the running tangent.
-
-  literal=False drops the barriers around the guided tangent's products
-  (JAX cannot transpose them under shard_map): for the interim custom_jvp
-  of landmark_pool_reference, whose reverse mode JAX derives by transposing
-  this tangent; XLA may then contract them into FMAs."""
+def _forward_scan(pr: _Prepared, txg=None, tgg=None):
+  """Forward pass in member layout; with txg, also the running tangent."""
   plan, cd, sd = pr.plan, pr.cd, pr.dtype
   tangent = txg is not None
 
   def body(carry, s):
     src, dst, nb1, nb2, in1, in2 = s
+    src = _kernel_bound(src)
     out_buf = carry[0]
     xv = _get(pr.xg, src)
     o1 = _get(out_buf, nb1).astype(cd)
@@ -385,9 +399,8 @@ def _forward_scan(pr: _Prepared, txg=None, tgg=None, literal=True):
         tv = win
       else:
         tgv = _read(tgg, src)
-        a, bb, cc = gv * win, (1 - gv) * txv, (m - xv) * tgv
-        if literal:
-          a, bb, cc = lax.optimization_barrier((a, bb, cc))
+        a, bb, cc = lax.optimization_barrier(
+            (gv * win, (1 - gv) * txv, (m - xv) * tgv))
         tv = a + bb + cc
       new += (_set(t_buf, dst, tv),)
     return new, None
@@ -476,7 +489,7 @@ def grouped_forward(x: jax.Array, g: Optional[jax.Array], groups) -> jax.Array:
   return _finish(out, pr)
 
 
-def _forward_and_tangent(x, g, tx, tg, groups, literal=True):
+def _forward_and_tangent(x, g, tx, tg, groups):
   x = jnp.asarray(x)
   if x.size == 0:
     return x, jnp.zeros_like(x)
@@ -492,7 +505,7 @@ def _forward_and_tangent(x, g, tx, tg, groups, literal=True):
     else:
       tgg = _guide_in(jnp.asarray(tg).astype(pr.dtype).astype(pr.cd),
                       pr.shape, pr.b, pr.plan)
-  out_buf, t_buf = _forward_scan(pr, txg, tgg, literal)
+  out_buf, t_buf = _forward_scan(pr, txg, tgg)
   plan = pr.plan
   out, win = _merge(_member_images(out_buf, plan), plan)
   tm = _member_images(t_buf, plan).astype(pr.dtype)    # rounded once
@@ -540,6 +553,7 @@ def grouped_backward(x: jax.Array, g: Optional[jax.Array], ct: jax.Array,
 
   def body(carry, s):
     src, dst, nb1, nb2, in1, in2, first, second = s
+    src = _kernel_bound(src)
     G_buf = carry[0]
     G = _get(G_buf, dst)                     # final: every push has arrived
     xv = _get(pr.xg, src)
@@ -560,15 +574,18 @@ def grouped_backward(x: jax.Array, g: Optional[jax.Array], ct: jax.Array,
       selff, k1, k2 = lax.optimization_barrier(
           (self_.astype(cd), (i1 & (o1 >= m)).astype(cd),
            (i2 & (o2 >= m)).astype(cd)))
-      t1 = (one - selff) * k1
+      # t1 is exact (0 or 1), but the barrier keeps even 1 - t1 from an FMA.
+      (t1,) = lax.optimization_barrier(((one - selff) * k1,))
       t2 = (one - selff) * (one - t1) * k2
       a, bb = lax.optimization_barrier((sv * selff, one - sv))
       dx = (a + bb) * G
       dg = (m - xv) * G
       p1 = (sv * t1) * G
       p2 = (sv * t2) * G
-    f = jnp.where(n2f, p2, p1)
-    sc = jnp.where(n2f, p1, p2)
+    # The barrier keeps XLA from fusing a push's product into the add that
+    # receives it (where LLVM would contract them into an FMA).
+    f, sc = lax.optimization_barrier((jnp.where(n2f, p2, p1),
+                                      jnp.where(n2f, p1, p2)))
     G_buf = _add(G_buf, first, f)
     G_buf = _add(G_buf, second, sc)
     # dx[p] (rounded to the storage dtype) replaces G[p], never read again.
@@ -579,7 +596,7 @@ def grouped_backward(x: jax.Array, g: Optional[jax.Array], ct: jax.Array,
     return new, None
 
   ins = (pr.xg, None if pr.gg is None else pr.gg.rows, out_buf)
-  init = (_vary(G0, *ins),)
+  init = (_jax_compat.vary(G0, *ins),)
   if guided:
     init += (_buffer(pr.xg, plan, sd, G0, *ins),)
   carry, _ = lax.scan(body, init, _steps(plan, "src", "dst", "nb1", "nb2",
@@ -599,20 +616,3 @@ def grouped_backward(x: jax.Array, g: Optional[jax.Array], ct: jax.Array,
   if axes:
     dg = jnp.sum(dg.astype(cd), axis=axes, keepdims=True).astype(sd)
   return dx, dg.reshape(gshape)
-
-
-# --------------------------------------------------------------------------
-# The public single-direction pool.
-
-def landmark_pool_reference(x: jax.Array, direction: DirectionLike,
-                            guide: Optional[jax.Array] = None) -> jax.Array:
-  """Pure-jnp landmark pool of ``x`` (shape (..., H, W, C)) in ``direction``.
-
-  ``lmconv_jax.landmark_pool(..., implementation="reference")``: the same
-  primitive as the kernels (its JVP is :func:`grouped_tangent`, its
-  transpose :func:`grouped_backward`, the contract's formulas literally),
-  lowered to this module's jnp on every platform, never to a custom call.
-  ``guide`` is None (all ones) or an array broadcastable to ``x``.
-  """
-  from lmconv_jax import ops  # ops imports this module's functions
-  return ops.landmark_pool(x, direction, guide, implementation="reference")

@@ -11,7 +11,7 @@ import lmconv_jax
 from lmconv_jax import DIRECTIONS, OCTANTS, QUADRANTS
 from lmconv_jax import reference as R
 from lmconv_jax.directions import GROUPINGS, resolve_grouping
-from lmconv_jax.reference import landmark_pool_reference as ref
+from lmconv_jax.ops import landmark_pool_reference as ref
 
 import fuzz
 import inputs
