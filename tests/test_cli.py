@@ -80,7 +80,8 @@ def test_quick_demo_results_json_holds_sane_numbers(quick_demo):
   lo, hi = results["data"]["distance_range"]
   assert 6 <= lo <= hi <= 12
   assert results["landmark_pool"].startswith(("ffi", "reference"))
-  assert 0 < results["total_seconds"] < 120
+  # A duration, not a speed bound (speed belongs in the benchmarks).
+  assert results["total_seconds"] > 0
   # The table is rebuilt from the file alone.
   assert format_table(results).count("\n") == 5
 
