@@ -227,9 +227,10 @@ LMCONV_INLINE void forward_pixel(const S* __restrict x, const S* __restrict g,
   }
 }
 
-// Scans that run backwards through memory defeat the hardware prefetcher
-// (3x slower with a guide), so each kernel prefetches the pixel it will visit
-// kPrefetchPixels later in scan order.
+// Scans that run backwards through memory defeat the hardware prefetcher, so
+// each kernel prefetches the pixel it will visit kPrefetchPixels later in scan
+// order (see docs/perf-log.md, 'CPU, 2026-12-05: a different VM (Intel Xeon);
+// the octants' backward', for the narrow backward without it).
 constexpr int64_t kPrefetchPixels = 8;
 
 template <int kWrite, typename T>
@@ -429,7 +430,9 @@ struct CodePass {
     S* __restrict op = out + p;
     uint8_t* __restrict cp = code + p;
     // The codes as int32 lanes first, then narrowed to bytes: gcc 12 leaves
-    // a loop that stores bytes beside float lanes scalar (15x slower).
+    // a loop that stores bytes beside float lanes scalar (see
+    // docs/perf-log.md, 'CPU, 2026-12-04: winner codes instead of member
+    // pools').
     int32_t k32[kMaxChannelBlock];  // an item has at most this many channels
     for (int64_t c = 0; c < n_; ++c) {
       const auto xv = T::load_input(xp[c]);
@@ -667,10 +670,10 @@ LMCONV_INLINE void forward_rows(Pass& pass, const ScanView& v, int64_t i0,
 
 // fn(lanes): lanes is n, or, for an unguided 16-bit PoolPass (the max on the
 // bits, forward_pixel) and n in {4, 8, 16}, n as a std::integral_constant:
-// with n at run time gcc 12 left those groups' lane loops scalar (octants of
-// 64 16-bit channels took 1.3-1.5x float32's, of 32 channels 5-6x;
-// docs/benchmarks.md). Dispatched once per item, not per pixel (a branch in
-// the pixel loop slowed the wide groups' by 10 %).
+// with n at run time gcc 12 left those groups' lane loops scalar. Dispatched
+// once per item, not per pixel: a branch in the pixel loop slowed the wide
+// groups' (see docs/perf-log.md, 'CPU, 2026-12-04 (later): narrow 16-bit
+// groups get a constant lane count').
 template <typename S, typename Pass, typename F>
 LMCONV_INLINE void with_lane_count(int64_t n, F fn) {
   constexpr bool kBits =
@@ -1331,11 +1334,10 @@ class CpuKernels {
 
   // Whether forward_as sweeps an image's groups together (forward_views), an
   // item per image: rows_pair_up, narrow_or_whole_lines, and images enough
-  // for the threads. Measured in docs/benchmarks.md: on the Intel Xeon VM
-  // quadrants of float32 at (8, 64, 64, 64) went from 1.10-1.25 to
-  // 1.00-1.10 ms one thread (on the EPYC of an earlier week a similar
-  // schedule had lost, 2.07-2.46x against 1.73-1.95x a single pool); merged
-  // groups gained nothing.
+  // for the threads. One sweep then reads a row's lines for all the groups
+  // of its row order; merged groups gained nothing from it (see
+  // docs/perf-log.md, 'CPU, 2026-12-06 (later): an image's groups of one
+  // row order swept together, ...').
   bool sweeps_together(const Call& c, int64_t element_bytes) {
     if (!rows_pair_up(c) || !narrow_or_whole_lines(c, element_bytes)) {
       return false;
@@ -1347,11 +1349,11 @@ class CpuKernels {
   // Whether an item's pieces are swept together in the backward
   // (backward_views): two or more single-direction groups whose scans visit
   // pixels in the same order (an item of octants of float32 is a line of two:
-  // I1 / I2, ...). On the Intel Xeon VM of docs/benchmarks.md, octants'
-  // backward at (8, 64, 64, 64) float32 went from 5.1-6.3 to 3.3-3.8 ms one
-  // thread; on the EPYC an image's groups swept together had gained nothing.
-  // (Lines of groups with one row order but two column orders, bfloat16
-  // quadrants: 2.42 against 2.25-2.37 ms, not taken.)
+  // I1 / I2, ...), so one pass reads the item's lines (see docs/perf-log.md,
+  // 'CPU, 2026-12-06: a line of octants' backward swept together (kept)').
+  // Lines of groups with one row order but two column orders (bfloat16
+  // quadrants) gained nothing and are not taken (same log, 'CPU, 2026-12-06
+  // (later): an image's groups of one row order swept together, ...').
   static bool together_backward(const Call& c, const Item* pieces, int count) {
     if (count < 2) return false;
     const Direction& d0 = c.grouping.dir(pieces[0].group, 0);
@@ -1385,12 +1387,12 @@ class CpuKernels {
 
   // Whether backward_as sweeps an image's groups of one row order together
   // (backward_views), an item per (image, row order): unguided, rows_pair_up,
-  // lines_share_row_order, and items enough for the threads. At (8, 64, 64,
-  // 64) on the Intel Xeon VM (docs/benchmarks.md), one thread: quadrants of
-  // float32 (top_left with top_right, bottom_left with bottom_right) went
-  // from 2.4-3.2 to 2.2-2.4 ms, octants of float32 (four groups a sweep,
-  // where lines of two had been) from 3.4-3.5 to 2.9-3.0 ms. Other lines of
-  // groups of one scan order are swept together by together_backward.
+  // lines_share_row_order, and items enough for the threads: float32
+  // quadrants (top_left with top_right, bottom_left with bottom_right) and
+  // octants (four groups a sweep, where lines of two had been) read a row's
+  // lines once (see docs/perf-log.md, 'CPU, 2026-12-06 (later): an image's
+  // groups of one row order swept together, ...'). Other lines of groups of
+  // one scan order are swept together by together_backward.
   bool rows_together_backward(const Call& c, int64_t element_bytes) {
     if (c.guided || !rows_pair_up(c) ||
         !lines_share_row_order(c, element_bytes)) {
