@@ -21,9 +21,15 @@ on one where there is.
 4. Lowering for "cuda" through the public API, on this CPU-only machine.
 5. GPU (``-m gpu``; skipped without an NVIDIA GPU): the CUDA targets on the
    device against the CPU kernels and the emulation, bit for bit.
+6. ptxas (where nvcc is found): no float32 kernel spills registers to local
+   memory, as ``nvcc -Xptxas -v`` reports for sm_80.
 """
 
+import pathlib
 import re
+import shutil
+import subprocess
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -760,3 +766,63 @@ def test_gpu_kernels_index_past_2_to_the_31():
       x, d, implementation="ffi").sum()))(x)
   # Every pixel's gradient lands on its landmark: the total is the pixel count.
   assert float(jnp.sum(dx, dtype=jnp.float64)) == np.prod(shape)
+
+
+# --------------------------------------------------------------------------
+# 6. ptxas: no float32 kernel spills
+
+# float32 kernels that still spill (CUDA 13.0, sm_80), each with why: the
+# check fails on any other, and on one of these that no longer spills (so
+# the list only shrinks). The guided tangent keeps eight values per pixel of
+# a batch live across its loads (x, both neighbours, g, tx, t1, t2, tg).
+FLOAT32_SPILLS_KNOWN = {"TangentBody<float, true>"}
+
+
+def _nvcc():
+  """nvcc on PATH, or CUDA's default place (where .ci/run puts it)."""
+  default = pathlib.Path("/usr/local/cuda/bin/nvcc")
+  return shutil.which("nvcc") or (str(default) if default.exists() else None)
+
+
+def ptxas_report(nvcc, arch="sm_80"):
+  """{kernel body: (registers, spill store bytes, spill load bytes)} of
+  xla_ffi/cuda.cu compiled with the project's flags (CMakeLists.txt)."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  with tempfile.TemporaryDirectory() as tmp:
+    p = subprocess.run(
+        [nvcc, "-std=c++17", "-O3", "-DNDEBUG", "--fmad=false", "-ftz=true",
+         f"-arch={arch}", "-cubin", "-Xptxas", "-v",
+         "-I", str(root / "xla_ffi"), str(root / "xla_ffi" / "cuda.cu"),
+         "-o", str(pathlib.Path(tmp) / "cuda.cubin")],
+        capture_output=True, text=True, timeout=900)
+  assert p.returncode == 0, p.stderr[-3000:]
+  out = {}
+  pattern = re.compile(
+      r"Compiling entry function '(\w+)' for '\w+'\n(?:.*\n)*?.*?"
+      r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes "
+      r"spill loads\n.*?Used (\d+) registers")
+  for m in pattern.finditer(p.stdout + p.stderr):
+    name = subprocess.run(["c++filt", m.group(1)], capture_output=True,
+                          text=True).stdout.strip()
+    body = re.search(r"phased_kernel<lmconv::(\w+)<(.*)> *>", name)
+    key = (f"{body.group(1)}<{body.group(2)}>" if body else name).replace(
+        "lmconv::", "")
+    out[key] = (int(m.group(5)), int(m.group(3)), int(m.group(4)))
+  return out
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found")
+def test_no_float32_kernel_spills():
+  """ptxas -v over every kernel (28: 4 dtypes x 7 bodies); float32's must
+  not spill (a spill is a local-memory round trip per pixel). The numbers
+  of every kernel are in the failure message."""
+  if shutil.which("c++filt") is None:
+    pytest.skip("c++filt not found")
+  report = ptxas_report(_nvcc())
+  table = "\n".join(f"{k}: {v[0]} registers, spills {v[1]} / {v[2]} bytes"
+                     for k, v in sorted(report.items()))
+  assert len(report) == 28, table
+  f32 = {k: v for k, v in report.items() if "<float" in k}
+  assert len(f32) == 7, table
+  spilling = {k for k, v in f32.items() if v[1] or v[2]}
+  assert spilling == FLOAT32_SPILLS_KNOWN, table

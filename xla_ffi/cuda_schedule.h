@@ -542,17 +542,17 @@ LMCONV_HDI void for_each_batch(const Sweep& s, int64_t pixel_lanes,
   int64_t k = l.k0;
   if (k < lo) k += (lo - k + pixel_lanes - 1) / pixel_lanes * pixel_lanes;
   for (; k < end; k += kBatch * pixel_lanes) {
-    Pixel px[kBatch] = {};
     LMCONV_UNROLL_BATCH
     for (int u = 0; u < kBatch; ++u) {
       if (k + u * pixel_lanes >= end) break;
-      px[u] = pixel(s, phase, k + u * pixel_lanes);
-      step.load(u, px[u]);
+      step.load(u, pixel(s, phase, k + u * pixel_lanes));
     }
+    // The pixel again, not kept from the load: a few integer operations
+    // instead of kBatch Pixels live across the loads (ptxas spilled them).
     LMCONV_UNROLL_BATCH
     for (int u = 0; u < kBatch; ++u) {
       if (k + u * pixel_lanes >= end) break;
-      step.store(u, px[u]);
+      step.store(u, pixel(s, phase, k + u * pixel_lanes));
     }
   }
 }

@@ -16,6 +16,14 @@
 
 namespace nb = nanobind;
 
+// CMakeLists.txt: the device harness and its host twin, where built.
+#ifndef LMCONV_HARNESS_CUDA
+#define LMCONV_HARNESS_CUDA ""
+#endif
+#ifndef LMCONV_HARNESS_HOST_PATH
+#define LMCONV_HARNESS_HOST_PATH ""
+#endif
+
 LMCONV_DECLARE_POOL_HANDLERS(LmconvEmu)
 
 namespace {
@@ -124,7 +132,11 @@ NB_MODULE(_lmconv_cuda_emu, m) {
         nb::dict d;
         d["cuda_compiled"] = bool(LMCONV_CUDA_COMPILED);
         d["cuda_compiler"] = LMCONV_CUDA_COMPILER;
+        d["harness_cuda"] = LMCONV_HARNESS_CUDA;
+        d["harness_host"] = LMCONV_HARNESS_HOST_PATH;
         return d;
       },
-      "Whether this build compiled the CUDA kernels, and with which nvcc.");
+      "Whether this build compiled the CUDA kernels, and with which nvcc; "
+      "where it put the device harness (tests/cuda_harness.cu) and its host "
+      "twin ('' where not built).");
 }
