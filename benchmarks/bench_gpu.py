@@ -33,6 +33,9 @@ time over ours (above 1: we are faster).
   python benchmarks/bench_gpu.py --platform cpu --quick   # smoke test, no GPU
   python benchmarks/bench_gpu.py --model    # docs/benchmarks.md's model
 
+Exit codes: 0 measured; 3 no device of the platform (nothing measured, as
+scripts/gpu_check.sh's "no GPU"); 2 bad arguments (argparse).
+
 Uses the public API only (landmark_pool, grouped_landmark_pool,
 implementation=...); importing it needs no GPU.
 """
@@ -519,6 +522,10 @@ def _csv(choices: Sequence[str]):
   return parse
 
 
+# The exit code when there is no device of the platform asked for.
+EXIT_NO_DEVICE = 3
+
+
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--platform", default="gpu", choices=("gpu", "cpu"),
@@ -552,9 +559,12 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
   try:
     device = jax.devices(a.platform)[0]
   except RuntimeError:
-    print(f"bench_gpu: no {a.platform} device visible to JAX; nothing to "
-          f"measure (use --platform cpu --quick to check the script).")
-    return []
+    # Not a success: automation that reads the exit code sees nothing ran
+    # (scripts/gpu_check.sh's code for "no GPU" too).
+    print(f"bench_gpu: no {a.platform} device visible to JAX; nothing was "
+          f"measured (use --platform cpu --quick to check the script).",
+          file=sys.stderr)
+    sys.exit(EXIT_NO_DEVICE)
   if a.platform == "gpu":
     problem = _ffi_runs_on(device)
     if problem:

@@ -12,25 +12,33 @@
 #   2. build      ~60 s   (limit 150 s) a venv with the system's site
 #                         packages (.venv-gpu), `pip install --no-index
 #                         --no-build-isolation --no-deps -e .`: the CPU and
-#                         CUDA extensions against that jaxlib's FFI headers
-#   3. tests      ~100 s  (limit 180 s) `pytest -m gpu tests`: the full grid
+#                         CUDA extensions against that jaxlib's FFI headers,
+#                         and the device harness
+#   3. harness    ~60 s   (limit 90 s) the device harness first, the fastest
+#                         proof (tests/cuda_harness.cu: no JAX; every
+#                         grouping, dtype, guide and pass on the GPU against
+#                         the CPU kernels, bit for bit; one line per case)
+#   4. tests      ~100 s  (limit 180 s) `pytest -m gpu tests`: the full grid
 #                         on the GPU against the reference and the emulation
-#   4. memcheck   ~40 s   (limit 75 s) scripts/gpu_sanitize_case.py under
+#   5. memcheck   ~40 s   (limit 75 s) scripts/gpu_sanitize_case.py under
 #                         compute-sanitizer --tool memcheck
-#   5. racecheck  ~40 s   (limit 75 s) the same under --tool racecheck
-#   6. bench      ~120 s  (limit 150 s) benchmarks/bench_gpu.py: the kernels
+#   6. racecheck  ~40 s   (limit 75 s) the same under --tool racecheck
+#   7. bench      ~120 s  (limit 150 s) benchmarks/bench_gpu.py: the kernels
 #                         against a copy, the reference, lax.cummax, torch
-#   7. report     ~2 s    OUTDIR/gpu_report.md and OUTDIR/gpu_results.json
-#   total         ~6 min expected, 8 min at most
+#   8. report     ~2 s    OUTDIR/gpu_report.md and OUTDIR/gpu_results.json
+#   total         ~7 min expected, 8 min at most
 #
 # OUTDIR (default: a new gpu_check_<UTC time> folder in the current
 # directory; a relative OUTDIR is taken from there too) receives at most 8
 # files: gpu_report.md, gpu_results.json and the logs (env.log, build.log,
-# tests.log, memcheck.log, racecheck.log, bench.log).
+# tests.log: the harness's lines, then pytest's; memcheck.log, racecheck.log,
+# bench.log).
 #
 # --dry-run: no GPU needed; runs every step that can run without one: the
 # build (or, with LMCONV_GPU_CHECK_PYTHON=/path/to/python, reuses that
-# environment's lmconv_jax without building), the gpu-marked tests (they
+# environment's lmconv_jax without building; where the base python has no
+# jax, it reuses the project's .venv by itself), the harness's host twin
+# (the CUDA bodies on the CPU, a quick grid), the gpu-marked tests (they
 # skip), the sanitizer workload on the CPU without the sanitizer, the
 # benchmark on the CPU with a tiny shape, and the report.
 #
@@ -39,7 +47,8 @@
 #
 # Environment: LMCONV_GPU_CHECK_PYTHON (use this python, no build),
 # LMCONV_GPU_CHECK_BASE_PYTHON (the python whose packages the venv sees;
-# default python3), LMCONV_GPU_CHECK_VENV (default .venv-gpu),
+# default python3, or the project's .venv where python3 has no jax),
+# LMCONV_GPU_CHECK_VENV (default .venv-gpu),
 # LMCONV_GPU_CHECK_BUDGET_S (default 470), LMCONV_GPU_CHECK_LIMIT_SCALE (an
 # integer factor on each step's limit, for slow machines; default 1),
 # NVIDIA_SMI (default nvidia-smi).
@@ -145,6 +154,15 @@ ENVLOG="$OUTDIR/env.log"
 
 # --- 2. build ----------------------------------------------------------------
 BUILDLOG="$OUTDIR/build.log"
+# A dry run works anywhere: where the base python has no jax (a machine
+# whose python3 is bare), the project's own .venv (scripts/setup.sh) has
+# this checkout's lmconv_jax, so the dry run reuses it instead of failing.
+if [ -z "${LMCONV_GPU_CHECK_PYTHON:-}" ] && [ "$DRY" = 1 ] &&
+   ! "${LMCONV_GPU_CHECK_BASE_PYTHON:-python3}" -c 'import jax' >/dev/null 2>&1 &&
+   "$REPO/.venv/bin/python" -c 'import jax, lmconv_jax' >/dev/null 2>&1; then
+  LMCONV_GPU_CHECK_PYTHON="$REPO/.venv/bin/python"
+  echo "gpu_check: ${LMCONV_GPU_CHECK_BASE_PYTHON:-python3} has no jax; the dry run reuses $LMCONV_GPU_CHECK_PYTHON"
+fi
 if [ -n "${LMCONV_GPU_CHECK_PYTHON:-}" ]; then
   PY=$LMCONV_GPU_CHECK_PYTHON
   record build reused "LMCONV_GPU_CHECK_PYTHON=$PY: its lmconv_jax, not rebuilt"
@@ -228,14 +246,36 @@ if [ "$DRY" = 0 ] && [ "$SKIP_ALL" = 0 ] &&
 fi
 
 if [ "$SKIP_ALL" = 1 ]; then
-  for s in tests memcheck racecheck bench; do record "$s" not-run "no working build"; done
+  for s in harness tests memcheck racecheck bench; do record "$s" not-run "no working build"; done
 else
-  # --- 3. the gpu-marked tests (the full grid) -------------------------------
+  # --- 3. the device harness, first: no JAX between the kernels and the check
+  # Its binaries are where this build put them (the emulator module knows).
+  HARNESS=$("$PY" -c 'from lmconv_jax import _lmconv_cuda_emu as e
+i = e.build_info()
+print(i.get("harness_cuda", ""), i.get("harness_host", ""), sep="\n")' 2>/dev/null)
+  HARNESS_CUDA=$(sed -n 1p <<<"$HARNESS")
+  HARNESS_HOST=$(sed -n 2p <<<"$HARNESS")
+  echo "== device harness (tests/cuda_harness.cu)" >>"$OUTDIR/tests.log"
+  if [ "$DRY" = 0 ] && [ -x "$HARNESS_CUDA" ]; then
+    run_step harness 60 90 "$OUTDIR/tests.log" \
+      "$HARNESS_CUDA" --tsv "$WORK/harness.tsv"
+  elif [ "$DRY" = 0 ]; then
+    record harness failed "the device harness was not built (${HARNESS_CUDA:-no path}): see build.log"
+  elif [ -x "$HARNESS_HOST" ]; then
+    # No GPU: its host twin runs the grid, the comparison and the poison check.
+    run_step harness 20 90 "$OUTDIR/tests.log" \
+      "$HARNESS_HOST" --quick --tsv "$WORK/harness.tsv"
+  else
+    record harness skipped "dry run: this build has no harness host twin"
+  fi
+  echo "== pytest -m gpu tests" >>"$OUTDIR/tests.log"
+
+  # --- 4. the gpu-marked tests (the full grid) -------------------------------
   run_step tests 100 180 "$OUTDIR/tests.log" \
     "$PY" -m pytest -m gpu -q -rfEs -p no:cacheprovider \
       --junitxml="$WORK/junit.xml" tests
 
-  # --- 4./5. compute-sanitizer over a small grid -----------------------------
+  # --- 5./6. compute-sanitizer over a small grid -----------------------------
   CASE=(scripts/gpu_sanitize_case.py)
   if [ "$DRY" = 1 ]; then
     run_step memcheck 15 60 "$OUTDIR/memcheck.log" \
@@ -257,7 +297,7 @@ else
     done
   fi
 
-  # --- 6. the benchmark --------------------------------------------------------
+  # --- 7. the benchmark --------------------------------------------------------
   if [ "$DRY" = 1 ]; then
     run_step bench 20 60 "$OUTDIR/bench.log" \
       "$PY" benchmarks/bench_gpu.py --platform cpu --quick \
@@ -275,7 +315,7 @@ else
   fi
 fi
 
-# --- 7. the report: it also decides the exit code ------------------------------
+# --- 8. the report: it also decides the exit code ------------------------------
 # (a sanitizer that refuses the device is "unsupported", not a failure).
 REPORT_PY=$PY
 "$REPORT_PY" -c 'import json' 2>/dev/null || REPORT_PY=python3

@@ -1,7 +1,9 @@
 """Writes OUTDIR/gpu_report.md and OUTDIR/gpu_results.json for gpu_check.sh.
 
 Reads what the steps left: WORK/steps.tsv (one line per step: name, status,
-seconds, expected, limit, note), WORK/junit.xml (pytest), OUTDIR/memcheck.log
+seconds, expected, limit, note), WORK/harness.tsv (the device harness, one
+line per case: ok or FAIL, the case, why), WORK/junit.xml (pytest),
+OUTDIR/memcheck.log
 and racecheck.log (compute-sanitizer), WORK/bench.json and bench.md
 (benchmarks/bench_gpu.py), OUTDIR/env.log. Exits 0 when every step passed
 (or was skipped by design), 1 otherwise. Standard library only.
@@ -36,6 +38,34 @@ def steps(work: str) -> list[dict]:
                     expected_s=int(expected or 0), limit_s=int(limit or 0),
                     note=note))
   return out
+
+
+HARNESS_PASSES = ("fwd-train", "fwd-infer", "tangent", "backward")
+
+
+def harness_summary(work: str) -> dict:
+  """The device harness's cases (tests/cuda_harness.cu --tsv): how many
+  passed, which failed, and per grouping and pass how many passed."""
+  text = read(os.path.join(work, "harness.tsv"))
+  if not text:
+    return dict(ran=False)
+  cases, table = [], {}
+  for line in text.splitlines():
+    status, label, why = (line.split("\t") + ["", ""])[:3]
+    fields = label.split()
+    if len(fields) < 3:
+      continue
+    passed = status == "ok"
+    cases.append(dict(passed=passed, case=" ".join(fields), why=why))
+    row = table.setdefault(fields[2], {k: [0, 0] for k in HARNESS_PASSES})
+    cell = row.setdefault(fields[0], [0, 0])
+    cell[0] += passed
+    cell[1] += 1
+  n_ok = sum(c["passed"] for c in cases)
+  return dict(ran=True, passed=n_ok, failed=len(cases) - n_ok,
+              failures=[c for c in cases if not c["passed"]][:200],
+              by_grouping={g: {k: f"{v[0]}/{v[1]}" for k, v in row.items()}
+                           for g, row in table.items()})
 
 
 def pytest_summary(work: str) -> dict:
@@ -106,6 +136,7 @@ def main(argv=None) -> int:
   a = p.parse_args(argv)
 
   st = steps(a.work)
+  harness = harness_summary(a.work)
   tests = pytest_summary(a.work)
   san = {t: sanitizer_summary(os.path.join(a.outdir, f"{t}.log"))
          for t in ("memcheck", "racecheck")}
@@ -114,6 +145,10 @@ def main(argv=None) -> int:
         san[s["name"]].get("unsupported"):
       s["status"] = "unsupported"
       s["note"] = "compute-sanitizer: Device not supported on this machine"
+    if s["name"] == "harness" and s["status"] == "ok" and \
+        harness.get("passed", 0) == 0:
+      s["status"] = "failed"
+      s["note"] = "no harness case ran (see tests.log)"
     if s["name"] == "tests" and s["status"] == "ok" and tests.get("ran") \
         and a.mode == "gpu" and tests.get("passed", 0) == 0:
       s["status"] = "failed"
@@ -134,7 +169,7 @@ def main(argv=None) -> int:
 
   results = dict(mode=a.mode, date=date, passed=passed, seconds=a.seconds,
                  budget_s=a.budget, steps=st, environment=env.splitlines(),
-                 tests=tests, sanitizer=san, bench=bench)
+                 harness=harness, tests=tests, sanitizer=san, bench=bench)
   with open(os.path.join(a.outdir, "gpu_results.json"), "w") as f:
     json.dump(results, f, indent=1)
 
@@ -148,6 +183,23 @@ def main(argv=None) -> int:
   for s in st:
     md.append(f"| {s['name']} | {s['status']} | {s['seconds']} "
               f"| {s['expected_s']} | {s['limit_s']} | {s['note']} |")
+  md += ["", "## Device harness (`tests/cuda_harness.cu`)", ""]
+  if harness.get("ran"):
+    where = ("the host twin: the CUDA bodies on the CPU, not the GPU"
+             if a.mode == "dry-run" else "on the GPU")
+    md.append(f"{harness['passed']} passed, {harness['failed']} failed "
+              f"({where}); every output bit for bit against the CPU "
+              f"kernels, none left poisoned. Passed cases per grouping "
+              f"and pass (every dtype and guide):")
+    md += ["", "| grouping | " + " | ".join(HARNESS_PASSES) + " |",
+           "|---|" + "---:|" * len(HARNESS_PASSES)]
+    for g, row in harness["by_grouping"].items():
+      md.append(f"| {g} | " + " | ".join(row.get(k, "0/0")
+                                         for k in HARNESS_PASSES) + " |")
+    for c in harness["failures"][:30]:
+      md.append(f"- FAIL `{c['case']}`: {c['why'][:300]}")
+  else:
+    md.append("Did not run.")
   md += ["", "## Tests (`pytest -m gpu tests`)", ""]
   if tests.get("ran"):
     md.append(f"{tests['passed']} passed, {tests['failures']} failed, "
@@ -183,7 +235,9 @@ def main(argv=None) -> int:
   md += ["", "## Not verified by this run", ""]
   if a.mode == "dry-run":
     md.append("Everything that needs a GPU: this was a dry run. No CUDA "
-              "kernel ran; the tests were collected and skipped, the "
+              "kernel ran; the harness ran its host twin (the CUDA bodies "
+              "compiled for the CPU), the tests were collected and skipped, "
+              "the "
               "sanitizer workload ran on the CPU without the sanitizer, and "
               "the benchmark's numbers are CPU smoke-test numbers.")
   else:
