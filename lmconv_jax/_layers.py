@@ -83,22 +83,68 @@ def pool_inputs(inputs, guide, *, directions: Grouping, implementation: str,
 
 
 def landmark_block(x: Array, layers: Mapping[str, Callable[..., Array]],
-                   use_running_average: Optional[bool]) -> Array:
+                   activation: Callable[[Array], Array]) -> Array:
   """The LBYLNet landmark block's data flow, for linen and NNX sub-layers alike.
 
-  ``layers`` maps the sub-layer names to callables: ``branch_conv`` (one
-  3x3 convolution whose P output-channel groups are the P branches),
-  ``pool_conv`` (a LandmarkConv: pool each branch in its directions, then
-  3x3), ``skip_conv`` (1x1), ``out_conv`` (3x3), each followed by the
-  BatchNorm ``<name>_norm``.
+  ``layers`` maps the sub-layer names to one-argument callables:
+  ``branch_conv`` (one 3x3 convolution whose P output-channel groups are
+  the P branches), ``pool_conv`` (a LandmarkConv: pool each branch in its
+  directions, then 3x3), ``skip_conv`` (1x1), ``out_conv`` (3x3), each
+  followed by its normalisation ``<name>_norm`` where there is one (the
+  caller binds the train / eval mode). ``activation`` is applied where
+  LBYLNet applies ReLU.
   """
-  def conv_bn(name, v):
-    return layers[f"{name}_norm"](layers[f"{name}_conv"](v),
-                                  use_running_average=use_running_average)
+  def conv_norm(name, v):
+    v = layers[f"{name}_conv"](v)
+    norm = layers.get(f"{name}_norm")
+    return v if norm is None else norm(v)
 
-  branches = jax.nn.relu(conv_bn("branch", x))
-  y = jax.nn.relu(conv_bn("pool", branches) + conv_bn("skip", x))
-  return jax.nn.relu(conv_bn("out", y))
+  branches = activation(conv_norm("branch", x))
+  y = activation(conv_norm("pool", branches) + conv_norm("skip", x))
+  return activation(conv_norm("out", y))
+
+
+NORMS = ("batch", "layer", None)
+
+
+def check_norm(norm, layer: str) -> None:
+  """``norm`` is a known name, None, or a callable factory."""
+  if norm in NORMS or (callable(norm) and not isinstance(norm, str)):
+    return
+  raise ValueError(
+      f"{layer}: norm={norm!r} is not a normalisation this block knows. Give "
+      f"'batch' (BatchNorm, LBYLNet's; statistics in batch_stats), 'layer' "
+      f"(LayerNorm), None (no normalisation; the convolutions get a bias), "
+      f"or a factory of a normalisation layer (e.g. functools.partial("
+      f"nn.GroupNorm, num_groups=8) in linen, functools.partial("
+      f"nnx.GroupNorm, num_groups=8) in NNX).")
+
+
+_SAME_SIZE_PADDINGS = ("SAME", "CIRCULAR", "REFLECT")
+
+
+def check_block_padding(padding, layer: str):
+  """The 3x3 convolutions' padding, which must keep H and W.
+
+  Returns it as nn.Conv takes it (a string upper-cased).
+  """
+  if isinstance(padding, str) and padding.upper() in _SAME_SIZE_PADDINGS:
+    return padding.upper()
+  explicit = padding
+  if isinstance(padding, int) and not isinstance(padding, bool):
+    explicit = ((padding, padding), (padding, padding))
+  try:
+    ok = tuple(tuple(int(e) for e in p) for p in explicit) == ((1, 1), (1, 1))
+  except (TypeError, ValueError):
+    ok = False
+  if ok:
+    return padding
+  raise ValueError(
+      f"{layer}: padding={padding!r} does not keep the resolution of the 3x3 "
+      f"convolutions, and the block adds its pooled path to a 1x1 skip of the "
+      f"input, so both must have the input's H and W. Give 'SAME' (zeros, "
+      f"LBYLNet's), 'CIRCULAR' (wrap around the image), 'REFLECT', or 1 / "
+      f"((1, 1), (1, 1)).")
 
 
 def branch_features(features: int, branch_features: Optional[int]) -> int:

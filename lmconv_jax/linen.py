@@ -15,11 +15,12 @@ the block's data flow) is ``lmconv_jax._layers``, shared with
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.typing import PaddingLike
 
 from lmconv_jax import _layers, _sharding
 from lmconv_jax.ops import Grouping
@@ -179,25 +180,31 @@ class LandmarkConv8(LandmarkConv):
 class LandmarkBlock(nn.Module):
   """The LBYLNet landmark feature block (``LandmarkP4`` and friends).
 
-  With P direction groups and ``m = branch_features``::
+  With P direction groups, ``m = branch_features``, ``act = activation``
+  (ReLU) and ``norm`` (BatchNorm)::
 
-    branches = relu(BN(conv3x3(x, P * m)))        # P branches of m channels
-    y = BN(LandmarkConv(branches, features, 3x3))  # pool branches, conv
-    y = relu(y + BN(conv1x1(x, features)))         # skip
-    out = relu(BN(conv3x3(y, features)))
+    branches = act(norm(conv3x3(x, P * m)))        # P branches of m channels
+    y = norm(LandmarkConv(branches, features, 3x3)) # pool branches, conv
+    y = act(y + norm(conv1x1(x, features)))         # skip
+    out = act(norm(conv3x3(y, features)))
 
   The P branch convolutions of the original (one 3x3 conv-BN-ReLU per
   direction group) are computed as one convolution with P * m outputs:
   output channels ``k*m : (k+1)*m`` are branch k, and BatchNorm is per
   channel, so this is the same function with one kernel instead of P.
   Branch k is pooled in direction group k (merged groups by max, as in
-  LBYLNet's P1, P2, P2x and P4x). With an ``"lbylnet_*"`` grouping the block
-  computes LBYLNet's block of that name; what cannot match (gradient ties,
-  which ``torch.max`` splits; BatchNorm's running statistics in training)
-  is in docs/lbylnet.md. Convolutions have no bias (each is
-  followed by BatchNorm) and ``'SAME'`` padding; the output has ``features``
-  channels at the input's resolution. BatchNorm statistics live in the
-  ``batch_stats`` collection.
+  LBYLNet's P1, P2, P2x and P4x). With an ``"lbylnet_*"`` grouping and the
+  defaults the block computes LBYLNet's block of that name; what cannot
+  match (gradient ties, which ``torch.max`` splits; BatchNorm's running
+  statistics in training) is in docs/lbylnet.md. The convolutions have no
+  bias when a normalisation follows them; the output has ``features``
+  channels at the input's resolution.
+
+  ``train`` is required, as ``nn.BatchNorm``'s ``use_running_average``:
+  ``train=False`` normalises with the running averages (inference),
+  ``train=True`` with the batch's statistics, and updates the running
+  averages in the ``batch_stats`` collection, so it needs
+  ``mutable=['batch_stats']``.
 
   Example::
 
@@ -217,6 +224,8 @@ class LandmarkBlock(nn.Module):
     ...                          mutable=['batch_stats'])
     >>> y.shape, sorted(updates)
     ((2, 6, 6, 8), ['batch_stats'])
+    >>> block.apply(variables, x, train=False).shape          # inference
+    (2, 6, 6, 8)
 
   Attributes:
     features: output channels (LBYLNet's ``dim``).
@@ -237,13 +246,27 @@ class LandmarkBlock(nn.Module):
     implementation: ``"auto"``, ``"ffi"`` or ``"reference"``, for the pool.
     momentum: BatchNorm decay of the running averages (default 0.9, PyTorch's
       momentum 0.1 as the original used).
-    epsilon: BatchNorm epsilon (default 1e-5, as PyTorch).
+    epsilon: the normalisation's epsilon (default 1e-5, as PyTorch).
     axis_name: BatchNorm ``axis_name`` for statistics across devices.
     dtype: the dtype of the computation (default: infer from input and params).
     param_dtype: the dtype passed to parameter initializers (default: float32).
     precision: numerical precision of the convolutions.
     kernel_init: initializer for the convolution kernels (default: as
       ``nn.Conv``).
+    padding: padding of the three 3x3 convolutions (the 1x1 skip needs
+      none): ``'SAME'`` (zeros, LBYLNet's; default), ``'CIRCULAR'`` (the
+      image wraps around, for data on a torus), ``'REFLECT'``, or ``1``.
+      Paddings that change H or W are refused (the skip is added). The pool
+      itself never wraps: it sees the image before the convolution pads it.
+    norm: the normalisation after each convolution: ``"batch"``
+      (``nn.BatchNorm``, LBYLNet's; default), ``"layer"`` (``nn.LayerNorm``
+      with ``epsilon``), None (none; the convolutions get a bias), or a
+      factory called as ``norm(name=...)`` that returns a linen module
+      called on one array (e.g. ``functools.partial(nn.GroupNorm,
+      num_groups=8)``; an ``nn.BatchNorm`` it returns gets
+      ``use_running_average=not train``).
+    activation: the nonlinearity where LBYLNet has ReLU (default
+      ``nn.relu``).
   """
 
   features: int
@@ -257,26 +280,72 @@ class LandmarkBlock(nn.Module):
   param_dtype: Any = jnp.float32
   precision: Any = None
   kernel_init: Callable[..., Array] = nn.linear.default_kernel_init
+  padding: PaddingLike = "SAME"
+  norm: Union[str, Callable[..., nn.Module], None] = "batch"
+  activation: Callable[[Array], Array] = nn.relu
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = True) -> Array:
-    """Applies the block to NHWC ``x``; ``train`` uses and updates the stats."""
-    p = _layers.num_groups(self.directions, _layers.layer_name(self))
+  def __call__(self, x: Array, train: Optional[bool] = None) -> Array:
+    """Applies the block to NHWC ``x``.
+
+    Args:
+      x: ``(*batch_dims, H, W, C)``.
+      train: required. False: normalise with the running averages
+        (inference; nothing is written). True: with the batch's statistics,
+        updating the running averages (apply with
+        ``mutable=['batch_stats']``).
+    """
+    layer = _layers.layer_name(self)
+    if train is None:
+      raise TypeError(
+          f"{layer}: train is required (as nn.BatchNorm's "
+          f"use_running_average): pass train=False for inference (running "
+          f"averages) or train=True for training (batch statistics; apply "
+          f"with mutable=['batch_stats']).")
+    _layers.check_norm(self.norm, layer)
+    padding = _layers.check_block_padding(self.padding, layer)
+    p = _layers.num_groups(self.directions, layer)
     m = _layers.branch_features(self.features, self.branch_features)
-    common = dict(use_bias=False, dtype=self.dtype,
+    common = dict(use_bias=self.norm is None, dtype=self.dtype,
                   param_dtype=self.param_dtype, precision=self.precision,
                   kernel_init=self.kernel_init)
     layers = {
-        "branch_conv": nn.Conv(p * m, (3, 3), name="branch_conv", **common),
-        "pool_conv": LandmarkConv(self.features, (3, 3), name="pool_conv",
+        "branch_conv": nn.Conv(p * m, (3, 3), padding=padding,
+                               name="branch_conv", **common),
+        "pool_conv": LandmarkConv(self.features, (3, 3), padding=padding,
+                                  name="pool_conv",
                                   directions=self.directions,
                                   implementation=self.implementation, **common),
-        "skip_conv": nn.Conv(self.features, (1, 1), name="skip_conv", **common),
-        "out_conv": nn.Conv(self.features, (3, 3), name="out_conv", **common),
+        "skip_conv": nn.Conv(self.features, (1, 1), padding="VALID",
+                             name="skip_conv", **common),
+        "out_conv": nn.Conv(self.features, (3, 3), padding=padding,
+                            name="out_conv", **common),
     }
-    for stage in ("branch", "pool", "skip", "out"):
-      layers[f"{stage}_norm"] = nn.BatchNorm(
+    if self.norm is not None:
+      for stage in ("branch", "pool", "skip", "out"):
+        layers[f"{stage}_norm"] = self._norm_layer(f"{stage}_norm", train,
+                                                   layer)
+    return _layers.landmark_block(x, layers, self.activation)
+
+  def _norm_layer(self, name: str, train: bool, layer: str):
+    """The normalisation ``name``, as a one-argument callable."""
+    if self.norm == "batch":
+      module = nn.BatchNorm(
           momentum=self.momentum, epsilon=self.epsilon, dtype=self.dtype,
-          param_dtype=self.param_dtype, axis_name=self.axis_name,
-          name=f"{stage}_norm")
-    return _layers.landmark_block(x, layers, use_running_average=not train)
+          param_dtype=self.param_dtype, axis_name=self.axis_name, name=name)
+    elif self.norm == "layer":
+      module = nn.LayerNorm(epsilon=self.epsilon, dtype=self.dtype,
+                            param_dtype=self.param_dtype, name=name)
+    else:
+      module = self.norm(name=name)
+    if not isinstance(module, nn.BatchNorm):
+      return module
+    if (train and not self.is_initializing()
+        and not self.is_mutable_collection("batch_stats")):
+      raise ValueError(
+          f"{layer}: train=True normalises with the batch's statistics and "
+          f"updates the running averages in the 'batch_stats' collection, "
+          f"which this apply cannot write. For inference pass train=False; "
+          f"to train, apply with mutable=['batch_stats'] and keep the "
+          f"returned batch_stats.")
+    return lambda v: module(v, use_running_average=not train)

@@ -10,11 +10,14 @@ the same parameters, linen and NNX layers compute the same function.
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Optional
+import inspect
+import types
+from typing import Any, Callable, ClassVar, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.typing import PaddingLike
 
 from lmconv_jax import _layers
 from lmconv_jax.ops import Grouping
@@ -25,6 +28,41 @@ __all__ = ["LandmarkBlock", "LandmarkConv", "LandmarkConv4", "LandmarkConv8"]
 
 
 _default_kernel_init = nnx.nn.linear.default_kernel_init
+# nnx.Conv's keyword fields and defaults, as this Flax has them: the layers
+# below spell every field out (so that help() and IDEs show them) with
+# nnx.Conv's own defaults, and pass on those this Flax's nnx.Conv takes.
+_CONV_FIELDS = inspect.signature(nnx.Conv.__init__).parameters
+_NO_METADATA = types.MappingProxyType({})
+
+
+def _conv_default(name: str, fallback: Any) -> Any:
+  field = _CONV_FIELDS.get(name)
+  return fallback if field is None else field.default
+
+
+def _conv_kwargs(layer: str, **fields) -> dict:
+  """The fields nnx.Conv takes; one it does not take must be at its default."""
+  kwargs = {}
+  for name, value in fields.items():
+    if name in _CONV_FIELDS:
+      kwargs[name] = value
+    elif value is not _MISSING_DEFAULTS.get(name, value):
+      raise TypeError(
+          f"{layer}: this Flax's nnx.Conv has no field {name!r}, so "
+          f"{name}={value!r} cannot be honoured; leave it at its default or "
+          f"upgrade flax.")
+  return kwargs
+
+
+_MISSING_DEFAULTS = {
+    "conv_general_dilated": jax.lax.conv_general_dilated,
+    "promote_dtype": None, "preferred_element_type": None,
+    "kernel_metadata": _NO_METADATA, "bias_metadata": _NO_METADATA,
+}
+_CONV_GENERAL_DILATED = _conv_default("conv_general_dilated",
+                                      jax.lax.conv_general_dilated)
+_PROMOTE_DTYPE = _conv_default("promote_dtype", None)
+_BIAS_INIT = _conv_default("bias_init", nnx.initializers.zeros_init())
 
 
 def _frozen(directions: Grouping) -> Grouping:
@@ -40,9 +78,9 @@ class LandmarkConv(nnx.Conv):
   The NNX twin of :class:`lmconv_jax.linen.LandmarkConv`: the input's C
   channels are split into P equal groups in the order of ``directions``,
   each group is replaced by its landmark pool, and ``nnx.Conv`` mixes the
-  result. Construct it exactly like ``nnx.Conv`` (every other keyword
-  argument of ``nnx.Conv`` is accepted and passed on); ``in_features`` must
-  be a multiple of P.
+  result. Construct it exactly like ``nnx.Conv``: every field of
+  ``nnx.Conv``, with its name, order and default, is in the signature and
+  passed on; ``in_features`` must be a multiple of P.
 
   Example::
 
@@ -77,15 +115,39 @@ class LandmarkConv(nnx.Conv):
   """
 
   def __init__(self, in_features: int, out_features: int,
-               kernel_size: int | tuple[int, ...],
-               strides: None | int | tuple[int, ...] = 1, *,
+               kernel_size: Union[int, Sequence[int]],
+               strides: Union[None, int, Sequence[int]] = 1, *,
+               padding: PaddingLike = "SAME",
+               input_dilation: Union[None, int, Sequence[int]] = 1,
+               kernel_dilation: Union[None, int, Sequence[int]] = 1,
+               feature_group_count: int = 1, use_bias: bool = True,
+               mask: Optional[Array] = None, dtype: Optional[Any] = None,
+               param_dtype: Any = jnp.float32, precision: Any = None,
+               kernel_init: Callable[..., Array] = _default_kernel_init,
+               bias_init: Callable[..., Array] = _BIAS_INIT,
+               conv_general_dilated: Callable[..., Array] = (
+                   _CONV_GENERAL_DILATED),
+               promote_dtype: Any = _PROMOTE_DTYPE,
+               preferred_element_type: Optional[Any] = None,
                directions: Grouping = "quadrants",
                implementation: str = "auto",
-               rngs: nnx.Rngs, **kwargs):
+               rngs: nnx.Rngs,
+               kernel_metadata: Any = _NO_METADATA,
+               bias_metadata: Any = _NO_METADATA):
     layer = type(self).__name__
     _layers.check_kernel_size(kernel_size, layer)
     _layers.check_channels(f"in_features={in_features}", in_features,
                            directions, layer)
+    kwargs = _conv_kwargs(
+        layer, padding=padding, input_dilation=input_dilation,
+        kernel_dilation=kernel_dilation,
+        feature_group_count=feature_group_count, use_bias=use_bias, mask=mask,
+        dtype=dtype, param_dtype=param_dtype, precision=precision,
+        kernel_init=kernel_init, bias_init=bias_init,
+        conv_general_dilated=conv_general_dilated,
+        promote_dtype=promote_dtype,
+        preferred_element_type=preferred_element_type,
+        kernel_metadata=kernel_metadata, bias_metadata=bias_metadata)
     super().__init__(in_features, out_features, kernel_size, strides,
                      rngs=rngs, **kwargs)
     self.directions = _frozen(directions)
@@ -125,12 +187,35 @@ class _FixedGrouping(LandmarkConv):
   _grouping: ClassVar[str]
 
   def __init__(self, in_features: int, out_features: int,
-               kernel_size: int | tuple[int, ...],
-               strides: None | int | tuple[int, ...] = 1, *,
-               implementation: str = "auto", rngs: nnx.Rngs, **kwargs):
-    super().__init__(in_features, out_features, kernel_size, strides,
-                     directions=self._grouping, implementation=implementation,
-                     rngs=rngs, **kwargs)
+               kernel_size: Union[int, Sequence[int]],
+               strides: Union[None, int, Sequence[int]] = 1, *,
+               padding: PaddingLike = "SAME",
+               input_dilation: Union[None, int, Sequence[int]] = 1,
+               kernel_dilation: Union[None, int, Sequence[int]] = 1,
+               feature_group_count: int = 1, use_bias: bool = True,
+               mask: Optional[Array] = None, dtype: Optional[Any] = None,
+               param_dtype: Any = jnp.float32, precision: Any = None,
+               kernel_init: Callable[..., Array] = _default_kernel_init,
+               bias_init: Callable[..., Array] = _BIAS_INIT,
+               conv_general_dilated: Callable[..., Array] = (
+                   _CONV_GENERAL_DILATED),
+               promote_dtype: Any = _PROMOTE_DTYPE,
+               preferred_element_type: Optional[Any] = None,
+               implementation: str = "auto",
+               rngs: nnx.Rngs,
+               kernel_metadata: Any = _NO_METADATA,
+               bias_metadata: Any = _NO_METADATA):
+    super().__init__(
+        in_features, out_features, kernel_size, strides, padding=padding,
+        input_dilation=input_dilation, kernel_dilation=kernel_dilation,
+        feature_group_count=feature_group_count, use_bias=use_bias,
+        mask=mask, dtype=dtype, param_dtype=param_dtype, precision=precision,
+        kernel_init=kernel_init, bias_init=bias_init,
+        conv_general_dilated=conv_general_dilated,
+        promote_dtype=promote_dtype,
+        preferred_element_type=preferred_element_type,
+        directions=self._grouping, implementation=implementation, rngs=rngs,
+        kernel_metadata=kernel_metadata, bias_metadata=bias_metadata)
 
 
 class LandmarkConv4(_FixedGrouping):
@@ -199,10 +284,10 @@ class LandmarkBlock(nnx.Module):
   The NNX twin of :class:`lmconv_jax.linen.LandmarkBlock` (same sub-layer
   names, same data flow, same function for the same parameters)::
 
-    branches = relu(BN(conv3x3(x, P * m)))        # P branches of m channels
-    y = BN(LandmarkConv(branches, out_features, 3x3))
-    y = relu(y + BN(conv1x1(x, out_features)))
-    out = relu(BN(conv3x3(y, out_features)))
+    branches = act(norm(conv3x3(x, P * m)))        # P branches of m channels
+    y = norm(LandmarkConv(branches, out_features, 3x3))
+    y = act(y + norm(conv1x1(x, out_features)))
+    out = act(norm(conv3x3(y, out_features)))
 
   BatchNorm follows NNX's conventions: the running statistics are
   ``nnx.BatchStat`` variables, ``block.eval()`` / ``block.train()`` switch
@@ -226,7 +311,7 @@ class LandmarkBlock(nnx.Module):
   Attributes:
     branch_conv, branch_norm, pool_conv, pool_norm, skip_conv, skip_norm,
     out_conv, out_norm: the sub-layers (``pool_conv`` is a
-      :class:`LandmarkConv`).
+      :class:`LandmarkConv`; the ``*_norm`` are None with ``norm=None``).
     in_features: input channels.
     out_features: output channels (LBYLNet's ``dim``).
     branch_features: channels per direction branch (LBYLNet's ``mapdim``);
@@ -237,6 +322,15 @@ class LandmarkBlock(nnx.Module):
       :func:`lmconv_jax.lbylnet.nnx_landmark_block` builds them
       (docs/lbylnet.md).
     implementation: ``"auto"``, ``"ffi"`` or ``"reference"``, for the pool.
+    padding: padding of the three 3x3 convolutions: ``'SAME'`` (zeros,
+      LBYLNet's; default), ``'CIRCULAR'``, ``'REFLECT'`` or ``1``, as in
+      the linen block.
+    norm: ``"batch"`` (``nnx.BatchNorm``, LBYLNet's; default), ``"layer"``
+      (``nnx.LayerNorm``), None (none; the convolutions get a bias), or a
+      factory called as ``norm(num_features, rngs=rngs)`` (e.g.
+      ``functools.partial(nnx.GroupNorm, num_groups=8)``).
+    activation: the nonlinearity where LBYLNet has ReLU (default
+      ``nnx.relu``).
   """
 
   def __init__(self, in_features: int, out_features: int, *,
@@ -249,29 +343,51 @@ class LandmarkBlock(nnx.Module):
                dtype: Optional[Any] = None, param_dtype: Any = jnp.float32,
                precision: Any = None,
                kernel_init: Callable[..., Array] = _default_kernel_init,
+               padding: PaddingLike = "SAME",
+               norm: Union[str, Callable[..., nnx.Module], None] = "batch",
+               activation: Callable[[Array], Array] = nnx.relu,
                rngs: nnx.Rngs):
-    p = _layers.num_groups(directions, type(self).__name__)
+    layer = type(self).__name__
+    _layers.check_norm(norm, layer)
+    padding = _layers.check_block_padding(padding, layer)
+    p = _layers.num_groups(directions, layer)
     m = _layers.branch_features(out_features, branch_features)
-    common = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype,
+    common = dict(use_bias=norm is None, dtype=dtype, param_dtype=param_dtype,
                   precision=precision, kernel_init=kernel_init, rngs=rngs)
-    self.branch_conv = nnx.Conv(in_features, p * m, (3, 3), **common)
+    self.branch_conv = nnx.Conv(in_features, p * m, (3, 3), padding=padding,
+                                **common)
     self.pool_conv = LandmarkConv(p * m, out_features, (3, 3),
-                                  directions=directions,
+                                  padding=padding, directions=directions,
                                   implementation=implementation, **common)
-    self.skip_conv = nnx.Conv(in_features, out_features, (1, 1), **common)
-    self.out_conv = nnx.Conv(out_features, out_features, (3, 3), **common)
-    norm = dict(momentum=momentum, epsilon=epsilon, dtype=dtype,
-                param_dtype=param_dtype, axis_name=axis_name,
-                use_running_average=use_running_average, rngs=rngs)
-    self.branch_norm = nnx.BatchNorm(p * m, **norm)
-    self.pool_norm = nnx.BatchNorm(out_features, **norm)
-    self.skip_norm = nnx.BatchNorm(out_features, **norm)
-    self.out_norm = nnx.BatchNorm(out_features, **norm)
+    self.skip_conv = nnx.Conv(in_features, out_features, (1, 1),
+                              padding="VALID", **common)
+    self.out_conv = nnx.Conv(out_features, out_features, (3, 3),
+                             padding=padding, **common)
+
+    def make_norm(n):
+      if norm == "batch":
+        return nnx.BatchNorm(n, momentum=momentum, epsilon=epsilon,
+                             dtype=dtype, param_dtype=param_dtype,
+                             axis_name=axis_name,
+                             use_running_average=use_running_average,
+                             rngs=rngs)
+      if norm == "layer":
+        return nnx.LayerNorm(n, epsilon=epsilon, dtype=dtype,
+                             param_dtype=param_dtype, rngs=rngs)
+      if norm is None:
+        return None
+      return norm(n, rngs=rngs)
+
+    self.branch_norm = make_norm(p * m)
+    self.pool_norm = make_norm(out_features)
+    self.skip_norm = make_norm(out_features)
+    self.out_norm = make_norm(out_features)
     self.in_features = in_features
     self.out_features = out_features
     self.branch_features = m
     self.directions = _frozen(directions)
     self.implementation = implementation
+    self.activation = activation
 
   def __call__(self, x: Array, train: Optional[bool] = None) -> Array:
     """Applies the block to NHWC ``x``.
@@ -282,8 +398,15 @@ class LandmarkBlock(nnx.Module):
         running averages, None (default) follows the mode set by
         ``block.train()`` / ``block.eval()``.
     """
-    layers = {name: getattr(self, name) for name in (
-        "branch_conv", "branch_norm", "pool_conv", "pool_norm",
-        "skip_conv", "skip_norm", "out_conv", "out_norm")}
-    return _layers.landmark_block(
-        x, layers, use_running_average=None if train is None else not train)
+    use_running_average = None if train is None else not train
+    layers = {}
+    for stage in ("branch", "pool", "skip", "out"):
+      layers[f"{stage}_conv"] = getattr(self, f"{stage}_conv")
+      norm = getattr(self, f"{stage}_norm")
+      if isinstance(norm, nnx.BatchNorm):
+        layers[f"{stage}_norm"] = (
+            lambda v, norm=norm: norm(
+                v, use_running_average=use_running_average))
+      elif norm is not None:
+        layers[f"{stage}_norm"] = norm
+    return _layers.landmark_block(x, layers, self.activation)

@@ -390,9 +390,142 @@ def test_block_train_updates_batch_stats_eval_does_not():
   np.testing.assert_allclose(updates["batch_stats"]["branch_norm"]["mean"],
                              0.1 * branch.mean(axis=(0, 1, 2)), rtol=1e-5,
                              atol=1e-7)
-  with pytest.raises(Exception, match="batch_stats"):
+  with pytest.raises(ValueError, match=r"LandmarkBlock: train=True .*"
+                     r"'batch_stats' collection, which this apply cannot "
+                     r"write. For inference pass train=False; to train, "
+                     r"apply with mutable=\['batch_stats'\]"):
     block.apply(variables, x, train=True)          # must be mutable to train
   block.apply(variables, x, train=False)           # eval needs nothing mutable
+
+
+def test_block_train_is_required():
+  block = LandmarkBlock(4, branch_features=1)
+  x = _normal((1, 4, 4, 4))
+  message = (r"LandmarkBlock: train is required \(as nn.BatchNorm's "
+             r"use_running_average\): pass train=False for inference")
+  with pytest.raises(TypeError, match=message):
+    block.init(jax.random.key(0), x)
+  variables = block.init(jax.random.key(0), x, train=False)
+  with pytest.raises(TypeError, match=message):
+    block.apply(variables, x)
+  with pytest.raises(TypeError, match=message):
+    block.apply(variables, x, mutable=["batch_stats"])
+
+
+def _block_by_hand(variables, x, padding, activation, norm):
+  """The block's data flow written out, eval mode, for the given options."""
+  p, stats = variables["params"], variables.get("batch_stats", {})
+
+  def conv_norm(name, v, k, pad, directions=None):
+    kernel = p[f"{name}_conv"]["kernel"]
+    if directions is not None:
+      v = grouped_landmark_pool(v, directions)
+    v = nn.Conv(kernel.shape[-1], (k, k), padding=pad,
+                use_bias="bias" in p[f"{name}_conv"]).apply(
+                    {"params": p[f"{name}_conv"]}, v)
+    if norm == "batch":
+      s = stats[f"{name}_norm"]
+      v = (v - s["mean"]) / jnp.sqrt(s["var"] + 1e-5)
+      v = v * p[f"{name}_norm"]["scale"] + p[f"{name}_norm"]["bias"]
+    elif norm == "layer":
+      mean = v.mean(-1, keepdims=True)
+      var = ((v - mean) ** 2).mean(-1, keepdims=True)
+      v = (v - mean) / jnp.sqrt(var + 1e-5)
+      v = v * p[f"{name}_norm"]["scale"] + p[f"{name}_norm"]["bias"]
+    return v
+
+  branches = activation(conv_norm("branch", x, 3, padding))
+  y = activation(conv_norm("pool", branches, 3, padding, "quadrants")
+                 + conv_norm("skip", x, 1, "VALID"))
+  return activation(conv_norm("out", y, 3, padding))
+
+
+def _perturb(variables, seed=1):
+  """Non-trivial parameters and statistics (init's are zeros and ones)."""
+  leaves, tree = jax.tree.flatten(variables)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(tree, [
+      v + 0.3 * jax.random.uniform(k, v.shape, v.dtype)
+      for v, k in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize("options", [
+    dict(padding="CIRCULAR"),
+    dict(padding="reflect", activation=nn.gelu),
+    dict(padding=1, norm="layer"),
+    dict(padding=((1, 1), (1, 1)), norm=None, activation=jnp.tanh),
+], ids=lambda o: "-".join(f"{k}={getattr(v, '__name__', v)!r}"[:24]
+                          for k, v in o.items()))
+@pytest.mark.x64
+def test_block_padding_norm_and_activation(options):
+  block = LandmarkBlock(8, branch_features=2, implementation="reference",
+                        **options)
+  x = _normal((2, 5, 6, 3), dtype=jnp.float64)
+  variables = jax.tree.map(lambda v: v.astype(jnp.float64), _perturb(
+      block.init(jax.random.key(0), x, train=False)))
+  norm = options.get("norm", "batch")
+  padding = options["padding"]
+  padding = padding.upper() if isinstance(padding, str) else padding
+  want = _block_by_hand(variables, x, padding,
+                        options.get("activation", jax.nn.relu), norm)
+  got = block.apply(variables, x, train=False)
+  assert got.dtype == jnp.float64
+  np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+  assert ("batch_stats" in variables) == (norm == "batch")
+  assert ("bias" in variables["params"]["out_conv"]) == (norm is None)
+  if isinstance(padding, str) and padding != "SAME":
+    # The convolutions' padding matters: not the zero-padded block.
+    same = LandmarkBlock(8, branch_features=2, implementation="reference",
+                         **{**options, "padding": "SAME"})
+    assert not np.allclose(same.apply(variables, x, train=False), want,
+                           atol=1e-3)
+
+
+def test_block_norm_factory_and_errors():
+  import functools
+  x = _normal((2, 4, 4, 4))
+  block = LandmarkBlock(8, branch_features=2, implementation="reference",
+                        norm=functools.partial(nn.GroupNorm, num_groups=2))
+  variables = block.init(jax.random.key(0), x, train=False)
+  assert set(variables) == {"params"}
+  assert block.apply(variables, x, train=True).shape == (2, 4, 4, 8)
+  with pytest.raises(ValueError, match=r"LandmarkBlock: padding='VALID' does "
+                     r"not keep the resolution.*'SAME'.*'CIRCULAR'"):
+    LandmarkBlock(8, padding="VALID").init(jax.random.key(0), x, train=False)
+  with pytest.raises(ValueError, match=r"LandmarkBlock: padding=2 does not"):
+    LandmarkBlock(8, padding=2).init(jax.random.key(0), x, train=False)
+  with pytest.raises(ValueError, match=r"LandmarkBlock: norm='group' is not "
+                     r"a normalisation.*'batch'.*'layer'.*None.*GroupNorm"):
+    LandmarkBlock(8, norm="group").init(jax.random.key(0), x, train=False)
+  with pytest.raises(ValueError, match=r"LandmarkBlock: padding='VALID'"):
+    lmconv_jax.nnx.LandmarkBlock(4, 8, padding="VALID", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"LandmarkBlock: norm='instance'"):
+    lmconv_jax.nnx.LandmarkBlock(4, 8, norm="instance", rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("options", [
+    dict(padding="CIRCULAR", norm="layer", activation=jax.nn.gelu),
+    dict(norm=None),
+], ids=["circular-layer-gelu", "no-norm"])
+def test_linen_and_nnx_blocks_agree_on_options(options):
+  x = _normal((2, 4, 5, 3))
+  block = LandmarkBlock(4, branch_features=2, implementation="reference",
+                        **options)
+  variables = _perturb(block.init(jax.random.key(0), x, train=False))
+  twin = lmconv_jax.nnx.LandmarkBlock(3, 4, branch_features=2,
+                                      implementation="reference",
+                                      rngs=nnx.Rngs(1), **options)
+  state = nnx.state(twin)
+  pure = nnx.to_pure_dict(state)
+  assert set(pure) == set(variables["params"])
+  for name, sub in pure.items():
+    for leaf in sub:
+      sub[leaf] = variables["params"][name][leaf]
+  nnx.replace_by_pure_dict(state, pure)
+  nnx.update(twin, state)
+  np.testing.assert_allclose(twin(x, train=False),
+                             block.apply(variables, x, train=False),
+                             rtol=1e-6, atol=1e-6)
 
 
 def test_linen_and_nnx_blocks_agree():
@@ -420,6 +553,33 @@ def test_linen_and_nnx_blocks_agree():
   twin.eval()
   np.testing.assert_array_equal(
       twin(x), block.apply({**variables, **updates}, x, train=False))
+
+
+def test_nnx_signatures_show_every_field():
+  """No **kwargs: help() and IDEs show nnx.Conv's fields, in its order."""
+  import inspect
+  conv = inspect.signature(nnx.Conv.__init__).parameters
+  for cls in (lmconv_jax.nnx.LandmarkConv, lmconv_jax.nnx.LandmarkConv4,
+              lmconv_jax.nnx.LandmarkConv8, lmconv_jax.nnx.LandmarkBlock):
+    ours = inspect.signature(cls.__init__).parameters
+    assert not any(p.kind is p.VAR_KEYWORD for p in ours.values()), cls
+  for cls in (lmconv_jax.nnx.LandmarkConv, lmconv_jax.nnx.LandmarkConv4,
+              lmconv_jax.nnx.LandmarkConv8):
+    ours = inspect.signature(cls.__init__).parameters
+    assert [n for n in ours if n in conv] == list(conv), cls
+    for name, p in conv.items():
+      assert ours[name].kind == p.kind, (cls, name)
+      assert ours[name].default is p.default or (
+          ours[name].default == p.default), (cls, name)
+  block = inspect.signature(lmconv_jax.nnx.LandmarkBlock.__init__).parameters
+  linen = [f for f in LandmarkBlock.__dataclass_fields__
+           if f not in ("parent", "name", "features")]
+  assert set(linen) <= set(block), set(linen) - set(block)
+  # A field passed by keyword reaches nnx.Conv.
+  layer = lmconv_jax.nnx.LandmarkConv4(4, 2, (3, 3), padding="VALID",
+                                       use_bias=False, rngs=nnx.Rngs(0))
+  assert layer.padding == "VALID" and layer.bias is None
+  assert layer(_normal((1, 5, 5, 4))).shape == (1, 3, 3, 2)
 
 
 # --------------------------------------------------------------------------
