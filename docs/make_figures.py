@@ -8,7 +8,9 @@ and the regions of the landmark pools for P = 2 ("top_bottom"), P = 4
 description but measured: a pixel belongs to group k's region when a single
 hot input pixel there reaches the query's output of the pool (the reference
 implementation, so no kernels are needed). Pixels on a border between two
-regions belong to both and get the mix of their colours.
+regions belong to both and get the mix of their colours; the legend under
+each panel names each region's colour (the original aliases, merged groups
+joined by +) and shows the mix ("in 2+ regions").
 
 Needs matplotlib (pip install 'lmconv-jax[demo]').
 """
@@ -62,17 +64,45 @@ def box_region(query=QUERY, size: int = SIZE):
   return [("3x3", mask)]
 
 
+COLOURS = plt.get_cmap("tab10").colors
+OVERLAP_LABEL = "on a border: in 2+ regions (colours mixed)"
+
+
+def colour_image(groups) -> np.ndarray:
+  """(SIZE, SIZE, 3): each pixel the mean colour of the regions it is in."""
+  rgb, count = np.zeros((SIZE, SIZE, 3)), np.zeros((SIZE, SIZE, 1))
+  for k, (_, mask) in enumerate(groups):
+    rgb += mask[..., None] * np.asarray(COLOURS[k % 10])
+    count += mask[..., None]
+  return np.where(count > 0, rgb / np.maximum(count, 1), 0.94)
+
+
+def legend_entries(groups) -> list[tuple[str, tuple]]:
+  """[(label, rgb)]: each region's colour, then, where regions overlap, the
+  mixed colour of the first overlap found (an example of the mix)."""
+  entries = [(label, tuple(COLOURS[k % 10])) for k, (label, _) in
+             enumerate(groups)]
+  count = sum(mask.astype(int) for _, mask in groups)
+  shared = np.argwhere(count >= 2)
+  if len(shared):
+    image = colour_image(groups)
+    entries.append((OVERLAP_LABEL, tuple(image[tuple(shared[0])])))
+  return entries
+
+
 def draw_regions(path: pathlib.Path) -> None:
-  colours = plt.get_cmap("tab10").colors
-  fig, axes = plt.subplots(1, len(PANELS), figsize=(3.1 * len(PANELS), 3.5))
+  from matplotlib.patches import Patch
+  fig, axes = plt.subplots(1, len(PANELS), figsize=(3.1 * len(PANELS), 4.0))
   for ax, (title, grouping) in zip(axes, PANELS):
     groups = box_region() if grouping is None else group_regions(grouping)
-    rgb, count = np.zeros((SIZE, SIZE, 3)), np.zeros((SIZE, SIZE, 1))
-    for k, (_, mask) in enumerate(groups):
-      rgb += mask[..., None] * np.asarray(colours[k % 10])
-      count += mask[..., None]
-    image = np.where(count > 0, rgb / np.maximum(count, 1), 0.94)
-    ax.imshow(image, interpolation="nearest")
+    ax.imshow(colour_image(groups), interpolation="nearest")
+    entries = (legend_entries(groups) if grouping is not None else
+               [("the 9 points read", tuple(COLOURS[0]))])
+    ax.legend(handles=[Patch(facecolor=c, edgecolor="none", label=label)
+                       for label, c in entries],
+              loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=2,
+              fontsize=7, frameon=False, handlelength=1.2,
+              columnspacing=0.8)
     for k, (label, mask) in enumerate(groups):
       if grouping is None:
         continue

@@ -90,6 +90,15 @@ def export_disabled_checks() -> list:
   Example: ``jax.export.export(jax.jit(f),
   disabled_checks=lmconv_jax.export_disabled_checks())(x)``. The process that
   loads the exported module must ``import lmconv_jax`` (it registers them).
+
+  The two mistakes, and jax's words for them (README.md, "jax.export"):
+  exporting without these checks raises ``ValueError: Cannot serialize code
+  with custom calls whose targets have no compatibility guarantees`` with
+  the MLIR of each ``lmconv_pool_*`` call; calling the exported module in a
+  process that never imported lmconv_jax fails in XLA with ``NOT_FOUND: No
+  FFI handler registered for lmconv_pool_fwd on a platform Host`` (or the
+  GPU's platform). Neither error passes through lmconv_jax's code, so
+  neither can carry a note from it.
   """
   from jax import export
   return [export.DisabledSafetyCheck.custom_call(name) for name in TARGET_NAMES]

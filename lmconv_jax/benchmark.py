@@ -26,6 +26,7 @@ import datetime
 import os
 import platform
 import statistics
+import textwrap
 import time
 from typing import Iterable, Optional, Sequence
 
@@ -270,4 +271,36 @@ def markdown(rows: list[dict], info: Optional[dict] = None) -> str:
       ("section", "case", "pass", "ms", "over", "baseline ms", "ratio",
        "target", "reference ms (ref/ffi)", "reference depth"),
       cells, "lllrlrrrrr"))
+  if rows:
+    lines.append("\n" + legend(rows, info))
   return "\n".join(lines) + "\n"
+
+
+# A 1-min load average above this share of the cores: the machine was busy.
+BUSY_LOAD_PER_CORE = 0.5
+
+
+def legend(rows: list[dict], info: Optional[dict] = None) -> str:
+  """How to read :func:`markdown`'s table (printed under it)."""
+  shape = tuple(rows[0]["shape"]) if rows else DEFAULT_SHAPE
+  lines = [
+      "How to read it: ms is the median time of one jitted call; 'over' "
+      "names the row's baseline, timed in the same run, taking turns with "
+      "it; ratio = ms / baseline ms (below 1: faster than the baseline). "
+      "target: the ratio this project aims for (at most), set for the "
+      f"default shape {DEFAULT_SHAPE} float32 on both cores of a quiet 2-core "
+      "CPU; a few are not met even there. 'reference ms (ref/ffi)': the "
+      "pure-jnp reference on the same grouping, and how many times slower "
+      "than the kernels it is; 'reference depth': its sequential scan steps "
+      "(forward / fwd+bwd). Load from other processes moves the ratios by "
+      "20-70 %: compare runs on a quiet machine. docs/benchmarks.md has "
+      "the sections, where the targets come from, and measured numbers."]
+  if shape != DEFAULT_SHAPE or rows[0]["dtype"] != "float32":
+    lines.append(f"This run's shape {shape} {rows[0]['dtype']} is not the "
+                 f"targets': its 'met' / 'not met' say little.")
+  if info and info.get("load_avg_1min", 0) > BUSY_LOAD_PER_CORE * max(
+      1, info.get("cores") or 1):
+    lines.append(f"The machine was busy (1-min load average "
+                 f"{info['load_avg_1min']} on {info['cores']} cores): rerun "
+                 f"on a quiet machine before reading a 'not met'.")
+  return "\n\n".join(textwrap.fill(line, 79) for line in lines)

@@ -83,6 +83,8 @@ def _models(text: str) -> tuple[str, ...]:
 
 
 def _shape(text: str) -> tuple[int, ...]:
+  """bench --shape: (..., H, W, C), at least 3 positive integers (C is checked
+  against the sections in cmd_bench)."""
   try:
     dims = tuple(int(s) for s in text.replace("x", ",").split(","))
   except ValueError:
@@ -90,8 +92,29 @@ def _shape(text: str) -> tuple[int, ...]:
         f"expected comma-separated integers like 8,64,64,64, got {text!r}")
   if len(dims) < 3 or min(dims) < 1:
     raise argparse.ArgumentTypeError(
-        f"expected at least 3 positive dims (..., H, W, C), got {text!r}")
+        f"expected at least 3 positive dims (..., H, W, C) like 8,64,64,64, "
+        f"got {text!r}")
   return dims
+
+
+# The bench sections whose pools split C into 8 channel groups (the octants,
+# LandmarkConv8), so that C must be a multiple of 8.
+SECTIONS_C8 = ("grouping", "dtype", "layers")
+
+
+def check_bench_shape(shape: Sequence[int], sections: Sequence[str]) -> None:
+  """A UsageError (exit 2, before anything runs) for a C the sections cannot
+  split; nothing for a good shape."""
+  needs = [s for s in sections if s in SECTIONS_C8]
+  c = shape[-1]
+  if needs and c % 8:
+    good = ",".join(map(str, (*shape[:-1], max(8, c // 8 * 8))))
+    raise UsageError(
+        f"--shape {','.join(map(str, shape))}: C = {c} is not a multiple of 8, "
+        f"which the {', '.join(needs)} "
+        f"{'sections need' if len(needs) > 1 else 'section needs'} "
+        f"(octants: 8 channel groups). Give C a multiple of 8 (e.g. --shape "
+        f"{good}), or run only --sections guide,wide.")
 
 
 SECTIONS = ("grouping", "guide", "dtype", "wide", "layers")
@@ -356,6 +379,8 @@ def cmd_info(args) -> int:
 
 def cmd_bench(args) -> int:
   from lmconv_jax import ops
+  if args.shape:                  # (the default shape suits every section)
+    check_bench_shape(args.shape, args.sections or SECTIONS)
   _require_demo_extra(("tqdm",), "benchmark")     # its progress bar
   bench = importlib.import_module("lmconv_jax.benchmark")
   try:                      # the suite times the FFI kernels: they must exist
@@ -469,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
   d.add_argument("-q", "--quiet", action="store_true",
                  help="no progress and no log: only the table, the verdict "
                       "and where the files went")
-  d.set_defaults(func=cmd_demo)
+  d.set_defaults(func=cmd_demo, parser=d)
 
   i = sub.add_parser(
       "info", help="versions, compiled kernels and their dtypes, devices, "
@@ -480,41 +505,58 @@ def build_parser() -> argparse.ArgumentParser:
                   "and how to build the CUDA kernels if they are missing.",
       epilog=EPILOG)
   i.add_argument("--json", action="store_true", help="print JSON instead")
-  i.set_defaults(func=cmd_info)
+  i.set_defaults(func=cmd_info, parser=i)
 
   b = sub.add_parser(
       "bench", help="time the landmark pool (FFI kernels against the "
                     "reference) and print a table",
       description="Runs the benchmark suite (lmconv_jax.benchmark) with a "
-                  "progress bar and prints a markdown table; --json and "
-                  "--markdown also write it to files. Options left out take "
-                  "the suite's defaults.",
+                  "progress bar and prints a markdown table: each row's time "
+                  "over a baseline timed in the same run (the 'over' "
+                  "column), and the target ratio where there is one; a "
+                  "legend follows the table. --json and --markdown also "
+                  "write it to files. Options left out take the suite's "
+                  "defaults. The targets are for the default shape on a "
+                  "quiet 2-core CPU; load from other processes distorts the "
+                  "ratios. docs/benchmarks.md has the sections, the targets "
+                  "and the measured numbers.",
       epilog=EPILOG)
   b.add_argument("--shape", type=_shape, metavar="B,H,W,C",
-                 help="input shape (..., H, W, C), e.g. 8,64,64,64")
-  b.add_argument("--dtype", choices=ops.DTYPE_NAMES)
+                 help="input shape (..., H, W, C), at least 3 positive "
+                      "integers (default 8,64,64,64, the targets' shape); "
+                      "C must be a multiple of 8 for "
+                      "the grouping, dtype and layers sections (octants: 8 "
+                      "channel groups)")
+  b.add_argument("--dtype", choices=ops.DTYPE_NAMES,
+                 help="dtype of x (default float32)")
   b.add_argument("--sections", type=_sections, metavar="LIST",
                  help=f"comma-separated, from {', '.join(SECTIONS)} (all)")
   b.add_argument("--repeats", type=_positive_int, metavar="N",
-                 help="timed repetitions per measurement")
+                 help="timed turns per measurement (default 8; each stops "
+                      "early after about 6 s)")
   b.add_argument("--json", type=_writable, metavar="FILE",
                  help="also write the rows (and the machine) as JSON")
   b.add_argument("--markdown", type=_writable, metavar="FILE",
                  help="also write the table as markdown")
   b.add_argument("--no-progress", action="store_true", help="no progress bar")
-  b.set_defaults(func=cmd_bench)
+  b.set_defaults(func=cmd_bench, parser=b)
   return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = build_parser()
   argv = list(sys.argv[1:] if argv is None else argv)
-  args = parser.parse_args(argv)      # exits with 2 on a bad command line
+  # Exits with 2 on a bad command line. An option the command does not know
+  # is reported with that command's usage (parse_args would show the
+  # top-level one).
+  args, unknown = parser.parse_known_args(argv)
+  if unknown:
+    args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
   args.argv = argv
   prog = f"{parser.prog} {args.command}"
   try:
     return args.func(args)
-  except UsageError as e:
+  except UsageError as e:           # one line, no usage: it parsed
     print(f"{prog}: error: {e}", file=sys.stderr)
     return EXIT_USAGE
   except MissingError as e:

@@ -96,6 +96,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "== creating $VENV with $PY ($("$PY" -V))"
   "$PY" -m venv "$VENV"
 fi
+echo "== installing jax, jaxlib, flax and the build tools into $VENV" \
+     "(jaxlib is a large download the first time)"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # Build requirements first: the editable install builds without isolation, so
 # the extension is compiled against the FFI headers of the jaxlib in $VENV.
