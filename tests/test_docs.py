@@ -339,13 +339,6 @@ SHELL_TIMEOUT_S = 120
 # them (issue 37) and has not landed yet: each is checked to be still as
 # described (an entry whose block is fixed fails, so that it goes).
 PENDING = {
-    "docs/benchmarks.md:shell-1":
-        "bare `python` (write .venv/bin/python); a full bench takes minutes: "
-        "needs <!-- not-run: ... -->",
-    "docs/benchmarks.md:shell-2":
-        "bare `python`, and needs a GPU: needs <!-- not-run: ... -->",
-    "docs/perf-log.md:shell-1":
-        "bare `python`, and needs a GPU: needs <!-- not-run: ... -->",
     "docs/multidevice.md:shell-1":
         "two processes and a coordinator (tests/test_multiprocess.py runs "
         "them): needs <!-- not-run: ... -->",
