@@ -6,7 +6,6 @@
 
 namespace ffi = xla::ffi;
 
-#define LMCONV_BACKEND lmconv::CpuBackend
 #define LMCONV_SYMBOL(name) Lmconv##name
 #define LMCONV_TARGET(name) "lmconv_" name
 #define LMCONV_CONTEXT_PARAMS ffi::ThreadPool pool,

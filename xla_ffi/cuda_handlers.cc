@@ -18,7 +18,6 @@ using CudaBackend = PhasedBackend<CudaPlatform<ffi::ScratchAllocator>>;
 
 // The six handlers (handlers.inc): each gets the stream, the device and XLA's
 // scratch allocator.
-#define LMCONV_BACKEND lmconv::cuda::CudaBackend
 #define LMCONV_SYMBOL(name) LmconvCuda##name
 #define LMCONV_TARGET(name) "lmconv_" name
 #define LMCONV_CONTEXT_PARAMS \

@@ -353,7 +353,6 @@ using EmulatorBackend = PhasedBackend<EmulatorPlatform>;
 }  // namespace lmconv
 
 // The six handlers (handlers.inc), with the emulator's two attributes.
-#define LMCONV_BACKEND lmconv::EmulatorBackend
 #define LMCONV_SYMBOL(name) LmconvEmu##name
 #define LMCONV_TARGET(name) "lmconv_emu_" name
 #define LMCONV_CONTEXT_PARAMS

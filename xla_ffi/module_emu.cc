@@ -1,6 +1,7 @@
-// nanobind module _lmconv_cuda_emu (always built, CPU only): the CPU emulation
-// of the CUDA kernels as FFI handlers for tests (emulate.cc), the launch plan
-// the CUDA handlers would use, and whether this build compiled the CUDA code.
+// nanobind module _lmconv_cuda_emu (built with -DLMCONV_EMULATOR=ON, CPU only):
+// the CPU emulation of the CUDA kernels as FFI handlers for tests (emulate.cc),
+// the launch plan the CUDA handlers would use, and whether this build compiled
+// the CUDA code.
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
