@@ -238,6 +238,14 @@ def _opaque(v, z):
   return lax.bitcast_convert_type(bits ^ z.astype(it), v.dtype)
 
 
+def _hidden_zero():
+  """0, as the compilers cannot prove: a program id (< 2**31) shifted right
+  by 31. (A constant would be folded: XLA sinks it into the interpret
+  mode's grid loop and drops the XOR.)"""
+  return lax.shift_right_logical(pl.program_id(0).astype(jnp.int32),
+                                 jnp.int32(31))
+
+
 def _flush(v):
   tiny = jnp.finfo(v.dtype).tiny
   return jnp.where(jnp.abs(v) < tiny, v * jnp.zeros((), v.dtype), v)
@@ -330,7 +338,7 @@ def _fwd_kernel(cx, *refs):
   del rev_ref
   w, cb, bh, h, nb, cd, sd = cx.w, cx.cb, cx.bh, cx.h, cx.nb, cx.cd, cx.sd
   c_i, s_i, t = pl.program_id(1), pl.program_id(2), pl.program_id(3)
-  z = lax.shift_right_logical(pl.program_id(0), 31)
+  z = _hidden_zero()
   nd = len(cx.geos)
   zero = jnp.zeros((), cd)
 
@@ -464,8 +472,9 @@ def _bwd_kernel(cx, *refs):
   pend_ref, sh_ref, gb_ref, cf_ref, gbuf_ref = (next(it) for _ in range(5))
   w, cb, bh, h, nb, cd, sd = cx.w, cx.cb, cx.bh, cx.h, cx.nb, cx.cd, cx.sd
   c_i, s_i, t = pl.program_id(1), pl.program_id(2), pl.program_id(3)
-  z = lax.shift_right_logical(pl.program_id(0), 31)
-  member = s_i if cx.r == 1 else lax.div(s_i, jnp.int32(cx.r))
+  z = _hidden_zero()
+  member = s_i if cx.r == 1 else lax.div(s_i.astype(jnp.int32),
+                                          jnp.int32(cx.r))
   nd = len(cx.geos)
   zero, one = jnp.zeros((), cd), jnp.ones((), cd)
   guided = cx.guided
