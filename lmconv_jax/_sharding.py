@@ -188,6 +188,12 @@ def sum_guide_gradient(dg, axes):
   return jax.lax.psum(dg.astype(cd), axes).astype(dg.dtype)
 
 
+def _explicit_context() -> bool:
+  """Whether the mesh in context (jax.set_mesh) has Explicit axes."""
+  types = getattr(jax.sharding.get_abstract_mesh(), "axis_types", None) or ()
+  return jax.sharding.AxisType.Explicit in types
+
+
 @functools.lru_cache(maxsize=None)
 def _partitioned_call(ffi_call, prim, groups, guided: bool, in_shapes,
                       out_shapes, extra: tuple):
@@ -223,6 +229,16 @@ def _partitioned_call(ffi_call, prim, groups, guided: bool, in_shapes,
     axes = (broadcast_axes(args[0].spec, x_shape, in_shapes[1]) if summed
             else ())
     if not axes:
+      return mesh, per_device, results, args
+    if _explicit_context():
+      # Traced under Explicit axes, a psum here gets sharding annotations
+      # that XLA rejects in this module; x's broadcast dims are gathered
+      # instead, so each device sums the whole gradient itself. (Rare:
+      # Explicit axes reach this path only under a vmap over a split dim.)
+      spec = tuple(None if m == 1 and k != 1 else s for s, k, m in
+                   zip(spec, x_shape, in_shapes[1]))
+      results = jax.tree.map(lambda s: shard(s.shape), result_shape)
+      args = tuple(shard(s.shape) for s in arg_shapes)
       return mesh, per_device, results, args
 
     def per_device_summed(*operands):
@@ -288,79 +304,91 @@ def _vmapped_over_a_sharded_dim(x) -> bool:
 PER_SHARD = tuple(int(v) for v in jax.__version__.split(".")[:2]) >= (0, 12)
 
 
-def _explicit_channel_split(x, groups):
-  """(mesh, x's spec, channel axes, n) where each of the n channel shards of
-  x (Explicit axes) holds whole groups and H, W are whole; else None."""
-  p = len(groups)
-  if p == 1:
-    return None  # one group: custom_partitioning keeps channels sharded
+def _explicit_layout(x, g, groups):
+  """(mesh, x's spec, the layout x is pooled on, channel axes, n) for the
+  per-shard path under Explicit mesh axes, or None (then the primitive is
+  bound for the whole array and custom_partitioning splits it).
+
+  The layout is x's spec with H and W gathered, and the channels gathered
+  where their n shards would hold part of a group (P > 1, n not dividing
+  P). Taken where the channels are split n > 1 ways in whole groups (each
+  shard pools its own groups), or where a guide broadcasts over a dim the
+  layout splits (its gradient is then summed by shard_map's transpose of
+  the guide's cast to varying: one all-reduce, outside the switch)."""
   if not PER_SHARD:
     return None
   mesh, spec, axis_types = _typed_sharding(x)
-  if not axis_types:
-    return None
   explicit = jax.sharding.AxisType.Explicit
-  if any(t != explicit for t in axis_types):
+  if not axis_types or any(t != explicit for t in axis_types):
     return None  # Auto axes (the partitioner decides) or inside shard_map
-  if _vmapped_over_a_sharded_dim(x):
+  if _vmapped_over_a_sharded_dim(x) or (
+      g is not None and _vmapped_over_a_sharded_dim(g)):
     return None
-  r = x.ndim
-  if spec[r - 3] is not None or spec[r - 2] is not None:
-    return None  # H or W split: gathered on the path above
+  r, p = x.ndim, len(groups)
+  layout = list(spec)
+  layout[r - 3] = layout[r - 2] = None
   channels = spec[r - 1]
-  if channels is None:
-    return None
-  axes = tuple(channels) if isinstance(channels, (tuple, list)) else (channels,)
+  axes = (() if channels is None else tuple(channels)
+          if isinstance(channels, (tuple, list)) else (channels,))
   n = math.prod(mesh.shape[a] for a in axes)
-  if n == 1 or p % n:
+  if p > 1 and p % n:
+    layout[r - 1], axes, n = None, (), 1
+  whole_groups = p > 1 and n > 1
+  summed = g is not None and broadcast_axes(layout, x.shape, jnp.shape(g))
+  if not (whole_groups or summed):
     return None
-  return mesh, spec, axes, n
+  if not whole_groups:
+    axes, n = (), 1   # one sub-grouping: no switch
+  return mesh, spec, tuple(layout), axes, n
 
 
 def grouped_pool_per_shard(pool, x, g, groups):
-  """``pool(x, g, groups)`` run per channel shard (each its own groups) where
-  x's channels are split over Explicit mesh axes in whole groups; None where
-  not (the caller then binds the primitive for the whole grouping).
+  """``pool(x, g, groups)`` run per shard under Explicit mesh axes
+  (``_explicit_layout`` says where); None elsewhere (the caller then binds
+  the primitive for the whole grouping).
 
   ``pool(x, g, sub_groups)`` binds the primitive; g is None or has x's rank
   with each dim x's or 1 (it stays at its own shape).
   """
-  split = _explicit_channel_split(x, groups)
-  if split is None or (g is not None and _vmapped_over_a_sharded_dim(g)):
+  found = _explicit_layout(x, g, groups)
+  if found is None:
     return None
-  mesh, spec, axes, n = split
+  mesh, spec, layout, axes, n = found
   per = len(groups) // n
   subs = [tuple(groups[s * per:(s + 1) * per]) for s in range(n)]
   unique = list(dict.fromkeys(subs))
-  x_spec = PartitionSpec(*spec)
-  operands, specs = [x], [x_spec]
+  x_spec = PartitionSpec(*layout)
+  # A no-op where x is laid out so already; else H, W (and channels that
+  # would split a group) are gathered: the documented cost.
+  operands, specs = [jax.sharding.reshard(x, NamedSharding(mesh, x_spec))], [
+      x_spec]
   if g is not None:
     g_spec = PartitionSpec(*[s if gn == xn else None for s, gn, xn in
-                             zip(spec, g.shape, x.shape)])
+                             zip(layout, jnp.shape(g), x.shape)])
     # A no-op where g is sharded so already; a replicated guide: each
     # device slices its part (no traffic).
     operands.append(jax.sharding.reshard(g, NamedSharding(mesh, g_spec)))
     specs.append(g_spec)
 
   def per_shard(x, g=None):
+    if g is not None:
+      # The guide, replicated over the axes that split x along its
+      # broadcast dims, is cast to varying here, once: the transpose of that
+      # cast is the psum of its gradient, one all-reduce outside the switch
+      # (one per branch deadlocked jax/jaxlib 0.12.1's CPU runtime, whose
+      # rendezvous is per instruction).
+      g = _jax_compat.vary(g, x)
     if len(unique) == 1:
       return pool(x, g, unique[0])
-    if g is not None:
-      # A guide replicated over some of x's axes would be cast to varying
-      # inside the branch that uses it, and the transpose of that cast (the
-      # psum of the guide's gradient) would land in each branch: devices in
-      # different branches then wait on different all-reduces, and jax/jaxlib
-      # 0.12.1's CPU runtime deadlocks (its rendezvous is per instruction).
-      # Cast before the switch, the psum is one all-reduce outside it.
-      g = _jax_compat.vary(g, x)
     index = jnp.asarray([unique.index(s) for s in subs], jnp.int32)[
         jax.lax.axis_index(axes)]
     branches = [functools.partial(lambda sub, x, g: pool(x, g, sub), sub)
                 for sub in unique]
     return jax.lax.switch(index, branches, x, g)
 
-  return jax.shard_map(per_shard, mesh=mesh, in_specs=tuple(specs),
-                       out_specs=x_spec)(*operands)
+  out = jax.shard_map(per_shard, mesh=mesh, in_specs=tuple(specs),
+                      out_specs=x_spec)(*operands)
+  return jax.sharding.reshard(out, NamedSharding(mesh, PartitionSpec(*spec)))
 
 
 def whole_channels(y):

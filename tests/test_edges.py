@@ -185,3 +185,52 @@ def test_fuzz_drawn_shapes_and_groupings(dtype):
   case = fuzz.make_case(seed, dtype)
   fuzz.check_reference(case, f"seed {seed} {dtype} {case.x.shape} "
                        f"{case.guide_kind} {case.groups}")
+
+
+# --------------------------------------------------------------------------
+# No FMA on any image shape (issue 36). XLA's CPU compiler compiled a tiny
+# image's scan as one function, where LLVM contracted a push's product into
+# the add that receives it: a (1, 2, 1, 1) image, I7, guide -0.45967445,
+# x = [-0.5, 3], ct = [-3, -1] gave dx[1] = 0.37902334, the contract (and
+# the kernels) 0.3790233. One image per call (one element per step: where
+# the contraction happened), a jit per shape, 30 random guides each.
+
+NO_FMA_SHAPES = [(1, 2, 1, 1), (1, 3, 1, 1), (1, 1, 3, 1), (1, 1, 1, 1)]
+
+
+@pytest.mark.parametrize("direction", ["I2", "I3", "I5", "I7", "tl"])
+def test_no_fma_on_one_row_one_column_and_one_pixel_images(direction):
+  import spec_oracle
+  from lmconv_jax import _ffi, ops
+  groups = ((resolve(direction),),)
+  ffi = _ffi.has_kernels("cpu")
+  rng = np.random.default_rng(36)
+
+  def passes(impl):
+    pool = lambda x, g: ops.landmark_pool(x, direction, g, implementation=impl)
+    def run(x, g, ct, t):
+      out, vjp = jax.vjp(pool, x, g)
+      return (out,) + vjp(ct) + (jax.jvp(pool, (x, g), (t, t))[1],)
+    return jax.jit(run)
+
+  ref, kernels = passes("reference"), passes("ffi") if ffi else None
+  for shape in NO_FMA_SHAPES:
+    for k in range(30):
+      x = rng.uniform(-3, 3, shape).astype(np.float32)
+      g = rng.uniform(-0.5, 1, shape).astype(np.float32)
+      ct = rng.uniform(-3, 3, shape).astype(np.float32)
+      if k == 0 and shape == (1, 2, 1, 1):   # the issue's case
+        x, g = np.float32([-0.5, 3.0]), np.full(2, -0.45967445, np.float32)
+        x, g, ct = x.reshape(shape), g.reshape(shape), np.float32(
+            [-3.0, -1.0]).reshape(shape)
+      got = ref(x, g, ct, ct)
+      what = f"{direction} {shape} case {k}"
+      want = (spec_oracle.grouped_forward(x, g, groups),
+              *spec_oracle.grouped_backward(x, g, ct, groups),
+              spec_oracle.grouped_tangent(x, g, ct, ct, groups))
+      for name, a, b in zip(("out", "dx", "dg", "tangent"), got, want):
+        spec_oracle.assert_same_bits(a, b, f"{name} {what}")
+      if kernels is not None:
+        for name, a, b in zip(("out", "dx", "dg", "tangent"), got,
+                              kernels(x, g, ct, ct)):
+          spec_oracle.assert_same_bits(a, b, f"ffi {name} {what}")

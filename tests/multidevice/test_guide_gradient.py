@@ -85,11 +85,14 @@ def one_device(grouping, impl):
 @pytest.mark.parametrize("kind", ["Auto", "Explicit"])
 def test_broadcast_guide_gradient_is_summed_over_devices(kind, grouping,
                                                          layout):
-  """Five guide shapes in one jit per case (host arrays: under Explicit
-  axes they are replicated and the gradient comes back so)."""
+  """Five guide shapes in one jit per case: host arrays under Auto axes,
+  replicated over the mesh under Explicit ones (their gradient must come
+  back replicated: the guide's type)."""
   mesh = jax.make_mesh((4, 2), ("data", "model"),
                        axis_types=(getattr(AxisType, kind),) * 2)
   x, t, guides = exact_data()
+  if kind == "Explicit":
+    guides = [jax.device_put(g, NamedSharding(mesh, P())) for g in guides]
   sharding = NamedSharding(mesh, LAYOUTS[layout])
   xs, ts = jax.device_put(x, sharding), jax.device_put(t, sharding)
   with jax.set_mesh(mesh):
