@@ -169,7 +169,8 @@ def resolve(direction: DirectionLike) -> Direction:
   names = ", ".join(f"{d.name!r} (alias {d.alias!r})" for d in _TABLE)
   hint = ""
   if isinstance(direction, str):
-    grouping = GROUPINGS.get(_fold(direction))
+    grouping = (GROUPINGS.get(_fold(direction))
+                or LBYLNET_GROUPINGS.get(_fold(direction)))
     if grouping is not None:
       raise ValueError(
           f"{direction!r} is a grouping ({len(grouping)} channel groups), not "

@@ -73,7 +73,8 @@ def test_no_suggestion_when_nothing_is_close():
 
 @pytest.mark.parametrize("grouping,groups", [("quadrants", 4), ("octants", 8),
                                              ("top_bottom", 2),
-                                             ("Quadrants", 4)])
+                                             ("Quadrants", 4),
+                                             ("lbylnet_p4", 4)])
 def test_a_grouping_given_for_one_direction_says_where_it_goes(grouping,
                                                               groups):
   with pytest.raises(ValueError) as e:
