@@ -64,6 +64,15 @@ def vary(z, *inputs):
   return z
 
 
+def shape_dtype_like(shape, dtype, like) -> jax.ShapeDtypeStruct:
+  """A result type of ``shape`` and ``dtype`` that varies over the manual
+  mesh axes ``like`` varies over (pallas_call's out_shape in shard_map)."""
+  mat = getattr(jax.typeof(like), "mat", None)
+  if mat is None:
+    raise _moved("ShapedArray.mat (the manual axis type)")
+  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
+
+
 # --------------------------------------------------------------------------
 # The lowering context of a primitive's lowering rule.
 

@@ -99,6 +99,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from lmconv_jax import _jax_compat
 from lmconv_jax import reference as _R
 from lmconv_jax.directions import Direction
 
@@ -711,9 +712,13 @@ class _Pass:
         out_specs=[self.slot_spec() for _ in range(n_out)],
         scratch_shapes=self.scratch())
     limit = int(min(max(2 * bs.vmem_bytes, 16 * 2**20), 100 * 2**20))
+    # Inside shard_map the arrays and results vary over the same manual axes
+    # (a cast, no data moved); the scalar tables stay as the grid indices.
+    operands = pre + [_jax_compat.vary(a, *inputs) for a in inputs]
+    out = _jax_compat.shape_dtype_like(shape5, self.sd, operands[-1])
     return pl.pallas_call(
         kernel,
-        out_shape=[jax.ShapeDtypeStruct(shape5, self.sd)] * n_out,
+        out_shape=[out] * n_out,
         grid_spec=grid_spec,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel",
@@ -721,7 +726,7 @@ class _Pass:
             vmem_limit_bytes=limit),
         interpret=interpret,
         name=f"landmark_pool_{self.kind}",
-    )(*pre, *inputs)
+    )(*operands)
 
 
 def _members(v5, lay):

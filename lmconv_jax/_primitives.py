@@ -37,6 +37,7 @@ dguide = (m - x) G needs it).
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -60,8 +61,11 @@ PRIMITIVES = tuple(TARGETS)
 TARGET_NAMES = tuple(name + suffix for name in TARGETS.values()
                      for suffix in ("", "_guided"))
 IMPLEMENTATIONS = ("auto", "reference", "ffi", "pallas")
-# Where "auto" runs the Pallas kernels (elsewhere "pallas" is interpret mode).
+# Where "auto" runs the Pallas kernels (elsewhere "pallas" is interpret mode),
+# and the dtypes Mosaic compiles them for (float16 and float64 get the
+# reference there).
 PALLAS_PLATFORMS = ("tpu",)
+PALLAS_TPU_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
 def max_members(groups) -> int:
@@ -411,6 +415,20 @@ def _lowering(prim, platform: str, compiled: bool):
                   **extra)
     if implementation == "pallas" or (implementation == "auto" and on_tpu):
       interpret = not on_tpu
+      dtype = jnp.dtype(ctx.avals_in[0].dtype)
+      if on_tpu and dtype not in PALLAS_TPU_DTYPES:
+        if implementation == "pallas":
+          raise NotImplementedError(
+              f"lmconv_jax: implementation='pallas' has no TPU kernel for "
+              f"{dtype} (Mosaic does not compile it: TPUs have no float64 "
+              f"and no float16 vector loads); cast x to float32 or bfloat16, "
+              f"or use implementation='auto' or 'reference' (the pure-jnp "
+              f"reference).")
+        warnings.warn(
+            f"lmconv_jax: no TPU kernel for {dtype}; the landmark pool runs "
+            f"the pure-jnp reference there (cast to float32 or bfloat16 for "
+            f"the Pallas kernels).", stacklevel=2)
+        return reference_lowering(ctx, *operands, **params)
       if on_tpu and _sharding.partitioned_by_jax(ctx):
         return _sharding.partitioned_lowering(
             functools.partial(pallas_call, interpret=interpret), prim, ctx,

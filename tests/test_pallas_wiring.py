@@ -129,3 +129,15 @@ def test_ffi_on_tpu_names_the_pallas_fix():
   with pytest.raises(NotImplementedError, match="pallas"):
     _tpu_text(lambda x: lmconv_jax.landmark_pool(x, "tl",
                                                  implementation="ffi"), x)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16])
+def test_a_dtype_without_a_tpu_kernel_warns_and_runs_the_reference(dtype):
+  x = jnp.ones((1, 4, 4, 4), dtype)
+  f = lambda impl: (lambda x: lmconv_jax.landmark_pool(
+      x, "tl", implementation=impl))
+  with pytest.warns(UserWarning, match="no TPU kernel for float16"):
+    text = _tpu_text(f("auto"), x)
+  assert "tpu_custom_call" not in text and "stablehlo.while" in text
+  with pytest.raises(NotImplementedError, match="cast x to float32 or bfloat16"):
+    _tpu_text(f("pallas"), x)

@@ -200,3 +200,24 @@ def test_shard_map_and_pmap_sum_a_replicated_guides_gradient(impl):
   pmap_sums = np.array_equal(twin[0], (x * t).sum((0, 1, 2)))
   for k in range(8):
     np.testing.assert_array_equal(per_device[k], want if pmap_sums else own[k])
+
+
+@pytest.mark.parametrize("kind,layout", [("Auto", "batch"),
+                                         ("Explicit", "batch_and_channels")])
+def test_pallas_kernels_sharded_equal_one_device(kind, layout):
+  """implementation="pallas" (interpret mode on these CPU devices) under a
+  sharded jit: the same rules as the custom calls, the same exact sums."""
+  mesh = jax.make_mesh((4, 2), ("data", "model"),
+                       axis_types=(getattr(AxisType, kind),) * 2)
+  x, t, guides = exact_data()
+  guides = guides[1:2]  # (C,): broadcast over the split batch
+  want = jax.jit(guide_grads("quadrants", "reference"))(guides, x, t)
+  if kind == "Explicit":
+    guides = [jax.device_put(g, NamedSharding(mesh, P())) for g in guides]
+  sharding = NamedSharding(mesh, LAYOUTS[layout])
+  xs, ts = jax.device_put(x, sharding), jax.device_put(t, sharding)
+  with jax.set_mesh(mesh):
+    got = jax.jit(guide_grads("quadrants", "pallas"))(guides, xs, ts)
+  for dg, w in zip(got, want):
+    np.testing.assert_array_equal(dg, w)
+    assert_replicas_agree(dg, "pallas")

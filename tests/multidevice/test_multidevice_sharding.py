@@ -632,10 +632,14 @@ def test_exported_explicit_channel_sharding(grouping, spec, moves, impl):
 
 @pytest.mark.parametrize("spec", [P(None, None, None, "data"),  # n = 4, P = 2
                                   P("data")])
-def test_explicit_axes_auto_on_a_platform_without_kernels(spec):
+@pytest.mark.parametrize("platform,kernel", [("rocm", None),
+                                             ("tpu", "tpu_custom_call")])
+def test_explicit_axes_auto_on_a_platform_without_ffi_kernels(spec, platform,
+                                                              kernel):
   """implementation="auto" lowers to the reference where this build has no
-  kernels (here: exported for TPU from the CPU devices), under Explicit
-  axes too: gradient of a grouped pool whose shards hold part of a group."""
+  kernels (rocm) and to the Pallas kernels on a TPU (both exported from the
+  CPU devices), under Explicit axes too: gradient of a grouped pool whose
+  shards hold part of a group."""
   from jax import export
   mesh = make_mesh("Explicit")
   x = jax.ShapeDtypeStruct((4, 6, 5, 8), np.float32,
@@ -643,6 +647,8 @@ def test_explicit_axes_auto_on_a_platform_without_kernels(spec):
   grad = jax.grad(lambda x: (lmconv_jax.grouped_landmark_pool(
       x, "top_bottom", implementation="auto") ** 2).sum())
   with jax.set_mesh(mesh):
-    exported = export.export(jax.jit(grad), platforms=("tpu",))(x)
-  assert "custom_call" not in exported.mlir_module()
+    exported = export.export(jax.jit(grad), platforms=(platform,))(x)
+  text = exported.mlir_module()
+  assert "custom_call @lmconv_pool" not in text   # no custom call of ours
+  assert (kernel in text) if kernel else "stablehlo.custom_call" not in text
   assert exported.out_avals[0].shape == x.shape
