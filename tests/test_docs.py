@@ -338,11 +338,7 @@ SHELL_TIMEOUT_S = 120
 # Shell blocks of docs that other people edit, whose fix was proposed to
 # them (issue 37) and has not landed yet: each is checked to be still as
 # described (an entry whose block is fixed fails, so that it goes).
-PENDING = {
-    "docs/multidevice.md:shell-1":
-        "two processes and a coordinator (tests/test_multiprocess.py runs "
-        "them): needs <!-- not-run: ... -->",
-}
+PENDING = {}
 # A command word that runs some Python other than a venv's.
 _BARE_PYTHON = re.compile(
     r"(?:^|[;&|(]|\$\()\s*(?:[A-Z_]+=\S*\s+)*((?:python|pip)[0-9.]*)(?=\s|$)",
