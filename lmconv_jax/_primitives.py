@@ -405,6 +405,21 @@ def ffi_call(prim, operands, groups, guided, save_members=False):
   return jax.ffi.ffi_call(target, results)(*operands, **grouping_attrs(groups))
 
 
+def _no_pallas_kernel(x_aval, on_tpu: bool):
+  """None where the Pallas kernels compile for x on this platform, else
+  (what, the fix): Mosaic has no float64 and no float16 vector loads, and
+  the kernels' grid and blocks are static (a symbolic dim of jax.export)."""
+  if not all(isinstance(d, int) for d in x_aval.shape):
+    return (f"the symbolic shape {tuple(map(str, x_aval.shape))} (the "
+            f"kernels' grid and blocks are static)",
+            "export with concrete dims")
+  dtype = jnp.dtype(x_aval.dtype)
+  if on_tpu and dtype not in PALLAS_TPU_DTYPES:  # interpret mode: any dtype
+    return (f"{dtype} (Mosaic does not compile it: TPUs have no float64 and "
+            f"no float16 vector loads)", "cast x to float32 or bfloat16")
+  return None
+
+
 def _lowering(prim, platform: str, compiled: bool):
   reference_lowering = mlir.lower_fun(_reference_rule(prim),
                                       multiple_results=prim.multiple_results)
@@ -415,19 +430,17 @@ def _lowering(prim, platform: str, compiled: bool):
                   **extra)
     if implementation == "pallas" or (implementation == "auto" and on_tpu):
       interpret = not on_tpu
-      dtype = jnp.dtype(ctx.avals_in[0].dtype)
-      if on_tpu and dtype not in PALLAS_TPU_DTYPES:
+      why = _no_pallas_kernel(ctx.avals_in[0], on_tpu)
+      if why is not None:
         if implementation == "pallas":
           raise NotImplementedError(
-              f"lmconv_jax: implementation='pallas' has no TPU kernel for "
-              f"{dtype} (Mosaic does not compile it: TPUs have no float64 "
-              f"and no float16 vector loads); cast x to float32 or bfloat16, "
-              f"or use implementation='auto' or 'reference' (the pure-jnp "
-              f"reference).")
+              f"lmconv_jax: implementation='pallas' has no kernel for "
+              f"{why[0]}; {why[1]}, or use implementation='auto' or "
+              f"'reference' (the pure-jnp reference).")
         warnings.warn(
-            f"lmconv_jax: no TPU kernel for {dtype}; the landmark pool runs "
-            f"the pure-jnp reference there (cast to float32 or bfloat16 for "
-            f"the Pallas kernels).", stacklevel=2)
+            f"lmconv_jax: no TPU kernel for {why[0]}; the landmark pool runs "
+            f"the pure-jnp reference there ({why[1]} for the Pallas "
+            f"kernels).", stacklevel=2)
         return reference_lowering(ctx, *operands, **params)
       if on_tpu and _sharding.partitioned_by_jax(ctx):
         return _sharding.partitioned_lowering(

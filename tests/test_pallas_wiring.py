@@ -141,3 +141,18 @@ def test_a_dtype_without_a_tpu_kernel_warns_and_runs_the_reference(dtype):
   assert "tpu_custom_call" not in text and "stablehlo.while" in text
   with pytest.raises(NotImplementedError, match="cast x to float32 or bfloat16"):
     _tpu_text(f("pallas"), x)
+
+
+def test_a_symbolic_batch_on_tpu_exports_through_the_reference():
+  b, = jax.export.symbolic_shape("b")
+  x = jax.ShapeDtypeStruct((b, 6, 5, 8), jnp.float32)
+  f = lambda impl: jax.jit(lambda x: lmconv_jax.grouped_landmark_pool(
+      x, "quadrants", implementation=impl))
+  with pytest.warns(UserWarning, match="symbolic shape"):
+    exp = jax.export.export(f("auto"), platforms=("cpu", "tpu"),
+                            disabled_checks=lmconv_jax.export_disabled_checks(
+                            ))(x)
+  xs = jnp.asarray(inputs.stacked_kinds((3, 6, 5, 8))[0], jnp.float32)
+  np.testing.assert_array_equal(exp.call(xs), f("reference")(xs))
+  with pytest.raises(NotImplementedError, match="export with concrete dims"):
+    jax.export.export(f("pallas"), platforms=("tpu",))(x)
