@@ -81,6 +81,12 @@ def check_guide(guide, x: jax.Array, where: str) -> Optional[jax.Array]:
 
 def check_channels(channels: int, groups: int, where: str) -> None:
   """The one check that C splits into ``groups`` equal groups."""
+  if not isinstance(channels, int) and groups > 1:
+    raise ValueError(
+        f"{where}: the channel count is symbolic ({channels}), but "
+        f"{groups} direction groups need a concrete one (each group is a "
+        f"static block of C/{groups} channels). Export with a concrete C, "
+        f"e.g. jax.export.symbolic_shape('b, 32, 32, 64').")
   if channels % groups:
     raise ValueError(
         f"{where}: {channels} channels do not split into {groups} equal "

@@ -127,3 +127,10 @@ def test_guide_check_accepts_symbolic_dims_and_rejects_a_wrong_guide():
   with pytest.raises(ValueError, match="does not broadcast"):
     export.export(jax.jit(fn))(x, jax.ShapeDtypeStruct((2, 1, 1, 1),
                                                        np.float32))
+
+
+def test_a_symbolic_channel_count_of_several_groups_is_a_clear_error():
+  fn = lambda x: lmconv_jax.grouped_landmark_pool(x, "quadrants")
+  with pytest.raises(ValueError, match="channel count is symbolic .* 4 "
+                     "direction groups need a concrete one"):
+    export.export(jax.jit(fn))(symbolic_x("b, 6, 5, c"))
