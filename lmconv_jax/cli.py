@@ -292,7 +292,7 @@ def cuda_advice(build: dict, gpu_seen: bool,
 def gather_info() -> dict:
   import jax
   import lmconv_jax
-  from lmconv_jax import _ffi, ops
+  from lmconv_jax import _ffi, _primitives, ops
 
   try:
     build = _ffi.build_info()
@@ -323,6 +323,8 @@ def gather_info() -> dict:
                     jaxlib=_version("jaxlib"), flax=_version("flax"),
                     optax=_version("optax"), numpy=_version("numpy")),
       kernels=kernels, build_info_error=build.get("error"),
+      pallas=dict(platforms=list(_primitives.PALLAS_PLATFORMS),
+                  dtypes=[d.name for d in _primitives.PALLAS_TPU_DTYPES]),
       default_backend=jax.default_backend(),
       platform=platform_, devices=devices, auto_implementation=auto,
       cuda_hint=cuda_advice(
@@ -357,13 +359,19 @@ def cmd_info(args) -> int:
     else:
       reason = f" ({k['error']})" if k.get("error") else ""
       print(f"  {plat:<5} not built{reason}")
+  pk = info["pallas"]
+  print("kernels (Pallas):")
+  print(f"  {'/'.join(pk['platforms'])}   Pallas (Mosaic TPU), compiled by jax "
+        f"when first called; dtypes: {', '.join(pk['dtypes'])} (others: the "
+        f"reference); elsewhere implementation=\"pallas\" runs them in "
+        f"interpret mode")
   print(f"devices (default backend: {info['default_backend']}):")
   for d in info["devices"]:
     print(f"  {d['name']}  [{d['kind']}]")
   auto = info["auto_implementation"]
-  print(f'implementation="auto" runs: '
-        f'{"the FFI kernels" if auto == "ffi" else "the pure-jnp reference"}'
-        f" on {info['platform']}")
+  runs = {"ffi": "the FFI kernels", "pallas": "the Pallas kernels"}.get(
+      auto, "the pure-jnp reference")
+  print(f'implementation="auto" runs: {runs} on {info["platform"]}')
   if info["warning"]:
     print(f"warning: {info['warning']}")
   if info["build_info_error"]:

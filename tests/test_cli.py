@@ -270,6 +270,8 @@ def test_info_shows_versions_kernels_devices(capsys):
   assert code == 0
   assert out.startswith("lmconv_jax ")
   for text in ("jax ", "flax ", "kernels (XLA FFI):", "cpu", "cuda",
+               "kernels (Pallas):\n  tpu   Pallas (Mosaic TPU)",
+               "dtypes: float32, bfloat16 (others: the reference)",
                "devices (default backend:", 'implementation="auto" runs'):
     assert text in out
   built = _ffi.available_platforms()
@@ -292,6 +294,8 @@ def test_info_json(capsys):
   assert info["kernels"]["cpu"]["built"] == _ffi.has_kernels("cpu")
   assert info["devices"] and info["versions"]["jax"]
   assert info["auto_implementation"] in ("ffi", "reference")
+  assert info["pallas"] == {"platforms": ["tpu"],
+                            "dtypes": ["float32", "bfloat16"]}
 
 
 def test_bench_without_kernels_exits_3(capsys, monkeypatch):
