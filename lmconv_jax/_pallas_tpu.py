@@ -230,15 +230,32 @@ def block_sizes(shape, dtype, groups, guide_shape=None, *, pass_="backward",
   n_arr += int(full_guide) * (1 if pass_ != "tangent" else 2)
   if pass_ == "backward":
     n_arr += int(guide_shape is not None) + int(lay.k > 1) * max(1, 4 // isz)
-  fixed = 8 * _pad(w + 2, 8) * cbp * cdsz + 2 * 2 * row
+  fixed = 4 * _pad(w + 2, 8) * cbp * cdsz + 2 * 2 * row
   per_row = 2 * n_arr * row
+
+  def vmem(bh):
+    n, rows = _skew_buffers(lay.codes, pass_, guide_shape is not None, w, bh)
+    return fixed + bh * per_row + n * _pad(rows, 8) * cbp * cdsz
+
   if band_rows is None:
-    bh = max(1, (vmem_budget - fixed) // per_row)
+    bh = max(1, min(h, (vmem_budget - fixed) // per_row))
+    # The skewed buffers grow as bh * (W + a * bh): shrink bh until all fit.
+    while bh > 1 and vmem(bh) > vmem_budget:
+      bh = max(1, min(bh - 1, bh * 7 // 8))
   else:
     bh = int(band_rows)
   bh = max(1, min(bh, h))
-  return BlockSizes(bh, -(-h // bh), lay.cb, lay.nc, lay.s,
-                    fixed + bh * per_row)
+  return BlockSizes(bh, -(-h // bh), lay.cb, lay.nc, lay.s, vmem(bh))
+
+
+def _skew_buffers(codes, pass_, guided, w, bh):
+  """(count, rows) of the wavefront's skewed (rows, Cb) buffers (_Wave)."""
+  a = [_Wave(g, w, bh).a for g in map(_geo, codes) if not g.row_type]
+  if not a:
+    return 0, 0
+  n = {"forward": 1 + guided, "tangent": 2 + 2 * guided,
+       "backward": 4 + guided}[pass_]
+  return n, (bh + 1) * (w + max(a) * bh + 2)
 
 
 # --------------------------------------------------------------------------
@@ -347,15 +364,19 @@ def _fwd_kernel(cx, *refs):
   tout_ref = next(it) if cx.tangent else None
   prev_ref = next(it)
   tprev_ref = next(it) if cx.tangent else None
-  sh_ref, xs_ref, gs_ref, us_ref, row_ref = (next(it) for _ in range(5))
-  if cx.tangent:
-    txs_ref, tgs_ref, tus_ref, trow_ref = (next(it) for _ in range(4))
+  sh_ref = next(it)
+  sk = list(it)                # skewed buffers of the wavefront (if any)
   del rev_ref
   w, cb, bh, h, nb, cd, sd = cx.w, cx.cb, cx.bh, cx.h, cx.nb, cx.cd, cx.sd
   c_i, s_i, t = pl.program_id(1), pl.program_id(2), pl.program_id(3)
   z = _hidden_zero()
   nd = len(cx.geos)
   zero = jnp.zeros((), cd)
+
+  def load_tg(rr, n):
+    if tg_ref is None:
+      return jnp.zeros((n, cb), cd)
+    return jnp.broadcast_to(tg_ref[rr if cx.gh > 1 else 0].astype(cd), (n, cb))
 
   for ci, geo in enumerate(cx.geos):
     @pl.when(present_ref[(c_i * cx.s + s_i) * nd + ci] == 1)
@@ -368,6 +389,11 @@ def _fwd_kernel(cx, *refs):
           v = jnp.where(mask, v, ref[idx])
         ref[idx] = v
 
+      if not geo.row_type:
+        _fwd_wave(cx, geo, band, put, z, x_ref, g_ref, tx_ref, load_tg,
+                  out_ref, tout_ref, prev_ref, tprev_ref, sk)
+        return
+
       def row_step(r, carry):
         rr = (bh - 1 - r) if geo.up else r
         i = band * bh + rr
@@ -376,78 +402,18 @@ def _fwd_kernel(cx, *refs):
         prev = carry[0]
         xv = _flush(x_ref[rr].astype(cd))
         gv = _load_guide(g_ref, rr, cx.gh, w, cb, cd) if cx.guided else None
+        ins = [has_prev & _colmask(w, cb, d) for d in geo.dc]
+        os_ = [_shifted(sh_ref, prev, d, w) for d in geo.dc]
+        m, self_, tk1, tk2 = _winner(xv, ins[0], os_[0], ins[1], os_[1])
+        out = m if gv is None else _blend(gv, m, xv, z)
+        out = out.astype(sd).astype(cd)
+        new = (out,)
         if cx.tangent:
-          tprev = carry[1]
           txv = tx_ref[rr].astype(cd)
-          if tg_ref is not None:
-            tgv = jnp.broadcast_to(
-                tg_ref[rr if cx.gh > 1 else 0].astype(cd), (w, cb))
-          else:
-            tgv = jnp.zeros((w, cb), cd)
-        if geo.row_type:
-          ins = [has_prev & _colmask(w, cb, d) for d in geo.dc]
-          os_ = [_shifted(sh_ref, prev, d, w) for d in geo.dc]
-          m, self_, tk1, tk2 = _winner(xv, ins[0], os_[0], ins[1], os_[1])
-          out = m if gv is None else _blend(gv, m, xv, z)
-          out = out.astype(sd).astype(cd)
-          new = (out,)
-          if cx.tangent:
-            ts = [_shifted(sh_ref, tprev, d, w) for d in geo.dc]
-            win = jnp.where(self_, txv, jnp.where(
-                tk1, ts[0], jnp.where(tk2, ts[1], zero)))
-            new += (_tangent_blend(gv, win, txv, m, xv, tgv, z),)
-        else:
-          du = geo.dc[1 - geo.same]
-          xs_ref[...] = xv
-          if gv is not None:
-            gs_ref[...] = gv
-          us_ref[...] = _shifted(sh_ref, prev, du, w)
-          if cx.tangent:
-            txs_ref[...] = txv
-            tus_ref[...] = _shifted(sh_ref, tprev, du, w)
-            if gv is not None:
-              tgs_ref[...] = tgv
-
-          def col(k, cc):
-            jj = k if geo.cs > 0 else w - 1 - k
-            jn = jj + du
-            in_u = has_prev & (jn >= 0) & (jn < w)
-            in_s = k > 0
-            xj = xs_ref[pl.ds(jj, 1), :]
-            uj = us_ref[pl.ds(jj, 1), :]
-            ys = cc[0]
-            if geo.same == 0:
-              m, self_, tk1, tk2 = _winner(xj, in_s, ys, in_u, uj)
-            else:
-              m, self_, tk1, tk2 = _winner(xj, in_u, uj, in_s, ys)
-            if gv is None:
-              y = m
-            else:
-              gj = gs_ref[pl.ds(jj, 1), :]
-              y = _blend(gj, m, xj, z)
-            y = y.astype(sd).astype(cd)
-            row_ref[pl.ds(jj, 1), :] = y
-            res = (y,)
-            if cx.tangent:
-              txj = txs_ref[pl.ds(jj, 1), :]
-              tuj = tus_ref[pl.ds(jj, 1), :]
-              ts = (cc[1], tuj) if geo.same == 0 else (tuj, cc[1])
-              win = jnp.where(self_, txj, jnp.where(
-                  tk1, ts[0], jnp.where(tk2, ts[1], zero)))
-              if gv is None:
-                tv = win
-              else:
-                tgj = tgs_ref[pl.ds(jj, 1), :]
-                tv = _tangent_blend(gj, win, txj, m, xj, tgj, z)
-              trow_ref[pl.ds(jj, 1), :] = tv
-              res += (tv,)
-            return res
-
-          init = (jnp.zeros((1, cb), cd),) * (2 if cx.tangent else 1)
-          lax.fori_loop(0, w, col, init)
-          new = (row_ref[...],)
-          if cx.tangent:
-            new += (trow_ref[...],)
+          ts = [_shifted(sh_ref, carry[1], d, w) for d in geo.dc]
+          win = jnp.where(self_, txv, jnp.where(
+              tk1, ts[0], jnp.where(tk2, ts[1], zero)))
+          new += (_tangent_blend(gv, win, txv, m, xv, load_tg(rr, w), z),)
         put(out_ref, rr, new[0].astype(sd))
         if cx.tangent:
           put(tout_ref, rr, new[1].astype(sd))
@@ -460,6 +426,123 @@ def _fwd_kernel(cx, *refs):
       put(prev_ref, Ellipsis, fin[0])
       if cx.tangent:
         put(tprev_ref, Ellipsis, fin[1])
+
+
+class _Wave:
+  """The skewed layout of one band for a direction with a neighbour in the
+  same row: pixel (scan row r, scan column k) of phase d = a * (r + 1) + k
+  (a = 0 column octant, 1 quadrant, 2 skew 2) sits at row q = r + 1, column
+  col(d) of a flat ((bh + 1) * P, Cb) buffer of pitch P; row q = 0 is the
+  row before the band. Both neighbours of a pixel of phase d have phase
+  d - 1, the same column col(d) - cs, rows q and q - 1: one step of the
+  wavefront is a strided load of bh pixels, one per row."""
+
+  def __init__(self, geo, w, bh):
+    self.e = geo.dc[1 - geo.same] * geo.cs      # up neighbour, scan column
+    self.a = 1 + self.e
+    self.cs, self.w, self.bh, self.up = geo.cs, w, bh, geo.up
+    self.p = w + self.a * bh + 2
+    self.d0, self.d1 = self.a, self.a * bh + w - 1   # phases of the band
+
+  def off(self, q):            # flat offset of image column 0 of row q
+    a, bh = self.a, self.bh
+    return q * self.p + 1 + (a * q if self.cs > 0 else a * (bh - q))
+
+  def col(self, d):            # flat column of phase d
+    if self.cs > 0:
+      return 1 + d
+    return self.a * self.bh + self.w - d
+
+  def rr(self, q):             # block row of band row q
+    return (self.bh - q) if self.up else (q - 1)
+
+  def ld(self, ref, q0, c):    # rows q0 .. q0 + bh - 1 at column c
+    return ref[pl.ds(q0 * self.p + c, self.bh, stride=self.p), :]
+
+  def st(self, ref, q0, c, v):
+    ref[pl.ds(q0 * self.p + c, self.bh, stride=self.p), :] = v
+
+  def row(self, ref, q):
+    return ref[pl.ds(self.off(q), self.w), :]
+
+  def set_row(self, ref, q, v):
+    ref[pl.ds(self.off(q), self.w), :] = v
+
+  def rows_image(self, band, cb):
+    """(bh, Cb) image row index of band rows q = 1 .. bh."""
+    q = lax.broadcasted_iota(jnp.int32, (self.bh, cb), 0) + 1
+    rr = (self.bh - q) if self.up else (q - 1)
+    return q, band * self.bh + rr
+
+
+def _fwd_wave(cx, geo, band, put, z, x_ref, g_ref, tx_ref, load_tg, out_ref,
+              tout_ref, prev_ref, tprev_ref, sk):
+  """Forward (and tangent) of one band as an anti-diagonal (or column)
+  wavefront: a (bh, Cb) strided step per phase instead of a pixel loop."""
+  w, cb, bh, h, cd, sd = cx.w, cx.cb, cx.bh, cx.h, cx.cd, cx.sd
+  wv = _Wave(geo, w, bh)
+  a, e, cs = wv.a, wv.e, geo.cs
+  zero = jnp.zeros((), cd)
+  it = iter(sk)
+  xk = next(it)                # x, overwritten by the output phase by phase
+  gk = next(it) if cx.guided else None
+  txk = next(it) if cx.tangent else None     # tx, then the tangent
+  tgk = next(it) if cx.tangent and cx.guided else None
+  for q in range(1, bh + 1):
+    rr = wv.rr(q)
+    wv.set_row(xk, q, _flush(x_ref[rr].astype(cd)))
+    if gk is not None:
+      wv.set_row(gk, q, _load_guide(g_ref, rr, cx.gh, w, cb, cd))
+    if cx.tangent:
+      wv.set_row(txk, q, tx_ref[rr].astype(cd))
+      if tgk is not None:
+        wv.set_row(tgk, q, load_tg(rr, w))
+  wv.set_row(xk, 0, prev_ref[...])
+  if cx.tangent:
+    wv.set_row(txk, 0, tprev_ref[...])
+  qv, iv = wv.rows_image(band, cb)
+  ip = iv + (1 if geo.up else -1)
+  has_prev = (ip >= 0) & (ip < h)
+
+  def step(d, carry):
+    c = wv.col(d)
+    kv = d - a * qv
+    in_s = kv > 0
+    in_u = has_prev & (kv + e >= 0) & (kv + e < w)
+    xj = wv.ld(xk, 1, c)
+    uj = wv.ld(xk, 0, c - cs)
+    if geo.same == 0:
+      m, self_, tk1, tk2 = _winner(xj, in_s, carry[0], in_u, uj)
+    else:
+      m, self_, tk1, tk2 = _winner(xj, in_u, uj, in_s, carry[0])
+    gj = None if gk is None else wv.ld(gk, 1, c)
+    y = m if gj is None else _blend(gj, m, xj, z)
+    y = y.astype(sd).astype(cd)
+    wv.st(xk, 1, c, y)
+    res = (y,)
+    if cx.tangent:
+      txj = wv.ld(txk, 1, c)
+      tuj = wv.ld(txk, 0, c - cs)
+      ts = (carry[1], tuj) if geo.same == 0 else (tuj, carry[1])
+      win = jnp.where(self_, txj, jnp.where(
+          tk1, ts[0], jnp.where(tk2, ts[1], zero)))
+      if gj is None:
+        tv = win
+      else:
+        tv = _tangent_blend(gj, win, txj, m, xj, wv.ld(tgk, 1, c), z)
+      wv.st(txk, 1, c, tv)
+      res += (tv,)
+    return res
+
+  init = (jnp.zeros((bh, cb), cd),) * (2 if cx.tangent else 1)
+  lax.fori_loop(wv.d0, wv.d1 + 1, step, init)
+  for q in range(1, bh + 1):
+    put(out_ref, wv.rr(q), wv.row(xk, q).astype(sd))
+    if cx.tangent:
+      put(tout_ref, wv.rr(q), wv.row(txk, q).astype(sd))
+  put(prev_ref, Ellipsis, wv.row(xk, bh))
+  if cx.tangent:
+    put(tprev_ref, Ellipsis, wv.row(txk, bh))
 
 
 def _tangent_blend(g, win, tx, m, x, tg, z):
@@ -484,7 +567,8 @@ def _bwd_kernel(cx, *refs):
   pool_ref, bnd_ref = next(it), next(it)
   dx_ref = next(it)
   dg_ref = next(it) if cx.guided else None
-  pend_ref, sh_ref, gb_ref, cf_ref, gbuf_ref = (next(it) for _ in range(5))
+  pend_ref, sh_ref = next(it), next(it)
+  sk = list(it)                # skewed buffers of the wavefront (if any)
   w, cb, bh, h, nb, cd, sd = cx.w, cx.cb, cx.bh, cx.h, cx.nb, cx.cd, cx.sd
   c_i, s_i, t = pl.program_id(1), pl.program_id(2), pl.program_id(3)
   z = _hidden_zero()
@@ -496,6 +580,31 @@ def _bwd_kernel(cx, *refs):
 
   def fl(v):                   # a 0/1 float XLA must not see as one
     return _opaque(v.astype(cd), z)
+
+  def load_ct(rr):
+    ctv = ct_ref[rr]
+    if win_ref is not None:
+      ctv = jnp.where(win_ref[rr] == member, ctv, jnp.zeros((), sd))
+    return ctv.astype(cd)
+
+  def grads(xv, sv, G, ins, os_):
+    """m, dx, dguide and the two pushes of pixels with cotangent G."""
+    m, self_, tk1, tk2 = _winner(xv, ins[0], os_[0], ins[1], os_[1])
+    if guided:
+      selff = fl(self_)
+      k1 = fl(ins[0] & (os_[0] >= m))
+      k2 = fl(ins[1] & (os_[1] >= m))
+      t1 = (one - selff) * k1
+      t2 = ((one - selff) * (one - t1)) * k2
+      a, bb = sv * selff, one - sv
+      dx = (a + bb) * G
+      dg = (m - xv) * G
+      pushes = [_opaque((sv * tt) * G, z) for tt in (t1, t2)]
+    else:
+      dx = jnp.where(self_, G, zero)
+      dg = None
+      pushes = [jnp.where(tk, G, zero) for tk in (tk1, tk2)]
+    return dx, dg, pushes
 
   for ci, geo in enumerate(cx.geos):
     @pl.when(present_ref[(c_i * cx.s + s_i) * nd + ci] == 1)
@@ -509,6 +618,11 @@ def _bwd_kernel(cx, *refs):
           v = jnp.where(mask, v, ref[idx])
         ref[idx] = v
 
+      if not geo.row_type:
+        _bwd_wave(cx, geo, band, put, x_ref, g_ref, load_ct, pool_ref,
+                  bnd_ref, dx_ref, dg_ref, pend_ref, sk, grads)
+        return
+
       def row_step(r, pend):
         rr = r if geo.up else (bh - 1 - r)
         i = band * bh + rr
@@ -520,78 +634,86 @@ def _bwd_kernel(cx, *refs):
                        bnd_ref[0]).astype(cd)
         xv = _flush(x_ref[rr].astype(cd))
         sv = _load_guide(g_ref, rr, cx.gh, w, cb, cd) if guided else None
-        ctv = ct_ref[rr]
-        if win_ref is not None:
-          ctv = jnp.where(win_ref[rr] == member, ctv, jnp.zeros((), sd))
-        base = ctv.astype(cd)
-        if geo.row_type:
-          order = (1, 0) if geo.n2_first else (0, 1)
-          G = base
-          for n in order:
-            G = jnp.where(has_next & _colmask(w, cb, -geo.dc[n]),
-                          G + pend[n], G)
-          os_ = [_shifted(sh_ref, pv, d, w) for d in geo.dc]
-          ins = [has_prev & _colmask(w, cb, d) for d in geo.dc]
-        else:
-          su = 1 - geo.same
-          du = geo.dc[su]
-          G = jnp.where(has_next & _colmask(w, cb, -du), base + pend[0], base)
-          cur = pool_ref[rr].astype(cd)
-          os_, ins = [None, None], [None, None]
-          os_[su] = _shifted(sh_ref, pv, du, w)
-          ins[su] = has_prev & _colmask(w, cb, du)
-          ds_ = geo.dc[geo.same]
-          os_[geo.same] = _shifted(sh_ref, cur, ds_, w)
-          ins[geo.same] = _colmask(w, cb, ds_)
-        m, self_, tk1, tk2 = _winner(xv, ins[0], os_[0], ins[1], os_[1])
-        if guided:
-          selff = fl(self_)
-          k1 = fl(ins[0] & (os_[0] >= m))
-          k2 = fl(ins[1] & (os_[1] >= m))
-          t1 = (one - selff) * k1
-          t2 = ((one - selff) * (one - t1)) * k2
-          tt = (t1, t2)
-        if not geo.row_type:
-          # The in-row dependence: G[j] gets the push of the pixel after it.
-          gb_ref[...] = G
-          if guided:
-            cf_ref[...] = sv * tt[geo.same]
-          else:
-            cf_ref[...] = (tk1, tk2)[geo.same].astype(cd)
-
-          def col(k, push):
-            jj = (w - 1 - k) if geo.cs > 0 else k
-            gj = gb_ref[pl.ds(jj, 1), :]
-            gj = jnp.where(k > 0, gj + push, gj)
-            gbuf_ref[pl.ds(jj, 1), :] = gj
-            cfj = cf_ref[pl.ds(jj, 1), :]
-            if guided:
-              return _opaque(cfj * gj, z)
-            return jnp.where(cfj > 0.5, gj, zero)
-
-          lax.fori_loop(0, w, col, jnp.zeros((1, cb), cd))
-          G = gbuf_ref[...]
-        if guided:
-          a, bb = sv * selff, one - sv
-          dx = (a + bb) * G
-          dg = (m - xv) * G
-          pushes = [_opaque((sv * tt[n]) * G, z) for n in (0, 1)]
-        else:
-          dx = jnp.where(self_, G, zero)
-          pushes = [jnp.where(tk, G, zero) for tk in (tk1, tk2)]
+        order = (1, 0) if geo.n2_first else (0, 1)
+        G = load_ct(rr)
+        for n in order:
+          G = jnp.where(has_next & _colmask(w, cb, -geo.dc[n]),
+                        G + pend[n], G)
+        os_ = [_shifted(sh_ref, pv, d, w) for d in geo.dc]
+        ins = [has_prev & _colmask(w, cb, d) for d in geo.dc]
+        dx, dg, pushes = grads(xv, sv, G, ins, os_)
         put(dx_ref, rr, dx.astype(sd))
         if guided:
           put(dg_ref, rr, dg.astype(sd))
-        if geo.row_type:
-          return tuple(_shifted(sh_ref, pushes[n], -geo.dc[n], w)
-                       for n in (0, 1))
-        su = 1 - geo.same
-        return (_shifted(sh_ref, pushes[su], -geo.dc[su], w), pend[1])
+        return tuple(_shifted(sh_ref, pushes[n], -geo.dc[n], w)
+                     for n in (0, 1))
 
       init = (pend_ref[0], pend_ref[1])
       fin = lax.fori_loop(0, bh, row_step, init)
       put(pend_ref, 0, fin[0])
       put(pend_ref, 1, fin[1])
+
+
+def _bwd_wave(cx, geo, band, put, x_ref, g_ref, load_ct, pool_ref, bnd_ref,
+              dx_ref, dg_ref, pend_ref, sk, grads):
+  """Backward of one band as the forward's wavefront run backwards: phases
+  in reverse, each pixel's G = (ct + push from the next row) + push from
+  the next pixel of its row (the contract's order), the latter carried in
+  registers, the former through a skewed buffer (its row bh holds the
+  pushes of the band after this one)."""
+  w, cb, bh, h, cd, sd = cx.w, cx.cb, cx.bh, cx.h, cx.cd, cx.sd
+  wv = _Wave(geo, w, bh)
+  a, e, cs = wv.a, wv.e, geo.cs
+  rs = -1 if geo.up else 1
+  it = iter(sk)
+  xk = next(it)                # x, overwritten by dx phase by phase
+  ck = next(it)                # the cotangent routed to this member
+  ok = next(it)                # the member's pool; row 0: the row before
+  pk = next(it)                # pushes to the row above, at their targets
+  gk = next(it) if cx.guided else None    # the guide, then dguide
+  for q in range(1, bh + 1):
+    rr = wv.rr(q)
+    wv.set_row(xk, q, _flush(x_ref[rr].astype(cd)))
+    wv.set_row(ck, q, load_ct(rr))
+    wv.set_row(ok, q, pool_ref[rr].astype(cd))
+    if gk is not None:
+      wv.set_row(gk, q, _load_guide(g_ref, rr, cx.gh, w, cb, cd))
+  wv.set_row(ok, 0, bnd_ref[0].astype(cd))
+  wv.set_row(pk, bh, pend_ref[0])
+  qv, iv = wv.rows_image(band, cb)
+  has_next = (iv + rs >= 0) & (iv + rs < h)
+  has_prev = (iv - rs >= 0) & (iv - rs < h)
+
+  def step(n, push_s):
+    d = wv.d1 - n
+    c = wv.col(d)
+    kv = d - a * qv
+    in_s = kv > 0
+    in_u = has_prev & (kv + e >= 0) & (kv + e < w)
+    below = has_next & (kv - e >= 0) & (kv - e < w)
+    xj = wv.ld(xk, 1, c)
+    base = wv.ld(ck, 1, c)
+    G = jnp.where(below, base + wv.ld(pk, 1, c), base)
+    G = jnp.where(kv < w - 1, G + push_s, G)
+    o_s, o_u = wv.ld(ok, 1, c - cs), wv.ld(ok, 0, c - cs)
+    if geo.same == 0:
+      ins, os_ = (in_s, in_u), (o_s, o_u)
+    else:
+      ins, os_ = (in_u, in_s), (o_u, o_s)
+    sj = None if gk is None else wv.ld(gk, 1, c)
+    dx, dg, pushes = grads(xj, sj, G, ins, os_)
+    wv.st(xk, 1, c, dx)
+    if gk is not None:
+      wv.st(gk, 1, c, dg)
+    wv.st(pk, 0, c - cs, pushes[1 - geo.same])
+    return pushes[geo.same]
+
+  lax.fori_loop(0, wv.d1 - wv.d0 + 1, step, jnp.zeros((bh, cb), cd))
+  for q in range(1, bh + 1):
+    put(dx_ref, wv.rr(q), wv.row(xk, q).astype(sd))
+    if gk is not None:
+      put(dg_ref, wv.rr(q), wv.row(gk, q).astype(sd))
+  put(pend_ref, 0, wv.row(pk, 0))
 
 
 # --------------------------------------------------------------------------
@@ -686,14 +808,13 @@ class _Pass:
     w, cb, cd = self.w, self.lay.cb, self.cd
     v = lambda *shape: pltpu.VMEM(shape, cd)  # noqa: E731
     if self.kind == "backward":
-      return [v(2, w, cb), v(w + 2, cb), v(w, cb), v(w, cb), v(w, cb)]
-    out = [v(w, cb)]
-    if self.kind == "tangent":
-      out.append(v(w, cb))
-    out += [v(w + 2, cb)] + [v(w, cb) for _ in range(4)]
-    if self.kind == "tangent":
-      out += [v(w, cb) for _ in range(4)]
-    return out
+      out = [v(2, w, cb), v(w + 2, cb)]
+    else:
+      out = [v(w, cb)] * (2 if self.kind == "tangent" else 1)
+      out = [v(w, cb) for _ in out] + [v(w + 2, cb)]
+    n, rows = _skew_buffers(self.lay.codes, self.kind,
+                            self.gshape is not None, w, self.bs.band_rows)
+    return out + [v(rows, cb) for _ in range(n)]
 
   def call(self, inputs, in_specs, n_out, interpret):
     lay, bs = self.lay, self.bs
