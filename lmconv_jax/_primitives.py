@@ -375,10 +375,12 @@ def _pallas_rule(prim, interpret):
 def pallas_call(prim, operands, groups, guided, save_members=False, *,
                 interpret=False):
   """The Pallas kernels behind ``prim`` as a plain function of its operands:
-  what each device runs inside a partitioned call (as ``ffi_call``)."""
-  return _pallas_rule(prim, interpret)(
-      *operands, groups=groups, guided=guided, implementation="pallas",
-      save_members=save_members)
+  what each device runs inside a partitioned call (as ``ffi_call``). Under
+  jit: custom_partitioning takes no closed-over constants (the kernels'
+  static tables), and a jitted call keeps them inside."""
+  return jax.jit(functools.partial(
+      _pallas_rule(prim, interpret), groups=groups, guided=guided,
+      implementation="pallas", save_members=save_members))(*operands)
 
 
 def _ffi_call_lowering(prim, ctx, *operands, groups, guided):
@@ -442,7 +444,7 @@ def _lowering(prim, platform: str, compiled: bool):
             f"the pure-jnp reference there ({why[1]} for the Pallas "
             f"kernels).", stacklevel=2)
         return reference_lowering(ctx, *operands, **params)
-      if on_tpu and _sharding.partitioned_by_jax(ctx):
+      if _sharding.partitioned_by_jax(ctx):
         return _sharding.partitioned_lowering(
             functools.partial(pallas_call, interpret=interpret), prim, ctx,
             operands, groups, guided, **extra)
