@@ -8,17 +8,30 @@ batch dim B.
 Layout and grid
 ---------------
 Every valid direction scans rows as the outer loop, and in its scan order a
-pixel's neighbours lie in the previous row, or one in the previous row and
-one just before it in the same row (quadrants, column octants, skew 2). So
-each pass walks the image row by row:
+pixel's neighbours lie in the previous row (row octants), or one just before
+it in the same row and one in the previous row at scan column k + e, e = -1
+(column octants: both in the previous column), 0 (quadrants) or +1 (skew 2).
+So each pass walks a band of rows at a time:
 
-* a row whose two neighbours both lie in the previous row (row octants) is
-  computed at once as a (W, Cb) slab from the previous row (neighbour columns
-  by a shifted read of a padded VMEM row buffer, edge columns masked);
-* otherwise the up-neighbours are gathered for the whole row the same way
-  and a sequential loop over the columns (in the direction's column order,
-  on (1, Cb) vectors) resolves the in-row dependence. Simple and exact; an
-  anti-diagonal wavefront would take H + W - 1 steps instead of H * W.
+* row octants: row by row, a row computed at once as a (W, Cb) slab from the
+  previous row (neighbour columns by a shifted read of a padded VMEM row
+  buffer, edge columns masked);
+* the others: a wavefront over the band (:class:`_Wave`). Pixel (scan row r,
+  scan column k) has phase d = a (r + 1) + k with a = 1 + e (0, 1, 2); both
+  its neighbours have phase d - 1, so a phase is computed at once. The band
+  (and the carried row before it, row q = 0) is copied into skewed VMEM
+  buffers, row q at offset a q (a (bh - q) when columns scan leftwards), so
+  that a phase is one column of pitch P = W + a bh + 2: one strided
+  sublane load (``pl.ds(start, bh, stride=P)``) per operand, its neighbours
+  the previous column, rows q and q - 1. Padding slots hold garbage that the
+  edge masks drop; results are stored in place over x and un-skewed to the
+  output block at the end of the band. A column octant steps over the
+  columns ((bh, Cb) slabs), a quadrant over anti-diagonals. The backward
+  runs the phases in reverse: the push to the pixel's row neighbour is
+  carried in registers, the push to the row above goes through a skewed
+  buffer at its target (its row bh is seeded with the pushes of the band
+  after this one), and G = (ct + push from below) + push from the right,
+  the contract's order.
 
 The grid is ``(B, C // Cb, S, nb)``:
 
@@ -46,8 +59,16 @@ Scratch (VMEM, persists across grid steps, hence across bands):
 * backward: ``pend`` (2, W, Cb) float32, the pushes the next row to visit
   (in reverse scan order) receives from the row visited last, already at
   their target columns, the contract's first and second push apart so that
-  ``G = (ct + first) + second`` keeps its order;
-* row buffers (W + 2, Cb) and (W, Cb) for shifted reads and the column loop.
+  ``G = (ct + first) + second`` keeps its order (wavefront directions use
+  only the first: their in-row push never crosses a band);
+* a (W + 2, Cb) row buffer for shifted reads (row octants);
+* the wavefront's skewed buffers, ((bh + 1) P, Cb) in the compute dtype,
+  when the grouping has a direction that is not a row octant: forward x
+  (then the output) and the guide; tangent also tx (then the tangent) and
+  the guide's tangent; backward x (then dx), the routed cotangent, the
+  member's pool (row 0: the boundary row), the pushes to the row above,
+  and the guide (then dguide). Their size grows as bh (W + a bh), so they
+  bound the band height of quadrants and skew 2.
 
 The backward takes the forward's member pools (``out`` of each member) as
 input rather than carrying them: the row before a band in scan order comes
@@ -60,9 +81,12 @@ dguide summed by the reference's own ``jnp.sum``.
 
 Block sizes: the lane block is the smallest the TPU allows (128 lanes or
 the full C) so that bands can be tall; the band height is the most rows
-whose double-buffered blocks (all inputs and outputs of the pass) fit a
-VMEM budget (12 MiB by default, under v5e's 16 MiB scoped default), so
-(8, 128, 128, 256) and (1, 512, 512, 64) fit.
+whose double-buffered blocks (all inputs and outputs of the pass) and the
+skewed buffers fit a VMEM budget (12 MiB by default, under v5e's 16 MiB
+scoped default), so (8, 128, 128, 256) and (1, 512, 512, 64) fit: at
+(8, 128, 128, 256) float32 with no guide the forward's bands are 34 rows,
+the tangent's 16 and the backward's 14 for quadrants and octants alike
+(``block_sizes``; fewer with a guide).
 
 Exactness on TPU: no ``v != v`` (``v == v`` instead); no
 ``optimization_barrier`` (no Pallas TPU lowering): a product that must not
@@ -77,10 +101,15 @@ libtpu's compiler); float16 does not (Mosaic: "Invalid vector type for
 load") and float64 does not (no 64-bit types); both are exact in interpret
 mode.
 
-Cost (per (batch, lane block, slot)): a pass is H sequential row steps; a
-row of a row octant is one (W, Cb) vector step, any other row W sequential
-(1, Cb) column steps (H * W in all). HBM traffic: forward reads x (and g)
-and writes S pools; the backward reruns the forward, then reads x, g, ct,
+Cost (per (batch, lane block, slot)), sequential steps of a pass over
+nb = ceil(H / bh) bands: a row octant H steps on (W, Cb) slabs; a column
+octant nb W, a quadrant nb (W + bh - 1) = H + nb (W - 1) (full bands), a
+skew 2 nb (W + 2 (bh - 1)) steps, each on (bh, Cb) strided slabs (against
+H W (1, Cb) steps before); plus, per band, bh row copies into and out of
+the skewed buffers per operand (independent, not a dependence chain). A
+block holding several directions runs each in turn. The backward is the
+same count again after its forward pass. HBM traffic: forward reads x (and
+g) and writes S pools; the backward reruns the forward, then reads x, g, ct,
 the winner map (int32, merged groups only), the S pools and one boundary
 row per band, and writes S dx (and S dguide); merges, lane selects and
 member sums are jnp passes over (B, H, W, C) arrays.
