@@ -915,6 +915,12 @@ def _forward_pools(x4, g4, groups, interpret, band_rows):
   return out5, ps.lay
 
 
+def _merged(out5, lay):
+  """The grouped pool's output from the member pools (S, B, H, W, C)."""
+  pools = _members(out5, lay)
+  return pools[0] if lay.k == 1 else _R.merge_members(pools, _valid(lay))[0]
+
+
 def grouped_forward(x, g, groups, *, interpret=False, band_rows=None):
   """The grouped pool (reference.grouped_forward) by the Pallas kernel."""
   x = jnp.asarray(x)
@@ -922,9 +928,7 @@ def grouped_forward(x, g, groups, *, interpret=False, band_rows=None):
     return x
   x, groups, x4, g4 = _prepare(x, g, groups)
   out5, lay = _forward_pools(x4, g4, groups, interpret, band_rows)
-  pools = _members(out5, lay)
-  out = pools[0] if lay.k == 1 else _R.merge_members(pools, _valid(lay))[0]
-  return out.reshape(x.shape)
+  return _merged(out5, lay).reshape(x.shape)
 
 
 def grouped_tangent(x, g, tx, tg, groups, *, interpret=False, band_rows=None):
@@ -961,11 +965,18 @@ def grouped_tangent(x, g, tx, tg, groups, *, interpret=False, band_rows=None):
 
 def grouped_backward(x, g, ct, groups, *, interpret=False, band_rows=None):
   """The VJP of grouped_forward (reference.grouped_backward): (dx, dg)."""
+  return forward_backward(x, g, ct, groups, interpret=interpret,
+                          band_rows=band_rows)[1:]
+
+
+def forward_backward(x, g, ct, groups, *, interpret=False, band_rows=None):
+  """(grouped_forward(...), *grouped_backward(...)) from one forward pass."""
   x = jnp.asarray(x)
   if x.size == 0:
-    return jnp.zeros_like(x), (None if g is None else jnp.zeros_like(g))
+    return x, jnp.zeros_like(x), (None if g is None else jnp.zeros_like(g))
   x, groups, x4, g4 = _prepare(x, g, groups)
   out5, lay = _forward_pools(x4, g4, groups, interpret, band_rows)
+  out = _merged(out5, lay).reshape(x.shape)
   ct4 = jnp.broadcast_to(jnp.asarray(ct).astype(x.dtype), x.shape).reshape(
       x4.shape)
   ps = _Pass("backward", x4.shape, x4.dtype, groups,
@@ -993,7 +1004,7 @@ def grouped_backward(x, g, ct, groups, *, interpret=False, band_rows=None):
 
   dx = per_member_sum(res[0])
   if g is None:
-    return dx, None
+    return out, dx, None
   dg = per_member_sum(res[1])
   gshape = tuple(jnp.shape(g))
   xs = tuple(x.shape)
@@ -1003,4 +1014,4 @@ def grouped_backward(x, g, ct, groups, *, interpret=False, band_rows=None):
   if axes:
     cd = _R.compute_dtype(x.dtype)
     dg = jnp.sum(dg.astype(cd), axis=axes, keepdims=True).astype(x.dtype)
-  return dx, dg.reshape(gshape)
+  return out, dx, dg.reshape(gshape)
