@@ -86,7 +86,9 @@ skewed buffers fit a VMEM budget (12 MiB by default, under v5e's 16 MiB
 scoped default), so (8, 128, 128, 256) and (1, 512, 512, 64) fit: at
 (8, 128, 128, 256) float32 with no guide the forward's bands are 34 rows,
 the tangent's 16 and the backward's 14 for quadrants and octants alike
-(``block_sizes``; fewer with a guide).
+(``block_sizes``; fewer with a guide). Bands of a grouping with a wavefront
+direction are at most WAVE_MAX_ROWS rows: the copies into and out of the
+skewed buffers are unrolled per row.
 
 Exactness on TPU: no ``v != v`` (``v == v`` instead); no
 ``optimization_barrier`` (no Pallas TPU lowering): a product that must not
@@ -132,6 +134,7 @@ from lmconv_jax import reference as _R
 from lmconv_jax.directions import Direction
 
 VMEM_BUDGET = 12 * 2**20
+WAVE_MAX_ROWS = 64
 
 
 # --------------------------------------------------------------------------
@@ -268,6 +271,8 @@ def block_sizes(shape, dtype, groups, guide_shape=None, *, pass_="backward",
 
   if band_rows is None:
     bh = max(1, min(h, (vmem_budget - fixed) // per_row))
+    if _skew_buffers(lay.codes, pass_, False, w, 1)[0]:
+      bh = min(bh, WAVE_MAX_ROWS)    # the band's copies are unrolled per row
     # The skewed buffers grow as bh * (W + a * bh): shrink bh until all fit.
     while bh > 1 and vmem(bh) > vmem_budget:
       bh = max(1, min(bh - 1, bh * 7 // 8))
