@@ -73,8 +73,18 @@ def check_guide(guide, x: jax.Array, where: str) -> Optional[jax.Array]:
       g == 1 or g == d for g, d in zip(gshape[::-1], xshape[::-1])):
     raise ValueError(
         f"{where}: guide of shape {tuple(guide.shape)} does not broadcast to x "
-        f"of shape {tuple(x.shape)}. Give a guide per pixel (..., H, W, C), "
-        f"per channel (C,) or per batch (..., 1, 1, 1).")
+        f"of shape {tuple(x.shape)}. Give a guide per pixel and channel "
+        f"(..., H, W, C), per pixel (..., H, W, 1), per channel (C,) or per "
+        f"batch (..., 1, 1, 1).")
+  if len(gshape) == 2 and gshape == xshape[-3:-1]:
+    # Broadcasting aligns trailing dims: an (H, W) guide would be read as
+    # (W, C), per column and channel, which is not what (H, W) says.
+    raise ValueError(
+        f"{where}: a guide of shape {gshape} matches x's (H, W) = {gshape} "
+        f"but broadcasts against its trailing (W, C) = {xshape[-2:]}, per "
+        f"column and channel. For a guide per pixel add the channel axis: "
+        f"guide[..., None] (shape (H, W, 1)); for one per column and channel "
+        f"reshape it to (1, W, C).")
   guide = guide.astype(x.dtype)
   return guide.reshape((1,) * (x.ndim - guide.ndim) + tuple(guide.shape))
 

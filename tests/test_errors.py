@@ -93,6 +93,23 @@ def test_guide_that_does_not_broadcast_shows_both_shapes(gshape):
   assert str(gshape) in str(e.value) and str(X.shape) in str(e.value)
 
 
+def test_guide_error_suggests_the_per_pixel_shape():
+  with pytest.raises(ValueError, match=r"per pixel \(\.\.\., H, W, 1\)"):
+    lmconv_jax.landmark_pool(X, "tl", jnp.ones((3,)))
+
+
+def test_an_h_w_guide_that_would_broadcast_as_w_c_is_refused():
+  """x (1, 4, 4, 4): an (H, W) guide broadcasts, but as (W, C)."""
+  x = jnp.zeros((1, 4, 4, 4))
+  with pytest.raises(ValueError, match=r"guide\[\.\.\., None\]"):
+    lmconv_jax.landmark_pool(x, "tl", jnp.ones((4, 4)))
+  per_pixel = lmconv_jax.landmark_pool(x + 1, "tl", jnp.ones((4, 4, 1)) / 2)
+  assert per_pixel.shape == x.shape
+  # A 2-D guide that is not (H, W) keeps broadcasting as before: (W, C).
+  y = jnp.zeros((1, 3, 4, 4))
+  assert lmconv_jax.landmark_pool(y, "tl", jnp.ones((4, 4))).shape == y.shape
+
+
 def test_complex_guide_is_a_type_error():
   with pytest.raises(TypeError, match="guide must be real"):
     lmconv_jax.landmark_pool(X, "tl", jnp.ones((8,), jnp.complex64))
