@@ -170,3 +170,19 @@ def launch_plan(groups, shape, pass_="forward", *, multiprocessors=132,
                               [int(v) for v in a["directions"]], list(shape),
                               pass_, int(multiprocessors), guide_shape,
                               bool(saved_members))
+
+
+def cpu_plan(groups, shape, pass_="forward", *, threads, dtype="float32",
+             guide_shape=None, saved_members=True):
+  """The CPU kernels' plan of one grouped call for `threads` threads
+  (xla_ffi/cpu_plan.h: plan_cpu): the traversal ('kind') and its work items
+  (items, items_per_image, block, whole_groups, nblocks, swept_together)."""
+  a = grouping_attrs(groups)
+  shape = tuple(int(s) for s in shape)
+  if guide_shape is not None:
+    guide_shape = tuple(int(s) for s in guide_shape)
+    guide_shape = (1,) * (len(shape) - len(guide_shape)) + guide_shape
+  return EMULATOR.cpu_plan([int(v) for v in a["group_sizes"]],
+                           [int(v) for v in a["directions"]], list(shape),
+                           pass_, int(threads), jnp.dtype(dtype).itemsize,
+                           guide_shape, bool(saved_members))

@@ -4,6 +4,25 @@
 
 #include "cpu.h"
 
+#include <atomic>
+
+namespace lmconv {
+
+namespace {
+std::atomic<int64_t> plan_threads_override{0};
+}  // namespace
+
+int64_t cpu_plan_threads(int64_t pool_threads) {
+  const int64_t t = plan_threads_override.load(std::memory_order_relaxed);
+  return t > 0 ? t : pool_threads;
+}
+
+int64_t set_cpu_plan_threads(int64_t threads) {
+  return plan_threads_override.exchange(threads);
+}
+
+}  // namespace lmconv
+
 namespace ffi = xla::ffi;
 
 #define LMCONV_SYMBOL(name) Lmconv##name

@@ -8,6 +8,7 @@
 #define LMCONV_CPU_H_
 
 #include <cstddef>
+#include <cstdint>
 #include <cstring>
 
 #include "ffi_common.h"
@@ -43,6 +44,13 @@ LMCONV_CPU_EXTERN(double)
 LMCONV_CPU_EXTERN(Half)
 LMCONV_CPU_EXTERN(BFloat16)
 #undef LMCONV_CPU_EXTERN
+
+// The thread count the CPU plan (cpu_plan.h: plan_cpu) is made for: the
+// pool's, unless a test set another (set_cpu_plan_threads, module_cpu.cc),
+// so that any machine runs every schedule. The items still run on the pool.
+int64_t cpu_plan_threads(int64_t pool_threads);
+// Sets the override (0: the pool's again); returns the previous one.
+int64_t set_cpu_plan_threads(int64_t threads);
 
 class CpuBackend {
  public:

@@ -471,13 +471,34 @@ LMCONV_HDI uint16_t take_max_bits(uint16_t m, uint16_t v) {
 // result takes a later member's value only if it is strictly greater or NaN,
 // so ties go to the first listed. Returns the winning member's index and
 // sets *best to its value.
+// The merge's take: the running result cur takes a later member's v (the
+// rule of merge_winner below, in one place for every schedule). An int (0 or
+// 1), as the expression is, so the channel loops keep their int lanes.
+template <typename T>
+LMCONV_HDI int merge_takes(T v, T cur) {
+  return (v > cur) | (v != v);
+}
+
+// A member's winner code at p: its route, and kWonMerge where it took the
+// merge (take: 0 or 1, an int so the channel loops stay in int lanes).
+LMCONV_HDI int winner_code(int route, int take) {
+  return route | (take * kWonMerge);
+}
+
+// A later member's gradient added to the earlier members' sum in S: its
+// own value rounded to S first, as composing the pools in jnp would.
+template <typename Traits, typename S, typename C>
+LMCONV_HDI S add_rounded(S sum, C v) {
+  return Traits::store(Traits::load(sum) + Traits::load(Traits::store(v)));
+}
+
 template <typename T, typename Load>
 LMCONV_HDI int merge_winner(int members, Load load, T* best) {
   T b = load(0);
   int w = 0;
   for (int k = 1; k < members; ++k) {
     const T v = load(k);
-    const bool take = (v > b) | (v != v);
+    const bool take = merge_takes(v, b);
     b = take ? v : b;
     w = take ? k : w;
   }

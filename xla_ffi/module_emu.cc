@@ -1,7 +1,8 @@
 // nanobind module _lmconv_cuda_emu (built with -DLMCONV_EMULATOR=ON, CPU only):
 // the CPU emulation of the CUDA kernels as FFI handlers for tests (emulate.cc),
-// the launch plan the CUDA handlers would use, and whether this build compiled
-// the CUDA code.
+// the launch plan the CUDA handlers would use, the CPU kernels' plan
+// (cpu_plan.h) for any thread count, and whether this build compiled the CUDA
+// code.
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
@@ -12,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu_plan.h"
 #include "cuda_ffi.h"
 #include "nb_registrations.h"
 
@@ -29,19 +31,18 @@ LMCONV_DECLARE_POOL_HANDLERS(LmconvEmu)
 
 namespace {
 
-// The launches of one call, as the CUDA handler plans them.
-nb::dict launch_plan(std::vector<int64_t> group_sizes,
-                     std::vector<int64_t> directions,
-                     std::vector<int64_t> shape, const std::string& pass,
-                     int64_t multiprocessors,
-                     std::optional<std::vector<int64_t>> guide_shape,
+// The checked call the handlers would see for these operands.
+lmconv::Call call_of(const char* where, std::vector<int64_t>& group_sizes,
+                     std::vector<int64_t>& directions,
+                     std::vector<int64_t>& shape, const std::string& pass,
+                     std::optional<std::vector<int64_t>>& guide_shape,
                      bool saved_members) {
   lmconv::Call c;
   const xla::ffi::Span<const int64_t> sizes(group_sizes.data(),
                                             group_sizes.size());
   const xla::ffi::Span<const int64_t> dirs(directions.data(),
                                            directions.size());
-  if (auto e = lmconv::grouping_of("launch_plan", sizes, dirs, &c.grouping);
+  if (auto e = lmconv::grouping_of(where, sizes, dirs, &c.grouping);
       e.failure()) {
     throw nb::value_error(e.message().c_str());
   }
@@ -63,6 +64,18 @@ nb::dict launch_plan(std::vector<int64_t> group_sizes,
     c.guide =
         lmconv::guide_layout_from_dims(shape.data(), guide_shape->data(), r);
   }
+  return c;
+}
+
+// The launches of one call, as the CUDA handler plans them.
+nb::dict launch_plan(std::vector<int64_t> group_sizes,
+                     std::vector<int64_t> directions,
+                     std::vector<int64_t> shape, const std::string& pass,
+                     int64_t multiprocessors,
+                     std::optional<std::vector<int64_t>> guide_shape,
+                     bool saved_members) {
+  const lmconv::Call c = call_of("launch_plan", group_sizes, directions, shape,
+                                 pass, guide_shape, saved_members);
   lmconv::Pass p;
   if (pass == "forward")
     p = lmconv::Pass::kForward;
@@ -108,6 +121,42 @@ nb::dict launch_plan(std::vector<int64_t> group_sizes,
   return d;
 }
 
+// The CPU kernels' plan of one call (cpu_plan.h: plan_cpu) for `threads`
+// threads and elements of element_bytes.
+nb::dict cpu_plan(std::vector<int64_t> group_sizes,
+                  std::vector<int64_t> directions, std::vector<int64_t> shape,
+                  const std::string& pass, int64_t threads,
+                  int64_t element_bytes,
+                  std::optional<std::vector<int64_t>> guide_shape,
+                  bool saved_members) {
+  const lmconv::Call c = call_of("cpu_plan", group_sizes, directions, shape,
+                                 pass, guide_shape, saved_members);
+  if (pass != "forward" && pass != "tangent" && pass != "backward") {
+    throw nb::value_error("pass must be 'forward', 'backward' or 'tangent'");
+  }
+  if (threads < 1) throw nb::value_error("threads must be >= 1");
+  if (element_bytes != 2 && element_bytes != 4 && element_bytes != 8) {
+    throw nb::value_error("element_bytes must be 2, 4 or 8");
+  }
+  const lmconv::CpuPass p = pass == "forward"   ? lmconv::CpuPass::kForward
+                            : pass == "tangent" ? lmconv::CpuPass::kTangent
+                                                : lmconv::CpuPass::kBackward;
+  const lmconv::CpuPlan plan = lmconv::plan_cpu(c, p, threads, element_bytes);
+  nb::dict d;
+  d["kind"] = lmconv::cpu_kind_name(plan.kind);
+  d["items"] = plan.items;
+  d["items_per_image"] = plan.items_per_image;
+  d["block"] = plan.block;
+  d["whole_groups"] = plan.whole_groups;
+  d["nblocks"] = plan.nblocks;
+  nb::list together;
+  for (int64_t k = 0; k < plan.items_per_image; ++k) {
+    if (plan.swept_together(k)) together.append(k);
+  }
+  d["swept_together"] = together;
+  return d;
+}
+
 }  // namespace
 
 NB_MODULE(_lmconv_cuda_emu, m) {
@@ -127,6 +176,14 @@ NB_MODULE(_lmconv_cuda_emu, m) {
         "'backward' or 'tangent'; saved_members=False: a forward that does "
         "not save the member pools): grid, block, phases, workspace, and "
         "each direction's sweep.");
+  m.def("cpu_plan", &cpu_plan, nb::arg("group_sizes"), nb::arg("directions"),
+        nb::arg("shape"), nb::arg("pass_"), nb::arg("threads"),
+        nb::arg("element_bytes"), nb::arg("guide_shape") = nb::none(),
+        nb::arg("saved_members") = true,
+        "The CPU kernels' plan of one grouped call for `threads` threads and "
+        "elements of element_bytes: the traversal ('kind') and its work "
+        "items (items, items_per_image, block, whole_groups, nblocks, and "
+        "the items of an image swept together).");
   m.def(
       "build_info",
       [] {
