@@ -51,12 +51,11 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] /
-                       "scripts"))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
 import tpu_compile_check as check  # noqa: E402
 
 HBM_BW = {"v5e": 819e9, "v6e": 1638e9, "v4": 1228e9, "v5p": 2765e9}
-CLOCK_HZ = 1.5e9   # see the module docstring
+CLOCK_HZ = 1.5e9  # see the module docstring
 
 
 # --------------------------------------------------------------------------
@@ -83,7 +82,7 @@ class Block:
     for c in rest + ([] if top and not all_ifs else ifs):
       t = c.totals()
       own = [a + b * c.trips for a, b in zip(own, t)]
-    if top and ifs and not all_ifs:   # one direction: the costliest
+    if top and ifs and not all_ifs:  # one direction: the costliest
       t = max((c.totals() for c in ifs), key=sum)
       own = [a + b for a, b in zip(own, t)]
     return own
@@ -112,8 +111,15 @@ class Block:
     return best
 
 
-_ITEMSIZE = {"f32": 4, "i32": 4, "bf16": 2, "f16": 2, "i16": 2, "i8": 1,
-             "f64": 8}
+_ITEMSIZE = {
+  "f32": 4,
+  "i32": 4,
+  "bf16": 2,
+  "f16": 2,
+  "i16": 2,
+  "i8": 1,
+  "f64": 8,
+}
 
 
 def window_bytes(text):
@@ -121,10 +127,15 @@ def window_bytes(text):
   order: the first len(window_params) VMEM memrefs of the main func."""
   n = len(re.findall(r"transform_indices = @transform_\d+", text))
   sig = next((ln for ln in text.splitlines() if "xir.main" in ln), "")
-  refs = re.findall(r"memref<([\dx]+)x(\w+), #xir\.tiled<[^>]*>, "
-                    r"#xir\.memory_space<vmem", sig)
-  return sum(math.prod(int(d) for d in dims.split("x")) *
-             _ITEMSIZE.get(dt, 4) for dims, dt in refs[:n])
+  refs = re.findall(
+    r"memref<([\dx]+)x(\w+), #xir\.tiled<[^>]*>, "
+    r"#xir\.memory_space<vmem",
+    sig,
+  )
+  return sum(
+    math.prod(int(d) for d in dims.split("x")) * _ITEMSIZE.get(dt, 4)
+    for dims, dt in refs[:n]
+  )
 
 
 def parse_llo(text):
@@ -141,13 +152,16 @@ def parse_llo(text):
     s = ln.strip()
     if not s:
       continue
-    if s.startswith("func.func"):   # the index-map functions follow main
+    if s.startswith("func.func"):  # the index-map functions follow main
       break
     fm = _FOR.search(s)
     if fm:
       lo, hi, st = (consts.get(v) for v in fm.groups())
-      trips = (max(0, math.ceil((int(hi) - int(lo)) / int(st)))
-               if None not in (lo, hi, st) else 1)
+      trips = (
+        max(0, math.ceil((int(hi) - int(lo)) / int(st)))
+        if None not in (lo, hi, st)
+        else 1
+      )
       blk = Block("for", trips)
       stack[-1].children.append(blk)
       stack.append(blk)
@@ -178,8 +192,12 @@ def parse_llo(text):
         b.vec += 1
       else:
         b.scalar += 1
-  return {"grid": grid, "semantics": sem, "body": root,
-          "window_bytes": window_bytes(text)}
+  return {
+    "grid": grid,
+    "semantics": sem,
+    "body": root,
+    "window_bytes": window_bytes(text),
+  }
 
 
 def kernel_stats(dump_dir):
@@ -193,17 +211,28 @@ def kernel_stats(dump_dir):
     vec, load, store, _ = k["body"].totals(top=True)
     hi = sum(k["body"].totals(top=True, all_ifs=True)[:3])
     inner = k["body"].innermost()
-    out.append({"name": name, "grid": k["grid"], "semantics": k["semantics"],
-                "grid_steps": grid_steps,
-                "loop_steps": k["body"].steps(top=True),
-                "loop_steps_hi": k["body"].steps(top=True, all_ifs=True),
-                "vec_ops": vec + load + store, "vec_ops_hi": hi,
-                "hbm": grid_steps * k["window_bytes"], "alu": vec, "load": load,
-                "store": store, "inner": inner})
+    out.append(
+      {
+        "name": name,
+        "grid": k["grid"],
+        "semantics": k["semantics"],
+        "grid_steps": grid_steps,
+        "loop_steps": k["body"].steps(top=True),
+        "loop_steps_hi": k["body"].steps(top=True, all_ifs=True),
+        "vec_ops": vec + load + store,
+        "vec_ops_hi": hi,
+        "hbm": grid_steps * k["window_bytes"],
+        "alu": vec,
+        "load": load,
+        "store": store,
+        "inner": inner,
+      }
+    )
   return out
 
 
 # --------------------------------------------------------------------------
+
 
 def fmt_t(s):
   if s is None:
@@ -230,47 +259,59 @@ def print_table(rows):
   step, t_HBM and t_vec; the prediction max(t_HBM, t_vec), as a range (how
   many direction bodies run per grid step), and the reference's floor over
   it."""
-  print("| TPU | shape | pass | reference: HBM | steps | t_HBM | "
-        "kernels: HBM | sequential steps | vector ops / step | t_HBM | "
-        "t_vec (1 op/cycle) | predicted | reference t_HBM / predicted |")
+  print(
+    "| TPU | shape | pass | reference: HBM | steps | t_HBM | "
+    "kernels: HBM | sequential steps | vector ops / step | t_HBM | "
+    "t_vec (1 op/cycle) | predicted | reference t_HBM / predicted |"
+  )
   print("|" + "---|" * 13)
   for r in rows:
     lo = max(r["t_hbm"] or 0, r["t_vec_lo"] or 0) or None
     hi = max(r["t_hbm"] or 0, r["t_vec"] or 0) or None
-    ratio = fmt_range(r["ref_t"] / hi if r["ref_t"] and hi else None,
-                      r["ref_t"] / lo if r["ref_t"] and lo else None,
-                      lambda v: f"{v:.2g}x")
-    print(f"| {r['platform']} | {r['shape']} | {r['what']} {r['pass']} | "
-          f"{check.fmt_bytes(r['ref_bytes'])} | {r['ref_steps']} | "
-          f"{fmt_t(r['ref_t'])} | {check.fmt_bytes(r['pal_bytes'])} | "
-          f"{fmt_range(r['k_steps'], r['k_steps_hi'], '{:,}'.format)} | "
-          f"{r['per_step']} | {fmt_t(r['t_hbm'])} | "
-          f"{fmt_range(r['t_vec_lo'], r['t_vec'], fmt_t)} | "
-          f"{fmt_range(lo, hi, fmt_t)} | {ratio} |")
+    ratio = fmt_range(
+      r["ref_t"] / hi if r["ref_t"] and hi else None,
+      r["ref_t"] / lo if r["ref_t"] and lo else None,
+      lambda v: f"{v:.2g}x",
+    )
+    print(
+      f"| {r['platform']} | {r['shape']} | {r['what']} {r['pass']} | "
+      f"{check.fmt_bytes(r['ref_bytes'])} | {r['ref_steps']} | "
+      f"{fmt_t(r['ref_t'])} | {check.fmt_bytes(r['pal_bytes'])} | "
+      f"{fmt_range(r['k_steps'], r['k_steps_hi'], '{:,}'.format)} | "
+      f"{r['per_step']} | {fmt_t(r['t_hbm'])} | "
+      f"{fmt_range(r['t_vec_lo'], r['t_vec'], fmt_t)} | "
+      f"{fmt_range(lo, hi, fmt_t)} | {ratio} |"
+    )
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--platforms", default="v5e,v6e")
   p.add_argument("--shapes", default="32x16x16x128,8x128x128x256")
-  p.add_argument("--groupings",
-                 default="quadrants,octants,top_bottom,left_right,"
-                         "all_quadrants")
+  p.add_argument(
+    "--groupings",
+    default="quadrants,octants,top_bottom,left_right,all_quadrants",
+  )
   p.add_argument("--passes", default="forward,tangent,backward")
   p.add_argument("--dtype", default="float32")
   p.add_argument("--guide", action="store_true", help="a (C,) guide")
   p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
-  p.add_argument("--table", metavar="FILE",
-                 help="print the table of a --json FILE, compile nothing")
-  p.add_argument("--no-layer", action="store_true",
-                 help="leave out the LandmarkConv4 training step")
+  p.add_argument(
+    "--table",
+    metavar="FILE",
+    help="print the table of a --json FILE, compile nothing",
+  )
+  p.add_argument(
+    "--no-layer",
+    action="store_true",
+    help="leave out the LandmarkConv4 training step",
+  )
   args = p.parse_args(argv)
   if args.table:
     print_table(json.loads(pathlib.Path(args.table).read_text()))
     return 0
   platforms = args.platforms.split(",")
-  shapes = [tuple(int(v) for v in s.split("x")) for s in
-            args.shapes.split(",")]
+  shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
   t0 = time.perf_counter()
   tmp = tempfile.TemporaryDirectory(prefix="tpu_cost_model_")
   dumps = check.Dumps(tmp.name)
@@ -283,27 +324,35 @@ def main(argv=None):
     bw = HBM_BW[platform]
     for shape in shapes:
       h, w = shape[-3], shape[-2]
-      items = [(g, ps) for g in args.groupings.split(",")
-               for ps in args.passes.split(",")]
+      items = [
+        (g, ps)
+        for g in args.groupings.split(",")
+        for ps in args.passes.split(",")
+      ]
       if not args.no_layer:
         items.append(("LandmarkConv4", "train-step"))
       for what, pass_ in items:
         if pass_ == "train-step":
-          ref_c = check.layer_case(platform, what, shape, args.dtype,
-                                   args.guide, "reference")
-          pal_c = check.layer_case(platform, what, shape, args.dtype,
-                                   args.guide, "pallas")
+          ref_c = check.layer_case(
+            platform, what, shape, args.dtype, args.guide, "reference"
+          )
+          pal_c = check.layer_case(
+            platform, what, shape, args.dtype, args.guide, "pallas"
+          )
           groups = resolve_grouping("quadrants")
         else:
-          ref_c = check.pool_case(platform, what, pass_, shape, args.dtype,
-                                  args.guide, "reference")
-          pal_c = check.pool_case(platform, what, pass_, shape, args.dtype,
-                                  args.guide, "pallas")
+          ref_c = check.pool_case(
+            platform, what, pass_, shape, args.dtype, args.guide, "reference"
+          )
+          pal_c = check.pool_case(
+            platform, what, pass_, shape, args.dtype, args.guide, "pallas"
+          )
           groups = resolve_grouping(what)
         ref = measure(ref_c, dumps)
         pal = measure(pal_c, dumps)
         ref_steps = ref.get("scans", 0) * reference.sequential_steps(
-            groups, h, w)
+          groups, h, w
+        )
         ks = kernel_stats(pal["dump"]) if pal.get("dump") else []
         k_steps = sum(k["grid_steps"] * k["loop_steps"] for k in ks)
         k_steps_hi = sum(k["grid_steps"] * k["loop_steps_hi"] for k in ks)
@@ -316,36 +365,55 @@ def main(argv=None):
         # upper bound: Pallas skips a block whose index did not change), or
         # XLA's count of the whole module (the jnp around the kernels; it
         # sees a custom call's operands only), whichever is more.
-        pal["bytes"] = max(pal.get("bytes") or 0,
-                           sum(k["hbm"] for k in ks)) or None
+        pal["bytes"] = (
+          max(pal.get("bytes") or 0, sum(k["hbm"] for k in ks)) or None
+        )
         t_hbm = pal["bytes"] / bw if pal.get("bytes") else None
         t_vec = k_ops / CLOCK_HZ if k_ops else None
         t_vec_lo = k_ops_lo / CLOCK_HZ if k_ops_lo else None
-        rows.append({
-            "platform": platform, "shape": check.shape_name(shape),
-            "what": what, "pass": pass_, "ok": ref["ok"] and pal["ok"],
-            "ref_bytes": ref.get("bytes"), "ref_steps": ref_steps,
+        rows.append(
+          {
+            "platform": platform,
+            "shape": check.shape_name(shape),
+            "what": what,
+            "pass": pass_,
+            "ok": ref["ok"] and pal["ok"],
+            "ref_bytes": ref.get("bytes"),
+            "ref_steps": ref_steps,
             "ref_t": t_ref,
-            "kernels": len(ks), "k_steps": k_steps, "k_steps_hi": k_steps_hi,
-            "k_ops_lo": k_ops_lo, "k_ops": k_ops,
-            "per_step": per_step, "pal_bytes": pal.get("bytes"),
-            "t_hbm": t_hbm, "t_vec": t_vec, "t_vec_lo": t_vec_lo,
-            "why": pal.get("why") or ref.get("why")})
+            "kernels": len(ks),
+            "k_steps": k_steps,
+            "k_steps_hi": k_steps_hi,
+            "k_ops_lo": k_ops_lo,
+            "k_ops": k_ops,
+            "per_step": per_step,
+            "pal_bytes": pal.get("bytes"),
+            "t_hbm": t_hbm,
+            "t_vec": t_vec,
+            "t_vec_lo": t_vec_lo,
+            "why": pal.get("why") or ref.get("why"),
+          }
+        )
         r = rows[-1]
-        print(f"# {platform} {r['shape']} {what} {pass_}: ref "
-              f"{check.fmt_bytes(r['ref_bytes'])} {ref_steps} steps; "
-              f"pallas {check.fmt_bytes(r['pal_bytes'])}, {len(ks)} kernels, "
-              f"{k_steps}-{k_steps_hi} steps, {k_ops_lo}-{k_ops} vector ops"
-              f"{'' if r['ok'] else '  FAILED: ' + str(r['why'])}",
-              file=sys.stderr, flush=True)
+        print(
+          f"# {platform} {r['shape']} {what} {pass_}: ref "
+          f"{check.fmt_bytes(r['ref_bytes'])} {ref_steps} steps; "
+          f"pallas {check.fmt_bytes(r['pal_bytes'])}, {len(ks)} kernels, "
+          f"{k_steps}-{k_steps_hi} steps, {k_ops_lo}-{k_ops} vector ops"
+          f"{'' if r['ok'] else '  FAILED: ' + str(r['why'])}",
+          file=sys.stderr,
+          flush=True,
+        )
   dumps.close()
   tmp.cleanup()
 
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
   print_table(rows)
-  print(f"\n({len(rows)} rows, {time.perf_counter() - t0:.0f} s; dtype "
-        f"{args.dtype}, {'a (C,) guide' if args.guide else 'no guide'})")
+  print(
+    f"\n({len(rows)} rows, {time.perf_counter() - t0:.0f} s; dtype "
+    f"{args.dtype}, {'a (C,) guide' if args.guide else 'no guide'})"
+  )
   return 0 if all(r["ok"] for r in rows) else 1
 
 

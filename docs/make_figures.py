@@ -28,19 +28,22 @@ import numpy as np  # noqa: E402
 import lmconv_jax  # noqa: E402
 
 IMAGES = pathlib.Path(__file__).resolve().parent / "images"
-SIZE = 15                     # a SIZE x SIZE image
+SIZE = 15  # a SIZE x SIZE image
 QUERY = (SIZE // 2, SIZE // 2)
-PANELS = (("3x3 convolution: 9 points", None),
-          ("P = 2 (top_bottom)", "top_bottom"),
-          ("P = 4 (quadrants)", "quadrants"),
-          ("P = 8 (octants)", "octants"))
+PANELS = (
+  ("3x3 convolution: 9 points", None),
+  ("P = 2 (top_bottom)", "top_bottom"),
+  ("P = 4 (quadrants)", "quadrants"),
+  ("P = 8 (octants)", "octants"),
+)
 
 
 def region(direction: str, query=QUERY, size: int = SIZE) -> np.ndarray:
   """(size, size) bool: the input pixels that reach ``query``'s output of
   ``direction``'s pool."""
-  hot = np.eye(size * size, dtype=np.float32).reshape(size * size, size, size,
-                                                      1)
+  hot = np.eye(size * size, dtype=np.float32).reshape(
+    size * size, size, size, 1
+  )
   out = np.asarray(lmconv_jax.landmark_pool_reference(hot, direction))
   return out[:, query[0], query[1], 0].reshape(size, size) > 0.5
 
@@ -60,7 +63,7 @@ def group_regions(grouping: str, query=QUERY, size: int = SIZE):
 
 def box_region(query=QUERY, size: int = SIZE):
   mask = np.zeros((size, size), bool)
-  mask[query[0] - 1:query[0] + 2, query[1] - 1:query[1] + 2] = True
+  mask[query[0] - 1 : query[0] + 2, query[1] - 1 : query[1] + 2] = True
   return [("3x3", mask)]
 
 
@@ -80,8 +83,9 @@ def colour_image(groups) -> np.ndarray:
 def legend_entries(groups) -> list[tuple[str, tuple]]:
   """[(label, rgb)]: each region's colour, then, where regions overlap, the
   mixed colour of the first overlap found (an example of the mix)."""
-  entries = [(label, tuple(COLOURS[k % 10])) for k, (label, _) in
-             enumerate(groups)]
+  entries = [
+    (label, tuple(COLOURS[k % 10])) for k, (label, _) in enumerate(groups)
+  ]
   count = sum(mask.astype(int) for _, mask in groups)
   shared = np.argwhere(count >= 2)
   if len(shared):
@@ -92,17 +96,29 @@ def legend_entries(groups) -> list[tuple[str, tuple]]:
 
 def draw_regions(path: pathlib.Path) -> None:
   from matplotlib.patches import Patch
+
   fig, axes = plt.subplots(1, len(PANELS), figsize=(3.1 * len(PANELS), 4.0))
   for ax, (title, grouping) in zip(axes, PANELS):
     groups = box_region() if grouping is None else group_regions(grouping)
     ax.imshow(colour_image(groups), interpolation="nearest")
-    entries = (legend_entries(groups) if grouping is not None else
-               [("the 9 points read", tuple(COLOURS[0]))])
-    ax.legend(handles=[Patch(facecolor=c, edgecolor="none", label=label)
-                       for label, c in entries],
-              loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=2,
-              fontsize=7, frameon=False, handlelength=1.2,
-              columnspacing=0.8)
+    entries = (
+      legend_entries(groups)
+      if grouping is not None
+      else [("the 9 points read", tuple(COLOURS[0]))]
+    )
+    ax.legend(
+      handles=[
+        Patch(facecolor=c, edgecolor="none", label=label)
+        for label, c in entries
+      ],
+      loc="upper center",
+      bbox_to_anchor=(0.5, -0.02),
+      ncol=2,
+      fontsize=7,
+      frameon=False,
+      handlelength=1.2,
+      columnspacing=0.8,
+    )
     for k, (label, mask) in enumerate(groups):
       if grouping is None:
         continue
@@ -112,18 +128,27 @@ def draw_regions(path: pathlib.Path) -> None:
       rows, cols = rows[far], cols[far]
       centre = np.array([rows.mean(), cols.mean()])
       j = np.argmin((rows - centre[0]) ** 2 + (cols - centre[1]) ** 2)
-      ax.text(cols[j], rows[j], label, ha="center", va="center",
-              fontsize=7 if len(label) > 2 else 9, color="black",
-              bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none",
-                        alpha=0.8))
+      ax.text(
+        cols[j],
+        rows[j],
+        label,
+        ha="center",
+        va="center",
+        fontsize=7 if len(label) > 2 else 9,
+        color="black",
+        bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8),
+      )
     ax.plot(QUERY[1], QUERY[0], marker="s", markersize=7, color="black")
     ax.set_xticks(np.arange(-0.5, SIZE, 1), minor=True)
     ax.set_yticks(np.arange(-0.5, SIZE, 1), minor=True)
     ax.grid(which="minor", color="white", linewidth=0.6)
     ax.tick_params(which="both", length=0, labelbottom=False, labelleft=False)
     ax.set_title(title, fontsize=10)
-  fig.suptitle("What one output pixel (black) sees: a box of points, or P "
-               "regions, each reduced by a running max", fontsize=10)
+  fig.suptitle(
+    "What one output pixel (black) sees: a box of points, or P "
+    "regions, each reduced by a running max",
+    fontsize=10,
+  )
   fig.tight_layout()
   fig.savefig(path, dpi=110, metadata={"Software": None})
   plt.close(fig)

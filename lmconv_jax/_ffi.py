@@ -36,24 +36,28 @@ else:
 
 if "cpu" not in _MODULES:
   warnings.warn(
-      f"lmconv_jax: the compiled CPU kernels are missing "
-      f"({_IMPORT_ERRORS['cpu']}), so every pool runs the pure-jnp reference "
-      f"(about 10x slower on CPU). Fix: build the package "
-      f"(pip install --no-build-isolation -e . in a checkout, or "
-      f"pip install lmconv-jax), and do not import lmconv_jax from a source "
-      f"tree that shadows the installed package.", stacklevel=2)
+    f"lmconv_jax: the compiled CPU kernels are missing "
+    f"({_IMPORT_ERRORS['cpu']}), so every pool runs the pure-jnp reference "
+    f"(about 10x slower on CPU). Fix: build the package "
+    f"(pip install --no-build-isolation -e . in a checkout, or "
+    f"pip install lmconv-jax), and do not import lmconv_jax from a source "
+    f"tree that shadows the installed package.",
+    stacklevel=2,
+  )
 
 # jax's platform names for register_ffi_target.
 _XLA_PLATFORM = {"cpu": "cpu", "cuda": "CUDA"}
 
 for _platform, _module in _MODULES.items():
   for _name, _capsule in _module.registrations().items():
-    jax.ffi.register_ffi_target(_name, _capsule,
-                                platform=_XLA_PLATFORM[_platform])
+    jax.ffi.register_ffi_target(
+      _name, _capsule, platform=_XLA_PLATFORM[_platform]
+    )
     jax.ffi.register_ffi_target_as_batch_partitionable(_name)
 
 _primitives.register_lowerings(
-    {p: tuple(m.registrations()) for p, m in _MODULES.items()})
+  {p: tuple(m.registrations()) for p, m in _MODULES.items()}
+)
 
 TARGET_NAMES = _primitives.TARGET_NAMES
 
@@ -75,12 +79,17 @@ def build_info() -> dict:
   for platform in ("cpu", "cuda"):
     module = _MODULES.get(platform)
     if module is None:
-      info[platform] = {"built": False,
-                        "error": _IMPORT_ERRORS.get(platform, "")}
+      info[platform] = {
+        "built": False,
+        "error": _IMPORT_ERRORS.get(platform, ""),
+      }
     else:
-      info[platform] = {"built": True, "file": module.__file__,
-                        "targets": sorted(module.registrations()),
-                        **dict(module.build_info())}
+      info[platform] = {
+        "built": True,
+        "file": module.__file__,
+        "targets": sorted(module.registrations()),
+        **dict(module.build_info()),
+      }
   return info
 
 
@@ -101,4 +110,5 @@ def export_disabled_checks() -> list:
   neither can carry a note from it.
   """
   from jax import export
+
   return [export.DisabledSafetyCheck.custom_call(name) for name in TARGET_NAMES]

@@ -15,19 +15,22 @@ from jax import lax
 
 def _moved(what: str) -> RuntimeError:
   return RuntimeError(
-      f"lmconv_jax: jax {jax.__version__} no longer has {what}, which "
-      f"lmconv_jax reads (lmconv_jax/_jax_compat.py); install a supported jax "
-      f"(see pyproject.toml) or update lmconv_jax.")
+    f"lmconv_jax: jax {jax.__version__} no longer has {what}, which "
+    f"lmconv_jax reads (lmconv_jax/_jax_compat.py); install a supported jax "
+    f"(see pyproject.toml) or update lmconv_jax."
+  )
 
 
 try:  # custom_partitioning needs the device assignment when it is lowered.
   from jax._src import dispatch as _dispatch
+
   _NEEDS_DEVICES = _dispatch.prim_requires_devices_during_lowering
 except (ImportError, AttributeError) as e:  # fail loudly: no silent fallback
   raise ImportError(
-      f"lmconv_jax needs jax._src.dispatch.prim_requires_devices_during_lowering"
-      f" (jax {jax.__version__} lacks it); install a supported jax "
-      f"(see pyproject.toml).") from e
+    f"lmconv_jax needs jax._src.dispatch.prim_requires_devices_during_lowering"
+    f" (jax {jax.__version__} lacks it); install a supported jax "
+    f"(see pyproject.toml)."
+  ) from e
 
 
 def needs_devices_during_lowering(prim) -> None:
@@ -37,6 +40,7 @@ def needs_devices_during_lowering(prim) -> None:
 
 # --------------------------------------------------------------------------
 # shard_map typing: the manual mesh axes a value varies over.
+
 
 def varying_axes(v) -> frozenset:
   """The manual mesh axes (shard_map) ``v`` varies over; empty outside
@@ -58,7 +62,8 @@ def vary(z, *inputs):
   ``inputs`` varies over; a no-op outside shard_map. Values unchanged, no
   data moved (a scan carry or a switch operand keeps its type)."""
   axes = frozenset().union(
-      *(varying_axes(v) for v in inputs if v is not None)) - varying_axes(z)
+    *(varying_axes(v) for v in inputs if v is not None)
+  ) - varying_axes(z)
   if axes:
     z = lax.pcast(z, tuple(sorted(axes)), to="varying")
   return z
@@ -76,13 +81,15 @@ def shape_dtype_like(shape, dtype, like) -> jax.ShapeDtypeStruct:
 # --------------------------------------------------------------------------
 # The lowering context of a primitive's lowering rule.
 
+
 def lowering_for_export(ctx) -> bool:
   """Whether this lowering is for ``jax.export`` (no Python at run time)."""
   try:
     return bool(ctx.module_context.lowering_parameters.for_export)
   except AttributeError as e:
-    raise _moved("LoweringRuleContext.module_context.lowering_parameters"
-                 ".for_export") from e
+    raise _moved(
+      "LoweringRuleContext.module_context.lowering_parameters.for_export"
+    ) from e
 
 
 def lowering_devices(ctx) -> tuple:
@@ -101,6 +108,7 @@ def lowering_devices(ctx) -> tuple:
 
 # --------------------------------------------------------------------------
 # vmap tracers.
+
 
 def vmap_levels(x):
   """For each vmap around ``x`` (innermost first): (the mapped dim or None,

@@ -140,6 +140,7 @@ WAVE_MAX_ROWS = 64
 # --------------------------------------------------------------------------
 # The static plan.
 
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """Block sizes of one pass (see the module docstring).
@@ -152,6 +153,7 @@ class BlockSizes:
     slots: S, grid axis 2 (members times row orders).
     vmem_bytes: the estimate of VMEM the pass's blocks and scratch use.
   """
+
   band_rows: int
   n_bands: int
   lanes: int
@@ -167,15 +169,15 @@ class _Layout:
   cg: int
   cb: int
   nc: int
-  r: int                       # row orders per member (1 or 2)
-  s: int                       # slots
-  codes: tuple                 # distinct Directions
-  lane_code: np.ndarray        # (S, C) code of each channel per slot, -1 none
-  up: np.ndarray               # (nc * S,) 1 where the slot's rows scan up
-  present: np.ndarray          # (nc * S * ncodes,) 1 where code in block
-  uniform: bool                # every (block, slot) holds at most one code
-  valid: np.ndarray            # (K, C) bool: member k exists for the channel
-  lane_up: np.ndarray          # (K, C) bool: member k scans rows upwards
+  r: int  # row orders per member (1 or 2)
+  s: int  # slots
+  codes: tuple  # distinct Directions
+  lane_code: np.ndarray  # (S, C) code of each channel per slot, -1 none
+  up: np.ndarray  # (nc * S,) 1 where the slot's rows scan up
+  present: np.ndarray  # (nc * S * ncodes,) 1 where code in block
+  uniform: bool  # every (block, slot) holds at most one code
+  valid: np.ndarray  # (K, C) bool: member k exists for the channel
+  lane_up: np.ndarray  # (K, C) bool: member k scans rows upwards
 
 
 def _lanes(c, cg):
@@ -202,8 +204,8 @@ def _layout(groups: tuple, c: int) -> _Layout:
   valid = np.zeros((kk, c), bool)
   for q, g in enumerate(groups):
     for k, d in enumerate(g):
-      valid[k, q * cg:(q + 1) * cg] = True
-      up_of[k, q * cg:(q + 1) * cg] = d.row_step < 0
+      valid[k, q * cg : (q + 1) * cg] = True
+      up_of[k, q * cg : (q + 1) * cg] = d.row_step < 0
   mixed = False
   for cc in range(nc):
     sl = slice(cc * cb, (cc + 1) * cb)
@@ -216,33 +218,55 @@ def _layout(groups: tuple, c: int) -> _Layout:
   for q, g in enumerate(groups):
     for k, d in enumerate(g):
       slot = k * r + (int(d.row_step < 0) if r == 2 else 0)
-      lane_code[slot, q * cg:(q + 1) * cg] = codes.index(d)
+      lane_code[slot, q * cg : (q + 1) * cg] = codes.index(d)
   nd = len(codes)
   up = np.zeros(nc * s, np.int32)
   present = np.zeros(nc * s * nd, np.int32)
   uniform = True
   for cc in range(nc):
     for sl_ in range(s):
-      lc = lane_code[sl_, cc * cb:(cc + 1) * cb]
+      lc = lane_code[sl_, cc * cb : (cc + 1) * cb]
       here = sorted(set(lc.tolist()) - {-1})
       uniform &= len(set(lc.tolist())) == 1
       for ci in here:
         present[(cc * s + sl_) * nd + ci] = 1
       if here:
         up[cc * s + sl_] = int(codes[here[0]].row_step < 0)
-        assert all((codes[ci].row_step < 0) == bool(up[cc * s + sl_])
-                   for ci in here)
-  return _Layout(p, kk, cg, cb, nc, r, s, tuple(codes), lane_code, up,
-                 present, uniform, valid, up_of)
+        assert all(
+          (codes[ci].row_step < 0) == bool(up[cc * s + sl_]) for ci in here
+        )
+  return _Layout(
+    p,
+    kk,
+    cg,
+    cb,
+    nc,
+    r,
+    s,
+    tuple(codes),
+    lane_code,
+    up,
+    present,
+    uniform,
+    valid,
+    up_of,
+  )
 
 
 def _pad(n, m):
   return -(-n // m) * m
 
 
-def block_sizes(shape, dtype, groups, guide_shape=None, *, pass_="backward",
-                band_rows: Optional[int] = None,
-                vmem_budget: int = VMEM_BUDGET) -> BlockSizes:
+def block_sizes(
+  shape,
+  dtype,
+  groups,
+  guide_shape=None,
+  *,
+  pass_="backward",
+  band_rows: Optional[int] = None,
+  vmem_budget: int = VMEM_BUDGET,
+) -> BlockSizes:
   """The block sizes a pass uses for x of ``shape`` (..., H, W, C).
 
   ``pass_`` is "forward", "tangent" or "backward" (the backward moves the
@@ -255,9 +279,10 @@ def block_sizes(shape, dtype, groups, guide_shape=None, *, pass_="backward",
   isz = jnp.dtype(dtype).itemsize
   cdsz = _R.compute_dtype(dtype).itemsize
   cbp = _pad(lay.cb, 128)
-  row = _pad(w, 8 * max(1, 4 // isz)) * cbp * isz     # one row of one block
-  full_guide = (guide_shape is not None and len(guide_shape) >= 3
-                and guide_shape[-3] != 1)
+  row = _pad(w, 8 * max(1, 4 // isz)) * cbp * isz  # one row of one block
+  full_guide = (
+    guide_shape is not None and len(guide_shape) >= 3 and guide_shape[-3] != 1
+  )
   n_arr = {"forward": 2, "tangent": 4, "backward": 4}[pass_]
   n_arr += int(full_guide) * (1 if pass_ != "tangent" else 2)
   if pass_ == "backward":
@@ -272,7 +297,7 @@ def block_sizes(shape, dtype, groups, guide_shape=None, *, pass_="backward",
   if band_rows is None:
     bh = max(1, min(h, (vmem_budget - fixed) // per_row))
     if _skew_buffers(lay.codes, pass_, False, w, 1)[0]:
-      bh = min(bh, WAVE_MAX_ROWS)    # the band's copies are unrolled per row
+      bh = min(bh, WAVE_MAX_ROWS)  # the band's copies are unrolled per row
     # The skewed buffers grow as bh * (W + a * bh): shrink bh until all fit.
     while bh > 1 and vmem(bh) > vmem_budget:
       bh = max(1, min(bh - 1, bh * 7 // 8))
@@ -287,13 +312,17 @@ def _skew_buffers(codes, pass_, guided, w, bh):
   a = [_Wave(g, w, bh).a for g in map(_geo, codes) if not g.row_type]
   if not a:
     return 0, 0
-  n = {"forward": 1 + guided, "tangent": 2 + 2 * guided,
-       "backward": 4 + guided}[pass_]
+  n = {
+    "forward": 1 + guided,
+    "tangent": 2 + 2 * guided,
+    "backward": 4 + guided,
+  }[pass_]
   return n, (bh + 1) * (w + max(a) * bh + 2)
 
 
 # --------------------------------------------------------------------------
 # Scalar rules inside the kernels.
+
 
 def _opaque(v, z):
   """v, unchanged, through an integer XOR with z (a zero the compiler cannot
@@ -308,8 +337,9 @@ def _hidden_zero():
   """0, as the compilers cannot prove: a program id (< 2**31) shifted right
   by 31. (A constant would be folded: XLA sinks it into the interpret
   mode's grid loop and drops the XOR.)"""
-  return lax.shift_right_logical(pl.program_id(0).astype(jnp.int32),
-                                 jnp.int32(31))
+  return lax.shift_right_logical(
+    pl.program_id(0).astype(jnp.int32), jnp.int32(31)
+  )
 
 
 def _flush(v):
@@ -339,12 +369,13 @@ def _blend(g, m, x, z):
 @dataclasses.dataclass(frozen=True)
 class _Geo:
   """A direction in the kernels' terms (actual column offsets)."""
-  up: bool                     # rows scan upwards (row_step = -1)
-  cs: int                      # col_step
-  row_type: bool               # both neighbours in the previous row
-  dc: tuple                    # (dc1, dc2) column offsets of n1, n2
-  same: int                    # which neighbour (0 or 1) is in the same row
-  n2_first: bool               # backward: the n2 push is added first
+
+  up: bool  # rows scan upwards (row_step = -1)
+  cs: int  # col_step
+  row_type: bool  # both neighbours in the previous row
+  dc: tuple  # (dc1, dc2) column offsets of n1, n2
+  same: int  # which neighbour (0 or 1) is in the same row
+  n2_first: bool  # backward: the n2 push is added first
 
 
 def _geo(d: Direction) -> _Geo:
@@ -353,12 +384,14 @@ def _geo(d: Direction) -> _Geo:
   v1 = (d.n1[0] * d.row_step, d.n1[1] * d.col_step)
   v2 = (d.n2[0] * d.row_step, d.n2[1] * d.col_step)
   n2_first = (-v2[0], -v2[1]) > (-v1[0], -v1[1])
-  return _Geo(d.row_step < 0, d.col_step, row_type, (d.n1[1], d.n2[1]), same,
-              n2_first)
+  return _Geo(
+    d.row_step < 0, d.col_step, row_type, (d.n1[1], d.n2[1]), same, n2_first
+  )
 
 
 # --------------------------------------------------------------------------
 # Kernels.
+
 
 class _Ctx:
   """What a kernel body needs: static sizes and the refs of the step."""
@@ -399,7 +432,7 @@ def _fwd_kernel(cx, *refs):
   prev_ref = next(it)
   tprev_ref = next(it) if cx.tangent else None
   sh_ref = next(it)
-  sk = list(it)                # skewed buffers of the wavefront (if any)
+  sk = list(it)  # skewed buffers of the wavefront (if any)
   del rev_ref
   w, cb, bh, h, nb, cd, sd = cx.w, cx.cb, cx.bh, cx.h, cx.nb, cx.cd, cx.sd
   c_i, s_i, t = pl.program_id(1), pl.program_id(2), pl.program_id(3)
@@ -413,9 +446,10 @@ def _fwd_kernel(cx, *refs):
     return jnp.broadcast_to(tg_ref[rr if cx.gh > 1 else 0].astype(cd), (n, cb))
 
   for ci, geo in enumerate(cx.geos):
+
     @pl.when(present_ref[(c_i * cx.s + s_i) * nd + ci] == 1)
     def _body(ci=ci, geo=geo):
-      mask = None if cx.uniform else (lc_ref[...] == ci)   # (1, Cb)
+      mask = None if cx.uniform else (lc_ref[...] == ci)  # (1, Cb)
       band = (nb - 1 - t) if geo.up else t
 
       def put(ref, idx, v):
@@ -424,8 +458,22 @@ def _fwd_kernel(cx, *refs):
         ref[idx] = v
 
       if not geo.row_type:
-        _fwd_wave(cx, geo, band, put, z, x_ref, g_ref, tx_ref, load_tg,
-                  out_ref, tout_ref, prev_ref, tprev_ref, sk)
+        _fwd_wave(
+          cx,
+          geo,
+          band,
+          put,
+          z,
+          x_ref,
+          g_ref,
+          tx_ref,
+          load_tg,
+          out_ref,
+          tout_ref,
+          prev_ref,
+          tprev_ref,
+          sk,
+        )
         return
 
       def row_step(r, carry):
@@ -445,8 +493,9 @@ def _fwd_kernel(cx, *refs):
         if cx.tangent:
           txv = tx_ref[rr].astype(cd)
           ts = [_shifted(sh_ref, carry[1], d, w) for d in geo.dc]
-          win = jnp.where(self_, txv, jnp.where(
-              tk1, ts[0], jnp.where(tk2, ts[1], zero)))
+          win = jnp.where(
+            self_, txv, jnp.where(tk1, ts[0], jnp.where(tk2, ts[1], zero))
+          )
           new += (_tangent_blend(gv, win, txv, m, xv, load_tg(rr, w), z),)
         put(out_ref, rr, new[0].astype(sd))
         if cx.tangent:
@@ -472,25 +521,25 @@ class _Wave:
   wavefront is a strided load of bh pixels, one per row."""
 
   def __init__(self, geo, w, bh):
-    self.e = geo.dc[1 - geo.same] * geo.cs      # up neighbour, scan column
+    self.e = geo.dc[1 - geo.same] * geo.cs  # up neighbour, scan column
     self.a = 1 + self.e
     self.cs, self.w, self.bh, self.up = geo.cs, w, bh, geo.up
     self.p = w + self.a * bh + 2
-    self.d0, self.d1 = self.a, self.a * bh + w - 1   # phases of the band
+    self.d0, self.d1 = self.a, self.a * bh + w - 1  # phases of the band
 
-  def off(self, q):            # flat offset of image column 0 of row q
+  def off(self, q):  # flat offset of image column 0 of row q
     a, bh = self.a, self.bh
     return q * self.p + 1 + (a * q if self.cs > 0 else a * (bh - q))
 
-  def col(self, d):            # flat column of phase d
+  def col(self, d):  # flat column of phase d
     if self.cs > 0:
       return 1 + d
     return self.a * self.bh + self.w - d
 
-  def rr(self, q):             # block row of band row q
+  def rr(self, q):  # block row of band row q
     return (self.bh - q) if self.up else (q - 1)
 
-  def ld(self, ref, q0, c):    # rows q0 .. q0 + bh - 1 at column c
+  def ld(self, ref, q0, c):  # rows q0 .. q0 + bh - 1 at column c
     return ref[pl.ds(q0 * self.p + c, self.bh, stride=self.p), :]
 
   def st(self, ref, q0, c, v):
@@ -509,8 +558,22 @@ class _Wave:
     return q, band * self.bh + rr
 
 
-def _fwd_wave(cx, geo, band, put, z, x_ref, g_ref, tx_ref, load_tg, out_ref,
-              tout_ref, prev_ref, tprev_ref, sk):
+def _fwd_wave(
+  cx,
+  geo,
+  band,
+  put,
+  z,
+  x_ref,
+  g_ref,
+  tx_ref,
+  load_tg,
+  out_ref,
+  tout_ref,
+  prev_ref,
+  tprev_ref,
+  sk,
+):
   """Forward (and tangent) of one band as an anti-diagonal (or column)
   wavefront: a (bh, Cb) strided step per phase instead of a pixel loop."""
   w, cb, bh, h, cd, sd = cx.w, cx.cb, cx.bh, cx.h, cx.cd, cx.sd
@@ -518,9 +581,9 @@ def _fwd_wave(cx, geo, band, put, z, x_ref, g_ref, tx_ref, load_tg, out_ref,
   a, e, cs = wv.a, wv.e, geo.cs
   zero = jnp.zeros((), cd)
   it = iter(sk)
-  xk = next(it)                # x, overwritten by the output phase by phase
+  xk = next(it)  # x, overwritten by the output phase by phase
   gk = next(it) if cx.guided else None
-  txk = next(it) if cx.tangent else None     # tx, then the tangent
+  txk = next(it) if cx.tangent else None  # tx, then the tangent
   tgk = next(it) if cx.tangent and cx.guided else None
   for q in range(1, bh + 1):
     rr = wv.rr(q)
@@ -558,8 +621,9 @@ def _fwd_wave(cx, geo, band, put, z, x_ref, g_ref, tx_ref, load_tg, out_ref,
       txj = wv.ld(txk, 1, c)
       tuj = wv.ld(txk, 0, c - cs)
       ts = (carry[1], tuj) if geo.same == 0 else (tuj, carry[1])
-      win = jnp.where(self_, txj, jnp.where(
-          tk1, ts[0], jnp.where(tk2, ts[1], zero)))
+      win = jnp.where(
+        self_, txj, jnp.where(tk1, ts[0], jnp.where(tk2, ts[1], zero))
+      )
       if gj is None:
         tv = win
       else:
@@ -602,17 +666,16 @@ def _bwd_kernel(cx, *refs):
   dx_ref = next(it)
   dg_ref = next(it) if cx.guided else None
   pend_ref, sh_ref = next(it), next(it)
-  sk = list(it)                # skewed buffers of the wavefront (if any)
+  sk = list(it)  # skewed buffers of the wavefront (if any)
   w, cb, bh, h, nb, cd, sd = cx.w, cx.cb, cx.bh, cx.h, cx.nb, cx.cd, cx.sd
   c_i, s_i, t = pl.program_id(1), pl.program_id(2), pl.program_id(3)
   z = _hidden_zero()
-  member = s_i if cx.r == 1 else lax.div(s_i.astype(jnp.int32),
-                                          jnp.int32(cx.r))
+  member = s_i if cx.r == 1 else lax.div(s_i.astype(jnp.int32), jnp.int32(cx.r))
   nd = len(cx.geos)
   zero, one = jnp.zeros((), cd), jnp.ones((), cd)
   guided = cx.guided
 
-  def fl(v):                   # a 0/1 float XLA must not see as one
+  def fl(v):  # a 0/1 float XLA must not see as one
     return _opaque(v.astype(cd), z)
 
   def load_ct(rr):
@@ -641,6 +704,7 @@ def _bwd_kernel(cx, *refs):
     return dx, dg, pushes
 
   for ci, geo in enumerate(cx.geos):
+
     @pl.when(present_ref[(c_i * cx.s + s_i) * nd + ci] == 1)
     def _body(ci=ci, geo=geo):
       mask = None if cx.uniform else (lc_ref[...] == ci)
@@ -653,8 +717,22 @@ def _bwd_kernel(cx, *refs):
         ref[idx] = v
 
       if not geo.row_type:
-        _bwd_wave(cx, geo, band, put, x_ref, g_ref, load_ct, pool_ref,
-                  bnd_ref, dx_ref, dg_ref, pend_ref, sk, grads)
+        _bwd_wave(
+          cx,
+          geo,
+          band,
+          put,
+          x_ref,
+          g_ref,
+          load_ct,
+          pool_ref,
+          bnd_ref,
+          dx_ref,
+          dg_ref,
+          pend_ref,
+          sk,
+          grads,
+        )
         return
 
       def row_step(r, pend):
@@ -664,23 +742,22 @@ def _bwd_kernel(cx, *refs):
         has_prev = (i - rs >= 0) & (i - rs < h)
         pr = rr - rs
         inband = (pr >= 0) & (pr < bh)
-        pv = jnp.where(inband, pool_ref[jnp.clip(pr, 0, bh - 1)],
-                       bnd_ref[0]).astype(cd)
+        pv = jnp.where(
+          inband, pool_ref[jnp.clip(pr, 0, bh - 1)], bnd_ref[0]
+        ).astype(cd)
         xv = _flush(x_ref[rr].astype(cd))
         sv = _load_guide(g_ref, rr, cx.gh, w, cb, cd) if guided else None
         order = (1, 0) if geo.n2_first else (0, 1)
         G = load_ct(rr)
         for n in order:
-          G = jnp.where(has_next & _colmask(w, cb, -geo.dc[n]),
-                        G + pend[n], G)
+          G = jnp.where(has_next & _colmask(w, cb, -geo.dc[n]), G + pend[n], G)
         os_ = [_shifted(sh_ref, pv, d, w) for d in geo.dc]
         ins = [has_prev & _colmask(w, cb, d) for d in geo.dc]
         dx, dg, pushes = grads(xv, sv, G, ins, os_)
         put(dx_ref, rr, dx.astype(sd))
         if guided:
           put(dg_ref, rr, dg.astype(sd))
-        return tuple(_shifted(sh_ref, pushes[n], -geo.dc[n], w)
-                     for n in (0, 1))
+        return tuple(_shifted(sh_ref, pushes[n], -geo.dc[n], w) for n in (0, 1))
 
       init = (pend_ref[0], pend_ref[1])
       fin = lax.fori_loop(0, bh, row_step, init)
@@ -688,8 +765,22 @@ def _bwd_kernel(cx, *refs):
       put(pend_ref, 1, fin[1])
 
 
-def _bwd_wave(cx, geo, band, put, x_ref, g_ref, load_ct, pool_ref, bnd_ref,
-              dx_ref, dg_ref, pend_ref, sk, grads):
+def _bwd_wave(
+  cx,
+  geo,
+  band,
+  put,
+  x_ref,
+  g_ref,
+  load_ct,
+  pool_ref,
+  bnd_ref,
+  dx_ref,
+  dg_ref,
+  pend_ref,
+  sk,
+  grads,
+):
   """Backward of one band as the forward's wavefront run backwards: phases
   in reverse, each pixel's G = (ct + push from the next row) + push from
   the next pixel of its row (the contract's order), the latter carried in
@@ -700,11 +791,11 @@ def _bwd_wave(cx, geo, band, put, x_ref, g_ref, load_ct, pool_ref, bnd_ref,
   a, e, cs = wv.a, wv.e, geo.cs
   rs = -1 if geo.up else 1
   it = iter(sk)
-  xk = next(it)                # x, overwritten by dx phase by phase
-  ck = next(it)                # the cotangent routed to this member
-  ok = next(it)                # the member's pool; row 0: the row before
-  pk = next(it)                # pushes to the row above, at their targets
-  gk = next(it) if cx.guided else None    # the guide, then dguide
+  xk = next(it)  # x, overwritten by dx phase by phase
+  ck = next(it)  # the cotangent routed to this member
+  ok = next(it)  # the member's pool; row 0: the row before
+  pk = next(it)  # pushes to the row above, at their targets
+  gk = next(it) if cx.guided else None  # the guide, then dguide
   for q in range(1, bh + 1):
     rr = wv.rr(q)
     wv.set_row(xk, q, _flush(x_ref[rr].astype(cd)))
@@ -753,6 +844,7 @@ def _bwd_wave(cx, geo, band, put, x_ref, g_ref, load_ct, pool_ref, bnd_ref,
 # --------------------------------------------------------------------------
 # The wrappers.
 
+
 def _fold(shape):
   return int(np.prod(shape[:-3], dtype=np.int64))
 
@@ -774,27 +866,40 @@ def _guide4(g, xshape, b):
 class _Pass:
   """Static description of one pallas_call."""
 
-  def __init__(self, kind, x4shape, dtype, groups, gshape4, has_tg,
-               band_rows):
+  def __init__(self, kind, x4shape, dtype, groups, gshape4, has_tg, band_rows):
     self.kind = kind
     self.b, self.h, self.w, self.c = x4shape
     self.sd = jnp.dtype(dtype)
     self.cd = _R.compute_dtype(dtype)
     self.lay = _layout(groups, self.c)
     self.gshape = gshape4
-    self.bs = block_sizes(x4shape, dtype, groups, gshape4, pass_=kind,
-                          band_rows=band_rows)
+    self.bs = block_sizes(
+      x4shape, dtype, groups, gshape4, pass_=kind, band_rows=band_rows
+    )
     self.geos = tuple(_geo(d) for d in self.lay.codes)
     self.has_tg = has_tg
 
   def ctx(self):
     lay, bs = self.lay, self.bs
     gh = 1 if self.gshape is None else self.gshape[1]
-    return _Ctx(w=self.w, h=self.h, cb=lay.cb, bh=bs.band_rows,
-                nb=bs.n_bands, cd=self.cd, sd=self.sd, s=lay.s, r=lay.r,
-                k=lay.k, uniform=lay.uniform, guided=self.gshape is not None,
-                gh=gh, geos=self.geos, tangent=self.kind == "tangent",
-                has_tg=self.has_tg)
+    return _Ctx(
+      w=self.w,
+      h=self.h,
+      cb=lay.cb,
+      bh=bs.band_rows,
+      nb=bs.n_bands,
+      cd=self.cd,
+      sd=self.sd,
+      s=lay.s,
+      r=lay.r,
+      k=lay.k,
+      uniform=lay.uniform,
+      guided=self.gshape is not None,
+      gh=gh,
+      geos=self.geos,
+      tangent=self.kind == "tangent",
+      has_tg=self.has_tg,
+    )
 
   def band(self, c, s, t, up_ref):
     nb, flip = self.bs.n_bands, int(self.kind != "backward")
@@ -804,24 +909,32 @@ class _Pass:
   def x_spec(self):
     bh, cb = self.bs.band_rows, self.lay.cb
     return pl.BlockSpec(
-        (None, bh, self.w, cb),
-        lambda b, c, s, t, up, pr: (b, self.band(c, s, t, up), 0, c))
+      (None, bh, self.w, cb),
+      lambda b, c, s, t, up, pr: (b, self.band(c, s, t, up), 0, c),
+    )
 
   def g_spec(self):
     gb, gh, gw, gc = self.gshape
     bh, cb = self.bs.band_rows, self.lay.cb
 
     def index(b, c, s, t, up, pr):
-      return (b if gb > 1 else 0, self.band(c, s, t, up) if gh > 1 else 0, 0,
-              c if gc > 1 else 0)
-    return pl.BlockSpec((None, bh if gh > 1 else 1, gw, cb if gc > 1 else 1),
-                        index)
+      return (
+        b if gb > 1 else 0,
+        self.band(c, s, t, up) if gh > 1 else 0,
+        0,
+        c if gc > 1 else 0,
+      )
+
+    return pl.BlockSpec(
+      (None, bh if gh > 1 else 1, gw, cb if gc > 1 else 1), index
+    )
 
   def slot_spec(self):
     bh, cb = self.bs.band_rows, self.lay.cb
     return pl.BlockSpec(
-        (None, None, bh, self.w, cb),
-        lambda b, c, s, t, up, pr: (s, b, self.band(c, s, t, up), 0, c))
+      (None, None, bh, self.w, cb),
+      lambda b, c, s, t, up, pr: (s, b, self.band(c, s, t, up), 0, c),
+    )
 
   def bnd_spec(self):
     bh, cb, h = self.bs.band_rows, self.lay.cb, self.h
@@ -829,14 +942,19 @@ class _Pass:
     def index(b, c, s, t, up, pr):
       band = self.band(c, s, t, up)
       fwd_up = up[c * self.lay.s + s] == 1
-      row = jnp.where(fwd_up, jnp.minimum((band + 1) * bh, h - 1),
-                      jnp.maximum(band * bh - 1, 0))
+      row = jnp.where(
+        fwd_up,
+        jnp.minimum((band + 1) * bh, h - 1),
+        jnp.maximum(band * bh - 1, 0),
+      )
       return (s, b, row, 0, c)
+
     return pl.BlockSpec((None, None, 1, self.w, cb), index)
 
   def lc_spec(self):
-    return pl.BlockSpec((None, 1, self.lay.cb),
-                        lambda b, c, s, t, up, pr: (s, 0, c))
+    return pl.BlockSpec(
+      (None, 1, self.lay.cb), lambda b, c, s, t, up, pr: (s, 0, c)
+    )
 
   def scratch(self):
     w, cb, cd = self.w, self.lay.cb, self.cd
@@ -846,8 +964,9 @@ class _Pass:
     else:
       out = [v(w, cb)] * (2 if self.kind == "tangent" else 1)
       out = [v(w, cb) for _ in out] + [v(w + 2, cb)]
-    n, rows = _skew_buffers(self.lay.codes, self.kind,
-                            self.gshape is not None, w, self.bs.band_rows)
+    n, rows = _skew_buffers(
+      self.lay.codes, self.kind, self.gshape is not None, w, self.bs.band_rows
+    )
     return out + [v(rows, cb) for _ in range(n)]
 
   def call(self, inputs, in_specs, n_out, interpret):
@@ -858,28 +977,30 @@ class _Pass:
       inputs = [jnp.asarray(lay.lane_code[:, None, :])] + list(inputs)
       in_specs = [self.lc_spec()] + list(in_specs)
     kernel = functools.partial(
-        _bwd_kernel if self.kind == "backward" else _fwd_kernel, self.ctx())
+      _bwd_kernel if self.kind == "backward" else _fwd_kernel, self.ctx()
+    )
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2,
-        grid=(self.b, lay.nc, lay.s, bs.n_bands),
-        in_specs=in_specs,
-        out_specs=[self.slot_spec() for _ in range(n_out)],
-        scratch_shapes=self.scratch())
+      num_scalar_prefetch=2,
+      grid=(self.b, lay.nc, lay.s, bs.n_bands),
+      in_specs=in_specs,
+      out_specs=[self.slot_spec() for _ in range(n_out)],
+      scratch_shapes=self.scratch(),
+    )
     limit = int(min(max(2 * bs.vmem_bytes, 16 * 2**20), 100 * 2**20))
     # Inside shard_map the arrays and results vary over the same manual axes
     # (a cast, no data moved); the scalar tables stay as the grid indices.
     operands = pre + [_jax_compat.vary(a, *inputs) for a in inputs]
     out = _jax_compat.shape_dtype_like(shape5, self.sd, operands[-1])
     return pl.pallas_call(
-        kernel,
-        out_shape=[out] * n_out,
-        grid_spec=grid_spec,
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "parallel",
-                                 "arbitrary"),
-            vmem_limit_bytes=limit),
-        interpret=interpret,
-        name=f"landmark_pool_{self.kind}",
+      kernel,
+      out_shape=[out] * n_out,
+      grid_spec=grid_spec,
+      compiler_params=pltpu.CompilerParams(
+        dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
+        vmem_limit_bytes=limit,
+      ),
+      interpret=interpret,
+      name=f"landmark_pool_{self.kind}",
     )(*operands)
 
 
@@ -887,8 +1008,10 @@ def _members(v5, lay):
   """Slots (S, B, H, W, C) -> each member's pool (B, H, W, C)."""
   if lay.r == 1:
     return [v5[k] for k in range(lay.k)]
-  return [jnp.where(jnp.asarray(lay.lane_up[k]), v5[2 * k + 1], v5[2 * k])
-          for k in range(lay.k)]
+  return [
+    jnp.where(jnp.asarray(lay.lane_up[k]), v5[2 * k + 1], v5[2 * k])
+    for k in range(lay.k)
+  ]
 
 
 def _valid(lay):
@@ -900,18 +1023,27 @@ def _prepare(x, g, groups):
   groups = _R._groups(groups)
   h, w, c = x.shape[-3:]
   if c % len(groups):
-    raise ValueError(f"x has {c} channels, which do not split into "
-                     f"{len(groups)} groups")
+    raise ValueError(
+      f"x has {c} channels, which do not split into {len(groups)} groups"
+    )
   b = _fold(x.shape)
   x4 = x.reshape(b, h, w, c)
-  g4 = None if g is None else _guide4(jnp.asarray(g).astype(x.dtype),
-                                      x.shape, b)
+  g4 = (
+    None if g is None else _guide4(jnp.asarray(g).astype(x.dtype), x.shape, b)
+  )
   return x, groups, x4, g4
 
 
 def _forward_pools(x4, g4, groups, interpret, band_rows):
-  ps = _Pass("forward", x4.shape, x4.dtype, groups,
-             None if g4 is None else g4.shape, False, band_rows)
+  ps = _Pass(
+    "forward",
+    x4.shape,
+    x4.dtype,
+    groups,
+    None if g4 is None else g4.shape,
+    False,
+    band_rows,
+  )
   ins, specs = [x4], [ps.x_spec()]
   if g4 is not None:
     ins.append(g4)
@@ -943,13 +1075,21 @@ def grouped_tangent(x, g, tx, tg, groups, *, interpret=False, band_rows=None):
     return jnp.zeros_like(x)
   x, groups, x4, g4 = _prepare(x, g, groups)
   tx4 = jnp.broadcast_to(jnp.asarray(tx).astype(x.dtype), x.shape).reshape(
-      x4.shape)
+    x4.shape
+  )
   tg4 = None
   if g4 is not None and tg is not None:
     tg4 = _guide4(jnp.asarray(tg).astype(x.dtype), x.shape, x4.shape[0])
     tg4 = jnp.broadcast_to(tg4, g4.shape)
-  ps = _Pass("tangent", x4.shape, x4.dtype, groups,
-             None if g4 is None else g4.shape, tg4 is not None, band_rows)
+  ps = _Pass(
+    "tangent",
+    x4.shape,
+    x4.dtype,
+    groups,
+    None if g4 is None else g4.shape,
+    tg4 is not None,
+    band_rows,
+  )
   ins, specs = [x4], [ps.x_spec()]
   if g4 is not None:
     ins.append(g4)
@@ -970,8 +1110,9 @@ def grouped_tangent(x, g, tx, tg, groups, *, interpret=False, band_rows=None):
 
 def grouped_backward(x, g, ct, groups, *, interpret=False, band_rows=None):
   """The VJP of grouped_forward (reference.grouped_backward): (dx, dg)."""
-  return forward_backward(x, g, ct, groups, interpret=interpret,
-                          band_rows=band_rows)[1:]
+  return forward_backward(
+    x, g, ct, groups, interpret=interpret, band_rows=band_rows
+  )[1:]
 
 
 def forward_backward(x, g, ct, groups, *, interpret=False, band_rows=None):
@@ -983,9 +1124,17 @@ def forward_backward(x, g, ct, groups, *, interpret=False, band_rows=None):
   out5, lay = _forward_pools(x4, g4, groups, interpret, band_rows)
   out = _merged(out5, lay).reshape(x.shape)
   ct4 = jnp.broadcast_to(jnp.asarray(ct).astype(x.dtype), x.shape).reshape(
-      x4.shape)
-  ps = _Pass("backward", x4.shape, x4.dtype, groups,
-             None if g4 is None else g4.shape, False, band_rows)
+    x4.shape
+  )
+  ps = _Pass(
+    "backward",
+    x4.shape,
+    x4.dtype,
+    groups,
+    None if g4 is None else g4.shape,
+    False,
+    band_rows,
+  )
   ins, specs = [x4], [ps.x_spec()]
   if g4 is not None:
     ins.append(g4)
@@ -1014,8 +1163,9 @@ def forward_backward(x, g, ct, groups, *, interpret=False, band_rows=None):
   gshape = tuple(jnp.shape(g))
   xs = tuple(x.shape)
   gfull = (1,) * (len(xs) - len(gshape)) + gshape
-  axes = tuple(i for i, (a, bdim) in enumerate(zip(gfull, xs))
-               if a == 1 and bdim != 1)
+  axes = tuple(
+    i for i, (a, bdim) in enumerate(zip(gfull, xs)) if a == 1 and bdim != 1
+  )
   if axes:
     cd = _R.compute_dtype(x.dtype)
     dg = jnp.sum(dg.astype(cd), axis=axes, keepdims=True).astype(x.dtype)

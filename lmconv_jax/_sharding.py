@@ -90,7 +90,7 @@ def _operand_factors(avals, x_shape):
       f = _factor_name(r + len(extra))
       extra.append(f)
       sizes[f] = shape[r - 3]
-      lists.append(names[:r - 3] + [f] + names[r - 3:])
+      lists.append(names[: r - 3] + [f] + names[r - 3 :])
     else:  # the guide: x's rank, each dim x's or 1
       dims = []
       for k, n in enumerate(shape):
@@ -128,11 +128,14 @@ def batch_partitionable_attrs(ctx) -> dict:
   names = [_factor_name(k) for k in range(len(x_shape))]
   replicated = names[nb:] + extra
   sz = ", ".join(f"{n}={s}" for n, s in sizes.items())
-  rule = (f"#sdy.op_sharding_rule<({ins})->({outs}) {{{sz}}} "
-          f"need_replication={{{', '.join(replicated)}}}>")
-  return {"mhlo.frontend_attributes":
-              mlir.ir_attribute({"num_batch_dims": str(nb)}),
-          "sdy.sharding_rule": mlir.ir.Attribute.parse(rule)}
+  rule = (
+    f"#sdy.op_sharding_rule<({ins})->({outs}) {{{sz}}} "
+    f"need_replication={{{', '.join(replicated)}}}>"
+  )
+  return {
+    "mhlo.frontend_attributes": mlir.ir_attribute({"num_batch_dims": str(nb)}),
+    "sdy.sharding_rule": mlir.ir.Attribute.parse(rule),
+  }
 
 
 def partitioned_by_jax(ctx) -> bool:
@@ -172,8 +175,11 @@ def broadcast_axes(x_spec, x_shape, g_shape) -> tuple:
   axes = []
   for s, n, m in zip(x_spec, x_shape, g_shape):
     if s is not None and m == 1 and n != 1:
-      axes += [a for a in (s if isinstance(s, (tuple, list)) else (s,))
-               if a not in axes]
+      axes += [
+        a
+        for a in (s if isinstance(s, (tuple, list)) else (s,))
+        if a not in axes
+      ]
   return tuple(axes)
 
 
@@ -195,8 +201,9 @@ def _explicit_context() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _partitioned_call(ffi_call, prim, groups, guided: bool, in_shapes,
-                      out_shapes, extra: tuple):
+def _partitioned_call(
+  ffi_call, prim, groups, guided: bool, in_shapes, out_shapes, extra: tuple
+):
   """``ffi_call(prim, operands, groups, guided)`` (the plain custom call) per
   device, wrapped in custom_partitioning, for operands of ``in_shapes`` (x
   first) and results of ``out_shapes``.
@@ -226,8 +233,7 @@ def _partitioned_call(ffi_call, prim, groups, guided: bool, in_shapes,
     shard = lambda shape: _sharding_like(mesh, spec, r, shape, single_group)
     results = jax.tree.map(lambda s: shard(s.shape), result_shape)
     args = tuple(shard(s.shape) for s in arg_shapes)
-    axes = (broadcast_axes(args[0].spec, x_shape, in_shapes[1]) if summed
-            else ())
+    axes = broadcast_axes(args[0].spec, x_shape, in_shapes[1]) if summed else ()
     if not axes:
       return mesh, per_device, results, args
     if _explicit_context():
@@ -235,8 +241,10 @@ def _partitioned_call(ffi_call, prim, groups, guided: bool, in_shapes,
       # that XLA rejects in this module; x's broadcast dims are gathered
       # instead, so each device sums the whole gradient itself. (Rare:
       # Explicit axes reach this path only under a vmap over a split dim.)
-      spec = tuple(None if m == 1 and k != 1 else s for s, k, m in
-                   zip(spec, x_shape, in_shapes[1]))
+      spec = tuple(
+        None if m == 1 and k != 1 else s
+        for s, k, m in zip(spec, x_shape, in_shapes[1])
+      )
       results = jax.tree.map(lambda s: shard(s.shape), result_shape)
       args = tuple(shard(s.shape) for s in arg_shapes)
       return mesh, per_device, results, args
@@ -244,6 +252,7 @@ def _partitioned_call(ffi_call, prim, groups, guided: bool, in_shapes,
     def per_device_summed(*operands):
       dx, dg = per_device(*operands)
       return dx, sum_guide_gradient(dg, axes)
+
     return mesh, per_device_summed, results, args
 
   names = [_factor_name(k) for k in range(r)]
@@ -253,29 +262,46 @@ def _partitioned_call(ffi_call, prim, groups, guided: bool, in_shapes,
       self.shape = shape
 
   lists, _, own_factors = _operand_factors(
-      [_Shape(s) for s in in_shapes + out_shapes], x_shape)
+    [_Shape(s) for s in in_shapes + out_shapes], x_shape
+  )
   n_in = len(in_shapes)
-  rule = (", ".join(" ".join(d) for d in lists[:n_in]) + " -> " +
-          ", ".join(" ".join(d) for d in lists[n_in:]))
-  replicate = names[r - 3:r - 1] + ([] if single_group else names[r - 1:])
-  call.def_partition(partition=partition, sharding_rule=rule,
-                     need_replication_factors=tuple(replicate + own_factors))
+  rule = (
+    ", ".join(" ".join(d) for d in lists[:n_in])
+    + " -> "
+    + ", ".join(" ".join(d) for d in lists[n_in:])
+  )
+  replicate = names[r - 3 : r - 1] + ([] if single_group else names[r - 1 :])
+  call.def_partition(
+    partition=partition,
+    sharding_rule=rule,
+    need_replication_factors=tuple(replicate + own_factors),
+  )
   return call
 
 
-def partitioned_lowering(ffi_call, prim, ctx, operands, groups, guided: bool,
-                         **extra):
+def partitioned_lowering(
+  ffi_call, prim, ctx, operands, groups, guided: bool, **extra
+):
   """Lowers the custom call of ``prim`` under custom_partitioning."""
   in_shapes = tuple(tuple(a.shape) for a in ctx.avals_in)
   out_shapes = tuple(tuple(a.shape) for a in ctx.avals_out)
-  call = _partitioned_call(ffi_call, prim, groups, guided, in_shapes,
-                           out_shapes, tuple(sorted(extra.items())))
+  call = _partitioned_call(
+    ffi_call,
+    prim,
+    groups,
+    guided,
+    in_shapes,
+    out_shapes,
+    tuple(sorted(extra.items())),
+  )
   return mlir.lower_fun(call, multiple_results=prim.multiple_results)(
-      ctx, *operands)
+    ctx, *operands
+  )
 
 
 # --------------------------------------------------------------------------
 # Explicit mesh axes: whole groups per channel shard (module docstring).
+
 
 def _typed_sharding(a):
   """(mesh, spec padded with None to a's rank, mesh axis types) of a's
@@ -322,14 +348,20 @@ def _explicit_layout(x, g, groups):
   if not axis_types or any(t != explicit for t in axis_types):
     return None  # Auto axes (the partitioner decides) or inside shard_map
   if _vmapped_over_a_sharded_dim(x) or (
-      g is not None and _vmapped_over_a_sharded_dim(g)):
+    g is not None and _vmapped_over_a_sharded_dim(g)
+  ):
     return None
   r, p = x.ndim, len(groups)
   layout = list(spec)
   layout[r - 3] = layout[r - 2] = None
   channels = spec[r - 1]
-  axes = (() if channels is None else tuple(channels)
-          if isinstance(channels, (tuple, list)) else (channels,))
+  axes = (
+    ()
+    if channels is None
+    else tuple(channels)
+    if isinstance(channels, (tuple, list))
+    else (channels,)
+  )
   n = math.prod(mesh.shape[a] for a in axes)
   if p > 1 and p % n:
     layout[r - 1], axes, n = None, (), 1
@@ -338,7 +370,7 @@ def _explicit_layout(x, g, groups):
   if not (whole_groups or summed):
     return None
   if not whole_groups:
-    axes, n = (), 1   # one sub-grouping: no switch
+    axes, n = (), 1  # one sub-grouping: no switch
   return mesh, spec, tuple(layout), axes, n
 
 
@@ -355,16 +387,22 @@ def grouped_pool_per_shard(pool, x, g, groups):
     return None
   mesh, spec, layout, axes, n = found
   per = len(groups) // n
-  subs = [tuple(groups[s * per:(s + 1) * per]) for s in range(n)]
+  subs = [tuple(groups[s * per : (s + 1) * per]) for s in range(n)]
   unique = list(dict.fromkeys(subs))
   x_spec = PartitionSpec(*layout)
   # A no-op where x is laid out so already; else H, W (and channels that
   # would split a group) are gathered: the documented cost.
-  operands, specs = [jax.sharding.reshard(x, NamedSharding(mesh, x_spec))], [
-      x_spec]
+  operands, specs = (
+    [jax.sharding.reshard(x, NamedSharding(mesh, x_spec))],
+    [x_spec],
+  )
   if g is not None:
-    g_spec = PartitionSpec(*[s if gn == xn else None for s, gn, xn in
-                             zip(layout, jnp.shape(g), x.shape)])
+    g_spec = PartitionSpec(
+      *[
+        s if gn == xn else None
+        for s, gn, xn in zip(layout, jnp.shape(g), x.shape)
+      ]
+    )
     # A no-op where g is sharded so already; a replicated guide: each
     # device slices its part (no traffic).
     operands.append(jax.sharding.reshard(g, NamedSharding(mesh, g_spec)))
@@ -381,13 +419,17 @@ def grouped_pool_per_shard(pool, x, g, groups):
     if len(unique) == 1:
       return pool(x, g, unique[0])
     index = jnp.asarray([unique.index(s) for s in subs], jnp.int32)[
-        jax.lax.axis_index(axes)]
-    branches = [functools.partial(lambda sub, x, g: pool(x, g, sub), sub)
-                for sub in unique]
+      jax.lax.axis_index(axes)
+    ]
+    branches = [
+      functools.partial(lambda sub, x, g: pool(x, g, sub), sub)
+      for sub in unique
+    ]
     return jax.lax.switch(index, branches, x, g)
 
-  out = jax.shard_map(per_shard, mesh=mesh, in_specs=tuple(specs),
-                      out_specs=x_spec)(*operands)
+  out = jax.shard_map(
+    per_shard, mesh=mesh, in_specs=tuple(specs), out_specs=x_spec
+  )(*operands)
   return jax.sharding.reshard(out, NamedSharding(mesh, PartitionSpec(*spec)))
 
 
@@ -403,11 +445,13 @@ def whole_channels(y):
   if spec[-1] is None or jax.sharding.AxisType.Explicit not in types:
     return y
   return jax.sharding.reshard(
-      y, NamedSharding(mesh, PartitionSpec(*spec[:-1], None)))
+    y, NamedSharding(mesh, PartitionSpec(*spec[:-1], None))
+  )
 
 
 # --------------------------------------------------------------------------
 # Explicit mesh axes: the reference lowering, any layout (module docstring).
+
 
 def _explicit_mesh(operands):
   """(mesh, its Explicit axis names) where some operand's type is split over
@@ -416,13 +460,15 @@ def _explicit_mesh(operands):
   for a in operands:
     mesh, spec, types = _typed_sharding(a)
     if any(s is not None for s in spec) and explicit in types:
-      return mesh, tuple(n for n, t in zip(mesh.axis_names, types)
-                         if t == explicit)
+      return mesh, tuple(
+        n for n, t in zip(mesh.axis_names, types) if t == explicit
+      )
   return None
 
 
-def reference_per_shard(fn, operands, out_like, *, single_group: bool,
-                        summed_guide=None):
+def reference_per_shard(
+  fn, operands, out_like, *, single_group: bool, summed_guide=None
+):
   """``fn(*operands)`` (the reference's jnp: a tuple of results, result k
   shaped like ``operands[out_like[k]]``), per shard where an operand is
   split over Explicit mesh axes; otherwise ``fn(*operands)`` unchanged.
@@ -450,24 +496,35 @@ def reference_per_shard(fn, operands, out_like, *, single_group: bool,
   x = operands[0]
   r = x.ndim
   spec = _typed_sharding(x)[1]
-  specs = tuple(_sharding_like(mesh, spec, r, jnp.shape(a), single_group).spec
-                for a in operands)
-  placed = [jax.sharding.reshard(a, NamedSharding(mesh, s))
-            for a, s in zip(operands, specs)]
+  specs = tuple(
+    _sharding_like(mesh, spec, r, jnp.shape(a), single_group).spec
+    for a in operands
+  )
+  placed = [
+    jax.sharding.reshard(a, NamedSharding(mesh, s))
+    for a, s in zip(operands, specs)
+  ]
   sums = {}
   if summed_guide is not None:
     g_axes = broadcast_axes(specs[0], x.shape, jnp.shape(summed_guide))
-    sums = {k: g_axes for k, i in enumerate(out_like)
-            if operands[i] is summed_guide}
+    sums = {
+      k: g_axes for k, i in enumerate(out_like) if operands[i] is summed_guide
+    }
 
   def per_shard(*blocks):
     outs = fn(*blocks)
-    return tuple(sum_guide_gradient(o, sums[k]) if k in sums else o
-                 for k, o in enumerate(outs))
+    return tuple(
+      sum_guide_gradient(o, sums[k]) if k in sums else o
+      for k, o in enumerate(outs)
+    )
 
-  outs = jax.shard_map(per_shard, mesh=mesh, in_specs=specs,
-                       out_specs=tuple(specs[i] for i in out_like),
-                       axis_names=set(axes))(*placed)
+  outs = jax.shard_map(
+    per_shard,
+    mesh=mesh,
+    in_specs=specs,
+    out_specs=tuple(specs[i] for i in out_like),
+    axis_names=set(axes),
+  )(*placed)
   return tuple(_back_to(o, operands[i]) for o, i in zip(outs, out_like))
 
 

@@ -40,11 +40,14 @@ class MissingError(Exception):
 # --------------------------------------------------------------------------
 # Argument types: each error message names what was given and what is valid.
 
+
 def _positive(convert, noun: str):
   """An argument type: text -> convert(text), which must be > 0 (not NaN)."""
+
   def parse(text: str):
     error = argparse.ArgumentTypeError(
-        f"expected a positive {noun}, got {text.strip()!r}")
+      f"expected a positive {noun}, got {text.strip()!r}"
+    )
     try:
       value = convert(text)
     except ValueError:
@@ -52,6 +55,7 @@ def _positive(convert, noun: str):
     if not value > 0:
       raise error
     return value
+
   return parse
 
 
@@ -71,14 +75,16 @@ def _seed(text: str) -> int:
 
 def _models(text: str) -> tuple[str, ...]:
   from lmconv_jax.demo.models import KINDS
+
   keys = tuple(k.strip() for k in text.split(",") if k.strip())
   if text.strip() == "all":
     return tuple(KINDS)
   bad = [k for k in keys if k not in KINDS]
   if bad or not keys:
     raise argparse.ArgumentTypeError(
-        f"unknown model {', '.join(map(repr, bad)) or repr(text)}; expected a "
-        f"comma-separated list from {', '.join(KINDS)} (or 'all')")
+      f"unknown model {', '.join(map(repr, bad)) or repr(text)}; expected a "
+      f"comma-separated list from {', '.join(KINDS)} (or 'all')"
+    )
   return keys
 
 
@@ -89,11 +95,13 @@ def _shape(text: str) -> tuple[int, ...]:
     dims = tuple(int(s) for s in text.replace("x", ",").split(","))
   except ValueError:
     raise argparse.ArgumentTypeError(
-        f"expected comma-separated integers like 8,64,64,64, got {text!r}")
+      f"expected comma-separated integers like 8,64,64,64, got {text!r}"
+    )
   if len(dims) < 3 or min(dims) < 1:
     raise argparse.ArgumentTypeError(
-        f"expected at least 3 positive dims (..., H, W, C) like 8,64,64,64, "
-        f"got {text!r}")
+      f"expected at least 3 positive dims (..., H, W, C) like 8,64,64,64, "
+      f"got {text!r}"
+    )
   return dims
 
 
@@ -110,11 +118,12 @@ def check_bench_shape(shape: Sequence[int], sections: Sequence[str]) -> None:
   if needs and c % 8:
     good = ",".join(map(str, (*shape[:-1], max(8, c // 8 * 8))))
     raise UsageError(
-        f"--shape {','.join(map(str, shape))}: C = {c} is not a multiple of 8, "
-        f"which the {', '.join(needs)} "
-        f"{'sections need' if len(needs) > 1 else 'section needs'} "
-        f"(octants: 8 channel groups). Give C a multiple of 8 (e.g. --shape "
-        f"{good}), or run only --sections guide,wide.")
+      f"--shape {','.join(map(str, shape))}: C = {c} is not a multiple of 8, "
+      f"which the {', '.join(needs)} "
+      f"{'sections need' if len(needs) > 1 else 'section needs'} "
+      f"(octants: 8 channel groups). Give C a multiple of 8 (e.g. --shape "
+      f"{good}), or run only --sections guide,wide."
+    )
 
 
 SECTIONS = ("grouping", "guide", "dtype", "wide", "layers")
@@ -125,8 +134,9 @@ def _sections(text: str) -> tuple[str, ...]:
   for n in names:
     if n not in SECTIONS:
       raise argparse.ArgumentTypeError(
-          f"unknown section {n!r}; expected a comma-separated list of "
-          f"{', '.join(SECTIONS)}")
+        f"unknown section {n!r}; expected a comma-separated list of "
+        f"{', '.join(SECTIONS)}"
+      )
   if not names:
     raise argparse.ArgumentTypeError("expected at least one section")
   return names
@@ -134,6 +144,7 @@ def _sections(text: str) -> tuple[str, ...]:
 
 # --------------------------------------------------------------------------
 # demo
+
 
 def _default_out() -> pathlib.Path:
   stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -159,9 +170,10 @@ def _require_demo_extra(names=DEMO_EXTRA, command: str = "demo") -> None:
       missing.append(name)
   if missing:
     raise UsageError(
-        f"the {command} needs {', '.join(missing)}, which come with the demo "
-        f"extra: pip install 'lmconv-jax[demo]' (in a checkout: pip install "
-        f"-e '.[demo]')")
+      f"the {command} needs {', '.join(missing)}, which come with the demo "
+      f"extra: pip install 'lmconv-jax[demo]' (in a checkout: pip install "
+      f"-e '.[demo]')"
+    )
 
 
 def _check_writable_folder(out: pathlib.Path, option: str) -> None:
@@ -173,37 +185,54 @@ def _check_writable_folder(out: pathlib.Path, option: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise UsageError(
-        f"{option} {str(out)!r}: cannot create the folder ({e.strerror}).")
+      f"{option} {str(out)!r}: cannot create the folder ({e.strerror})."
+    )
   try:
     with tempfile.NamedTemporaryFile(dir=out, prefix=".lmconv_write_check"):
       pass
   except OSError as e:
-    raise UsageError(f"{option} {str(out)!r}: cannot write there "
-                     f"({e.strerror}); pick another folder.") from None
+    raise UsageError(
+      f"{option} {str(out)!r}: cannot write there "
+      f"({e.strerror}); pick another folder."
+    ) from None
 
 
 def cmd_demo(args) -> int:
-  _require_demo_extra([n for n in DEMO_EXTRA
-                       if n != "matplotlib" or not args.no_figures])
+  _require_demo_extra(
+    [n for n in DEMO_EXTRA if n != "matplotlib" or not args.no_figures]
+  )
   from lmconv_jax.demo.experiment import DemoConfig, format_table, run_demo
   from lmconv_jax import ops
 
-  overrides = {k: v for k, v in dict(
-      image_size=args.image_size, max_distance=args.max_distance,
-      features=args.features, train_size=args.train_size,
-      test_size=args.test_size, steps=args.steps, batch_size=args.batch_size,
-      learning_rate=args.learning_rate, seed=args.seed, models=args.models,
-      implementation=args.implementation).items() if v is not None}
-  config = (DemoConfig.quick(**overrides) if args.quick
-            else DemoConfig(**overrides))
+  overrides = {
+    k: v
+    for k, v in dict(
+      image_size=args.image_size,
+      max_distance=args.max_distance,
+      features=args.features,
+      train_size=args.train_size,
+      test_size=args.test_size,
+      steps=args.steps,
+      batch_size=args.batch_size,
+      learning_rate=args.learning_rate,
+      seed=args.seed,
+      models=args.models,
+      implementation=args.implementation,
+    ).items()
+    if v is not None
+  }
+  config = (
+    DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
+  )
   try:
     config.validate()
   except ValueError as e:
     # The config's field names, as the options the user typed.
     msg = str(e)
     for field in dataclasses.fields(config):
-      msg = re.sub(rf"\b{field.name}\b", "--" + field.name.replace("_", "-"),
-                   msg)
+      msg = re.sub(
+        rf"\b{field.name}\b", "--" + field.name.replace("_", "-"), msg
+      )
     raise UsageError(msg) from None
   try:
     ops.resolve_implementation(config.implementation, "demo --implementation")
@@ -212,26 +241,35 @@ def cmd_demo(args) -> int:
   out = pathlib.Path(args.out) if args.out else _default_out()
   _check_writable_folder(out, "--out")
   log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
-  results = run_demo(config, out,
-                     progress=not (args.no_progress or args.quiet),
-                     figures=not args.no_figures, log=log,
-                     command=" ".join(["python -m lmconv_jax", *args.argv]))
+  results = run_demo(
+    config,
+    out,
+    progress=not (args.no_progress or args.quiet),
+    figures=not args.no_figures,
+    log=log,
+    command=" ".join(["python -m lmconv_jax", *args.argv]),
+  )
   print()
   print(format_table(results))
   print()
   print(results["verdict"])
   if args.quick:
-    print("(--quick is a smoke test of the install and the pipeline, too "
-          "small to show the effect; run the demo without --quick for the "
-          "comparison.)")
+    print(
+      "(--quick is a smoke test of the install and the pipeline, too "
+      "small to show the effect; run the demo without --quick for the "
+      "comparison.)"
+    )
   files = ["results.json"] + results["figures"]
-  print(f"wrote {', '.join(files)} to {out}/ ({results['total_seconds']:.0f} s "
-        f"in all)")
+  print(
+    f"wrote {', '.join(files)} to {out}/ ({results['total_seconds']:.0f} s "
+    f"in all)"
+  )
   return EXIT_OK
 
 
 # --------------------------------------------------------------------------
 # info
+
 
 def _version(module: str) -> Optional[str]:
   try:
@@ -241,13 +279,14 @@ def _version(module: str) -> Optional[str]:
 
 
 CUDA_HINT = (
-    "To get the CUDA kernels: on a Linux machine with an NVIDIA GPU, install "
-    "the CUDA toolkit and a CUDA build of jax for the same major version "
-    "({jax_cuda}), put nvcc on PATH (e.g. export "
-    "PATH=/usr/local/cuda/bin:$PATH) and rebuild from the source checkout: "
-    "./scripts/setup.sh (or .venv/bin/python -m pip install "
-    "--no-build-isolation -e .). CMake compiles the CUDA code whenever it "
-    "finds nvcc.")
+  "To get the CUDA kernels: on a Linux machine with an NVIDIA GPU, install "
+  "the CUDA toolkit and a CUDA build of jax for the same major version "
+  "({jax_cuda}), put nvcc on PATH (e.g. export "
+  "PATH=/usr/local/cuda/bin:$PATH) and rebuild from the source checkout: "
+  "./scripts/setup.sh (or .venv/bin/python -m pip install "
+  "--no-build-isolation -e .). CMake compiles the CUDA code whenever it "
+  "finds nvcc."
+)
 
 
 def _nvcc_cuda_version() -> Optional[str]:
@@ -256,16 +295,18 @@ def _nvcc_cuda_version() -> Optional[str]:
   if nvcc is None:
     return None
   try:
-    text = subprocess.run([nvcc, "--version"], capture_output=True, text=True,
-                          timeout=20).stdout
+    text = subprocess.run(
+      [nvcc, "--version"], capture_output=True, text=True, timeout=20
+    ).stdout
   except (OSError, subprocess.SubprocessError):
     return None
   found = re.search(r"release (\d+\.\d+)", text)
   return found.group(1) if found else None
 
 
-def cuda_advice(build: dict, gpu_seen: bool,
-                nvcc_version: Optional[str] = None) -> Optional[str]:
+def cuda_advice(
+  build: dict, gpu_seen: bool, nvcc_version: Optional[str] = None
+) -> Optional[str]:
   """How to get or use the CUDA kernels, for the CUDA version they were built
   with (build_info's "cuda_runtime"), else nvcc's; None if nothing to do."""
   cuda = build.get("cuda") or {}
@@ -276,16 +317,20 @@ def cuda_advice(build: dict, gpu_seen: bool,
     if not runtime:
       return None
     major = str(runtime).split(".")[0]
-    return (f"The CUDA kernels are built (CUDA {runtime}) but JAX sees no "
-            f"GPU: to run them, on a machine with an NVIDIA GPU, install "
-            f"jax's CUDA {major} build: pip install -U \"jax[cuda{major}]\".")
+    return (
+      f"The CUDA kernels are built (CUDA {runtime}) but JAX sees no "
+      f"GPU: to run them, on a machine with an NVIDIA GPU, install "
+      f'jax\'s CUDA {major} build: pip install -U "jax[cuda{major}]".'
+    )
   if nvcc_version:
     major = nvcc_version.split(".")[0]
-    jax_cuda = (f"nvcc here is CUDA {nvcc_version}: pip install -U "
-                f"\"jax[cuda{major}]\"")
+    jax_cuda = (
+      f'nvcc here is CUDA {nvcc_version}: pip install -U "jax[cuda{major}]"'
+    )
   else:
-    jax_cuda = ("pip install -U \"jax[cuda13]\" for CUDA 13, "
-                "\"jax[cuda12]\" for CUDA 12")
+    jax_cuda = (
+      'pip install -U "jax[cuda13]" for CUDA 13, "jax[cuda12]" for CUDA 12'
+    )
   return CUDA_HINT.format(jax_cuda=jax_cuda)
 
 
@@ -296,7 +341,7 @@ def gather_info() -> dict:
 
   try:
     build = _ffi.build_info()
-  except Exception as e:                  # noqa: BLE001 - a diagnostic: report
+  except Exception as e:  # noqa: BLE001 - a diagnostic: report
     build = {"error": f"{type(e).__name__}: {e}"}
   kernels = {}
   for plat in ("cpu", "cuda"):
@@ -304,37 +349,58 @@ def gather_info() -> dict:
     built = bool(entry.get("built", _ffi.has_kernels(plat)))
     # The handlers dispatch on every dtype ops.py accepts.
     dtypes = entry.get("dtypes") or (list(ops.DTYPE_NAMES) if built else [])
-    kernels[plat] = dict(built=built, dtypes=list(dtypes),
-                         **{k: v for k, v in entry.items()
-                            if k not in ("built", "dtypes")})
-  devices = [dict(id=d.id, platform=d.platform, kind=d.device_kind,
-                  name=str(d)) for d in jax.devices()]
+    kernels[plat] = dict(
+      built=built,
+      dtypes=list(dtypes),
+      **{k: v for k, v in entry.items() if k not in ("built", "dtypes")},
+    )
+  devices = [
+    dict(id=d.id, platform=d.platform, kind=d.device_kind, name=str(d))
+    for d in jax.devices()
+  ]
   platform_ = ops.platform()
   try:
     auto = ops.resolve_implementation("auto", "info")
-  except Exception:                       # noqa: BLE001 - reported, not raised
+  except Exception:  # noqa: BLE001 - reported, not raised
     auto = "?"
-  gpu_without_kernels = (platform_ in ("cuda", "rocm")
-                         and not _ffi.has_kernels(platform_))
+  gpu_without_kernels = platform_ in ("cuda", "rocm") and not _ffi.has_kernels(
+    platform_
+  )
   return dict(
-      lmconv_jax=dict(version=lmconv_jax.__version__,
-                      path=str(pathlib.Path(lmconv_jax.__file__).parent)),
-      versions=dict(python=platform.python_version(), jax=jax.__version__,
-                    jaxlib=_version("jaxlib"), flax=_version("flax"),
-                    optax=_version("optax"), numpy=_version("numpy")),
-      kernels=kernels, build_info_error=build.get("error"),
-      pallas=dict(platforms=list(_primitives.PALLAS_PLATFORMS),
-                  dtypes=[d.name for d in _primitives.PALLAS_TPU_DTYPES]),
-      default_backend=jax.default_backend(),
-      platform=platform_, devices=devices, auto_implementation=auto,
-      cuda_hint=cuda_advice(
-          dict(build, cuda=kernels["cuda"]),
-          gpu_seen=any(d["platform"] in ("gpu", "cuda") for d in devices),
-          nvcc_version=(None if kernels["cuda"]["built"]
-                        else _nvcc_cuda_version())),
-      warning=("JAX sees a GPU but the CUDA kernels are not built: landmark "
-               "pools run the pure-jnp reference there (much slower)."
-               if gpu_without_kernels else None))
+    lmconv_jax=dict(
+      version=lmconv_jax.__version__,
+      path=str(pathlib.Path(lmconv_jax.__file__).parent),
+    ),
+    versions=dict(
+      python=platform.python_version(),
+      jax=jax.__version__,
+      jaxlib=_version("jaxlib"),
+      flax=_version("flax"),
+      optax=_version("optax"),
+      numpy=_version("numpy"),
+    ),
+    kernels=kernels,
+    build_info_error=build.get("error"),
+    pallas=dict(
+      platforms=list(_primitives.PALLAS_PLATFORMS),
+      dtypes=[d.name for d in _primitives.PALLAS_TPU_DTYPES],
+    ),
+    default_backend=jax.default_backend(),
+    platform=platform_,
+    devices=devices,
+    auto_implementation=auto,
+    cuda_hint=cuda_advice(
+      dict(build, cuda=kernels["cuda"]),
+      gpu_seen=any(d["platform"] in ("gpu", "cuda") for d in devices),
+      nvcc_version=(None if kernels["cuda"]["built"] else _nvcc_cuda_version()),
+    ),
+    warning=(
+      "JAX sees a GPU but the CUDA kernels are not built: landmark "
+      "pools run the pure-jnp reference there (much slower)."
+      if gpu_without_kernels
+      else None
+    ),
+  )
 
 
 def cmd_info(args) -> int:
@@ -344,16 +410,24 @@ def cmd_info(args) -> int:
     return EXIT_OK
   lm = info["lmconv_jax"]
   print(f"lmconv_jax {lm['version']}  ({lm['path']})")
-  print("versions: " + ", ".join(f"{k} {v or 'not installed'}"
-                                 for k, v in info["versions"].items()))
+  print(
+    "versions: "
+    + ", ".join(
+      f"{k} {v or 'not installed'}" for k, v in info["versions"].items()
+    )
+  )
   print("kernels (XLA FFI):")
   for plat, k in info["kernels"].items():
     if k["built"]:
       extra = ", ".join(
-          f"{key} {k[key]}" for key in
-          ("compiler", "nanobind", "xla_ffi_api", "jaxlib_headers") if key in k)
-      print(f"  {plat:<5} built  dtypes: {', '.join(k['dtypes'])}"
-            + (f"  ({extra})" if extra else ""))
+        f"{key} {k[key]}"
+        for key in ("compiler", "nanobind", "xla_ffi_api", "jaxlib_headers")
+        if key in k
+      )
+      print(
+        f"  {plat:<5} built  dtypes: {', '.join(k['dtypes'])}"
+        + (f"  ({extra})" if extra else "")
+      )
       if "file" in k:
         print(f"        {k['file']}")
     else:
@@ -361,22 +435,26 @@ def cmd_info(args) -> int:
       print(f"  {plat:<5} not built{reason}")
   pk = info["pallas"]
   print("kernels (Pallas):")
-  print(f"  {'/'.join(pk['platforms'])}   Pallas (Mosaic TPU), compiled by jax "
-        f"when first called; dtypes: {', '.join(pk['dtypes'])} (others: the "
-        f"reference); elsewhere implementation=\"pallas\" runs them in "
-        f"interpret mode")
+  print(
+    f"  {'/'.join(pk['platforms'])}   Pallas (Mosaic TPU), compiled by jax "
+    f"when first called; dtypes: {', '.join(pk['dtypes'])} (others: the "
+    f'reference); elsewhere implementation="pallas" runs them in '
+    f"interpret mode"
+  )
   print(f"devices (default backend: {info['default_backend']}):")
   for d in info["devices"]:
     print(f"  {d['name']}  [{d['kind']}]")
   auto = info["auto_implementation"]
   runs = {"ffi": "the FFI kernels", "pallas": "the Pallas kernels"}.get(
-      auto, "the pure-jnp reference")
+    auto, "the pure-jnp reference"
+  )
   print(f'implementation="auto" runs: {runs} on {info["platform"]}')
   if info["warning"]:
     print(f"warning: {info['warning']}")
   if info["build_info_error"]:
-    print(f"warning: the kernels' build_info() failed: "
-          f"{info['build_info_error']}")
+    print(
+      f"warning: the kernels' build_info() failed: {info['build_info_error']}"
+    )
   if info["cuda_hint"]:
     print(info["cuda_hint"])
   return EXIT_OK
@@ -385,23 +463,29 @@ def cmd_info(args) -> int:
 # --------------------------------------------------------------------------
 # bench
 
+
 def cmd_bench(args) -> int:
   from lmconv_jax import ops
-  if args.shape:                  # (the default shape suits every section)
+
+  if args.shape:  # (the default shape suits every section)
     check_bench_shape(args.shape, args.sections or SECTIONS)
-  _require_demo_extra(("tqdm",), "benchmark")     # its progress bar
+  _require_demo_extra(("tqdm",), "benchmark")  # its progress bar
   bench = importlib.import_module("lmconv_jax.benchmark")
-  try:                      # the suite times the FFI kernels: they must exist
+  try:  # the suite times the FFI kernels: they must exist
     ops.resolve_implementation("ffi", "bench")
   except NotImplementedError as e:
     raise MissingError(str(e)) from None
   if args.dtype == "float64":
     import jax
+
     jax.config.update("jax_enable_x64", True)
-  rows = bench.run(shape=args.shape or bench.DEFAULT_SHAPE,
-                   dtype=args.dtype or "float32", repeats=args.repeats or 8,
-                   progress=not args.no_progress,
-                   sections=args.sections or SECTIONS)
+  rows = bench.run(
+    shape=args.shape or bench.DEFAULT_SHAPE,
+    dtype=args.dtype or "float32",
+    repeats=args.repeats or 8,
+    progress=not args.no_progress,
+    sections=args.sections or SECTIONS,
+  )
   machine = bench.machine()
   table = bench.markdown(rows, machine)
   print(table)
@@ -424,14 +508,16 @@ def _writable(text: str) -> str:
     raise argparse.ArgumentTypeError(f"folder {str(parent)!r} does not exist")
   if path.is_dir():
     raise argparse.ArgumentTypeError(
-        f"{text!r} is a folder, expected a file name")
+      f"{text!r} is a folder, expected a file name"
+    )
   existed = path.exists()
   try:
     with open(path, "a"):
       pass
   except OSError as e:
     raise argparse.ArgumentTypeError(
-        f"cannot write {text!r} ({e.strerror})") from None
+      f"cannot write {text!r} ({e.strerror})"
+    ) from None
   if not existed:
     path.unlink()
   return text
@@ -440,112 +526,193 @@ def _writable(text: str) -> str:
 # --------------------------------------------------------------------------
 # The parser.
 
+
 def build_parser() -> argparse.ArgumentParser:
   from lmconv_jax import __version__, ops
+
   parser = argparse.ArgumentParser(
-      prog="python -m lmconv_jax",
-      description="Landmark convolution for JAX: a demo, the build and "
-                  "device information, and the benchmark suite.",
-      epilog=EPILOG)
-  parser.add_argument("--version", action="version",
-                      version=f"lmconv_jax {__version__}")
+    prog="python -m lmconv_jax",
+    description="Landmark convolution for JAX: a demo, the build and "
+    "device information, and the benchmark suite.",
+    epilog=EPILOG,
+  )
+  parser.add_argument(
+    "--version", action="version", version=f"lmconv_jax {__version__}"
+  )
   sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
   d = sub.add_parser(
-      "demo", help="train box, dilated and landmark convolutions on a "
-                   "spatial-relation task; print a table, write figures",
-      description="Trains four models with the same parameter count and "
-                  "budget - a 3x3 conv stack, a dilated conv stack, "
-                  "LandmarkConv4 and LandmarkConv8 - to tell where a plus is "
-                  "relative to a ring (left of, right of, above, below), "
-                  "often farther apart than a 3x3 stack can see. Prints a "
-                  "table and writes results.json and figures to --out. "
-                  "The default run takes a few minutes on 2 CPU cores.",
-      epilog=EPILOG)
-  d.add_argument("--out", metavar="DIR",
-                 help="folder for results.json and the figures (created; "
-                      "files in it are overwritten). Default: a new "
-                      "lmconv_demo_YYYYmmdd-HHMMSS in the current folder")
-  d.add_argument("--quick", action="store_true",
-                 help="a tiny run (24x24 images, 100 steps): seconds, for "
-                      "tests; too small to show the long-range effect")
-  d.add_argument("--seed", type=_seed, metavar="N",
-                 help="random seed (default 0)")
-  d.add_argument("--models", type=_models, metavar="LIST",
-                 help="comma-separated, from box, dilated, lm4, lm8 "
-                      "(default: all four)")
-  d.add_argument("--steps", type=_positive_int, metavar="N",
-                 help="training steps per model (default 400; --quick 100)")
-  d.add_argument("--batch-size", type=_positive_int, metavar="N",
-                 help="default 32 (--quick 16)")
-  d.add_argument("--learning-rate", type=_positive_float, metavar="LR",
-                 help="Adam learning rate, cosine-decayed (default 3e-3)")
-  d.add_argument("--features", type=_positive_int, metavar="N",
-                 help="channels of every convolution; a multiple of 8 for "
-                      "lm8 (default 16)")
-  d.add_argument("--image-size", type=_positive_int, metavar="PX",
-                 help="image height and width (default 40; --quick 24)")
-  d.add_argument("--max-distance", type=_positive_int, metavar="PX",
-                 help="farthest plus-ring distance, at most image-size / 2 "
-                      "(default image-size / 2)")
-  d.add_argument("--train-size", type=_positive_int, metavar="N",
-                 help="training images (default 8000; --quick 1024)")
-  d.add_argument("--test-size", type=_positive_int, metavar="N",
-                 help="test images (default 2000; --quick 256)")
-  d.add_argument("--implementation", choices=ops.IMPLEMENTATIONS,
-                 help="landmark pool implementation (default auto: the FFI "
-                      "kernels where built)")
-  d.add_argument("--no-figures", action="store_true",
-                 help="skip the figures (results.json and the table only)")
-  d.add_argument("--no-progress", action="store_true",
-                 help="no progress bars")
-  d.add_argument("-q", "--quiet", action="store_true",
-                 help="no progress and no log: only the table, the verdict "
-                      "and where the files went")
+    "demo",
+    help="train box, dilated and landmark convolutions on a "
+    "spatial-relation task; print a table, write figures",
+    description="Trains four models with the same parameter count and "
+    "budget - a 3x3 conv stack, a dilated conv stack, "
+    "LandmarkConv4 and LandmarkConv8 - to tell where a plus is "
+    "relative to a ring (left of, right of, above, below), "
+    "often farther apart than a 3x3 stack can see. Prints a "
+    "table and writes results.json and figures to --out. "
+    "The default run takes a few minutes on 2 CPU cores.",
+    epilog=EPILOG,
+  )
+  d.add_argument(
+    "--out",
+    metavar="DIR",
+    help="folder for results.json and the figures (created; "
+    "files in it are overwritten). Default: a new "
+    "lmconv_demo_YYYYmmdd-HHMMSS in the current folder",
+  )
+  d.add_argument(
+    "--quick",
+    action="store_true",
+    help="a tiny run (24x24 images, 100 steps): seconds, for "
+    "tests; too small to show the long-range effect",
+  )
+  d.add_argument(
+    "--seed", type=_seed, metavar="N", help="random seed (default 0)"
+  )
+  d.add_argument(
+    "--models",
+    type=_models,
+    metavar="LIST",
+    help="comma-separated, from box, dilated, lm4, lm8 (default: all four)",
+  )
+  d.add_argument(
+    "--steps",
+    type=_positive_int,
+    metavar="N",
+    help="training steps per model (default 400; --quick 100)",
+  )
+  d.add_argument(
+    "--batch-size",
+    type=_positive_int,
+    metavar="N",
+    help="default 32 (--quick 16)",
+  )
+  d.add_argument(
+    "--learning-rate",
+    type=_positive_float,
+    metavar="LR",
+    help="Adam learning rate, cosine-decayed (default 3e-3)",
+  )
+  d.add_argument(
+    "--features",
+    type=_positive_int,
+    metavar="N",
+    help="channels of every convolution; a multiple of 8 for lm8 (default 16)",
+  )
+  d.add_argument(
+    "--image-size",
+    type=_positive_int,
+    metavar="PX",
+    help="image height and width (default 40; --quick 24)",
+  )
+  d.add_argument(
+    "--max-distance",
+    type=_positive_int,
+    metavar="PX",
+    help="farthest plus-ring distance, at most image-size / 2 "
+    "(default image-size / 2)",
+  )
+  d.add_argument(
+    "--train-size",
+    type=_positive_int,
+    metavar="N",
+    help="training images (default 8000; --quick 1024)",
+  )
+  d.add_argument(
+    "--test-size",
+    type=_positive_int,
+    metavar="N",
+    help="test images (default 2000; --quick 256)",
+  )
+  d.add_argument(
+    "--implementation",
+    choices=ops.IMPLEMENTATIONS,
+    help="landmark pool implementation (default auto: the FFI "
+    "kernels where built)",
+  )
+  d.add_argument(
+    "--no-figures",
+    action="store_true",
+    help="skip the figures (results.json and the table only)",
+  )
+  d.add_argument("--no-progress", action="store_true", help="no progress bars")
+  d.add_argument(
+    "-q",
+    "--quiet",
+    action="store_true",
+    help="no progress and no log: only the table, the verdict "
+    "and where the files went",
+  )
   d.set_defaults(func=cmd_demo, parser=d)
 
   i = sub.add_parser(
-      "info", help="versions, compiled kernels and their dtypes, devices, "
-                   "and how to get the CUDA kernels",
-      description="Shows the versions of lmconv_jax and its dependencies, "
-                  "which platforms and dtypes have compiled FFI kernels, the "
-                  "devices JAX sees, what implementation='auto' runs here, "
-                  "and how to build the CUDA kernels if they are missing.",
-      epilog=EPILOG)
+    "info",
+    help="versions, compiled kernels and their dtypes, devices, "
+    "and how to get the CUDA kernels",
+    description="Shows the versions of lmconv_jax and its dependencies, "
+    "which platforms and dtypes have compiled FFI kernels, the "
+    "devices JAX sees, what implementation='auto' runs here, "
+    "and how to build the CUDA kernels if they are missing.",
+    epilog=EPILOG,
+  )
   i.add_argument("--json", action="store_true", help="print JSON instead")
   i.set_defaults(func=cmd_info, parser=i)
 
   b = sub.add_parser(
-      "bench", help="time the landmark pool (FFI kernels against the "
-                    "reference) and print a table",
-      description="Runs the benchmark suite (lmconv_jax.benchmark) with a "
-                  "progress bar and prints a markdown table: each row's time "
-                  "over a baseline timed in the same run (the 'over' "
-                  "column), and the target ratio where there is one; a "
-                  "legend follows the table. --json and --markdown also "
-                  "write it to files. Options left out take the suite's "
-                  "defaults. The targets are for the default shape on a "
-                  "quiet 2-core CPU; load from other processes distorts the "
-                  "ratios. docs/benchmarks.md has the sections, the targets "
-                  "and the measured numbers.",
-      epilog=EPILOG)
-  b.add_argument("--shape", type=_shape, metavar="B,H,W,C",
-                 help="input shape (..., H, W, C), at least 3 positive "
-                      "integers (default 8,64,64,64, the targets' shape); "
-                      "C must be a multiple of 8 for "
-                      "the grouping, dtype and layers sections (octants: 8 "
-                      "channel groups)")
-  b.add_argument("--dtype", choices=ops.DTYPE_NAMES,
-                 help="dtype of x (default float32)")
-  b.add_argument("--sections", type=_sections, metavar="LIST",
-                 help=f"comma-separated, from {', '.join(SECTIONS)} (all)")
-  b.add_argument("--repeats", type=_positive_int, metavar="N",
-                 help="timed turns per measurement (default 8; each stops "
-                      "early after about 6 s)")
-  b.add_argument("--json", type=_writable, metavar="FILE",
-                 help="also write the rows (and the machine) as JSON")
-  b.add_argument("--markdown", type=_writable, metavar="FILE",
-                 help="also write the table as markdown")
+    "bench",
+    help="time the landmark pool (FFI kernels against the "
+    "reference) and print a table",
+    description="Runs the benchmark suite (lmconv_jax.benchmark) with a "
+    "progress bar and prints a markdown table: each row's time "
+    "over a baseline timed in the same run (the 'over' "
+    "column), and the target ratio where there is one; a "
+    "legend follows the table. --json and --markdown also "
+    "write it to files. Options left out take the suite's "
+    "defaults. The targets are for the default shape on a "
+    "quiet 2-core CPU; load from other processes distorts the "
+    "ratios. docs/benchmarks.md has the sections, the targets "
+    "and the measured numbers.",
+    epilog=EPILOG,
+  )
+  b.add_argument(
+    "--shape",
+    type=_shape,
+    metavar="B,H,W,C",
+    help="input shape (..., H, W, C), at least 3 positive "
+    "integers (default 8,64,64,64, the targets' shape); "
+    "C must be a multiple of 8 for "
+    "the grouping, dtype and layers sections (octants: 8 "
+    "channel groups)",
+  )
+  b.add_argument(
+    "--dtype", choices=ops.DTYPE_NAMES, help="dtype of x (default float32)"
+  )
+  b.add_argument(
+    "--sections",
+    type=_sections,
+    metavar="LIST",
+    help=f"comma-separated, from {', '.join(SECTIONS)} (all)",
+  )
+  b.add_argument(
+    "--repeats",
+    type=_positive_int,
+    metavar="N",
+    help="timed turns per measurement (default 8; each stops "
+    "early after about 6 s)",
+  )
+  b.add_argument(
+    "--json",
+    type=_writable,
+    metavar="FILE",
+    help="also write the rows (and the machine) as JSON",
+  )
+  b.add_argument(
+    "--markdown",
+    type=_writable,
+    metavar="FILE",
+    help="also write the table as markdown",
+  )
   b.add_argument("--no-progress", action="store_true", help="no progress bar")
   b.set_defaults(func=cmd_bench, parser=b)
   return parser
@@ -564,7 +731,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   prog = f"{parser.prog} {args.command}"
   try:
     return args.func(args)
-  except UsageError as e:           # one line, no usage: it parsed
+  except UsageError as e:  # one line, no usage: it parsed
     print(f"{prog}: error: {e}", file=sys.stderr)
     return EXIT_USAGE
   except MissingError as e:
@@ -573,7 +740,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except KeyboardInterrupt:
     print(f"\n{prog}: interrupted", file=sys.stderr)
     return EXIT_INTERRUPTED
-  except BrokenPipeError:             # e.g. `... | head`
+  except BrokenPipeError:  # e.g. `... | head`
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     return EXIT_OK

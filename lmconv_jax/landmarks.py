@@ -39,20 +39,25 @@ def _neighbour(v: jax.Array, off: tuple[int, int]):
   """v[..., i + dr, j + dc, :] at (i, j) and a mask of where that exists."""
   dr, dc = off
   h, w = v.shape[-3], v.shape[-2]
-  pad = [(0, 0)] * (v.ndim - 3) + [(max(-dr, 0), max(dr, 0)),
-                                   (max(-dc, 0), max(dc, 0)), (0, 0)]
+  pad = [(0, 0)] * (v.ndim - 3) + [
+    (max(-dr, 0), max(dr, 0)),
+    (max(-dc, 0), max(dc, 0)),
+    (0, 0),
+  ]
   padded = jnp.pad(v, pad)
   r0, c0 = max(dr, 0), max(dc, 0)
-  shifted = padded[..., r0:r0 + h, c0:c0 + w, :]
+  shifted = padded[..., r0 : r0 + h, c0 : c0 + w, :]
   rows = jnp.arange(h) + dr
   cols = jnp.arange(w) + dc
-  ok = (((rows >= 0) & (rows < h))[:, None] &
-        ((cols >= 0) & (cols < w))[None, :])[..., None]
+  ok = (
+    ((rows >= 0) & (rows < h))[:, None] & ((cols >= 0) & (cols < w))[None, :]
+  )[..., None]
   return shifted, ok
 
 
-def winners(x: jax.Array, out: jax.Array,
-            direction: DirectionLike) -> jax.Array:
+def winners(
+  x: jax.Array, out: jax.Array, direction: DirectionLike
+) -> jax.Array:
   """Each pixel's forward winner: 0 = itself, 1 = its n1 neighbour, 2 = n2.
 
   Where the max is finite or infinite this is the contract's precedence, by
@@ -74,7 +79,7 @@ def winners(x: jax.Array, out: jax.Array,
   d = resolve(direction)
   cdt = reference.compute_dtype(x.dtype)
   xv = jnp.asarray(x).astype(cdt)
-  ov = jnp.asarray(out).astype(cdt)             # neighbours read as stored
+  ov = jnp.asarray(out).astype(cdt)  # neighbours read as stored
   a, a_ok = _neighbour(ov, d.n1)
   b, b_ok = _neighbour(ov, d.n2)
   # Normal case: precedence x, n1, n2, a later one only if strictly greater.
@@ -82,8 +87,11 @@ def winners(x: jax.Array, out: jax.Array,
   # NaN case: the first NaN candidate, so the chain ends at the NaN's source.
   nan_x = jnp.isnan(xv)
   nan_a = ~nan_x & a_ok & jnp.isnan(a)
-  code = jnp.where(jnp.isnan(m), jnp.where(nan_x, 0, jnp.where(nan_a, 1, 2)),
-                   jnp.where(take_x, 0, jnp.where(take_a, 1, 2)))
+  code = jnp.where(
+    jnp.isnan(m),
+    jnp.where(nan_x, 0, jnp.where(nan_a, 1, 2)),
+    jnp.where(take_x, 0, jnp.where(take_a, 1, 2)),
+  )
   return code.astype(jnp.int8)
 
 
@@ -93,9 +101,10 @@ def _index_dtype(pixels: int):
     return jnp.int32
   if not jax.config.jax_enable_x64:
     raise ValueError(
-        f"landmark maps of {pixels} pixels per image need 64-bit indices; "
-        f"enable them with jax.config.update('jax_enable_x64', True), or "
-        f"compute the map on tiles of under 2**31 pixels.")
+      f"landmark maps of {pixels} pixels per image need 64-bit indices; "
+      f"enable them with jax.config.update('jax_enable_x64', True), or "
+      f"compute the map on tiles of under 2**31 pixels."
+    )
   return jnp.int64
 
 
@@ -120,9 +129,13 @@ def _to_rowcol(flat: jax.Array, w: int) -> jax.Array:
   return jnp.stack([flat // w, flat % w], axis=-1)
 
 
-def landmark_map(x: jax.Array, direction: DirectionLike,
-                 guide: Optional[jax.Array] = None, *,
-                 implementation: str = "auto") -> jax.Array:
+def landmark_map(
+  x: jax.Array,
+  direction: DirectionLike,
+  guide: Optional[jax.Array] = None,
+  *,
+  implementation: str = "auto",
+) -> jax.Array:
   """The landmark of every pixel and channel of one directional pool.
 
   Args:
@@ -157,21 +170,28 @@ def _check_query(query, shape, where: str):
     i, j = query
   except (TypeError, ValueError):
     raise ValueError(
-        f"{where}: query must be a (row, col) pair, got {query!r}.") from None
+      f"{where}: query must be a (row, col) pair, got {query!r}."
+    ) from None
   for name, v, n in (("row", i, h), ("col", j, w)):
     if isinstance(v, (int, np.integer)):
       if not 0 <= int(v) < n:
         raise ValueError(
-            f"{where}: query {name} {int(v)} is outside the image (valid: 0 "
-            f"to {n - 1} for x of shape {tuple(shape)}).")
+          f"{where}: query {name} {int(v)} is outside the image (valid: 0 "
+          f"to {n - 1} for x of shape {tuple(shape)})."
+        )
     elif not jnp.issubdtype(jnp.asarray(v).dtype, jnp.integer):
       raise TypeError(f"{where}: query must hold integers, got {query!r}.")
   return i, j
 
 
-def landmarks(x: jax.Array, direction: DirectionLike, query: Query,
-              guide: Optional[jax.Array] = None, *,
-              implementation: str = "auto") -> jax.Array:
+def landmarks(
+  x: jax.Array,
+  direction: DirectionLike,
+  query: Query,
+  guide: Optional[jax.Array] = None,
+  *,
+  implementation: str = "auto",
+) -> jax.Array:
   """Where the max at ``query`` came from, per channel.
 
   For the query pixel ``(row, col)`` and every channel, the (row, col) of the
@@ -204,11 +224,13 @@ def landmarks(x: jax.Array, direction: DirectionLike, query: Query,
   x = ops.check_x(x, where)
   i, j = _check_query(query, x.shape, where)
   return landmark_map(x, direction, guide, implementation=implementation)[
-      ..., i, j, :, :]
+    ..., i, j, :, :
+  ]
 
 
-def grouped_landmark_map(x: jax.Array, directions: ops.Grouping, *,
-                         implementation: str = "auto") -> jax.Array:
+def grouped_landmark_map(
+  x: jax.Array, directions: ops.Grouping, *, implementation: str = "auto"
+) -> jax.Array:
   """The landmark of every pixel and channel of :func:`grouped_landmark_pool`.
 
   Channel group k uses its direction; for a group merged by max
@@ -233,18 +255,27 @@ def grouped_landmark_map(x: jax.Array, directions: ops.Grouping, *,
 def _grouped_map(x, groups, implementation):
   maps = []
   for xk, members in zip(jnp.split(x, len(groups), axis=-1), groups):
-    vals = [ops.landmark_pool(xk, d, implementation=implementation)
-            for d in members]
-    ats = [_to_rowcol(_follow(winners(xk, v, d), d), x.shape[-2])
-           for v, d in zip(vals, members)]
-    _, win = reference.merge_members(vals)       # the pool's merge rule
-    maps.append(ats[0] if win is None
-                else reference.pick_member(ats, win[..., None]))
+    vals = [
+      ops.landmark_pool(xk, d, implementation=implementation) for d in members
+    ]
+    ats = [
+      _to_rowcol(_follow(winners(xk, v, d), d), x.shape[-2])
+      for v, d in zip(vals, members)
+    ]
+    _, win = reference.merge_members(vals)  # the pool's merge rule
+    maps.append(
+      ats[0] if win is None else reference.pick_member(ats, win[..., None])
+    )
   return maps[0] if len(maps) == 1 else jnp.concatenate(maps, axis=-2)
 
 
-def grouped_landmarks(x: jax.Array, directions: ops.Grouping, query: Query, *,
-                      implementation: str = "auto") -> jax.Array:
+def grouped_landmarks(
+  x: jax.Array,
+  directions: ops.Grouping,
+  query: Query,
+  *,
+  implementation: str = "auto",
+) -> jax.Array:
   """Landmarks of :func:`grouped_landmark_pool` (no guide) at ``query``.
 
   What a :class:`LandmarkConv` layer's pool chose for one output pixel: for
@@ -257,4 +288,5 @@ def grouped_landmarks(x: jax.Array, directions: ops.Grouping, query: Query, *,
   x = ops.check_x(x, "grouped_landmarks")
   i, j = _check_query(query, x.shape, "grouped_landmarks")
   return grouped_landmark_map(x, directions, implementation=implementation)[
-      ..., i, j, :, :]
+    ..., i, j, :, :
+  ]

@@ -42,9 +42,15 @@ from lmconv_jax import nnx as _nnx
 from lmconv_jax.directions import LBYLNET_GROUPINGS
 
 __all__ = [
-    "BLOCKS", "convert_pconv_state_dict", "convert_state_dict", "grouping",
-    "landmark_block", "load_nnx", "nnx_landmark_block", "pconv",
-    "random_state_dict",
+  "BLOCKS",
+  "convert_pconv_state_dict",
+  "convert_state_dict",
+  "grouping",
+  "landmark_block",
+  "load_nnx",
+  "nnx_landmark_block",
+  "pconv",
+  "random_state_dict",
 ]
 
 #: LBYLNet's block names, in the short form this module takes.
@@ -52,21 +58,25 @@ BLOCKS = ("P1", "P2", "P2x", "P4", "P4x", "P8")
 
 _BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
 # Flax's name for each BatchNorm2d tensor: (collection, name).
-_BN_TO_FLAX = {"weight": ("params", "scale"), "bias": ("params", "bias"),
-               "running_mean": ("batch_stats", "mean"),
-               "running_var": ("batch_stats", "var")}
+_BN_TO_FLAX = {
+  "weight": ("params", "scale"),
+  "bias": ("params", "bias"),
+  "running_mean": ("batch_stats", "mean"),
+  "running_var": ("batch_stats", "var"),
+}
 
 
 def _block(name, where: str) -> str:
   """``"P4"``, ``"LandmarkP4"`` (LBYLNet's config value) -> ``"P4"``."""
   if isinstance(name, str):
-    short = name[len("Landmark"):] if name.startswith("Landmark") else name
+    short = name[len("Landmark") :] if name.startswith("Landmark") else name
     if short in BLOCKS:
       return short
   raise ValueError(
-      f"{where}: unknown LBYLNet block {name!r}. Expected one of "
-      f"{', '.join(map(repr, BLOCKS))} (or LBYLNet's class name, e.g. "
-      f"'LandmarkP4', the 'context' value of its configs).")
+    f"{where}: unknown LBYLNet block {name!r}. Expected one of "
+    f"{', '.join(map(repr, BLOCKS))} (or LBYLNet's class name, e.g. "
+    f"'LandmarkP4', the 'context' value of its configs)."
+  )
 
 
 def grouping(name: str) -> str:
@@ -89,18 +99,28 @@ def _num_branches(name: str) -> int:
 
 
 def _check_block_kwargs(kwargs, where: str) -> None:
-  fixed = sorted(set(kwargs) & {"features", "branch_features", "directions",
-                                "in_features", "out_features"})
+  fixed = sorted(
+    set(kwargs)
+    & {
+      "features",
+      "branch_features",
+      "directions",
+      "in_features",
+      "out_features",
+    }
+  )
   if fixed:
     raise TypeError(
-        f"{where}: {', '.join(fixed)} {'is' if len(fixed) == 1 else 'are'} "
-        f"set by the block name, dim and mapdim; got {fixed[0]}="
-        f"{kwargs[fixed[0]]!r}. Pass dim=... and mapdim=..., or build "
-        f"lmconv_jax.LandmarkBlock yourself with directions=grouping(name).")
+      f"{where}: {', '.join(fixed)} {'is' if len(fixed) == 1 else 'are'} "
+      f"set by the block name, dim and mapdim; got {fixed[0]}="
+      f"{kwargs[fixed[0]]!r}. Pass dim=... and mapdim=..., or build "
+      f"lmconv_jax.LandmarkBlock yourself with directions=grouping(name)."
+    )
 
 
-def landmark_block(name: str, dim: int = 256, mapdim: int = 128,
-                   **kwargs) -> _linen.LandmarkBlock:
+def landmark_block(
+  name: str, dim: int = 256, mapdim: int = 128, **kwargs
+) -> _linen.LandmarkBlock:
   """LBYLNet's ``Landmark{name}(dim, mapdim)`` as a linen LandmarkBlock.
 
   The block computes what LBYLNet's block computes, on NHWC inputs of
@@ -129,12 +149,14 @@ def landmark_block(name: str, dim: int = 256, mapdim: int = 128,
     (1, 5, 5, 8)
   """
   _check_block_kwargs(kwargs, "lbylnet.landmark_block")
-  return _linen.LandmarkBlock(features=dim, branch_features=mapdim,
-                              directions=grouping(name), **kwargs)
+  return _linen.LandmarkBlock(
+    features=dim, branch_features=mapdim, directions=grouping(name), **kwargs
+  )
 
 
-def nnx_landmark_block(name: str, dim: int = 256, mapdim: int = 128, *,
-                       rngs, **kwargs) -> _nnx.LandmarkBlock:
+def nnx_landmark_block(
+  name: str, dim: int = 256, mapdim: int = 128, *, rngs, **kwargs
+) -> _nnx.LandmarkBlock:
   """The NNX twin of :func:`landmark_block` (``dim`` in and out channels).
 
   Load LBYLNet's weights with ``load_nnx(block, convert_state_dict(...))``.
@@ -149,20 +171,28 @@ def nnx_landmark_block(name: str, dim: int = 256, mapdim: int = 128, *,
     (3, 3, 8, 8)
   """
   _check_block_kwargs(kwargs, "lbylnet.nnx_landmark_block")
-  return _nnx.LandmarkBlock(dim, dim, branch_features=mapdim,
-                            directions=grouping(name), rngs=rngs, **kwargs)
+  return _nnx.LandmarkBlock(
+    dim,
+    dim,
+    branch_features=mapdim,
+    directions=grouping(name),
+    rngs=rngs,
+    **kwargs,
+  )
 
 
 # --------------------------------------------------------------------------
 # state_dict conversion.
 
+
 def _items(state_dict, prefix: str, where: str, anchor: str):
   """The state_dict's entries under ``prefix``, keyed without it."""
   if not isinstance(state_dict, Mapping):
     raise TypeError(
-        f"{where}: state_dict must be a mapping of key to array (e.g. "
-        f"{{k: v.numpy() for k, v in module.state_dict().items()}}), got "
-        f"{type(state_dict).__name__}.")
+      f"{where}: state_dict must be a mapping of key to array (e.g. "
+      f"{{k: v.numpy() for k, v in module.state_dict().items()}}), got "
+      f"{type(state_dict).__name__}."
+    )
   if not isinstance(prefix, str):
     raise TypeError(f"{where}: prefix must be a str, got {prefix!r}.")
   if prefix and not prefix.endswith("."):
@@ -172,35 +202,50 @@ def _items(state_dict, prefix: str, where: str, anchor: str):
     if not isinstance(key, str):
       raise TypeError(f"{where}: state_dict keys must be str, got {key!r}.")
     if key.startswith(prefix):
-      items[key[len(prefix):]] = value
+      items[key[len(prefix) :]] = value
   if not items:
     raise ValueError(
-        f"{where}: no key of the state_dict ({len(state_dict)} keys) starts "
-        f"with prefix={prefix!r}.{_prefix_hint(state_dict, anchor)}")
+      f"{where}: no key of the state_dict ({len(state_dict)} keys) starts "
+      f"with prefix={prefix!r}.{_prefix_hint(state_dict, anchor)}"
+    )
   return items, prefix
 
 
 def _prefix_hint(state_dict, anchor: str) -> str:
-  found = sorted({k[:-len(anchor)] for k in state_dict
-                  if isinstance(k, str) and k.endswith(anchor)})
+  found = sorted(
+    {
+      k[: -len(anchor)]
+      for k in state_dict
+      if isinstance(k, str) and k.endswith(anchor)
+    }
+  )
   if not found:
     return f" No key ends in {anchor!r}: is this the right state_dict?"
-  return (f" Keys ending in {anchor!r} have the prefixes "
-          f"{', '.join(map(repr, found[:5]))}: pass prefix=... to pick one.")
+  return (
+    f" Keys ending in {anchor!r} have the prefixes "
+    f"{', '.join(map(repr, found[:5]))}: pass prefix=... to pick one."
+  )
 
 
 def _as_array(value, key: str, where: str) -> np.ndarray:
   try:
     return np.asarray(value)
-  except Exception as e:   # name the key, keep the cause
+  except Exception as e:  # name the key, keep the cause
     raise TypeError(
-        f"{where}: cannot read {key!r} as an array ({type(e).__name__}: {e}). "
-        f"Pass numpy arrays, e.g. {{k: v.detach().cpu().numpy() for k, v in "
-        f"module.state_dict().items()}}.") from e
+      f"{where}: cannot read {key!r} as an array ({type(e).__name__}: {e}). "
+      f"Pass numpy arrays, e.g. {{k: v.detach().cpu().numpy() for k, v in "
+      f"module.state_dict().items()}}."
+    ) from e
 
 
-def _check_keys(items, expected: Mapping[str, tuple], optional: Sequence[str],
-                prefix: str, where: str, hint: str = "") -> dict:
+def _check_keys(
+  items,
+  expected: Mapping[str, tuple],
+  optional: Sequence[str],
+  prefix: str,
+  where: str,
+  hint: str = "",
+) -> dict:
   """Arrays for every expected key; one error listing every problem."""
   problems, arrays = [], {}
   for key, shape in expected.items():
@@ -209,20 +254,24 @@ def _check_keys(items, expected: Mapping[str, tuple], optional: Sequence[str],
       continue
     a = _as_array(items[key], prefix + key, where)
     if a.shape != shape:
-      problems.append(f"key {prefix + key!r} has shape {a.shape}, expected "
-                      f"{shape}")
+      problems.append(
+        f"key {prefix + key!r} has shape {a.shape}, expected {shape}"
+      )
     arrays[key] = a
   for key in items:
     if key not in expected and key not in optional:
       shape = getattr(items[key], "shape", None)
-      problems.append(f"unexpected key {prefix + key!r}" +
-                      (f" (shape {tuple(shape)})" if shape is not None else ""))
+      problems.append(
+        f"unexpected key {prefix + key!r}"
+        + (f" (shape {tuple(shape)})" if shape is not None else "")
+      )
   if problems:
     shown = "; ".join(problems[:12])
     more = f"; and {len(problems) - 12} more" if len(problems) > 12 else ""
     raise ValueError(
-        f"{where}: the state_dict does not match ({len(problems)} "
-        f"problem{'s' if len(problems) > 1 else ''}): {shown}{more}.{hint}")
+      f"{where}: the state_dict does not match ({len(problems)} "
+      f"problem{'s' if len(problems) > 1 else ''}): {shown}{more}.{hint}"
+    )
   return arrays
 
 
@@ -234,24 +283,32 @@ def _int_dim(items, key: str, axis: int, prefix: str, where: str):
 
 
 def _branch_hint(items, name: str, p: int) -> str:
-  found = sorted({int(m.group(1)) for k in items
-                  if (m := re.match(r"p(\d+)_conv1\.", k))})
+  found = sorted(
+    {int(m.group(1)) for k in items if (m := re.match(r"p(\d+)_conv1\.", k))}
+  )
   if not found or len(found) == p:
     return ""
   fits = [b for b in BLOCKS if _num_branches(b) == len(found)]
-  which = (f" (LBYLNet's {' or '.join(fits)})" if fits else "")
-  return (f" Block {name!r} has {p} branch{'es' if p > 1 else ''} "
-          f"p1_conv1 ... p{p}_conv1; the state_dict has {len(found)}{which}: "
-          f"is name right?")
+  which = f" (LBYLNet's {' or '.join(fits)})" if fits else ""
+  return (
+    f" Block {name!r} has {p} branch{'es' if p > 1 else ''} "
+    f"p1_conv1 ... p{p}_conv1; the state_dict has {len(found)}{which}: "
+    f"is name right?"
+  )
 
 
 def _oihw_to_hwio(w: np.ndarray) -> np.ndarray:
   return np.transpose(w, (2, 3, 1, 0))
 
 
-def convert_state_dict(state_dict: Mapping[str, Any], name: str,
-                       prefix: str = "", *, dim: Optional[int] = None,
-                       mapdim: Optional[int] = None) -> dict:
+def convert_state_dict(
+  state_dict: Mapping[str, Any],
+  name: str,
+  prefix: str = "",
+  *,
+  dim: Optional[int] = None,
+  mapdim: Optional[int] = None,
+) -> dict:
   """LBYLNet's block ``state_dict`` -> the variables of :func:`landmark_block`.
 
   Every key is accounted for: ``p{k}_conv1.conv.weight`` and
@@ -299,17 +356,24 @@ def convert_state_dict(state_dict: Mapping[str, Any], name: str,
   for key in ("conv1.weight", "conv2.conv.weight", "p_conv1.weight"):
     d = _int_dim(items, key, 0, prefix, where) if d is None else d
   for k in range(1, p + 1):
-    m = _int_dim(items, f"p{k}_conv1.conv.weight", 0, prefix,
-                 where) if m is None else m
+    m = (
+      _int_dim(items, f"p{k}_conv1.conv.weight", 0, prefix, where)
+      if m is None
+      else m
+    )
   if d is None or m is None:
-    keys = ("conv1.weight, conv2.conv.weight, p_conv1.weight" if d is None
-            else f"p1_conv1.conv.weight ... p{p}_conv1.conv.weight")
+    keys = (
+      "conv1.weight, conv2.conv.weight, p_conv1.weight"
+      if d is None
+      else f"p1_conv1.conv.weight ... p{p}_conv1.conv.weight"
+    )
     raise ValueError(
-        f"{where}({block!r}): cannot read the block's sizes: the state_dict "
-        f"under prefix={prefix!r} has none of {keys} (its keys start "
-        f"{', '.join(map(repr, sorted(items)[:4]))}). Is this LBYLNet's "
-        f"Landmark{block} state_dict, and the prefix right?"
-        f"{_prefix_hint(items, 'p_conv1.weight')}")
+      f"{where}({block!r}): cannot read the block's sizes: the state_dict "
+      f"under prefix={prefix!r} has none of {keys} (its keys start "
+      f"{', '.join(map(repr, sorted(items)[:4]))}). Is this LBYLNet's "
+      f"Landmark{block} state_dict, and the prefix right?"
+      f"{_prefix_hint(items, 'p_conv1.weight')}"
+    )
   expected, optional, norms = {}, [], {}
 
   def bn(key, n, flax_name):
@@ -333,22 +397,33 @@ def convert_state_dict(state_dict: Mapping[str, Any], name: str,
   convs["out_conv"] = ["conv2.conv.weight"]
   bn("conv2.bn", d, "out_norm")
 
-  arrays = _check_keys(items, expected, optional, prefix,
-                       f"{where}({block!r})", _branch_hint(items, block, p))
+  arrays = _check_keys(
+    items,
+    expected,
+    optional,
+    prefix,
+    f"{where}({block!r})",
+    _branch_hint(items, block, p),
+  )
   variables = {"params": {}, "batch_stats": {}}
   for flax_name, keys in convs.items():
-    variables["params"][flax_name] = {"kernel": np.concatenate(
-        [_oihw_to_hwio(arrays[k]) for k in keys], axis=-1)}
+    variables["params"][flax_name] = {
+      "kernel": np.concatenate(
+        [_oihw_to_hwio(arrays[k]) for k in keys], axis=-1
+      )
+    }
   for flax_name, keys in norms.items():
     for f in _BN_FIELDS:
       collection, leaf = _BN_TO_FLAX[f]
       variables[collection].setdefault(flax_name, {})[leaf] = np.concatenate(
-          [arrays[f"{k}.{f}"] for k in keys])
+        [arrays[f"{k}.{f}"] for k in keys]
+      )
   return variables
 
 
-def load_nnx(block: _nnx.LandmarkBlock, variables: Mapping) -> (
-    _nnx.LandmarkBlock):
+def load_nnx(
+  block: _nnx.LandmarkBlock, variables: Mapping
+) -> _nnx.LandmarkBlock:
   """Writes linen-layout ``variables`` (from :func:`convert_state_dict`)
   into the NNX ``block`` in place, and returns it.
 
@@ -364,6 +439,7 @@ def load_nnx(block: _nnx.LandmarkBlock, variables: Mapping) -> (
     True
   """
   from flax import nnx
+
   where = "lbylnet.load_nnx"
   state = nnx.state(block)
   pure = nnx.to_pure_dict(state)
@@ -374,17 +450,22 @@ def load_nnx(block: _nnx.LandmarkBlock, variables: Mapping) -> (
       try:
         value = np.asarray(variables[collection][sub][leaf])
       except (KeyError, TypeError):
-        problems.append(f"missing {collection}/{sub}/{leaf} (expected shape "
-                        f"{tuple(current.shape)})")
+        problems.append(
+          f"missing {collection}/{sub}/{leaf} (expected shape "
+          f"{tuple(current.shape)})"
+        )
         continue
       if value.shape != tuple(current.shape):
-        problems.append(f"{collection}/{sub}/{leaf} has shape {value.shape}, "
-                        f"the block expects {tuple(current.shape)}")
+        problems.append(
+          f"{collection}/{sub}/{leaf} has shape {value.shape}, "
+          f"the block expects {tuple(current.shape)}"
+        )
       leaves[leaf] = value
   if problems:
     raise ValueError(
-        f"{where}: the variables do not fit the block: {'; '.join(problems)}. "
-        f"Build the block with the dim and mapdim of the state_dict.")
+      f"{where}: the variables do not fit the block: {'; '.join(problems)}. "
+      f"Build the block with the dim and mapdim of the state_dict."
+    )
   nnx.replace_by_pure_dict(state, pure)
   nnx.update(block, state)
   return block
@@ -393,24 +474,37 @@ def load_nnx(block: _nnx.LandmarkBlock, variables: Mapping) -> (
 # --------------------------------------------------------------------------
 # PConv2d4 / PConv2d8.
 
+
 def _pair(v, what: str, where: str) -> tuple[int, int]:
   if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
     return int(v), int(v)
-  if (isinstance(v, (tuple, list)) and len(v) == 2
-      and all(isinstance(e, (int, np.integer)) and not isinstance(e, bool)
-              for e in v)):
+  if (
+    isinstance(v, (tuple, list))
+    and len(v) == 2
+    and all(
+      isinstance(e, (int, np.integer)) and not isinstance(e, bool) for e in v
+    )
+  ):
     return int(v[0]), int(v[1])
-  raise ValueError(f"{where}: {what} must be an int or a pair of ints, as in "
-                   f"torch.nn.Conv2d, got {what}={v!r}.")
+  raise ValueError(
+    f"{where}: {what} must be an int or a pair of ints, as in "
+    f"torch.nn.Conv2d, got {what}={v!r}."
+  )
 
 
-def pconv(p: int, in_channels: int, out_channels: int,
-          kernel_size: Union[int, tuple[int, int]],
-          stride: Union[int, tuple[int, int]] = 1,
-          padding: Union[int, tuple[int, int], str] = 0,
-          dilation: Union[int, tuple[int, int]] = 1, groups: int = 1,
-          bias: bool = True, padding_mode: str = "zeros",
-          **kwargs) -> _linen.LandmarkConv:
+def pconv(
+  p: int,
+  in_channels: int,
+  out_channels: int,
+  kernel_size: Union[int, tuple[int, int]],
+  stride: Union[int, tuple[int, int]] = 1,
+  padding: Union[int, tuple[int, int], str] = 0,
+  dilation: Union[int, tuple[int, int]] = 1,
+  groups: int = 1,
+  bias: bool = True,
+  padding_mode: str = "zeros",
+  **kwargs,
+) -> _linen.LandmarkConv:
   """landmarkconv's ``PConv2d{p}(...)`` (``torch.nn.Conv2d`` arguments) as a
   linen :class:`lmconv_jax.LandmarkConv4` (p = 4) or ``LandmarkConv8``.
 
@@ -436,20 +530,23 @@ def pconv(p: int, in_channels: int, out_channels: int,
   """
   where = "lbylnet.pconv"
   if p not in (4, 8):
-    raise ValueError(f"{where}: p must be 4 (PConv2d4) or 8 (PConv2d8), "
-                     f"got p={p!r}.")
+    raise ValueError(
+      f"{where}: p must be 4 (PConv2d4) or 8 (PConv2d8), got p={p!r}."
+    )
   if padding_mode != "zeros":
     raise ValueError(
-        f"{where}: only padding_mode='zeros' (PyTorch's default) maps to a "
-        f"Flax padding, got padding_mode={padding_mode!r}. For circular "
-        f"padding build lmconv_jax.LandmarkConv{p}(..., padding='CIRCULAR') "
-        f"yourself ('CIRCULAR' pads (k - 1) // 2 low, k // 2 high).")
+      f"{where}: only padding_mode='zeros' (PyTorch's default) maps to a "
+      f"Flax padding, got padding_mode={padding_mode!r}. For circular "
+      f"padding build lmconv_jax.LandmarkConv{p}(..., padding='CIRCULAR') "
+      f"yourself ('CIRCULAR' pads (k - 1) // 2 low, k // 2 high)."
+    )
   if in_channels % p:
     raise ValueError(
-        f"{where}: in_channels={in_channels} is not a multiple of {p}; "
-        f"PConv2d{p} chunks the channels into {p} direction groups and this "
-        f"layer needs them equal. Use {in_channels // p * p or p} or "
-        f"{(in_channels // p + 1) * p} channels.")
+      f"{where}: in_channels={in_channels} is not a multiple of {p}; "
+      f"PConv2d{p} chunks the channels into {p} direction groups and this "
+      f"layer needs them equal. Use {in_channels // p * p or p} or "
+      f"{(in_channels // p + 1) * p} channels."
+    )
   kh, kw = _pair(kernel_size, "kernel_size", where)
   dh, dw = _pair(dilation, "dilation", where)
   if isinstance(padding, str):
@@ -459,23 +556,32 @@ def pconv(p: int, in_channels: int, out_channels: int,
       pads = []
       for k, d in ((kh, dh), (kw, dw)):
         total = d * (k - 1)
-        pads.append((total // 2, total - total // 2))   # as PyTorch pads
+        pads.append((total // 2, total - total // 2))  # as PyTorch pads
       pads = tuple(pads)
     else:
-      raise ValueError(f"{where}: padding must be an int, a pair, 'same' or "
-                       f"'valid', as in torch.nn.Conv2d, got {padding!r}.")
+      raise ValueError(
+        f"{where}: padding must be an int, a pair, 'same' or "
+        f"'valid', as in torch.nn.Conv2d, got {padding!r}."
+      )
   else:
     ph, pw = _pair(padding, "padding", where)
     pads = ((ph, ph), (pw, pw))
   cls = _linen.LandmarkConv4 if p == 4 else _linen.LandmarkConv8
-  return cls(features=out_channels, kernel_size=(kh, kw),
-             strides=_pair(stride, "stride", where), padding=pads,
-             kernel_dilation=(dh, dw), feature_group_count=groups,
-             use_bias=bias, **kwargs)
+  return cls(
+    features=out_channels,
+    kernel_size=(kh, kw),
+    strides=_pair(stride, "stride", where),
+    padding=pads,
+    kernel_dilation=(dh, dw),
+    feature_group_count=groups,
+    use_bias=bias,
+    **kwargs,
+  )
 
 
-def convert_pconv_state_dict(state_dict: Mapping[str, Any],
-                             prefix: str = "") -> dict:
+def convert_pconv_state_dict(
+  state_dict: Mapping[str, Any], prefix: str = ""
+) -> dict:
   """``PConv2d4`` / ``PConv2d8``'s state_dict -> the variables of :func:`pconv`.
 
   ``weight`` (OIHW) becomes ``kernel`` (HWIO) and ``bias`` (if present)
@@ -492,13 +598,20 @@ def convert_pconv_state_dict(state_dict: Mapping[str, Any],
   where = "lbylnet.convert_pconv_state_dict"
   items, prefix = _items(state_dict, prefix, where, "weight")
   if "weight" not in items:
-    _check_keys(items, {"weight": "(out_channels, in_channels // groups, kh, "
-                                  "kw)"}, ("bias",), prefix, where)
+    _check_keys(
+      items,
+      {"weight": "(out_channels, in_channels // groups, kh, kw)"},
+      ("bias",),
+      prefix,
+      where,
+    )
   w = _as_array(items["weight"], prefix + "weight", where)
   if w.ndim != 4:
-    raise ValueError(f"{where}: key {prefix + 'weight'!r} has shape "
-                     f"{w.shape}, expected 4 dims (out_channels, in_channels "
-                     f"// groups, kh, kw).")
+    raise ValueError(
+      f"{where}: key {prefix + 'weight'!r} has shape "
+      f"{w.shape}, expected 4 dims (out_channels, in_channels "
+      f"// groups, kh, kw)."
+    )
   expected = {"weight": w.shape}
   if "bias" in items:
     expected["bias"] = (w.shape[0],)
@@ -509,8 +622,9 @@ def convert_pconv_state_dict(state_dict: Mapping[str, Any],
   return {"params": params}
 
 
-def random_state_dict(name: str, dim: int = 256, mapdim: int = 128,
-                      seed: int = 0, dtype=np.float32) -> dict:
+def random_state_dict(
+  name: str, dim: int = 256, mapdim: int = 128, seed: int = 0, dtype=np.float32
+) -> dict:
   """Random arrays under the key names and shapes of LBYLNet's block
   ``name`` (what ``{k: v.numpy() for k, v in LandmarkP4(dim, mapdim)
   .state_dict().items()}`` holds), for trying the converters out.
@@ -528,12 +642,13 @@ def random_state_dict(name: str, dim: int = 256, mapdim: int = 128,
 
   def conv(key, o, i, k):
     sd[key] = (rng.standard_normal((o, i, k, k)) / np.sqrt(i * k * k)).astype(
-        dtype)
+      dtype
+    )
 
   def bn(key, n):
     sd[f"{key}.weight"] = rng.uniform(0.5, 1.5, n).astype(dtype)
-    sd[f"{key}.bias"] = rng.normal(0., 0.1, n).astype(dtype)
-    sd[f"{key}.running_mean"] = rng.normal(0., 0.1, n).astype(dtype)
+    sd[f"{key}.bias"] = rng.normal(0.0, 0.1, n).astype(dtype)
+    sd[f"{key}.running_mean"] = rng.normal(0.0, 0.1, n).astype(dtype)
     sd[f"{key}.running_var"] = rng.uniform(0.5, 1.5, n).astype(dtype)
     sd[f"{key}.num_batches_tracked"] = np.array(100, np.int64)
 

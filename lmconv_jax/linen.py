@@ -33,6 +33,7 @@ __all__ = ["LandmarkBlock", "LandmarkConv", "LandmarkConv4", "LandmarkConv8"]
 # --------------------------------------------------------------------------
 # The layers.
 
+
 class LandmarkConv(nn.Conv):
   """A grouped landmark pool followed by ``flax.linen.Conv``.
 
@@ -107,9 +108,14 @@ class LandmarkConv(nn.Conv):
     layer = _layers.layer_name(self)
     _layers.check_kernel_size(self.kernel_size, layer)
     pooled = _layers.pool_inputs(
-        inputs, guide, directions=self.directions,
-        implementation=self.implementation, dtype=self.dtype,
-        param_dtype=self.param_dtype, layer=layer)
+      inputs,
+      guide,
+      directions=self.directions,
+      implementation=self.implementation,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      layer=layer,
+    )
     return super().__call__(_sharding.whole_channels(pooled))
 
 
@@ -298,54 +304,81 @@ class LandmarkBlock(nn.Module):
     layer = _layers.layer_name(self)
     if train is None:
       raise TypeError(
-          f"{layer}: train is required (as nn.BatchNorm's "
-          f"use_running_average): pass train=False for inference (running "
-          f"averages) or train=True for training (batch statistics; apply "
-          f"with mutable=['batch_stats']).")
+        f"{layer}: train is required (as nn.BatchNorm's "
+        f"use_running_average): pass train=False for inference (running "
+        f"averages) or train=True for training (batch statistics; apply "
+        f"with mutable=['batch_stats'])."
+      )
     _layers.check_norm(self.norm, layer)
     padding = _layers.check_block_padding(self.padding, layer)
     p = _layers.num_groups(self.directions, layer)
     m = _layers.branch_features(self.features, self.branch_features)
-    common = dict(use_bias=self.norm is None, dtype=self.dtype,
-                  param_dtype=self.param_dtype, precision=self.precision,
-                  kernel_init=self.kernel_init)
+    common = dict(
+      use_bias=self.norm is None,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      precision=self.precision,
+      kernel_init=self.kernel_init,
+    )
     layers = {
-        "branch_conv": nn.Conv(p * m, (3, 3), padding=padding,
-                               name="branch_conv", **common),
-        "pool_conv": LandmarkConv(self.features, (3, 3), padding=padding,
-                                  name="pool_conv",
-                                  directions=self.directions,
-                                  implementation=self.implementation, **common),
-        "skip_conv": nn.Conv(self.features, (1, 1), padding="VALID",
-                             name="skip_conv", **common),
-        "out_conv": nn.Conv(self.features, (3, 3), padding=padding,
-                            name="out_conv", **common),
+      "branch_conv": nn.Conv(
+        p * m, (3, 3), padding=padding, name="branch_conv", **common
+      ),
+      "pool_conv": LandmarkConv(
+        self.features,
+        (3, 3),
+        padding=padding,
+        name="pool_conv",
+        directions=self.directions,
+        implementation=self.implementation,
+        **common,
+      ),
+      "skip_conv": nn.Conv(
+        self.features, (1, 1), padding="VALID", name="skip_conv", **common
+      ),
+      "out_conv": nn.Conv(
+        self.features, (3, 3), padding=padding, name="out_conv", **common
+      ),
     }
     if self.norm is not None:
       for stage in ("branch", "pool", "skip", "out"):
-        layers[f"{stage}_norm"] = self._norm_layer(f"{stage}_norm", train,
-                                                   layer)
+        layers[f"{stage}_norm"] = self._norm_layer(
+          f"{stage}_norm", train, layer
+        )
     return _layers.landmark_block(x, layers, self.activation)
 
   def _norm_layer(self, name: str, train: bool, layer: str):
     """The normalisation ``name``, as a one-argument callable."""
     if self.norm == "batch":
       module = nn.BatchNorm(
-          momentum=self.momentum, epsilon=self.epsilon, dtype=self.dtype,
-          param_dtype=self.param_dtype, axis_name=self.axis_name, name=name)
+        momentum=self.momentum,
+        epsilon=self.epsilon,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        axis_name=self.axis_name,
+        name=name,
+      )
     elif self.norm == "layer":
-      module = nn.LayerNorm(epsilon=self.epsilon, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name=name)
+      module = nn.LayerNorm(
+        epsilon=self.epsilon,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=name,
+      )
     else:
       module = self.norm(name=name)
     if not isinstance(module, nn.BatchNorm):
       return module
-    if (train and not self.is_initializing()
-        and not self.is_mutable_collection("batch_stats")):
+    if (
+      train
+      and not self.is_initializing()
+      and not self.is_mutable_collection("batch_stats")
+    ):
       raise ValueError(
-          f"{layer}: train=True normalises with the batch's statistics and "
-          f"updates the running averages in the 'batch_stats' collection, "
-          f"which this apply cannot write. For inference pass train=False; "
-          f"to train, apply with mutable=['batch_stats'] and keep the "
-          f"returned batch_stats.")
+        f"{layer}: train=True normalises with the batch's statistics and "
+        f"updates the running averages in the 'batch_stats' collection, "
+        f"which this apply cannot write. For inference pass train=False; "
+        f"to train, apply with mutable=['batch_stats'] and keep the "
+        f"returned batch_stats."
+      )
     return lambda v: module(v, use_running_average=not train)

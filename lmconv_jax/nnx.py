@@ -48,19 +48,23 @@ def _conv_kwargs(layer: str, **fields) -> dict:
       kwargs[name] = value
     elif value is not _MISSING_DEFAULTS.get(name, value):
       raise TypeError(
-          f"{layer}: this Flax's nnx.Conv has no field {name!r}, so "
-          f"{name}={value!r} cannot be honoured; leave it at its default or "
-          f"upgrade flax.")
+        f"{layer}: this Flax's nnx.Conv has no field {name!r}, so "
+        f"{name}={value!r} cannot be honoured; leave it at its default or "
+        f"upgrade flax."
+      )
   return kwargs
 
 
 _MISSING_DEFAULTS = {
-    "conv_general_dilated": jax.lax.conv_general_dilated,
-    "promote_dtype": None, "preferred_element_type": None,
-    "kernel_metadata": _NO_METADATA, "bias_metadata": _NO_METADATA,
+  "conv_general_dilated": jax.lax.conv_general_dilated,
+  "promote_dtype": None,
+  "preferred_element_type": None,
+  "kernel_metadata": _NO_METADATA,
+  "bias_metadata": _NO_METADATA,
 }
-_CONV_GENERAL_DILATED = _conv_default("conv_general_dilated",
-                                      jax.lax.conv_general_dilated)
+_CONV_GENERAL_DILATED = _conv_default(
+  "conv_general_dilated", jax.lax.conv_general_dilated
+)
 _PROMOTE_DTYPE = _conv_default("promote_dtype", None)
 _BIAS_INIT = _conv_default("bias_init", nnx.initializers.zeros_init())
 
@@ -114,47 +118,66 @@ class LandmarkConv(nnx.Conv):
     implementation: ``"auto"``, ``"ffi"`` or ``"reference"``, for the pool.
   """
 
-  def __init__(self, in_features: int, out_features: int,
-               kernel_size: Union[int, Sequence[int]],
-               strides: Union[None, int, Sequence[int]] = 1, *,
-               padding: PaddingLike = "SAME",
-               input_dilation: Union[None, int, Sequence[int]] = 1,
-               kernel_dilation: Union[None, int, Sequence[int]] = 1,
-               feature_group_count: int = 1, use_bias: bool = True,
-               mask: Optional[Array] = None, dtype: Optional[Any] = None,
-               param_dtype: Any = jnp.float32, precision: Any = None,
-               kernel_init: Callable[..., Array] = _default_kernel_init,
-               bias_init: Callable[..., Array] = _BIAS_INIT,
-               conv_general_dilated: Callable[..., Array] = (
-                   _CONV_GENERAL_DILATED),
-               promote_dtype: Any = _PROMOTE_DTYPE,
-               preferred_element_type: Optional[Any] = None,
-               directions: Grouping = "quadrants",
-               implementation: str = "auto",
-               rngs: nnx.Rngs,
-               kernel_metadata: Any = _NO_METADATA,
-               bias_metadata: Any = _NO_METADATA):
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    kernel_size: Union[int, Sequence[int]],
+    strides: Union[None, int, Sequence[int]] = 1,
+    *,
+    padding: PaddingLike = "SAME",
+    input_dilation: Union[None, int, Sequence[int]] = 1,
+    kernel_dilation: Union[None, int, Sequence[int]] = 1,
+    feature_group_count: int = 1,
+    use_bias: bool = True,
+    mask: Optional[Array] = None,
+    dtype: Optional[Any] = None,
+    param_dtype: Any = jnp.float32,
+    precision: Any = None,
+    kernel_init: Callable[..., Array] = _default_kernel_init,
+    bias_init: Callable[..., Array] = _BIAS_INIT,
+    conv_general_dilated: Callable[..., Array] = (_CONV_GENERAL_DILATED),
+    promote_dtype: Any = _PROMOTE_DTYPE,
+    preferred_element_type: Optional[Any] = None,
+    directions: Grouping = "quadrants",
+    implementation: str = "auto",
+    rngs: nnx.Rngs,
+    kernel_metadata: Any = _NO_METADATA,
+    bias_metadata: Any = _NO_METADATA,
+  ):
     layer = type(self).__name__
     _layers.check_kernel_size(kernel_size, layer)
-    _layers.check_channels(f"in_features={in_features}", in_features,
-                           directions, layer)
+    _layers.check_channels(
+      f"in_features={in_features}", in_features, directions, layer
+    )
     kwargs = _conv_kwargs(
-        layer, padding=padding, input_dilation=input_dilation,
-        kernel_dilation=kernel_dilation,
-        feature_group_count=feature_group_count, use_bias=use_bias, mask=mask,
-        dtype=dtype, param_dtype=param_dtype, precision=precision,
-        kernel_init=kernel_init, bias_init=bias_init,
-        conv_general_dilated=conv_general_dilated,
-        promote_dtype=promote_dtype,
-        preferred_element_type=preferred_element_type,
-        kernel_metadata=kernel_metadata, bias_metadata=bias_metadata)
-    super().__init__(in_features, out_features, kernel_size, strides,
-                     rngs=rngs, **kwargs)
+      layer,
+      padding=padding,
+      input_dilation=input_dilation,
+      kernel_dilation=kernel_dilation,
+      feature_group_count=feature_group_count,
+      use_bias=use_bias,
+      mask=mask,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      precision=precision,
+      kernel_init=kernel_init,
+      bias_init=bias_init,
+      conv_general_dilated=conv_general_dilated,
+      promote_dtype=promote_dtype,
+      preferred_element_type=preferred_element_type,
+      kernel_metadata=kernel_metadata,
+      bias_metadata=bias_metadata,
+    )
+    super().__init__(
+      in_features, out_features, kernel_size, strides, rngs=rngs, **kwargs
+    )
     self.directions = _frozen(directions)
     self.implementation = implementation
 
-  def __call__(self, inputs: Array, guide: Optional[Array] = None, *,
-               out_sharding=None) -> Array:
+  def __call__(
+    self, inputs: Array, guide: Optional[Array] = None, *, out_sharding=None
+  ) -> Array:
     """Pools ``inputs`` (..., H, W, C) in its direction groups, then convolves.
 
     Args:
@@ -165,14 +188,20 @@ class LandmarkConv(nnx.Conv):
     c = jnp.shape(inputs)[-1] if jnp.ndim(inputs) else None
     if c is not None and c != self.in_features:
       raise ValueError(
-          f"{type(self).__name__}: the input has {c} channels, but "
-          f"in_features={self.in_features}. Pass inputs of shape "
-          f"(..., H, W, {self.in_features}) or build the layer with "
-          f"in_features={c}.")
+        f"{type(self).__name__}: the input has {c} channels, but "
+        f"in_features={self.in_features}. Pass inputs of shape "
+        f"(..., H, W, {self.in_features}) or build the layer with "
+        f"in_features={c}."
+      )
     pooled = _layers.pool_inputs(
-        inputs, guide, directions=self.directions,
-        implementation=self.implementation, dtype=self.dtype,
-        param_dtype=self.param_dtype, layer=type(self).__name__)
+      inputs,
+      guide,
+      directions=self.directions,
+      implementation=self.implementation,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      layer=type(self).__name__,
+    )
     if out_sharding is None:
       return super().__call__(pooled)
     return super().__call__(pooled, out_sharding=out_sharding)
@@ -186,36 +215,57 @@ class _FixedGrouping(LandmarkConv):
 
   _grouping: ClassVar[str]
 
-  def __init__(self, in_features: int, out_features: int,
-               kernel_size: Union[int, Sequence[int]],
-               strides: Union[None, int, Sequence[int]] = 1, *,
-               padding: PaddingLike = "SAME",
-               input_dilation: Union[None, int, Sequence[int]] = 1,
-               kernel_dilation: Union[None, int, Sequence[int]] = 1,
-               feature_group_count: int = 1, use_bias: bool = True,
-               mask: Optional[Array] = None, dtype: Optional[Any] = None,
-               param_dtype: Any = jnp.float32, precision: Any = None,
-               kernel_init: Callable[..., Array] = _default_kernel_init,
-               bias_init: Callable[..., Array] = _BIAS_INIT,
-               conv_general_dilated: Callable[..., Array] = (
-                   _CONV_GENERAL_DILATED),
-               promote_dtype: Any = _PROMOTE_DTYPE,
-               preferred_element_type: Optional[Any] = None,
-               implementation: str = "auto",
-               rngs: nnx.Rngs,
-               kernel_metadata: Any = _NO_METADATA,
-               bias_metadata: Any = _NO_METADATA):
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    kernel_size: Union[int, Sequence[int]],
+    strides: Union[None, int, Sequence[int]] = 1,
+    *,
+    padding: PaddingLike = "SAME",
+    input_dilation: Union[None, int, Sequence[int]] = 1,
+    kernel_dilation: Union[None, int, Sequence[int]] = 1,
+    feature_group_count: int = 1,
+    use_bias: bool = True,
+    mask: Optional[Array] = None,
+    dtype: Optional[Any] = None,
+    param_dtype: Any = jnp.float32,
+    precision: Any = None,
+    kernel_init: Callable[..., Array] = _default_kernel_init,
+    bias_init: Callable[..., Array] = _BIAS_INIT,
+    conv_general_dilated: Callable[..., Array] = (_CONV_GENERAL_DILATED),
+    promote_dtype: Any = _PROMOTE_DTYPE,
+    preferred_element_type: Optional[Any] = None,
+    implementation: str = "auto",
+    rngs: nnx.Rngs,
+    kernel_metadata: Any = _NO_METADATA,
+    bias_metadata: Any = _NO_METADATA,
+  ):
     super().__init__(
-        in_features, out_features, kernel_size, strides, padding=padding,
-        input_dilation=input_dilation, kernel_dilation=kernel_dilation,
-        feature_group_count=feature_group_count, use_bias=use_bias,
-        mask=mask, dtype=dtype, param_dtype=param_dtype, precision=precision,
-        kernel_init=kernel_init, bias_init=bias_init,
-        conv_general_dilated=conv_general_dilated,
-        promote_dtype=promote_dtype,
-        preferred_element_type=preferred_element_type,
-        directions=self._grouping, implementation=implementation, rngs=rngs,
-        kernel_metadata=kernel_metadata, bias_metadata=bias_metadata)
+      in_features,
+      out_features,
+      kernel_size,
+      strides,
+      padding=padding,
+      input_dilation=input_dilation,
+      kernel_dilation=kernel_dilation,
+      feature_group_count=feature_group_count,
+      use_bias=use_bias,
+      mask=mask,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      precision=precision,
+      kernel_init=kernel_init,
+      bias_init=bias_init,
+      conv_general_dilated=conv_general_dilated,
+      promote_dtype=promote_dtype,
+      preferred_element_type=preferred_element_type,
+      directions=self._grouping,
+      implementation=implementation,
+      rngs=rngs,
+      kernel_metadata=kernel_metadata,
+      bias_metadata=bias_metadata,
+    )
 
 
 class LandmarkConv4(_FixedGrouping):
@@ -333,47 +383,75 @@ class LandmarkBlock(nnx.Module):
       ``nnx.relu``).
   """
 
-  def __init__(self, in_features: int, out_features: int, *,
-               branch_features: Optional[int] = None,
-               directions: Grouping = "quadrants",
-               implementation: str = "auto",
-               momentum: float = 0.9, epsilon: float = 1e-5,
-               use_running_average: bool = False,
-               axis_name: Optional[str] = None,
-               dtype: Optional[Any] = None, param_dtype: Any = jnp.float32,
-               precision: Any = None,
-               kernel_init: Callable[..., Array] = _default_kernel_init,
-               padding: PaddingLike = "SAME",
-               norm: Union[str, Callable[..., nnx.Module], None] = "batch",
-               activation: Callable[[Array], Array] = nnx.relu,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    branch_features: Optional[int] = None,
+    directions: Grouping = "quadrants",
+    implementation: str = "auto",
+    momentum: float = 0.9,
+    epsilon: float = 1e-5,
+    use_running_average: bool = False,
+    axis_name: Optional[str] = None,
+    dtype: Optional[Any] = None,
+    param_dtype: Any = jnp.float32,
+    precision: Any = None,
+    kernel_init: Callable[..., Array] = _default_kernel_init,
+    padding: PaddingLike = "SAME",
+    norm: Union[str, Callable[..., nnx.Module], None] = "batch",
+    activation: Callable[[Array], Array] = nnx.relu,
+    rngs: nnx.Rngs,
+  ):
     layer = type(self).__name__
     _layers.check_norm(norm, layer)
     padding = _layers.check_block_padding(padding, layer)
     p = _layers.num_groups(directions, layer)
     m = _layers.branch_features(out_features, branch_features)
-    common = dict(use_bias=norm is None, dtype=dtype, param_dtype=param_dtype,
-                  precision=precision, kernel_init=kernel_init, rngs=rngs)
-    self.branch_conv = nnx.Conv(in_features, p * m, (3, 3), padding=padding,
-                                **common)
-    self.pool_conv = LandmarkConv(p * m, out_features, (3, 3),
-                                  padding=padding, directions=directions,
-                                  implementation=implementation, **common)
-    self.skip_conv = nnx.Conv(in_features, out_features, (1, 1),
-                              padding="VALID", **common)
-    self.out_conv = nnx.Conv(out_features, out_features, (3, 3),
-                             padding=padding, **common)
+    common = dict(
+      use_bias=norm is None,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      precision=precision,
+      kernel_init=kernel_init,
+      rngs=rngs,
+    )
+    self.branch_conv = nnx.Conv(
+      in_features, p * m, (3, 3), padding=padding, **common
+    )
+    self.pool_conv = LandmarkConv(
+      p * m,
+      out_features,
+      (3, 3),
+      padding=padding,
+      directions=directions,
+      implementation=implementation,
+      **common,
+    )
+    self.skip_conv = nnx.Conv(
+      in_features, out_features, (1, 1), padding="VALID", **common
+    )
+    self.out_conv = nnx.Conv(
+      out_features, out_features, (3, 3), padding=padding, **common
+    )
 
     def make_norm(n):
       if norm == "batch":
-        return nnx.BatchNorm(n, momentum=momentum, epsilon=epsilon,
-                             dtype=dtype, param_dtype=param_dtype,
-                             axis_name=axis_name,
-                             use_running_average=use_running_average,
-                             rngs=rngs)
+        return nnx.BatchNorm(
+          n,
+          momentum=momentum,
+          epsilon=epsilon,
+          dtype=dtype,
+          param_dtype=param_dtype,
+          axis_name=axis_name,
+          use_running_average=use_running_average,
+          rngs=rngs,
+        )
       if norm == "layer":
-        return nnx.LayerNorm(n, epsilon=epsilon, dtype=dtype,
-                             param_dtype=param_dtype, rngs=rngs)
+        return nnx.LayerNorm(
+          n, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
       if norm is None:
         return None
       return norm(n, rngs=rngs)
@@ -404,9 +482,9 @@ class LandmarkBlock(nnx.Module):
       layers[f"{stage}_conv"] = getattr(self, f"{stage}_conv")
       norm = getattr(self, f"{stage}_norm")
       if isinstance(norm, nnx.BatchNorm):
-        layers[f"{stage}_norm"] = (
-            lambda v, norm=norm: norm(
-                v, use_running_average=use_running_average))
+        layers[f"{stage}_norm"] = lambda v, norm=norm: norm(
+          v, use_running_average=use_running_average
+        )
       elif norm is not None:
         layers[f"{stage}_norm"] = norm
     return _layers.landmark_block(x, layers, self.activation)

@@ -15,23 +15,42 @@ import jax
 import jax.numpy as jnp
 
 from lmconv_jax import _ffi, _primitives
-from lmconv_jax.directions import (ALL_QUADRANTS, GROUPINGS, LEFT_RIGHT,
-                                   TOP_BOTTOM, DirectionLike, Grouping,
-                                   resolve, resolve_grouping)
+from lmconv_jax.directions import (
+  ALL_QUADRANTS,
+  GROUPINGS,
+  LEFT_RIGHT,
+  TOP_BOTTOM,
+  DirectionLike,
+  Grouping,
+  resolve,
+  resolve_grouping,
+)
 
 IMPLEMENTATIONS = _primitives.IMPLEMENTATIONS
 DTYPES = (jnp.float32, jnp.float64, jnp.float16, jnp.bfloat16)
 # The same dtypes by name (the CLI's choices, `info`'s kernel dtypes, errors).
 DTYPE_NAMES = tuple(jnp.dtype(d).name for d in DTYPES)
 
-__all__ = ["ALL_QUADRANTS", "GROUPINGS", "IMPLEMENTATIONS", "LEFT_RIGHT",
-           "TOP_BOTTOM", "check_channels", "check_guide", "check_x",
-           "grouped_landmark_pool", "landmark_pool", "landmark_pool_reference",
-           "resolve_grouping", "resolve_implementation"]
+__all__ = [
+  "ALL_QUADRANTS",
+  "GROUPINGS",
+  "IMPLEMENTATIONS",
+  "LEFT_RIGHT",
+  "TOP_BOTTOM",
+  "check_channels",
+  "check_guide",
+  "check_x",
+  "grouped_landmark_pool",
+  "landmark_pool",
+  "landmark_pool_reference",
+  "resolve_grouping",
+  "resolve_implementation",
+]
 
 
 # --------------------------------------------------------------------------
 # Input checks: every error names what was given, what was expected, the fix.
+
 
 def check_x(x, where: str) -> jax.Array:
   """x as a jax array of shape (..., H, W, C) and a supported float dtype."""
@@ -39,19 +58,22 @@ def check_x(x, where: str) -> jax.Array:
     x = jnp.asarray(x)
   if x.ndim < 3:
     raise ValueError(
-        f"{where}: x must have shape (..., H, W, C) with at least 3 dims, got "
-        f"shape {tuple(x.shape)}. Add the missing axes, e.g. x[..., None] for "
-        f"a single channel.")
+      f"{where}: x must have shape (..., H, W, C) with at least 3 dims, got "
+      f"shape {tuple(x.shape)}. Add the missing axes, e.g. x[..., None] for "
+      f"a single channel."
+    )
   if x.ndim > 11:
     raise ValueError(
-        f"{where}: x has {x.ndim} dims; at most 11 are supported (8 batch "
-        f"dims before (H, W, C)). Reshape the batch dims into fewer.")
+      f"{where}: x has {x.ndim} dims; at most 11 are supported (8 batch "
+      f"dims before (H, W, C)). Reshape the batch dims into fewer."
+    )
   dtype = jnp.dtype(x.dtype)
   if dtype not in [jnp.dtype(d) for d in DTYPES]:
     raise TypeError(
-        f"{where}: x must be {', '.join(DTYPE_NAMES[:-1])} or "
-        f"{DTYPE_NAMES[-1]}, got {dtype}. Cast it first, e.g. "
-        f"x.astype(jnp.float32).")
+      f"{where}: x must be {', '.join(DTYPE_NAMES[:-1])} or "
+      f"{DTYPE_NAMES[-1]}, got {dtype}. Cast it first, e.g. "
+      f"x.astype(jnp.float32)."
+    )
   return jnp.asarray(x)
 
 
@@ -60,31 +82,37 @@ def check_guide(guide, x: jax.Array, where: str) -> Optional[jax.Array]:
   if guide is None:
     return None
   guide = jnp.asarray(guide)
-  if not (jnp.issubdtype(guide.dtype, jnp.floating)
-          or jnp.issubdtype(guide.dtype, jnp.integer)
-          or guide.dtype == jnp.bool_):
+  if not (
+    jnp.issubdtype(guide.dtype, jnp.floating)
+    or jnp.issubdtype(guide.dtype, jnp.integer)
+    or guide.dtype == jnp.bool_
+  ):
     raise TypeError(
-        f"{where}: guide must be real, got dtype {guide.dtype}. Give a float "
-        f"guide, e.g. guide.real.astype(x.dtype).")
+      f"{where}: guide must be real, got dtype {guide.dtype}. Give a float "
+      f"guide, e.g. guide.real.astype(x.dtype)."
+    )
   # Dim by dim, not np.broadcast_shapes: dims may be symbolic (jax.export),
   # where == says whether they are provably equal.
   gshape, xshape = tuple(guide.shape), tuple(x.shape)
   if len(gshape) > len(xshape) or not all(
-      g == 1 or g == d for g, d in zip(gshape[::-1], xshape[::-1])):
+    g == 1 or g == d for g, d in zip(gshape[::-1], xshape[::-1])
+  ):
     raise ValueError(
-        f"{where}: guide of shape {tuple(guide.shape)} does not broadcast to x "
-        f"of shape {tuple(x.shape)}. Give a guide per pixel and channel "
-        f"(..., H, W, C), per pixel (..., H, W, 1), per channel (C,) or per "
-        f"batch (..., 1, 1, 1).")
+      f"{where}: guide of shape {tuple(guide.shape)} does not broadcast to x "
+      f"of shape {tuple(x.shape)}. Give a guide per pixel and channel "
+      f"(..., H, W, C), per pixel (..., H, W, 1), per channel (C,) or per "
+      f"batch (..., 1, 1, 1)."
+    )
   if len(gshape) == 2 and gshape == xshape[-3:-1]:
     # Broadcasting aligns trailing dims: an (H, W) guide would be read as
     # (W, C), per column and channel, which is not what (H, W) says.
     raise ValueError(
-        f"{where}: a guide of shape {gshape} matches x's (H, W) = {gshape} "
-        f"but broadcasts against its trailing (W, C) = {xshape[-2:]}, per "
-        f"column and channel. For a guide per pixel add the channel axis: "
-        f"guide[..., None] (shape (H, W, 1)); for one per column and channel "
-        f"reshape it to (1, W, C).")
+      f"{where}: a guide of shape {gshape} matches x's (H, W) = {gshape} "
+      f"but broadcasts against its trailing (W, C) = {xshape[-2:]}, per "
+      f"column and channel. For a guide per pixel add the channel axis: "
+      f"guide[..., None] (shape (H, W, 1)); for one per column and channel "
+      f"reshape it to (1, W, C)."
+    )
   guide = guide.astype(x.dtype)
   return guide.reshape((1,) * (x.ndim - guide.ndim) + tuple(guide.shape))
 
@@ -93,15 +121,17 @@ def check_channels(channels: int, groups: int, where: str) -> None:
   """The one check that C splits into ``groups`` equal groups."""
   if not isinstance(channels, int) and groups > 1:
     raise ValueError(
-        f"{where}: the channel count is symbolic ({channels}), but "
-        f"{groups} direction groups need a concrete one (each group is a "
-        f"static block of C/{groups} channels). Export with a concrete C, "
-        f"e.g. jax.export.symbolic_shape('b, 32, 32, 64').")
+      f"{where}: the channel count is symbolic ({channels}), but "
+      f"{groups} direction groups need a concrete one (each group is a "
+      f"static block of C/{groups} channels). Export with a concrete C, "
+      f"e.g. jax.export.symbolic_shape('b, 32, 32, 64')."
+    )
   if channels % groups:
     raise ValueError(
-        f"{where}: {channels} channels do not split into {groups} equal "
-        f"groups (one per direction group). Use a channel count that is a "
-        f"multiple of {groups}, e.g. {groups * max(1, round(channels / groups))}.")
+      f"{where}: {channels} channels do not split into {groups} equal "
+      f"groups (one per direction group). Use a channel count that is a "
+      f"multiple of {groups}, e.g. {groups * max(1, round(channels / groups))}."
+    )
 
 
 def platform() -> str:
@@ -109,8 +139,9 @@ def platform() -> str:
   return "cuda" if jax.default_backend() == "gpu" else jax.default_backend()
 
 
-def resolve_implementation(implementation: str = "auto",
-                           where: str = "lmconv_jax") -> str:
+def resolve_implementation(
+  implementation: str = "auto", where: str = "lmconv_jax"
+) -> str:
   """What ``implementation`` runs on the default backend: "ffi", "pallas" or
   "reference".
 
@@ -124,8 +155,9 @@ def resolve_implementation(implementation: str = "auto",
   """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(
-        f"{where}: unknown implementation {implementation!r}; expected one of "
-        f"{', '.join(map(repr, IMPLEMENTATIONS))}.")
+      f"{where}: unknown implementation {implementation!r}; expected one of "
+      f"{', '.join(map(repr, IMPLEMENTATIONS))}."
+    )
   if implementation in ("reference", "pallas"):
     return implementation
   platform = globals()["platform"]()
@@ -136,29 +168,41 @@ def resolve_implementation(implementation: str = "auto",
   if implementation == "auto":
     return "reference"
   if platform == "cpu":
-    fix = ("the compiled CPU extension is missing: build lmconv_jax "
-           "(pip install --no-build-isolation -e . in a checkout)")
+    fix = (
+      "the compiled CPU extension is missing: build lmconv_jax "
+      "(pip install --no-build-isolation -e . in a checkout)"
+    )
   elif platform == "cuda":
-    fix = ("rebuild lmconv_jax where `nvcc` is on PATH (pip install "
-           "--no-build-isolation -e .) to get the CUDA kernels")
+    fix = (
+      "rebuild lmconv_jax where `nvcc` is on PATH (pip install "
+      "--no-build-isolation -e .) to get the CUDA kernels"
+    )
   elif platform in _primitives.PALLAS_PLATFORMS:
-    fix = (f"on {platform!r} the kernels are Pallas kernels: use "
-           f"implementation='pallas' (or 'auto')")
+    fix = (
+      f"on {platform!r} the kernels are Pallas kernels: use "
+      f"implementation='pallas' (or 'auto')"
+    )
   else:
     fix = f"lmconv_jax has no kernels for {platform!r}"
   raise NotImplementedError(
-      f"{where}: implementation='ffi' has no kernel for platform {platform!r} "
-      f"(compiled: {', '.join(_ffi.available_platforms()) or 'none'}); "
-      f"{fix}. Or use implementation='auto', 'pallas' or 'reference'; "
-      f"`python -m lmconv_jax info` shows what is available.")
+    f"{where}: implementation='ffi' has no kernel for platform {platform!r} "
+    f"(compiled: {', '.join(_ffi.available_platforms()) or 'none'}); "
+    f"{fix}. Or use implementation='auto', 'pallas' or 'reference'; "
+    f"`python -m lmconv_jax info` shows what is available."
+  )
 
 
 # --------------------------------------------------------------------------
 # Public API.
 
-def grouped_landmark_pool(x: jax.Array, directions: Grouping,
-                          guide: Optional[jax.Array] = None, *,
-                          implementation: str = "auto") -> jax.Array:
+
+def grouped_landmark_pool(
+  x: jax.Array,
+  directions: Grouping,
+  guide: Optional[jax.Array] = None,
+  *,
+  implementation: str = "auto",
+) -> jax.Array:
   """Splits channels into ``len(directions)`` groups and pools each group.
 
   One primitive for the whole array: one custom call per pass (forward,
@@ -198,9 +242,13 @@ def grouped_landmark_pool(x: jax.Array, directions: Grouping,
   return _primitives.grouped_pool(x, g, groups, implementation)
 
 
-def landmark_pool(x: jax.Array, direction: DirectionLike,
-                  guide: Optional[jax.Array] = None, *,
-                  implementation: str = "auto") -> jax.Array:
+def landmark_pool(
+  x: jax.Array,
+  direction: DirectionLike,
+  guide: Optional[jax.Array] = None,
+  *,
+  implementation: str = "auto",
+) -> jax.Array:
   """Directional landmark pool (a running max over a region) of ``x``.
 
   The one-group case of :func:`grouped_landmark_pool`.
@@ -233,8 +281,9 @@ def landmark_pool(x: jax.Array, direction: DirectionLike,
   return _primitives.grouped_pool(x, g, groups, implementation)
 
 
-def landmark_pool_reference(x: jax.Array, direction: DirectionLike,
-                            guide: Optional[jax.Array] = None) -> jax.Array:
+def landmark_pool_reference(
+  x: jax.Array, direction: DirectionLike, guide: Optional[jax.Array] = None
+) -> jax.Array:
   """Pure-jnp landmark pool of ``x`` (shape (..., H, W, C)) in ``direction``.
 
   ``landmark_pool(..., implementation="reference")``: the same primitive as

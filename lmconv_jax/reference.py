@@ -61,6 +61,7 @@ Groups = Sequence[Sequence[Direction]]
 # --------------------------------------------------------------------------
 # Scalars: loads, the flush rule, the forward's max.
 
+
 def compute_dtype(dtype) -> jnp.dtype:
   """The dtype the pool computes in: float32 for float16/bfloat16, else dtype."""
   dtype = jnp.dtype(dtype)
@@ -113,24 +114,25 @@ def _blend(g, m, x):
 # --------------------------------------------------------------------------
 # The plan: static index tables of the phases of every member pool.
 
+
 class _Plan(NamedTuple):
   h: int
   w: int
-  p: int                 # groups
-  k: int                 # member pools per group (padded to the largest)
-  t: int                 # phases (sequential steps of one pass)
-  l: int                 # pixels per phase (padded)
-  r: int                 # rows per member in a group's buffer: h*w + l
-  ok: np.ndarray         # (P, K) bool: a real member (not padding)
-  src: np.ndarray        # (T, P, K, L) row of x / g in the group's image
-  dst: np.ndarray        # (T, P, K, L) row of the pixel in the group's buffer
-  nb1: np.ndarray        # (T, P, K, L) row of neighbour n1 (own dummy if none)
+  p: int  # groups
+  k: int  # member pools per group (padded to the largest)
+  t: int  # phases (sequential steps of one pass)
+  l: int  # pixels per phase (padded)
+  r: int  # rows per member in a group's buffer: h*w + l
+  ok: np.ndarray  # (P, K) bool: a real member (not padding)
+  src: np.ndarray  # (T, P, K, L) row of x / g in the group's image
+  dst: np.ndarray  # (T, P, K, L) row of the pixel in the group's buffer
+  nb1: np.ndarray  # (T, P, K, L) row of neighbour n1 (own dummy if none)
   nb2: np.ndarray
-  in1: np.ndarray        # (T, P, K, L) bool: pixel real and n1 inside
+  in1: np.ndarray  # (T, P, K, L) bool: pixel real and n1 inside
   in2: np.ndarray
-  first: np.ndarray      # (T, P, K, L) row receiving the push applied first
+  first: np.ndarray  # (T, P, K, L) row receiving the push applied first
   second: np.ndarray
-  n2_first: np.ndarray   # (P, K) bool: the n2 push is added before the n1 push
+  n2_first: np.ndarray  # (P, K) bool: the n2 push is added before the n1 push
 
 
 def _sweep(d: Direction, h: int, w: int):
@@ -139,13 +141,13 @@ def _sweep(d: Direction, h: int, w: int):
   i, j = i.ravel(), j.ravel()
   fi = i if d.row_step > 0 else h - 1 - i
   fj = j if d.col_step > 0 else w - 1 - j
-  v1 = (d.n1[0] * d.row_step, d.n1[1] * d.col_step)   # scan-order offsets
+  v1 = (d.n1[0] * d.row_step, d.n1[1] * d.col_step)  # scan-order offsets
   v2 = (d.n2[0] * d.row_step, d.n2[1] * d.col_step)
-  if v1[1] == -1 and v2[1] == -1:          # previous column
+  if v1[1] == -1 and v2[1] == -1:  # previous column
     phase, slot = fj, fi
-  elif v1[0] == -1 and v2[0] == -1:        # previous row
+  elif v1[0] == -1 and v2[0] == -1:  # previous row
     phase, slot = fi, fj
-  else:                                    # (0, -1) with (-1, 0) or (-1, +1)
+  else:  # (0, -1) with (-1, 0) or (-1, +1)
     up = v1 if v1[0] == -1 else v2
     assert {v1, v2} == {(0, -1), up} and up[1] in (0, 1), d
     phase, slot = (1 + up[1]) * fi + fj, fi
@@ -194,9 +196,25 @@ def _plan(groups: tuple, h: int, w: int) -> _Plan:
         nbs[k][:, q, m] = np.where(okk, m * r + nflat[pp], dummy)
         ins[k][:, q, m] = okk
   n2 = n2f[None, :, :, None]
-  return _Plan(h, w, p, kk, t, l, r, ok, src, dst, nbs[0], nbs[1], ins[0],
-               ins[1], np.where(n2, nbs[1], nbs[0]),
-               np.where(n2, nbs[0], nbs[1]), n2f)
+  return _Plan(
+    h,
+    w,
+    p,
+    kk,
+    t,
+    l,
+    r,
+    ok,
+    src,
+    dst,
+    nbs[0],
+    nbs[1],
+    ins[0],
+    ins[1],
+    np.where(n2, nbs[1], nbs[0]),
+    np.where(n2, nbs[0], nbs[1]),
+    n2f,
+  )
 
 
 def sequential_steps(groups: Groups, h: int, w: int) -> int:
@@ -207,8 +225,9 @@ def sequential_steps(groups: Groups, h: int, w: int) -> int:
 def _groups(groups) -> tuple:
   out = tuple(tuple(resolve(d) for d in g) for g in groups)
   if not out or not all(out):
-    raise ValueError(f"groups must be a non-empty tuple of non-empty groups, "
-                     f"got {groups!r}")
+    raise ValueError(
+      f"groups must be a non-empty tuple of non-empty groups, got {groups!r}"
+    )
   return out
 
 
@@ -218,6 +237,7 @@ def _groups(groups) -> tuple:
 # B, C/P), row = pixel, one zero row for padding slots. A group's
 # buffer: (P, K * R, B, C/P), row m*R + pixel for member m, then L dummy rows
 # (one per slot of a phase).
+
 
 def _to_groups(v, p):
   b, h, w, c = v.shape
@@ -236,16 +256,19 @@ def _group_rows(v, p):
 
 def _member_rows(v, plan):
   """(P, K, HW, N) -> (P, K * R, N) (dummy rows zero)."""
-  pad = jnp.broadcast_to(jnp.zeros_like(v[:, :, :1]),
-                         v.shape[:2] + (plan.l,) + v.shape[3:])
+  pad = jnp.broadcast_to(
+    jnp.zeros_like(v[:, :, :1]), v.shape[:2] + (plan.l,) + v.shape[3:]
+  )
   return jnp.concatenate([v, pad], 2).reshape(
-      (plan.p, plan.k * plan.r) + v.shape[3:])
+    (plan.p, plan.k * plan.r) + v.shape[3:]
+  )
 
 
 def _member_images(buf, plan):
   """(P, K * R, N) -> (P, K, HW, N)."""
   return buf.reshape((plan.p, plan.k, plan.r) + buf.shape[2:])[
-      :, :, :plan.h * plan.w]
+    :, :, : plan.h * plan.w
+  ]
 
 
 def _get(buf, idx):
@@ -254,13 +277,17 @@ def _get(buf, idx):
 
 
 def _set(buf, idx, v):
-  return jax.vmap(lambda b, i, u: b.at[i].set(
-      u, unique_indices=True, mode="promise_in_bounds"))(buf, idx, v)
+  return jax.vmap(
+    lambda b, i, u: b.at[i].set(
+      u, unique_indices=True, mode="promise_in_bounds"
+    )
+  )(buf, idx, v)
 
 
 def _add(buf, idx, v):
-  return jax.vmap(lambda b, i, u: b.at[i].add(
-      u, mode="promise_in_bounds"))(buf, idx, v)
+  return jax.vmap(lambda b, i, u: b.at[i].add(u, mode="promise_in_bounds"))(
+    buf, idx, v
+  )
 
 
 def _buffer(like, plan, dtype, *inputs):
@@ -273,7 +300,8 @@ def _buffer(like, plan, dtype, *inputs):
 
 class _GuideIn(NamedTuple):
   """A guide (or its tangent) as the passes read it."""
-  rows: jax.Array   # group image, or (P, 1, 1, N) when constant over H, W
+
+  rows: jax.Array  # group image, or (P, 1, 1, N) when constant over H, W
   const: bool
 
 
@@ -320,12 +348,13 @@ def check_static_dims(shape, groups: int) -> None:
     if groups > 1:
       why += f" and splits C into {groups} equal groups"
     raise ValueError(
-        f"lmconv_jax's reference pool (implementation='reference', or 'auto' "
-        f"on a platform without kernels) got x of shape {tuple(shape)} with "
-        f"symbolic {symbolic}: its wavefront plan is {why}, so {symbolic} "
-        f"must be concrete. Give them as numbers in "
-        f"jax.export.symbolic_shape (e.g. 'b, 32, 32, 16'); the batch dims "
-        f"may stay symbolic.")
+      f"lmconv_jax's reference pool (implementation='reference', or 'auto' "
+      f"on a platform without kernels) got x of shape {tuple(shape)} with "
+      f"symbolic {symbolic}: its wavefront plan is {why}, so {symbolic} "
+      f"must be concrete. Give them as numbers in "
+      f"jax.export.symbolic_shape (e.g. 'b, 32, 32, 16'); the batch dims "
+      f"may stay symbolic."
+    )
 
 
 def _prepare(x, g, groups) -> _Prepared:
@@ -336,7 +365,7 @@ def _prepare(x, g, groups) -> _Prepared:
   check_static_dims(x.shape, p)
   if c % p:
     raise ValueError(f"x has {c} channels, which do not split into {p} groups")
-  b = math.prod(x.shape[:-3])      # symbolic where the batch is (jax.export)
+  b = math.prod(x.shape[:-3])  # symbolic where the batch is (jax.export)
   dtype = jnp.dtype(x.dtype)
   cd = compute_dtype(dtype)
   plan = _plan(groups, h, w)
@@ -369,6 +398,7 @@ def _kernel_bound(src):
 # --------------------------------------------------------------------------
 # The passes.
 
+
 def _forward_scan(pr: _Prepared, txg=None, tgg=None):
   """Forward pass in member layout; with txg, also the running tangent."""
   plan, cd, sd = pr.plan, pr.cd, pr.dtype
@@ -394,13 +424,16 @@ def _forward_scan(pr: _Prepared, txg=None, tgg=None):
       txv = _get(txg, src)
       t1, t2 = _get(t_buf, nb1), _get(t_buf, nb2)
       zero = jnp.zeros((), cd)
-      win = jnp.where(self_, txv, jnp.where(take1, t1, jnp.where(take2, t2, zero)))
+      win = jnp.where(
+        self_, txv, jnp.where(take1, t1, jnp.where(take2, t2, zero))
+      )
       if pr.gg is None:
         tv = win
       else:
         tgv = _read(tgg, src)
         a, bb, cc = lax.optimization_barrier(
-            (gv * win, (1 - gv) * txv, (m - xv) * tgv))
+          (gv * win, (1 - gv) * txv, (m - xv) * tgv)
+        )
         tv = a + bb + cc
       new += (_set(t_buf, dst, tv),)
     return new, None
@@ -409,10 +442,12 @@ def _forward_scan(pr: _Prepared, txg=None, tgg=None):
   ins = (pr.xg, None if pr.gg is None else pr.gg.rows)
   init = (_buffer(pr.xg, plan, sd, *ins),)
   if tangent:
-    init += (_buffer(pr.xg, plan, cd, *ins, txg,
-                     None if tgg is None else tgg.rows),)
-  carry, _ = lax.scan(body, init, _steps(plan, "src", "dst", "nb1", "nb2",
-                                         "in1", "in2"))
+    init += (
+      _buffer(pr.xg, plan, cd, *ins, txg, None if tgg is None else tgg.rows),
+    )
+  carry, _ = lax.scan(
+    body, init, _steps(plan, "src", "dst", "nb1", "nb2", "in1", "in2")
+  )
   return carry
 
 
@@ -441,8 +476,9 @@ def merge_members(vals: Sequence[jax.Array], valid=None):
 def _merge(vals, plan):
   """Members' stored outputs (P, K, HW, N) -> groups (P, HW, N), winner."""
   return merge_members(
-      [vals[:, j] for j in range(plan.k)],
-      [jnp.asarray(plan.ok[:, j])[:, None, None, None] for j in range(plan.k)])
+    [vals[:, j] for j in range(plan.k)],
+    [jnp.asarray(plan.ok[:, j])[:, None, None, None] for j in range(plan.k)],
+  )
 
 
 def pick_member(vals: Sequence[jax.Array], win):
@@ -462,8 +498,9 @@ def _sum_members(vals, plan):
   """Per group, the members' values summed in member order, in vals' dtype."""
   acc = vals[:, 0]
   for j in range(1, plan.k):
-    acc = jnp.where(jnp.asarray(plan.ok[:, j])[:, None, None, None],
-                    acc + vals[:, j], acc)
+    acc = jnp.where(
+      jnp.asarray(plan.ok[:, j])[:, None, None, None], acc + vals[:, j], acc
+    )
   return acc
 
 
@@ -496,25 +533,32 @@ def _forward_and_tangent(x, g, tx, tg, groups):
   pr = _prepare(x, g, groups)
   h, w, c = pr.shape[-3:]
   txv = jnp.asarray(tx).astype(pr.dtype).astype(pr.cd)
-  txg = _group_rows(jnp.broadcast_to(txv, pr.shape).reshape(pr.b, h, w, c),
-                    pr.plan.p)
+  txg = _group_rows(
+    jnp.broadcast_to(txv, pr.shape).reshape(pr.b, h, w, c), pr.plan.p
+  )
   tgg = None
   if g is not None:
     if tg is None:
       tgg = _GuideIn(jnp.zeros_like(pr.gg.rows), pr.gg.const)
     else:
-      tgg = _guide_in(jnp.asarray(tg).astype(pr.dtype).astype(pr.cd),
-                      pr.shape, pr.b, pr.plan)
+      tgg = _guide_in(
+        jnp.asarray(tg).astype(pr.dtype).astype(pr.cd), pr.shape, pr.b, pr.plan
+      )
   out_buf, t_buf = _forward_scan(pr, txg, tgg)
   plan = pr.plan
   out, win = _merge(_member_images(out_buf, plan), plan)
-  tm = _member_images(t_buf, plan).astype(pr.dtype)    # rounded once
+  tm = _member_images(t_buf, plan).astype(pr.dtype)  # rounded once
   t = tm[:, 0] if win is None else _pick(tm, win, plan)
   return _finish(out, pr), _finish(t, pr)
 
 
-def grouped_tangent(x: jax.Array, g: Optional[jax.Array], tx: jax.Array,
-                    tg: Optional[jax.Array], groups) -> jax.Array:
+def grouped_tangent(
+  x: jax.Array,
+  g: Optional[jax.Array],
+  tx: jax.Array,
+  tg: Optional[jax.Array],
+  groups,
+) -> jax.Array:
   """The tangent of :func:`grouped_forward` at (x, g) along (tx, tg).
 
   Per member: the winner's tangent (self: tx, take1 / take2: the
@@ -524,8 +568,9 @@ def grouped_tangent(x: jax.Array, g: Optional[jax.Array], tx: jax.Array,
   return _forward_and_tangent(x, g, tx, tg, groups)[1]
 
 
-def grouped_backward(x: jax.Array, g: Optional[jax.Array], ct: jax.Array,
-                     groups):
+def grouped_backward(
+  x: jax.Array, g: Optional[jax.Array], ct: jax.Array, groups
+):
   """The VJP of :func:`grouped_forward`: (dx, dg), dg None when g is None.
 
   The contract's backward formulas in the contract's order. A merged group
@@ -544,7 +589,7 @@ def grouped_backward(x: jax.Array, g: Optional[jax.Array], ct: jax.Array,
   h, w, c = pr.shape[-3:]
   ctg = _to_groups(jnp.asarray(ct).astype(sd).reshape(pr.b, h, w, c), plan.p)
   ct_m = jnp.broadcast_to(ctg[:, None], (plan.p, plan.k) + ctg.shape[1:])
-  if win is not None:      # the cotangent goes to the winning member only
+  if win is not None:  # the cotangent goes to the winning member only
     rank = jnp.arange(plan.k)[None, :, None, None, None]
     ct_m = jnp.where(win[:, None] == rank, ct_m, jnp.zeros((), sd))
   G0 = _member_rows(ct_m.astype(cd), plan)
@@ -555,7 +600,7 @@ def grouped_backward(x: jax.Array, g: Optional[jax.Array], ct: jax.Array,
     src, dst, nb1, nb2, in1, in2, first, second = s
     src = _kernel_bound(src)
     G_buf = carry[0]
-    G = _get(G_buf, dst)                     # final: every push has arrived
+    G = _get(G_buf, dst)  # final: every push has arrived
     xv = _get(pr.xg, src)
     o1 = _get(out_buf, nb1).astype(cd)
     o2 = _get(out_buf, nb2).astype(cd)
@@ -572,8 +617,12 @@ def grouped_backward(x: jax.Array, g: Optional[jax.Array], ct: jax.Array,
       # The barrier hides that these are 0/1 (XLA would turn s * [bool]
       # into a select, which drops the NaN of inf * 0).
       selff, k1, k2 = lax.optimization_barrier(
-          (self_.astype(cd), (i1 & (o1 >= m)).astype(cd),
-           (i2 & (o2 >= m)).astype(cd)))
+        (
+          self_.astype(cd),
+          (i1 & (o1 >= m)).astype(cd),
+          (i2 & (o2 >= m)).astype(cd),
+        )
+      )
       # t1 is exact (0 or 1), but the barrier keeps even 1 - t1 from an FMA.
       (t1,) = lax.optimization_barrier(((one - selff) * k1,))
       t2 = (one - selff) * (one - t1) * k2
@@ -584,8 +633,9 @@ def grouped_backward(x: jax.Array, g: Optional[jax.Array], ct: jax.Array,
       p2 = (sv * t2) * G
     # The barrier keeps XLA from fusing a push's product into the add that
     # receives it (where LLVM would contract them into an FMA).
-    f, sc = lax.optimization_barrier((jnp.where(n2f, p2, p1),
-                                      jnp.where(n2f, p1, p2)))
+    f, sc = lax.optimization_barrier(
+      (jnp.where(n2f, p2, p1), jnp.where(n2f, p1, p2))
+    )
     G_buf = _add(G_buf, first, f)
     G_buf = _add(G_buf, second, sc)
     # dx[p] (rounded to the storage dtype) replaces G[p], never read again.
@@ -599,20 +649,26 @@ def grouped_backward(x: jax.Array, g: Optional[jax.Array], ct: jax.Array,
   init = (_jax_compat.vary(G0, *ins),)
   if guided:
     init += (_buffer(pr.xg, plan, sd, G0, *ins),)
-  carry, _ = lax.scan(body, init, _steps(plan, "src", "dst", "nb1", "nb2",
-                                         "in1", "in2", "first", "second"),
-                      reverse=True)
+  carry, _ = lax.scan(
+    body,
+    init,
+    _steps(plan, "src", "dst", "nb1", "nb2", "in1", "in2", "first", "second"),
+    reverse=True,
+  )
 
   def per_group(v):
-    return _finish(_sum_members(v, plan), pr)   # in the storage dtype
+    return _finish(_sum_members(v, plan), pr)  # in the storage dtype
 
   dx = per_group(_member_images(carry[0], plan).astype(sd))
   if not guided:
     return dx, None
   dg = per_group(_member_images(carry[1], plan))
   gshape = tuple(jnp.shape(g))
-  axes = tuple(i for i, (a, bdim) in enumerate(zip(gshape, pr.shape))
-               if a == 1 and bdim != 1)
+  axes = tuple(
+    i
+    for i, (a, bdim) in enumerate(zip(gshape, pr.shape))
+    if a == 1 and bdim != 1
+  )
   if axes:
     dg = jnp.sum(dg.astype(cd), axis=axes, keepdims=True).astype(sd)
   return dx, dg.reshape(gshape)

@@ -46,8 +46,12 @@ import time
 import warnings
 
 # Compile-only TPUs: jax.experimental.topologies' names.
-TOPOLOGIES = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1",
-              "v6e": "v6e:2x2"}
+TOPOLOGIES = {
+  "v4": "v4:2x2x1",
+  "v5e": "v5e:2x2",
+  "v5p": "v5p:2x2x1",
+  "v6e": "v6e:2x2",
+}
 SHAPES = ((32, 16, 16, 128), (8, 128, 128, 256))
 # The layers' training steps at the first shape only (unless --all-layer-
 # shapes): they check the wiring (the layers' default implementation reaches
@@ -59,45 +63,74 @@ LAYER_SHAPES = SHAPES[:1]
 DTYPES = ("float32", "bfloat16")
 PASSES = ("forward", "tangent", "backward")
 # name -> (linen class name, directions or None for the class's default)
-LAYERS = {"LandmarkConv4": ("LandmarkConv4", None),
-          "LandmarkConv8": ("LandmarkConv8", None),
-          "LandmarkConv(top_bottom)": ("LandmarkConv", "top_bottom")}
-KERNEL_MARK = "tpu_custom_call"   # a Pallas TPU kernel in the lowered module
-SCAN_MARK = "stablehlo.while"     # the reference's wavefront scan
+LAYERS = {
+  "LandmarkConv4": ("LandmarkConv4", None),
+  "LandmarkConv8": ("LandmarkConv8", None),
+  "LandmarkConv(top_bottom)": ("LandmarkConv", "top_bottom"),
+}
+KERNEL_MARK = "tpu_custom_call"  # a Pallas TPU kernel in the lowered module
+SCAN_MARK = "stablehlo.while"  # the reference's wavefront scan
 
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(
-      description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--quick", action="store_true",
-                 help="one shape (32, 16, 16, 128), float32, forward and "
-                      "backward of quadrants and octants, no layers")
-  p.add_argument("--platforms", default="v5e,v6e",
-                 help="comma-separated compile-only TPUs, of "
-                      f"{', '.join(TOPOLOGIES)} (default: v5e,v6e)")
-  p.add_argument("--dump", metavar="DIR",
-                 help="write Mosaic's stages of every kernel (LIBTPU_INIT_ARGS"
-                      "=--xla_mosaic_dump_to) under DIR/<case>/")
-  p.add_argument("--implementation", choices=("pallas", "reference"),
-                 default="pallas",
-                 help="pallas (default): the check; reference: compile the "
-                      "pure-jnp reference and expect its scan (a baseline)")
-  p.add_argument("--layers", choices=("auto", "pallas", "reference", "off"),
-                 default=None,
-                 help="the layers' pool implementation: auto (the layers' "
-                      "default: the Pallas kernels on a TPU; the default here "
-                      "when lmconv_jax has implementation='pallas'), pallas, "
-                      "reference (expects the scan), off (default when "
-                      "lmconv_jax has no implementation='pallas')")
-  p.add_argument("--all-layer-shapes", action="store_true",
-                 help="the layers' training steps at every shape (default: "
-                      "the first; ~4 more minutes)")
-  p.add_argument("--only", metavar="TEXT", action="append", default=[],
-                 help="run only the cases whose name contains every TEXT")
-  p.add_argument("--selftest", action="store_true",
-                 help="check the harness on a tiny Pallas kernel of its own "
-                      "(no lmconv_jax kernels needed)")
+    description=__doc__.split("\n\n")[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  p.add_argument(
+    "--quick",
+    action="store_true",
+    help="one shape (32, 16, 16, 128), float32, forward and "
+    "backward of quadrants and octants, no layers",
+  )
+  p.add_argument(
+    "--platforms",
+    default="v5e,v6e",
+    help="comma-separated compile-only TPUs, of "
+    f"{', '.join(TOPOLOGIES)} (default: v5e,v6e)",
+  )
+  p.add_argument(
+    "--dump",
+    metavar="DIR",
+    help="write Mosaic's stages of every kernel (LIBTPU_INIT_ARGS"
+    "=--xla_mosaic_dump_to) under DIR/<case>/",
+  )
+  p.add_argument(
+    "--implementation",
+    choices=("pallas", "reference"),
+    default="pallas",
+    help="pallas (default): the check; reference: compile the "
+    "pure-jnp reference and expect its scan (a baseline)",
+  )
+  p.add_argument(
+    "--layers",
+    choices=("auto", "pallas", "reference", "off"),
+    default=None,
+    help="the layers' pool implementation: auto (the layers' "
+    "default: the Pallas kernels on a TPU; the default here "
+    "when lmconv_jax has implementation='pallas'), pallas, "
+    "reference (expects the scan), off (default when "
+    "lmconv_jax has no implementation='pallas')",
+  )
+  p.add_argument(
+    "--all-layer-shapes",
+    action="store_true",
+    help="the layers' training steps at every shape (default: "
+    "the first; ~4 more minutes)",
+  )
+  p.add_argument(
+    "--only",
+    metavar="TEXT",
+    action="append",
+    default=[],
+    help="run only the cases whose name contains every TEXT",
+  )
+  p.add_argument(
+    "--selftest",
+    action="store_true",
+    help="check the harness on a tiny Pallas kernel of its own "
+    "(no lmconv_jax kernels needed)",
+  )
   args = p.parse_args(argv)
   args.platforms = [s.strip() for s in args.platforms.split(",") if s.strip()]
   bad = [s for s in args.platforms if s not in TOPOLOGIES]
@@ -114,36 +147,44 @@ def start_jax(dump_staging: str | None = None):
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   if dump_staging:
     os.environ["LIBTPU_INIT_ARGS"] = (
-        os.environ.get("LIBTPU_INIT_ARGS", "") +
-        f" --xla_mosaic_dump_to={dump_staging}").strip()
+      os.environ.get("LIBTPU_INIT_ARGS", "")
+      + f" --xla_mosaic_dump_to={dump_staging}"
+    ).strip()
   # lmconv_jax runs from the source tree without its C++ extension: the CPU
   # kernels are not needed to compile for a TPU.
-  warnings.filterwarnings("ignore",
-                          message="lmconv_jax: the compiled CPU kernels")
+  warnings.filterwarnings(
+    "ignore", message="lmconv_jax: the compiled CPU kernels"
+  )
   import jax
+
   return jax
 
 
 # --------------------------------------------------------------------------
 # Devices and argument specs.
 
+
 @functools.cache
 def tpu_device(platform: str):
   from jax.experimental import topologies
-  return topologies.get_topology_desc(topology_name=TOPOLOGIES[platform],
-                                      platform="tpu").devices[0]
+
+  return topologies.get_topology_desc(
+    topology_name=TOPOLOGIES[platform], platform="tpu"
+  ).devices[0]
 
 
 def on_device(dev):
   """A function turning shapes/arrays into ShapeDtypeStructs placed on dev."""
   import jax
+
   make = getattr(jax.sharding, "make_single_device_sharding", None)
   sharding = make(dev) if make else jax.sharding.SingleDeviceSharding(dev)
 
   def spec(shape, dtype=None):
-    if dtype is None:   # an abstract value (e.g. from jax.eval_shape)
+    if dtype is None:  # an abstract value (e.g. from jax.eval_shape)
       shape, dtype = shape.shape, shape.dtype
     return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
+
   return spec
 
 
@@ -154,18 +195,21 @@ def shape_name(shape):
 # --------------------------------------------------------------------------
 # The cases: (name, function, argument specs, expect "kernel" or "scan").
 
+
 class Case:
   def __init__(self, name, fn, args, expect, group="pool", device=None):
     self.name, self.fn, self.args, self.expect = name, fn, args, expect
     self.group = group
-    if device is None:   # where the first argument lives
+    if device is None:  # where the first argument lives
       import jax
+
       device = next(iter(jax.tree.leaves(args)[0].sharding.device_set))
     self.device = device
 
 
 def pallas_wired() -> bool:
   import lmconv_jax
+
   return "pallas" in lmconv_jax.IMPLEMENTATIONS
 
 
@@ -176,18 +220,22 @@ def pool_fn(pass_, grouping, guided, implementation, direct):
   import jax
   import lmconv_jax
   from lmconv_jax.directions import resolve_grouping
+
   if direct:
     from lmconv_jax import _pallas_tpu as k
+
     groups = resolve_grouping(grouping)
     if pass_ == "forward":
       return lambda x, g=None: k.grouped_forward(x, g, groups)
     if pass_ == "tangent":
       return lambda x, tx, g=None, tg=None: k.grouped_tangent(
-          x, g, tx, tg, groups)
+        x, g, tx, tg, groups
+      )
     return lambda x, ct, g=None: k.grouped_backward(x, g, ct, groups)
 
   pool = lambda x, g=None: lmconv_jax.grouped_landmark_pool(
-      x, grouping, g, implementation=implementation)
+    x, grouping, g, implementation=implementation
+  )
   if pass_ == "forward":
     return pool
   if pass_ == "tangent":
@@ -200,13 +248,17 @@ def pool_fn(pass_, grouping, guided, implementation, direct):
 
 
 def pool_name(platform, what, pass_, shape, dtype, guided):
-  return (f"{platform} {what} {pass_} {shape_name(shape)} {dtype} "
-          f"{'guide' if guided else 'plain'}")
+  return (
+    f"{platform} {what} {pass_} {shape_name(shape)} {dtype} "
+    f"{'guide' if guided else 'plain'}"
+  )
 
 
-def pool_case(platform, grouping, pass_, shape, dtype, guided, implementation,
-              direct=False):
+def pool_case(
+  platform, grouping, pass_, shape, dtype, guided, implementation, direct=False
+):
   import jax.numpy as jnp
+
   spec = on_device(tpu_device(platform))
   dt = jnp.dtype(dtype)
   x = spec(shape, dt)
@@ -216,8 +268,12 @@ def pool_case(platform, grouping, pass_, shape, dtype, guided, implementation,
   if guided:
     args += (g, g) if pass_ == "tangent" else (g,)
   name = pool_name(platform, grouping, pass_, shape, dtype, guided)
-  return Case(name, pool_fn(pass_, grouping, guided, implementation, direct),
-              args, "scan" if implementation == "reference" else "kernel")
+  return Case(
+    name,
+    pool_fn(pass_, grouping, guided, implementation, direct),
+    args,
+    "scan" if implementation == "reference" else "kernel",
+  )
 
 
 def layer_case(platform, layer, shape, dtype, guided, implementation):
@@ -225,13 +281,15 @@ def layer_case(platform, layer, shape, dtype, guided, implementation):
   import jax
   import jax.numpy as jnp
   import lmconv_jax
+
   cls_name, directions = LAYERS[layer]
   kw = {} if directions is None else {"directions": directions}
-  if implementation != "auto":   # "auto": the layers' default, unset
+  if implementation != "auto":  # "auto": the layers' default, unset
     kw["implementation"] = implementation
   dt = jnp.dtype(dtype)
   module = getattr(lmconv_jax, cls_name)(
-      features=shape[-1], kernel_size=(3, 3), dtype=dt, **kw)
+    features=shape[-1], kernel_size=(3, 3), dtype=dt, **kw
+  )
   spec = on_device(tpu_device(platform))
   x = spec(shape, dt)
   g = spec(shape[-1:], dt) if guided else None
@@ -239,32 +297,46 @@ def layer_case(platform, layer, shape, dtype, guided, implementation):
   # pool's implementation matters for shapes).
   init_kw = dict(kw, implementation="reference")
   params = jax.eval_shape(
-      getattr(lmconv_jax, cls_name)(features=shape[-1], kernel_size=(3, 3),
-                                    dtype=dt, **init_kw).init,
-      jax.random.key(0), jax.ShapeDtypeStruct(shape, dt),
-      None if g is None else jax.ShapeDtypeStruct(g.shape, dt))
+    getattr(lmconv_jax, cls_name)(
+      features=shape[-1], kernel_size=(3, 3), dtype=dt, **init_kw
+    ).init,
+    jax.random.key(0),
+    jax.ShapeDtypeStruct(shape, dt),
+    None if g is None else jax.ShapeDtypeStruct(g.shape, dt),
+  )
   params = jax.tree.map(spec, params)
 
   def step(params, x, g=None):
     def loss(params, x):
       y = module.apply(params, x, g)
       return jnp.mean(jnp.square(y.astype(jnp.float32)))
+
     return jax.grad(loss, argnums=(0, 1))(params, x)
+
   name = pool_name(platform, layer, "train-step", shape, dtype, guided)
   args = (params, x) + ((g,) if guided else ())
-  return Case(name, step, args,
-              "scan" if implementation == "reference" else "kernel", "layer")
+  return Case(
+    name,
+    step,
+    args,
+    "scan" if implementation == "reference" else "kernel",
+    "layer",
+  )
 
 
 def all_cases(args, direct, layers_impl):
   import lmconv_jax
+
   if args.quick:
     shapes, dtypes, passes = SHAPES[:1], DTYPES[:1], ("forward", "backward")
     groupings, guides, layers = ("quadrants", "octants"), (False,), ()
   else:
     shapes, dtypes, passes = SHAPES, DTYPES, PASSES
-    groupings, guides, layers = tuple(lmconv_jax.GROUPINGS), (False, True), \
-        tuple(LAYERS)
+    groupings, guides, layers = (
+      tuple(lmconv_jax.GROUPINGS),
+      (False, True),
+      tuple(LAYERS),
+    )
   if layers_impl == "off":
     layers = ()
   cases = []
@@ -274,23 +346,39 @@ def all_cases(args, direct, layers_impl):
         for guided in guides:
           for grouping in groupings:
             for pass_ in passes:
-              cases.append((
+              cases.append(
+                (
                   pool_name(platform, grouping, pass_, shape, dtype, guided),
-                  functools.partial(pool_case, platform, grouping, pass_,
-                                    shape, dtype, guided, args.implementation,
-                                    direct)))
-          for layer in (layers if args.all_layer_shapes or
-                        shape in LAYER_SHAPES else ()):
-            cases.append((
+                  functools.partial(
+                    pool_case,
+                    platform,
+                    grouping,
+                    pass_,
+                    shape,
+                    dtype,
+                    guided,
+                    args.implementation,
+                    direct,
+                  ),
+                )
+              )
+          for layer in (
+            layers if args.all_layer_shapes or shape in LAYER_SHAPES else ()
+          ):
+            cases.append(
+              (
                 pool_name(platform, layer, "train-step", shape, dtype, guided),
-                functools.partial(layer_case, platform, layer, shape, dtype,
-                                  guided, layers_impl)))
-  return [(n, m) for n, m in cases
-          if all(t in n for t in args.only)]
+                functools.partial(
+                  layer_case, platform, layer, shape, dtype, guided, layers_impl
+                ),
+              )
+            )
+  return [(n, m) for n, m in cases if all(t in n for t in args.only)]
 
 
 # --------------------------------------------------------------------------
 # Compiling one case.
+
 
 def fmt_bytes(n):
   if n is None:
@@ -322,12 +410,13 @@ def one_line(e: BaseException, limit=300):
   text = type(e).__name__ + (": " + lines[0] if lines else "")
   if len(lines) > 1 and (text.endswith(":") or len(text) < 80):
     text += " " + lines[1]
-  return text if len(text) <= limit else text[:limit - 3] + "..."
+  return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def compile_case(case):
   """Lowers and compiles; returns a dict of what was found."""
   import jax
+
   r = {"name": case.name, "group": case.group, "expect": case.expect}
   t0 = time.perf_counter()
   try:
@@ -356,21 +445,27 @@ def compile_case(case):
   if case.expect == "kernel":
     r["ok"] = r["kernels"] > 0 and r["scans"] == 0
     if not r["ok"]:
-      r["why"] = (f"{r['kernels']} {KERNEL_MARK}, {r['scans']} {SCAN_MARK} "
-                  f"(want >= 1 kernel and no reference scan)")
+      r["why"] = (
+        f"{r['kernels']} {KERNEL_MARK}, {r['scans']} {SCAN_MARK} "
+        f"(want >= 1 kernel and no reference scan)"
+      )
   else:
     r["ok"] = r["scans"] > 0 and r["kernels"] == 0
     if not r["ok"]:
-      r["why"] = (f"{r['kernels']} {KERNEL_MARK}, {r['scans']} {SCAN_MARK} "
-                  f"(want the reference's scan and no kernel)")
+      r["why"] = (
+        f"{r['kernels']} {KERNEL_MARK}, {r['scans']} {SCAN_MARK} "
+        f"(want the reference's scan and no kernel)"
+      )
   return r
 
 
 def report_line(r, ok=None):
   ok = r["ok"] if ok is None else ok
-  line = (f"{'PASS' if ok else 'FAIL'}  {r['name']:<58} "
-          f"{r['seconds']:6.1f}s  bytes {fmt_bytes(r.get('bytes')):>8}  "
-          f"temp {fmt_bytes(r.get('temp')):>8}")
+  line = (
+    f"{'PASS' if ok else 'FAIL'}  {r['name']:<58} "
+    f"{r['seconds']:6.1f}s  bytes {fmt_bytes(r.get('bytes')):>8}  "
+    f"temp {fmt_bytes(r.get('temp')):>8}"
+  )
   if r.get("why"):
     line += f"  -- {r['why']}"
   return line
@@ -412,7 +507,7 @@ def run_cases(cases, dumps):
   for name, make in cases:
     try:
       case = make()
-    except Exception as e:   # building the case (tracing shapes) failed
+    except Exception as e:  # building the case (tracing shapes) failed
       r = {"name": name, "ok": False, "seconds": 0.0, "why": one_line(e)}
       print(report_line(r), flush=True)
       failed += 1
@@ -429,6 +524,7 @@ def run_cases(cases, dumps):
 # --------------------------------------------------------------------------
 # --selftest: the harness on a tiny Pallas kernel of its own.
 
+
 def selftest_kernel():
   """A top-to-bottom running max over H (one image per grid step) with a
   custom VJP whose backward is a second Pallas kernel: the harness's
@@ -444,25 +540,31 @@ def selftest_kernel():
       cur = jnp.maximum(x_ref[0, i], prev)
       o_ref[0, i] = cur
       return cur
+
     jax.lax.fori_loop(1, x_ref.shape[1], body, x_ref[0, 0])
 
   def bwd_kernel(x_ref, o_ref, ct_ref, dx_ref):
     h = x_ref.shape[1]
 
-    def body(j, carry):   # rows bottom to top; carry: ct flowing upwards
+    def body(j, carry):  # rows bottom to top; carry: ct flowing upwards
       i = h - 1 - j
       total = ct_ref[0, i] + carry
       prev = o_ref[0, jnp.maximum(i - 1, 0)]
       wins = (x_ref[0, i] >= prev) | (i == 0)
       dx_ref[0, i] = jnp.where(wins, total, 0)
       return jnp.where(wins, 0, total)
+
     jax.lax.fori_loop(0, h, body, jnp.zeros_like(ct_ref[0, 0]))
 
   def call(kernel, n_in, x):
     spec = pl.BlockSpec((1,) + x.shape[1:], lambda b: (b, 0, 0, 0))
     return lambda *a: pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
-        grid=(x.shape[0],), in_specs=[spec] * n_in, out_specs=spec)(*a)
+      kernel,
+      out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+      grid=(x.shape[0],),
+      in_specs=[spec] * n_in,
+      out_specs=spec,
+    )(*a)
 
   @jax.custom_vjp
   def running_max(x):
@@ -475,6 +577,7 @@ def selftest_kernel():
   def bwd(res, ct):
     x, out = res
     return (call(bwd_kernel, 3, x)(x, out, ct),)
+
   running_max.defvjp(fwd, bwd)
   return running_max
 
@@ -485,25 +588,64 @@ def selftest_cases(platforms):
   import jax
   import jax.numpy as jnp
   import lmconv_jax
+
   rmax = selftest_kernel()
   out = []
   for platform in platforms:
     spec = on_device(tpu_device(platform))
     x = spec((4, 16, 16, 128), jnp.float32)
-    out.append((Case(f"{platform} selftest-kernel forward", rmax, (x,),
-                     "kernel"), True))
-    out.append((Case(f"{platform} selftest-kernel grad",
-                     jax.grad(lambda x: rmax(x).sum()), (x,), "kernel"), True))
+    out.append(
+      (Case(f"{platform} selftest-kernel forward", rmax, (x,), "kernel"), True)
+    )
+    out.append(
+      (
+        Case(
+          f"{platform} selftest-kernel grad",
+          jax.grad(lambda x: rmax(x).sum()),
+          (x,),
+          "kernel",
+        ),
+        True,
+      )
+    )
     ref = lambda x: lmconv_jax.grouped_landmark_pool(
-        x, "quadrants", implementation="reference")
-    out.append((Case(f"{platform} selftest-reference forward (must FAIL)",
-                     ref, (x,), "kernel"), False))
-    out.append((Case(f"{platform} selftest-reference forward, expect=scan",
-                     ref, (x,), "scan"), True))
+      x, "quadrants", implementation="reference"
+    )
+    out.append(
+      (
+        Case(
+          f"{platform} selftest-reference forward (must FAIL)",
+          ref,
+          (x,),
+          "kernel",
+        ),
+        False,
+      )
+    )
+    out.append(
+      (
+        Case(
+          f"{platform} selftest-reference forward, expect=scan",
+          ref,
+          (x,),
+          "scan",
+        ),
+        True,
+      )
+    )
     # Whole 32 MB images in and out, double-buffered: over the scoped VMEM.
     big = spec((2, 256, 256, 128), jnp.float32)
-    out.append((Case(f"{platform} selftest-kernel VMEM overflow (must FAIL)",
-                     rmax, (big,), "kernel"), False))
+    out.append(
+      (
+        Case(
+          f"{platform} selftest-kernel VMEM overflow (must FAIL)",
+          rmax,
+          (big,),
+          "kernel",
+        ),
+        False,
+      )
+    )
   return out
 
 
@@ -518,19 +660,23 @@ def run_selftest(args, dumps):
     print(report_line(r, ok=right), flush=True)
     passed += right
     failed += not right
-  if args.dump:   # the kernel's dumps hold the final stage, as a real one's
+  if args.dump:  # the kernel's dumps hold the final stage, as a real one's
     d = dumps.root / f"{args.platforms[0]}_selftest-kernel_forward"
     stages = sorted(d.glob("*finalize-llo*")) if d.exists() else []
     right = bool(stages)
-    print(f"{'PASS' if right else 'FAIL'}  selftest --dump: "
-          f"{len(list(d.glob('*'))) if d.exists() else 0} Mosaic stages in "
-          f"{d}", flush=True)
+    print(
+      f"{'PASS' if right else 'FAIL'}  selftest --dump: "
+      f"{len(list(d.glob('*'))) if d.exists() else 0} Mosaic stages in "
+      f"{d}",
+      flush=True,
+    )
     passed += right
     failed += not right
   return passed, failed
 
 
 # --------------------------------------------------------------------------
+
 
 def main(argv=None):
   args = parse_args(argv)
@@ -542,14 +688,18 @@ def main(argv=None):
   try:
     devs = {p: tpu_device(p) for p in args.platforms}
   except Exception as e:
-    print(f"tpu_compile_check: no compile-only TPU device ({one_line(e)}); is "
-          f"libtpu installed (scripts/tpu_compile_check.sh installs it)?",
-          file=sys.stderr)
+    print(
+      f"tpu_compile_check: no compile-only TPU device ({one_line(e)}); is "
+      f"libtpu installed (scripts/tpu_compile_check.sh installs it)?",
+      file=sys.stderr,
+    )
     return 2
-  print(f"jax {jax.__version__}, libtpu {libtpu_version()}, lmconv_jax from "
-        f"{pathlib.Path(lmconv_jax.__file__).parent}; devices: "
-        f"{', '.join(f'{p}={d.device_kind}' for p, d in devs.items())}",
-        flush=True)
+  print(
+    f"jax {jax.__version__}, libtpu {libtpu_version()}, lmconv_jax from "
+    f"{pathlib.Path(lmconv_jax.__file__).parent}; devices: "
+    f"{', '.join(f'{p}={d.device_kind}' for p, d in devs.items())}",
+    flush=True,
+  )
 
   if args.selftest:
     passed, failed = run_selftest(args, dumps)
@@ -558,33 +708,48 @@ def main(argv=None):
     direct = args.implementation == "pallas" and not wired
     if args.implementation == "pallas":
       if importlib.util.find_spec("lmconv_jax._pallas_tpu") is None:
-        print("tpu_compile_check: the kernels module lmconv_jax/_pallas_tpu.py "
-              "does not exist yet: nothing to check", file=sys.stderr)
+        print(
+          "tpu_compile_check: the kernels module lmconv_jax/_pallas_tpu.py "
+          "does not exist yet: nothing to check",
+          file=sys.stderr,
+        )
         return 2
       try:
         import lmconv_jax._pallas_tpu  # noqa: F401
       except Exception as e:
-        print(f"tpu_compile_check: lmconv_jax._pallas_tpu does not import: "
-              f"{one_line(e)}", file=sys.stderr)
+        print(
+          f"tpu_compile_check: lmconv_jax._pallas_tpu does not import: "
+          f"{one_line(e)}",
+          file=sys.stderr,
+        )
         return 2
     layers_impl = args.layers or (
-        "reference" if args.implementation == "reference" else
-        "auto" if wired else "off")
-    print(f"pools: {'lmconv_jax._pallas_tpu directly' if direct else ''}"
-          f"{'' if direct else 'grouped_landmark_pool(implementation=%r)' % args.implementation}"
-          f"; layers: {layers_impl}"
-          f"{'' if wired else ' (lmconv_jax has no implementation=pallas yet)'}",
-          flush=True)
+      "reference"
+      if args.implementation == "reference"
+      else "auto"
+      if wired
+      else "off"
+    )
+    print(
+      f"pools: {'lmconv_jax._pallas_tpu directly' if direct else ''}"
+      f"{'' if direct else 'grouped_landmark_pool(implementation=%r)' % args.implementation}"
+      f"; layers: {layers_impl}"
+      f"{'' if wired else ' (lmconv_jax has no implementation=pallas yet)'}",
+      flush=True,
+    )
     passed, failed, _ = run_cases(all_cases(args, direct, layers_impl), dumps)
   dumps.close()
-  print(f"{passed} passed, {failed} failed "
-        f"({time.perf_counter() - t_start:.0f} s)", flush=True)
+  print(
+    f"{passed} passed, {failed} failed ({time.perf_counter() - t_start:.0f} s)",
+    flush=True,
+  )
   return 0 if failed == 0 and passed > 0 else 1
 
 
 def libtpu_version():
   try:
     import importlib.metadata as md
+
     return md.version("libtpu")
   except Exception:
     return "?"

@@ -22,8 +22,11 @@ def _x64_only_where_marked(request):
       yield
   if jax.config.jax_enable_x64 != before:
     jax.config.update("jax_enable_x64", before)
-    pytest.fail(f"{request.node.nodeid} left jax_enable_x64 switched; "
-                "mark it x64 instead", pytrace=False)
+    pytest.fail(
+      f"{request.node.nodeid} left jax_enable_x64 switched; "
+      "mark it x64 instead",
+      pytrace=False,
+    )
 
 
 # --------------------------------------------------------------------------

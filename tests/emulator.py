@@ -78,86 +78,165 @@ def _attrs(groups, emulated, multiprocessors, order):
 
 
 def _target(name, guided, emulated):
-  return ("lmconv_emu_" if emulated else "lmconv_") + name + (
-      "_guided" if guided else "")
+  return (
+    ("lmconv_emu_" if emulated else "lmconv_")
+    + name
+    + ("_guided" if guided else "")
+  )
 
 
 def _sds(shape, dtype):
   return jax.ShapeDtypeStruct(shape, dtype)
 
 
-def forward(x, guide, groups, *, emulated, multiprocessors=132, order=0,
-            save_members=True):
+def forward(
+  x, guide, groups, *, emulated, multiprocessors=132, order=0, save_members=True
+):
   """(out, members) of the grouped pool; save_members=False: the forward
   for inference (members empty; merged groups merge as they go)."""
   x = jnp.asarray(x)
   g = guide_at_rank(guide, x)
   call = jax.ffi.ffi_call(
-      _target("pool_fwd", g is not None, emulated),
-      (_sds(x.shape, x.dtype),
-       _sds(_members_shape(groups, x, save_members),
-            members_dtype(x.dtype, g is not None))))
+    _target("pool_fwd", g is not None, emulated),
+    (
+      _sds(x.shape, x.dtype),
+      _sds(
+        _members_shape(groups, x, save_members),
+        members_dtype(x.dtype, g is not None),
+      ),
+    ),
+  )
   args = (x,) if g is None else (x, g)
   return call(*args, **_attrs(groups, emulated, multiprocessors, order))
 
 
-def tangent(x, guide, groups, out, members, tx, tguide=None, *, emulated,
-            multiprocessors=132, order=0):
+def tangent(
+  x,
+  guide,
+  groups,
+  out,
+  members,
+  tx,
+  tguide=None,
+  *,
+  emulated,
+  multiprocessors=132,
+  order=0,
+):
   """tout: the tangent of the grouped pool along tx (and tguide)."""
   x = jnp.asarray(x)
   g = guide_at_rank(guide, x)
-  call = jax.ffi.ffi_call(_target("pool_tangent", g is not None, emulated),
-                          _sds(x.shape, x.dtype))
+  call = jax.ffi.ffi_call(
+    _target("pool_tangent", g is not None, emulated), _sds(x.shape, x.dtype)
+  )
   if g is None:
     args = (x, out, members, jnp.asarray(tx, x.dtype))
   else:
-    args = (x, g, out, members, jnp.asarray(tx, x.dtype),
-            guide_at_rank(tguide, x))
+    args = (
+      x,
+      g,
+      out,
+      members,
+      jnp.asarray(tx, x.dtype),
+      guide_at_rank(tguide, x),
+    )
   return call(*args, **_attrs(groups, emulated, multiprocessors, order))
 
 
-def backward(x, guide, groups, out, members, ct, *, emulated,
-             multiprocessors=132, order=0):
+def backward(
+  x, guide, groups, out, members, ct, *, emulated, multiprocessors=132, order=0
+):
   """(dx, dguide): dguide at the guide's own shape (at x's rank), or None."""
   x = jnp.asarray(x)
   g = guide_at_rank(guide, x)
   ct = jnp.asarray(ct, x.dtype)
   if g is None:
-    call = jax.ffi.ffi_call(_target("pool_bwd", False, emulated),
-                            _sds(x.shape, x.dtype))
-    dx = call(x, out, members, ct,
-              **_attrs(groups, emulated, multiprocessors, order))
+    call = jax.ffi.ffi_call(
+      _target("pool_bwd", False, emulated), _sds(x.shape, x.dtype)
+    )
+    dx = call(
+      x, out, members, ct, **_attrs(groups, emulated, multiprocessors, order)
+    )
     return dx, None
-  call = jax.ffi.ffi_call(_target("pool_bwd", True, emulated),
-                          (_sds(x.shape, x.dtype), _sds(g.shape, x.dtype)))
-  return tuple(call(x, g, out, members, ct,
-                    **_attrs(groups, emulated, multiprocessors, order)))
+  call = jax.ffi.ffi_call(
+    _target("pool_bwd", True, emulated),
+    (_sds(x.shape, x.dtype), _sds(g.shape, x.dtype)),
+  )
+  return tuple(
+    call(
+      x, g, out, members, ct, **_attrs(groups, emulated, multiprocessors, order)
+    )
+  )
 
 
-def emulated_forward(x, guide, groups, *, multiprocessors=132, order=0,
-                     save_members=True):
+def emulated_forward(
+  x, guide, groups, *, multiprocessors=132, order=0, save_members=True
+):
   """(out, members) from the emulated CUDA forward kernel."""
-  return forward(x, guide, groups, emulated=True,
-                 multiprocessors=multiprocessors, order=order,
-                 save_members=save_members)
+  return forward(
+    x,
+    guide,
+    groups,
+    emulated=True,
+    multiprocessors=multiprocessors,
+    order=order,
+    save_members=save_members,
+  )
 
 
-def emulated_tangent(x, guide, groups, out, members, tx, tguide=None, *,
-                     multiprocessors=132, order=0):
+def emulated_tangent(
+  x,
+  guide,
+  groups,
+  out,
+  members,
+  tx,
+  tguide=None,
+  *,
+  multiprocessors=132,
+  order=0,
+):
   """tout from the emulated CUDA tangent kernel."""
-  return tangent(x, guide, groups, out, members, tx, tguide, emulated=True,
-                 multiprocessors=multiprocessors, order=order)
+  return tangent(
+    x,
+    guide,
+    groups,
+    out,
+    members,
+    tx,
+    tguide,
+    emulated=True,
+    multiprocessors=multiprocessors,
+    order=order,
+  )
 
 
-def emulated_backward(x, guide, groups, out, members, ct, *,
-                      multiprocessors=132, order=0):
+def emulated_backward(
+  x, guide, groups, out, members, ct, *, multiprocessors=132, order=0
+):
   """(dx, dguide) from the emulated CUDA backward kernel(s)."""
-  return backward(x, guide, groups, out, members, ct, emulated=True,
-                  multiprocessors=multiprocessors, order=order)
+  return backward(
+    x,
+    guide,
+    groups,
+    out,
+    members,
+    ct,
+    emulated=True,
+    multiprocessors=multiprocessors,
+    order=order,
+  )
 
 
-def launch_plan(groups, shape, pass_="forward", *, multiprocessors=132,
-                guide_shape=None, saved_members=True):
+def launch_plan(
+  groups,
+  shape,
+  pass_="forward",
+  *,
+  multiprocessors=132,
+  guide_shape=None,
+  saved_members=True,
+):
   """The CUDA launch(es) of one grouped call, as the CUDA handler plans them:
   blocks, threads, phases, workspace, lanes, launches (2 for a guided
   backward with a broadcast guide: the reduction), each direction's sweep."""
@@ -166,14 +245,27 @@ def launch_plan(groups, shape, pass_="forward", *, multiprocessors=132,
   if guide_shape is not None:
     guide_shape = tuple(int(s) for s in guide_shape)
     guide_shape = (1,) * (len(shape) - len(guide_shape)) + guide_shape
-  return EMULATOR.launch_plan([int(v) for v in a["group_sizes"]],
-                              [int(v) for v in a["directions"]], list(shape),
-                              pass_, int(multiprocessors), guide_shape,
-                              bool(saved_members))
+  return EMULATOR.launch_plan(
+    [int(v) for v in a["group_sizes"]],
+    [int(v) for v in a["directions"]],
+    list(shape),
+    pass_,
+    int(multiprocessors),
+    guide_shape,
+    bool(saved_members),
+  )
 
 
-def cpu_plan(groups, shape, pass_="forward", *, threads, dtype="float32",
-             guide_shape=None, saved_members=True):
+def cpu_plan(
+  groups,
+  shape,
+  pass_="forward",
+  *,
+  threads,
+  dtype="float32",
+  guide_shape=None,
+  saved_members=True,
+):
   """The CPU kernels' plan of one grouped call for `threads` threads
   (xla_ffi/cpu_plan.h: plan_cpu): the traversal ('kind') and its work items
   (items, items_per_image, block, whole_groups, nblocks, swept_together)."""
@@ -182,7 +274,13 @@ def cpu_plan(groups, shape, pass_="forward", *, threads, dtype="float32",
   if guide_shape is not None:
     guide_shape = tuple(int(s) for s in guide_shape)
     guide_shape = (1,) * (len(shape) - len(guide_shape)) + guide_shape
-  return EMULATOR.cpu_plan([int(v) for v in a["group_sizes"]],
-                           [int(v) for v in a["directions"]], list(shape),
-                           pass_, int(threads), jnp.dtype(dtype).itemsize,
-                           guide_shape, bool(saved_members))
+  return EMULATOR.cpu_plan(
+    [int(v) for v in a["group_sizes"]],
+    [int(v) for v in a["directions"]],
+    list(shape),
+    pass_,
+    int(threads),
+    jnp.dtype(dtype).itemsize,
+    guide_shape,
+    bool(saved_members),
+  )

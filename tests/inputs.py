@@ -30,9 +30,11 @@ def make_guide(mode, shape, seed=1, tie_heavy=False):
   if mode == "none":
     return None
   rng = np.random.default_rng(seed)
-  gshape = {"full": shape,
-            "per_channel": shape[-1:],
-            "per_batch": shape[:-3] + (1, 1, 1)}[mode]
+  gshape = {
+    "full": shape,
+    "per_channel": shape[-1:],
+    "per_batch": shape[:-3] + (1, 1, 1),
+  }[mode]
   if tie_heavy:
     return rng.choice([0.0, 0.5, 1.0, 1.5, -0.5], size=gshape)
   return rng.uniform(-0.5, 1.5, gshape)
@@ -46,5 +48,7 @@ def make_ct(shape, seed=2):
 def dtype_params(names):
   """pytest parameters for dtype names: float64's is marked x64, which turns
   jax_enable_x64 on for that case only (tests/conftest.py)."""
-  return [pytest.param(n, marks=pytest.mark.x64) if n == "float64" else n
-          for n in names]
+  return [
+    pytest.param(n, marks=pytest.mark.x64) if n == "float64" else n
+    for n in names
+  ]

@@ -22,8 +22,8 @@ import sys
 import traceback
 
 STEPS = 3
-GLOBAL_BATCH = 8            # 2 per device over 2 processes x 2 devices
-IMAGE = (12, 12, 3)         # H, W, C
+GLOBAL_BATCH = 8  # 2 per device over 2 processes x 2 devices
+IMAGE = (12, 12, 3)  # H, W, C
 CLASSES = 4
 
 
@@ -32,6 +32,7 @@ def load_examples(step: int, rows: range):
   process makes only the rows it holds and every process count sees the same
   data (a real loader reads its own files or its slice of a data set)."""
   import numpy as np
+
   images, labels = [], []
   for i in rows:
     rng = np.random.default_rng([step, i])
@@ -42,6 +43,7 @@ def load_examples(step: int, rows: range):
 
 def run(args) -> None:
   import jax
+
   # Cross-process collectives on CPU (the default in this jax; explicit, as a
   # GPU run would use NCCL without any setting).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -50,11 +52,14 @@ def run(args) -> None:
     # coordinator (process 0) listens on that address only, not on every
     # interface (the default).
     jax.distributed.initialize(
-        coordinator_address=args.coordinator,
-        coordinator_bind_address=args.coordinator,
-        num_processes=args.num_processes, process_id=args.process_id,
-        initialization_timeout=60, heartbeat_timeout_seconds=10,
-        shutdown_timeout_seconds=20)
+      coordinator_address=args.coordinator,
+      coordinator_bind_address=args.coordinator,
+      num_processes=args.num_processes,
+      process_id=args.process_id,
+      initialization_timeout=60,
+      heartbeat_timeout_seconds=10,
+      shutdown_timeout_seconds=20,
+    )
   if args.fail == "after_initialize":
     raise RuntimeError(f"process {jax.process_index()}: failing as asked")
 
@@ -67,7 +72,7 @@ def run(args) -> None:
 
   import lmconv_jax
 
-  impl = "ffi"              # the custom calls are what this run is about
+  impl = "ffi"  # the custom calls are what this run is about
 
   class Net(nn.Module):
     @nn.compact
@@ -82,20 +87,25 @@ def run(args) -> None:
   # Auto axes: jit's partitioner places what the code does not say (this
   # jax's make_mesh defaults to Explicit axes, under which optax's integer-
   # label loss needs an explicit out_sharding for its gather).
-  mesh = jax.make_mesh((jax.device_count(),), ("data",),
-                       axis_types=(AxisType.Auto,))
+  mesh = jax.make_mesh(
+    (jax.device_count(),), ("data",), axis_types=(AxisType.Auto,)
+  )
   batch = NamedSharding(mesh, P("data"))
   replicated = NamedSharding(mesh, P())
 
   def global_batch(step: int):
     """The step's global batch; this process loads only its own rows."""
-    def shard(index):               # called once per local device
+
+    def shard(index):  # called once per local device
       rows = range(*index[0].indices(GLOBAL_BATCH))
       return load_examples(step, rows)
+
     images = jax.make_array_from_callback(
-        (GLOBAL_BATCH, *IMAGE), batch, lambda index: shard(index)[0])
+      (GLOBAL_BATCH, *IMAGE), batch, lambda index: shard(index)[0]
+    )
     labels = jax.make_array_from_callback(
-        (GLOBAL_BATCH,), batch, lambda index: shard(index)[1])
+      (GLOBAL_BATCH,), batch, lambda index: shard(index)[1]
+    )
     return images, labels
 
   model = Net()
@@ -121,13 +131,17 @@ def run(args) -> None:
   def train_step(params, batch_stats, opt_state, images, labels):
     def loss_fn(params):
       logits, updates = model.apply(
-          {"params": params, "batch_stats": batch_stats}, images, train=True,
-          mutable=["batch_stats"])
+        {"params": params, "batch_stats": batch_stats},
+        images,
+        train=True,
+        mutable=["batch_stats"],
+      )
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
       return loss.mean(), updates["batch_stats"]
 
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params)
+      params
+    )
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
@@ -135,14 +149,16 @@ def run(args) -> None:
   for step in range(STEPS):
     images, labels = global_batch(step)
     if step == 0:
-      compiled = train_step.lower(params, batch_stats, opt_state, images,
-                                  labels).compile()
+      compiled = train_step.lower(
+        params, batch_stats, opt_state, images, labels
+      ).compile()
       with open(os.path.join(args.out, f"hlo_{args.name}.txt"), "w") as f:
         f.write(compiled.as_text())
     params, batch_stats, opt_state, loss = compiled(
-        params, batch_stats, opt_state, images, labels)
+      params, batch_stats, opt_state, images, labels
+    )
     assert loss.sharding.is_fully_replicated, loss.sharding
-    losses.append(float(loss))      # replicated: every process has it
+    losses.append(float(loss))  # replicated: every process has it
 
   # jax.export of the trained model for inference, batch-sharded over every
   # device of every process: the module holds no Python partitioning
@@ -151,14 +167,15 @@ def run(args) -> None:
   from jax.experimental import multihost_utils
 
   def predict(params, batch_stats, images):
-    return model.apply({"params": params, "batch_stats": batch_stats},
-                       images, train=False)
+    return model.apply(
+      {"params": params, "batch_stats": batch_stats}, images, train=False
+    )
 
   images, _ = global_batch(STEPS)
   exported = export.export(
-      jax.jit(predict, out_shardings=batch),
-      disabled_checks=lmconv_jax.export_disabled_checks())(
-          params, batch_stats, images)
+    jax.jit(predict, out_shardings=batch),
+    disabled_checks=lmconv_jax.export_disabled_checks(),
+  )(params, batch_stats, images)
   call = jax.jit(export.deserialize(exported.serialize()).call)
   compiled = call.lower(params, batch_stats, images).compile()
   with open(os.path.join(args.out, f"hlo_export_{args.name}.txt"), "w") as f:
@@ -166,21 +183,25 @@ def run(args) -> None:
   logits = compiled(params, batch_stats, images)
   per_device = GLOBAL_BATCH // jax.device_count()
   assert logits.sharding.shard_shape(logits.shape)[0] == per_device, (
-      logits.sharding)
+    logits.sharding
+  )
 
-  flat = {"loss": np.asarray(losses),
-          # sharded over the processes: gathered to every process to read it
-          "logits": multihost_utils.process_allgather(logits, tiled=True),
-          "exported_devices": np.asarray(exported.nr_devices)}
+  flat = {
+    "loss": np.asarray(losses),
+    # sharded over the processes: gathered to every process to read it
+    "logits": multihost_utils.process_allgather(logits, tiled=True),
+    "exported_devices": np.asarray(exported.nr_devices),
+  }
   for kind, tree in (("params", params), ("batch_stats", batch_stats)):
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
       assert leaf.sharding.is_fully_replicated, (path, leaf.sharding)
       flat[kind + jax.tree_util.keystr(path)] = np.asarray(leaf)
-  flat["devices"] = np.asarray([jax.device_count(), jax.local_device_count(),
-                                jax.process_count()])
+  flat["devices"] = np.asarray(
+    [jax.device_count(), jax.local_device_count(), jax.process_count()]
+  )
   np.savez(os.path.join(args.out, f"result_{args.name}.npz"), **flat)
   if args.num_processes > 1:
-    jax.distributed.shutdown()      # waits for the other processes
+    jax.distributed.shutdown()  # waits for the other processes
   print(f"{args.name}: done, losses {losses}", flush=True)
 
 
@@ -190,15 +211,20 @@ def main() -> None:
   parser.add_argument("--num-processes", type=int, default=1)
   parser.add_argument("--process-id", type=int, default=0)
   parser.add_argument("--coordinator", default=None)
-  parser.add_argument("--fail", choices=("after_initialize",), default=None,
-                      help="raise at that point (tests the failure path)")
+  parser.add_argument(
+    "--fail",
+    choices=("after_initialize",),
+    default=None,
+    help="raise at that point (tests the failure path)",
+  )
   args = parser.parse_args()
-  args.name = (f"process{args.process_id}" if args.num_processes > 1
-               else "single")
+  args.name = (
+    f"process{args.process_id}" if args.num_processes > 1 else "single"
+  )
   os.makedirs(args.out, exist_ok=True)
   try:
     run(args)
-  except BaseException:               # noqa: BLE001 - report, then exit hard
+  except BaseException:  # noqa: BLE001 - report, then exit hard
     traceback.print_exc()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -38,7 +38,11 @@ def _select(x, out, i, j, d):
   taken = self_.copy()
   for off in (d.n1, d.n2):
     q = _neighbour(out, i, j, off)
-    t = np.zeros_like(self_) if q is None else (~taken & (out[:, q[0], q[1]] >= m))
+    t = (
+      np.zeros_like(self_)
+      if q is None
+      else (~taken & (out[:, q[0], q[1]] >= m))
+    )
     taken |= t
     takes.append((q, t))
   return m, self_, takes
@@ -49,7 +53,9 @@ def forward(x, d, g=None):
   out = np.zeros_like(x)
   for i, j in _order(d, *x.shape[1:3]):
     m, _, _ = _select(x, out, i, j, d)
-    out[:, i, j] = m if g is None else g[:, i, j] * m + (1 - g[:, i, j]) * x[:, i, j]
+    out[:, i, j] = (
+      m if g is None else g[:, i, j] * m + (1 - g[:, i, j]) * x[:, i, j]
+    )
   return out
 
 
@@ -109,7 +115,7 @@ def _literal(d, x, g, tx=None, tg=None):
   cd = compute_dtype(sd)
   xl = flush(x.astype(cd))
   gl = None if g is None else flush(g.astype(cd))
-  outc = np.zeros(x.shape, cd)          # outputs as stored, read as cd
+  outc = np.zeros(x.shape, cd)  # outputs as stored, read as cd
   t = np.zeros(x.shape, cd)
   recs = {}
   one = cd.type(1)
@@ -135,7 +141,9 @@ def _literal(d, x, g, tx=None, tg=None):
         t[:, i, j] = win
       else:
         s = gl[:, i, j]
-        t[:, i, j] = s * win + (one - s) * txp + (m - xl[:, i, j]) * tg[:, i, j].astype(cd)
+        t[:, i, j] = (
+          s * win + (one - s) * txp + (m - xl[:, i, j]) * tg[:, i, j].astype(cd)
+        )
   tout = None if tx is None else t.astype(sd)
   return outc.astype(sd), tout, recs, xl, gl
 
@@ -153,7 +161,7 @@ def _literal_backward(d, x, g, ct):
   for i, j in reversed(_order(d, *x.shape[1:3])):
     m, self_, takes = recs[(i, j)]
     gp = G[:, i, j].copy()
-    if gl is None:                      # g = 1: the whole G to the one winner
+    if gl is None:  # g = 1: the whole G to the one winner
       dx[:, i, j] = np.where(self_, gp, cd.type(0)).astype(sd)
       for q, tk in takes:
         if q is not None:
@@ -208,8 +216,15 @@ def grouped_forward(x, g, groups):
 
 def grouped_tangent(x, g, tx, tg, groups):
   gf = _full_guide(g, x)
-  tgf = None if g is None else (np.zeros(x.shape, x.dtype) if tg is None
-                                else np.broadcast_to(tg, x.shape).astype(x.dtype))
+  tgf = (
+    None
+    if g is None
+    else (
+      np.zeros(x.shape, x.dtype)
+      if tg is None
+      else np.broadcast_to(tg, x.shape).astype(x.dtype)
+    )
+  )
   tout = np.zeros(x.shape, x.dtype)
   for members, blk in zip(groups, _blocks(x, groups)):
     gk = None if gf is None else gf[..., blk]
@@ -246,8 +261,9 @@ def grouped_backward(x, g, ct, groups):
         dg[..., blk] = dgk if k == 0 else dg[..., blk] + dgk
   if g is None:
     return dx, None
-  axes = tuple(i for i, (a, b) in enumerate(zip(np.shape(g), x.shape))
-               if a == 1 and b != 1)
+  axes = tuple(
+    i for i, (a, b) in enumerate(zip(np.shape(g), x.shape)) if a == 1 and b != 1
+  )
   if axes:
     dg = dg.astype(compute_dtype(sd)).sum(axis=axes, keepdims=True).astype(sd)
   return dx, dg.reshape(np.shape(g))
@@ -260,10 +276,13 @@ def assert_same_bits(got, want, err_msg=""):
   assert got.shape == want.shape, (got.shape, want.shape, err_msg)
   gn, wn = np.isnan(got.astype(np.float64)), np.isnan(want.astype(np.float64))
   np.testing.assert_array_equal(gn, wn, err_msg=f"NaN positions {err_msg}")
-  u = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[got.dtype.itemsize]
+  u = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[
+    got.dtype.itemsize
+  ]
   gb, wb = got.view(u)[~gn], want.view(u)[~wn]
   if not np.array_equal(gb, wb):
     bad = np.flatnonzero(gb != wb)[:5]
     raise AssertionError(
-        f"{len(np.flatnonzero(gb != wb))} values differ {err_msg}: got "
-        f"{got[~gn][bad]} want {want[~wn][bad]}")
+      f"{len(np.flatnonzero(gb != wb))} values differ {err_msg}: got "
+      f"{got[~gn][bad]} want {want[~wn][bad]}"
+    )

@@ -33,80 +33,162 @@ import emulator
 import inputs
 from spec_oracle import assert_same_bits
 
-pytestmark = pytest.mark.skipif(not _ffi.has_kernels("cpu"),
-                                reason="the CPU extension is not built")
+pytestmark = pytest.mark.skipif(
+  not _ffi.has_kernels("cpu"), reason="the CPU extension is not built"
+)
 needs_emulator = pytest.mark.skipif(
-    emulator.EMULATOR is None,
-    reason="built without the emulator module (LMCONV_EMULATOR=OFF)")
+  emulator.EMULATOR is None,
+  reason="built without the emulator module (LMCONV_EMULATOR=OFF)",
+)
 
 THREADS = (1, 2, 16)
-MIXED = (("top_left",), ("top_left",), ("top_right", "bottom_right"),
-         ("bottom_left",))
+MIXED = (
+  ("top_left",),
+  ("top_left",),
+  ("top_right", "bottom_right"),
+  ("bottom_left",),
+)
 
 # name: (grouping, shape, dtype, guided, {pass: kind or {threads: kind}});
 # "inference" is the forward that saves no member pools, "forward" the one
 # under differentiation.
 CASES = {
-    # Narrow groups (8 float32 channels: half a line), four per row order.
-    "octants_float32": ("octants", (4, 17, 19, 64), "float32", False, {
-        "inference": {1: "forward_image_rows", 2: "forward_image_rows",
-                      16: "forward_items"},
-        "forward": {1: "forward_image_rows", 2: "forward_image_rows",
-                    16: "forward_items"},
-        "tangent": "tangent_items",
-        "backward": {1: "backward_image_rows", 2: "backward_image_rows",
-                     16: "backward_lines"},
-    }),
-    "octants_float16": ("octants", (2, 16, 16, 128), "float16", False, {
-        "inference": {1: "forward_image_rows", 2: "forward_image_rows",
-                      16: "forward_items"},
-        "forward": {1: "forward_image_rows", 2: "forward_image_rows",
-                    16: "forward_items"},
-        "tangent": "tangent_items",
-        "backward": {1: "backward_image_rows", 2: "backward_image_rows",
-                     16: "backward_lines"},
-    }),
-    # Lines of two column orders: swept by row order, never by line.
-    "quadrants_bfloat16": ("quadrants", (2, 16, 16, 64), "bfloat16", False, {
-        "inference": {1: "forward_image_rows", 2: "forward_image_rows",
-                      16: "forward_items"},
-        "forward": {1: "forward_image_rows", 2: "forward_image_rows",
-                    16: "forward_items"},
-        "tangent": "tangent_items",
-        "backward": {1: "backward_image_rows", 2: "backward_image_rows",
-                     16: "backward_items"},
-    }),
-    # Whole lines, one image: the items split channels for the threads.
-    "quadrants_wide_float32": ("quadrants", (1, 24, 24, 512), "float32",
-                               False, {
-        "inference": {1: "forward_image_rows", 2: "forward_items",
-                      16: "forward_items"},
-        "forward": {1: "forward_image_rows", 2: "forward_items",
-                    16: "forward_items"},
-        "tangent": "tangent_items",
-        "backward": {1: "backward_image_rows", 2: "backward_image_rows",
-                     16: "backward_items"},
-    }),
-    "top_bottom_float32": ("top_bottom", (2, 20, 24, 64), "float32", False, {
-        "inference": "forward_ring_merge",
-        "forward": "forward_code_members",
-        "tangent": "tangent_codes",
-        "backward": "backward_items",
-    }),
-    "top_bottom_guided_float32": ("top_bottom", (2, 20, 24, 64), "float32",
-                                  True, {
-        "inference": "forward_ring_merge",
-        "forward": "forward_saved_members",
-        "tangent": "tangent_items",
-        "backward": "backward_items",
-    }),
-    # A line of two top_left groups (swept together) beside a merged group.
-    "mixed_lines_float32": (MIXED, (3, 20, 20, 32), "float32", False, {
-        "inference": "forward_ring_merge",
-        "forward": "forward_code_members",
-        "tangent": "tangent_codes",
-        "backward": "backward_lines",
-    }),
+  # Narrow groups (8 float32 channels: half a line), four per row order.
+  "octants_float32": (
+    "octants",
+    (4, 17, 19, 64),
+    "float32",
+    False,
+    {
+      "inference": {
+        1: "forward_image_rows",
+        2: "forward_image_rows",
+        16: "forward_items",
+      },
+      "forward": {
+        1: "forward_image_rows",
+        2: "forward_image_rows",
+        16: "forward_items",
+      },
+      "tangent": "tangent_items",
+      "backward": {
+        1: "backward_image_rows",
+        2: "backward_image_rows",
+        16: "backward_lines",
+      },
+    },
+  ),
+  "octants_float16": (
+    "octants",
+    (2, 16, 16, 128),
+    "float16",
+    False,
+    {
+      "inference": {
+        1: "forward_image_rows",
+        2: "forward_image_rows",
+        16: "forward_items",
+      },
+      "forward": {
+        1: "forward_image_rows",
+        2: "forward_image_rows",
+        16: "forward_items",
+      },
+      "tangent": "tangent_items",
+      "backward": {
+        1: "backward_image_rows",
+        2: "backward_image_rows",
+        16: "backward_lines",
+      },
+    },
+  ),
+  # Lines of two column orders: swept by row order, never by line.
+  "quadrants_bfloat16": (
+    "quadrants",
+    (2, 16, 16, 64),
+    "bfloat16",
+    False,
+    {
+      "inference": {
+        1: "forward_image_rows",
+        2: "forward_image_rows",
+        16: "forward_items",
+      },
+      "forward": {
+        1: "forward_image_rows",
+        2: "forward_image_rows",
+        16: "forward_items",
+      },
+      "tangent": "tangent_items",
+      "backward": {
+        1: "backward_image_rows",
+        2: "backward_image_rows",
+        16: "backward_items",
+      },
+    },
+  ),
+  # Whole lines, one image: the items split channels for the threads.
+  "quadrants_wide_float32": (
+    "quadrants",
+    (1, 24, 24, 512),
+    "float32",
+    False,
+    {
+      "inference": {
+        1: "forward_image_rows",
+        2: "forward_items",
+        16: "forward_items",
+      },
+      "forward": {
+        1: "forward_image_rows",
+        2: "forward_items",
+        16: "forward_items",
+      },
+      "tangent": "tangent_items",
+      "backward": {
+        1: "backward_image_rows",
+        2: "backward_image_rows",
+        16: "backward_items",
+      },
+    },
+  ),
+  "top_bottom_float32": (
+    "top_bottom",
+    (2, 20, 24, 64),
+    "float32",
+    False,
+    {
+      "inference": "forward_ring_merge",
+      "forward": "forward_code_members",
+      "tangent": "tangent_codes",
+      "backward": "backward_items",
+    },
+  ),
+  "top_bottom_guided_float32": (
+    "top_bottom",
+    (2, 20, 24, 64),
+    "float32",
+    True,
+    {
+      "inference": "forward_ring_merge",
+      "forward": "forward_saved_members",
+      "tangent": "tangent_items",
+      "backward": "backward_items",
+    },
+  ),
+  # A line of two top_left groups (swept together) beside a merged group.
+  "mixed_lines_float32": (
+    MIXED,
+    (3, 20, 20, 32),
+    "float32",
+    False,
+    {
+      "inference": "forward_ring_merge",
+      "forward": "forward_code_members",
+      "tangent": "tangent_codes",
+      "backward": "backward_lines",
+    },
+  ),
 }
 
 
@@ -117,10 +199,14 @@ def _kind(expected, threads):
 def _plan(name, pass_, threads):
   grouping, shape, dtype, guided, _ = CASES[name]
   return emulator.cpu_plan(
-      grouping, shape, "forward" if pass_ == "inference" else pass_,
-      threads=threads, dtype=dtype,
-      guide_shape=shape[-1:] if guided else None,
-      saved_members=pass_ != "inference")
+    grouping,
+    shape,
+    "forward" if pass_ == "inference" else pass_,
+    threads=threads,
+    dtype=dtype,
+    guide_shape=shape[-1:] if guided else None,
+    saved_members=pass_ != "inference",
+  )
 
 
 @needs_emulator
@@ -134,13 +220,24 @@ def test_plan_of_each_schedule_at_1_2_and_16_threads(name):
 
 @needs_emulator
 def test_every_kind_is_planned_by_some_case():
-  kinds = {_plan(name, pass_, threads)["kind"]
-           for name in CASES for pass_ in CASES[name][4] for threads in THREADS}
+  kinds = {
+    _plan(name, pass_, threads)["kind"]
+    for name in CASES
+    for pass_ in CASES[name][4]
+    for threads in THREADS
+  }
   assert kinds == {
-      "forward_image_rows", "forward_items", "forward_code_members",
-      "forward_saved_members", "forward_ring_merge", "tangent_items",
-      "tangent_codes", "backward_image_rows", "backward_lines",
-      "backward_items"}
+    "forward_image_rows",
+    "forward_items",
+    "forward_code_members",
+    "forward_saved_members",
+    "forward_ring_merge",
+    "tangent_items",
+    "tangent_codes",
+    "backward_image_rows",
+    "backward_lines",
+    "backward_items",
+  }
 
 
 @needs_emulator
@@ -166,6 +263,7 @@ def test_work_items_of_the_plans():
 @contextlib.contextmanager
 def _plan_threads(threads):
   from lmconv_jax import _lmconv_cpu
+
   previous = _lmconv_cpu.set_plan_threads(threads)
   try:
     yield
@@ -178,8 +276,9 @@ def _operands(shape, dtype, guided):
   # integer cotangents and tangents: every value is an integer and every sum
   # exact, so the guide's reduction (summed in any order) has the
   # reference's bits too.
-  x = (np.maximum(inputs.make_x("small_int", shape), 0) +
-       inputs.make_x("small_int", shape, 1))
+  x = np.maximum(inputs.make_x("small_int", shape), 0) + inputs.make_x(
+    "small_int", shape, 1
+  )
   x[0, 2, 3, 1] = np.nan
   x[-1, -3, 5, -1] = np.nan
   rng = np.random.default_rng(5)
@@ -193,7 +292,8 @@ def _operands(shape, dtype, guided):
 
 def _run(grouping, x, g, tx, tg, ct, impl):
   pool = lambda x, g: lmconv_jax.grouped_landmark_pool(
-      x, grouping, g, implementation=impl)
+    x, grouping, g, implementation=impl
+  )
   infer = jax.jit(pool)(x, g)
   if g is None:
     out, vjp = jax.vjp(lambda x: pool(x, None), x)

@@ -46,26 +46,44 @@ from spec_oracle import assert_same_bits as same_values
 from emulator import CHECK, PLANT_OUT_OF_BOUNDS, PLANT_RACE, REVERSE
 
 CPU = jax.devices("cpu")[0]
-DTYPES = {"float32": jnp.float32, "float64": jnp.float64,
-          "float16": jnp.float16, "bfloat16": jnp.bfloat16}
+DTYPES = {
+  "float32": jnp.float32,
+  "float64": jnp.float64,
+  "float16": jnp.float16,
+  "bfloat16": jnp.bfloat16,
+}
 
-SKEWED = Direction("skewed", "skewed", +1, +1, (0, -1), (-1, +1),
-                   "left neighbour and the one up and to the right")
+SKEWED = Direction(
+  "skewed",
+  "skewed",
+  +1,
+  +1,
+  (0, -1),
+  (-1, +1),
+  "left neighbour and the one up and to the right",
+)
 # Every kind of sweep in one grouping: 1 to 4 members, quadrants, row and
 # column octants, the skew-2 wavefront, merged in mixed orders.
-MIXED = ((SKEWED,),
-         ("north_northeast", "bottom_right"),
-         ("west_northwest", "south_southwest", "top_right"),
-         ("bottom_left", "east_northeast", "south_southeast",
-          "east_southeast"))
-GROUPINGS = {"quadrants": "quadrants", "octants": "octants",
-             "top_bottom": "top_bottom", "left_right": "left_right",
-             "all_quadrants": "all_quadrants", "mixed": MIXED}
+MIXED = (
+  (SKEWED,),
+  ("north_northeast", "bottom_right"),
+  ("west_northwest", "south_southwest", "top_right"),
+  ("bottom_left", "east_northeast", "south_southeast", "east_southeast"),
+)
+GROUPINGS = {
+  "quadrants": "quadrants",
+  "octants": "octants",
+  "top_bottom": "top_bottom",
+  "left_right": "left_right",
+  "all_quadrants": "all_quadrants",
+  "mixed": MIXED,
+}
 GUIDE_MODES = ("none", "full", "per_channel", "per_batch")
 
 needs_emulator = pytest.mark.skipif(
-    emulator.EMULATOR is None or not _ffi.has_kernels("cpu"),
-    reason="the CUDA emulator or the CPU extension is not built")
+  emulator.EMULATOR is None or not _ffi.has_kernels("cpu"),
+  reason="the CUDA emulator or the CPU extension is not built",
+)
 
 
 def n_groups(grouping):
@@ -86,6 +104,7 @@ def _on_the_cpu_unless_marked_gpu(request):
 # --------------------------------------------------------------------------
 # Inputs and running one case.
 
+
 def grid_case(dtype, grouping, hw=(5, 6), per_group=3, seed=0):
   """{x, guides by mode, ct, tx, tguides}: x stacks the input kinds (ties
   everywhere: small integers, post-ReLU zeros, a constant plane, normals)
@@ -94,20 +113,30 @@ def grid_case(dtype, grouping, hw=(5, 6), per_group=3, seed=0):
   shape = (2,) + tuple(hw) + (c,)
   x = inputs.stacked_kinds(shape, seed)
   rng = np.random.default_rng(seed + 7)
-  guides = {"none": None,
-            "full": rng.choice([0.0, 0.5, 1.0, 1.5, -0.5], size=x.shape),
-            "per_channel": rng.uniform(-0.5, 1.5, (c,)),
-            "per_batch": rng.uniform(-0.5, 1.5, x.shape[:-3] + (1, 1, 1))}
+  guides = {
+    "none": None,
+    "full": rng.choice([0.0, 0.5, 1.0, 1.5, -0.5], size=x.shape),
+    "per_channel": rng.uniform(-0.5, 1.5, (c,)),
+    "per_batch": rng.uniform(-0.5, 1.5, x.shape[:-3] + (1, 1, 1)),
+  }
   dt = DTYPES[dtype]
   ct = inputs.make_ct(x.shape)
   tx = inputs.make_ct(x.shape, seed=3)
-  tguides = {m: None if g is None else
-             jnp.asarray(inputs.make_ct(np.shape(g), seed=4), dt)
-             for m, g in guides.items()}
-  return dict(x=jnp.asarray(x, dt),
-              guides={m: None if g is None else jnp.asarray(g, dt)
-                      for m, g in guides.items()},
-              ct=jnp.asarray(ct, dt), tx=jnp.asarray(tx, dt), tguides=tguides)
+  tguides = {
+    m: None
+    if g is None
+    else jnp.asarray(inputs.make_ct(np.shape(g), seed=4), dt)
+    for m, g in guides.items()
+  }
+  return dict(
+    x=jnp.asarray(x, dt),
+    guides={
+      m: None if g is None else jnp.asarray(g, dt) for m, g in guides.items()
+    },
+    ct=jnp.asarray(ct, dt),
+    tx=jnp.asarray(tx, dt),
+    tguides=tguides,
+  )
 
 
 def run(x, g, grouping, ct, tx, tg, **how):
@@ -127,8 +156,9 @@ def run(x, g, grouping, ct, tx, tg, **how):
 def bits(a):
   """The bit patterns of an array (so -0.0 != 0.0 and NaNs compare)."""
   a = np.asarray(a)
-  return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32,
-                 8: np.uint64}[a.itemsize])
+  return a.view(
+    {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.itemsize]
+  )
 
 
 NAMES = ("out", "members", "tout", "dx", "dguide", "inference out")
@@ -144,7 +174,7 @@ def member_slots(grouping, shape):
   used = np.zeros((k, shape[-1]), bool)
   for p, g in enumerate(groups):
     if len(g) > 1:
-      used[:len(g), p * cg:(p + 1) * cg] = True
+      used[: len(g), p * cg : (p + 1) * cg] = True
   return used[:, None, None, :]
 
 
@@ -164,6 +194,7 @@ def assert_same_bits(got, want, grouping=None):
 # --------------------------------------------------------------------------
 # 1 + 2. Emulation equals the CPU kernels, under the race detector
 
+
 @needs_emulator
 @pytest.mark.parametrize("dtype", inputs.dtype_params(DTYPES))
 @pytest.mark.parametrize("grouping", GROUPINGS)
@@ -175,12 +206,20 @@ def test_emulation_equals_cpu_kernels_bit_for_bit(grouping, dtype):
   grouping = GROUPINGS[grouping]
   case = grid_case(dtype, grouping)
   for mode in GUIDE_MODES:
-    args = (case["x"], case["guides"][mode], grouping, case["ct"], case["tx"],
-            case["tguides"][mode])
+    args = (
+      case["x"],
+      case["guides"][mode],
+      grouping,
+      case["ct"],
+      case["tx"],
+      case["tguides"][mode],
+    )
     want = run(*args, emulated=False)
     assert not np.isnan(np.asarray(want[0], np.float32)).any()
-    for how in (dict(multiprocessors=132, order=CHECK),
-                dict(multiprocessors=1, order=REVERSE)):
+    for how in (
+      dict(multiprocessors=132, order=CHECK),
+      dict(multiprocessors=1, order=REVERSE),
+    ):
       assert_same_bits(run(*args, emulated=True, **how), want, grouping)
 
 
@@ -188,23 +227,71 @@ def test_emulation_equals_cpu_kernels_bit_for_bit(grouping, dtype):
 # signs, the smallest subnormals, +-1, +-inf, signalling and quiet NaNs of
 # both signs with payloads, for float16 and for bfloat16 (whose infinity is
 # 0x7F80).
-SPECIAL_16 = np.array([
-    0x0000, 0x8000, 0x0001, 0x8001, 0x03FF, 0x007F, 0x807F, 0x0080, 0x3C00,
-    0xBC00, 0x3F80, 0xBF80, 0x7BFF, 0xFBFF, 0x7C00, 0xFC00, 0x7C01, 0xFC01,
-    0x7D00, 0x7E00, 0xFE00, 0x7F7F, 0xFF7F, 0x7F80, 0xFF80, 0x7F81, 0xFF81,
-    0x7FA0, 0x7FC0, 0xFFC0, 0x7FFF, 0xFFFF], np.uint16)
+SPECIAL_16 = np.array(
+  [
+    0x0000,
+    0x8000,
+    0x0001,
+    0x8001,
+    0x03FF,
+    0x007F,
+    0x807F,
+    0x0080,
+    0x3C00,
+    0xBC00,
+    0x3F80,
+    0xBF80,
+    0x7BFF,
+    0xFBFF,
+    0x7C00,
+    0xFC00,
+    0x7C01,
+    0xFC01,
+    0x7D00,
+    0x7E00,
+    0xFE00,
+    0x7F7F,
+    0xFF7F,
+    0x7F80,
+    0xFF80,
+    0x7F81,
+    0xFF81,
+    0x7FA0,
+    0x7FC0,
+    0xFFC0,
+    0x7FFF,
+    0xFFFF,
+  ],
+  np.uint16,
+)
 
 
 @needs_emulator
-@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16],
-                         ids=["float16", "bfloat16"])
-@pytest.mark.parametrize("grouping,lanes", [
-    (("top_left",), 1 << 16), ("quadrants", 1 << 14), ("quadrants", 16),
-    ("octants", 8), ("octants", 4), ("octants", 2)],
-    ids=["top_left", "quadrants", "quadrants-16", "octants-8", "octants-4",
-         "octants-2"])
-def test_16bit_forward_max_on_bits_equals_the_float_path(grouping, lanes,
-                                                         dtype):
+@pytest.mark.parametrize(
+  "dtype", [jnp.float16, jnp.bfloat16], ids=["float16", "bfloat16"]
+)
+@pytest.mark.parametrize(
+  "grouping,lanes",
+  [
+    (("top_left",), 1 << 16),
+    ("quadrants", 1 << 14),
+    ("quadrants", 16),
+    ("octants", 8),
+    ("octants", 4),
+    ("octants", 2),
+  ],
+  ids=[
+    "top_left",
+    "quadrants",
+    "quadrants-16",
+    "octants-8",
+    "octants-4",
+    "octants-2",
+  ],
+)
+def test_16bit_forward_max_on_bits_equals_the_float_path(
+  grouping, lanes, dtype
+):
   """The CPU kernels' unguided 16-bit forward takes the max on the bits
   (landmark_pool.h: take_max_bits, no conversion); the emulation converts
   to float and back. Over every one of the 65536 bit patterns of x, against
@@ -214,9 +301,12 @@ def test_16bit_forward_max_on_bits_equals_the_float_path(grouping, lanes,
   cpu_kernels.h (forward_pixel), wide groups and 2 the general one."""
   allbits = np.arange(1 << 16, dtype=np.uint16)
   rng = np.random.default_rng(0)
-  px = [allbits, np.resize(SPECIAL_16, allbits.size),
-        rng.permutation(allbits), np.roll(np.resize(SPECIAL_16, allbits.size),
-                                          7)]
+  px = [
+    allbits,
+    np.resize(SPECIAL_16, allbits.size),
+    rng.permutation(allbits),
+    np.roll(np.resize(SPECIAL_16, allbits.size), 7),
+  ]
   # (B, 2, 2, C): every pixel has 0, 1 or 2 neighbours in every direction,
   # and pixel (i, j) of the images holds all of px[2 i + j].
   groups = len(lmconv_jax.directions.resolve_grouping(grouping))
@@ -229,13 +319,17 @@ def test_16bit_forward_max_on_bits_equals_the_float_path(grouping, lanes,
   np.testing.assert_array_equal(bits(got), bits(want))
   inputs_nan = np.isnan(np.asarray(x, np.float32))
   assert inputs_nan.any() and (bits(got) != bits(x)).any()  # a real check
-  same_values(got, lmconv_jax.grouped_landmark_pool(
-      x, grouping, implementation="reference"))
+  same_values(
+    got,
+    lmconv_jax.grouped_landmark_pool(x, grouping, implementation="reference"),
+  )
 
 
-WIDE = {"top_bottom": (1, 7, 9, 2 * 70),   # 3 chunks of 32 (last partial)
-        "quadrants": (2, 6, 5, 4 * 40),
-        "mixed": (1, 5, 8, 4 * 33)}
+WIDE = {
+  "top_bottom": (1, 7, 9, 2 * 70),  # 3 chunks of 32 (last partial)
+  "quadrants": (2, 6, 5, 4 * 40),
+  "mixed": (1, 5, 8, 4 * 33),
+}
 
 
 @needs_emulator
@@ -247,21 +341,27 @@ def test_emulation_is_the_same_for_every_plan_and_thread_order(grouping):
   g = GROUPINGS[grouping]
   shape = WIDE[grouping]
   x = jnp.asarray(inputs.make_x("small_int", shape, 5), jnp.float32)
-  guide = jnp.asarray(inputs.make_guide("per_channel", shape, tie_heavy=True),
-                      jnp.float32)
+  guide = jnp.asarray(
+    inputs.make_guide("per_channel", shape, tie_heavy=True), jnp.float32
+  )
   ct = jnp.asarray(inputs.make_ct(shape), jnp.float32)
   tx = jnp.asarray(inputs.make_ct(shape, seed=3), jnp.float32)
   tg = jnp.asarray(inputs.make_ct(guide.shape, seed=4), jnp.float32)
-  lanes = {emulator.launch_plan(g, shape, multiprocessors=m)["lanes"]
-           for m in (1, 10**6)}
-  assert lanes == {32, 16}   # the plans really differ
+  lanes = {
+    emulator.launch_plan(g, shape, multiprocessors=m)["lanes"]
+    for m in (1, 10**6)
+  }
+  assert lanes == {32, 16}  # the plans really differ
   for gd, tgd in ((None, None), (guide, tg)):
     want = run(x, gd, g, ct, tx, tgd, emulated=False)
-    for how in (dict(multiprocessors=1, order=CHECK),
-                dict(multiprocessors=10**6, order=CHECK | REVERSE),
-                dict(multiprocessors=8, order=REVERSE)):
-      assert_same_bits(run(x, gd, g, ct, tx, tgd, emulated=True, **how), want,
-                       g)
+    for how in (
+      dict(multiprocessors=1, order=CHECK),
+      dict(multiprocessors=10**6, order=CHECK | REVERSE),
+      dict(multiprocessors=8, order=REVERSE),
+    ):
+      assert_same_bits(
+        run(x, gd, g, ct, tx, tgd, emulated=True, **how), want, g
+      )
 
 
 @needs_emulator
@@ -270,9 +370,13 @@ def test_emulated_nan_and_inf_equal_cpu_kernels(grouping):
   g = GROUPINGS[grouping]
   shape = (2, 6, 5, 4 * n_groups(g))
   x = inputs.make_x("small_int", shape)
-  for where, value in {(0, 2, 3, 1): np.nan, (1, 4, 1, 0): np.inf,
-                       (1, 1, 1, 2): -np.inf, (0, 0, 0, 0): np.nan,
-                       (1, 5, 4, shape[-1] - 1): np.nan}.items():
+  for where, value in {
+    (0, 2, 3, 1): np.nan,
+    (1, 4, 1, 0): np.inf,
+    (1, 1, 1, 2): -np.inf,
+    (0, 0, 0, 0): np.nan,
+    (1, 5, 4, shape[-1] - 1): np.nan,
+  }.items():
     x[where] = value
   guide = inputs.make_guide("full", shape, tie_heavy=True)
   ct = inputs.make_ct(shape)
@@ -284,8 +388,9 @@ def test_emulated_nan_and_inf_equal_cpu_kernels(grouping):
       tg = None if gd is None else a[3]
       want = run(a[0], gd, g, a[2], a[3], tg, emulated=False)
       assert np.isnan(np.asarray(want[0], np.float32)).sum() > 2
-      assert_same_bits(run(a[0], gd, g, a[2], a[3], tg, emulated=True,
-                           order=CHECK), want, g)
+      assert_same_bits(
+        run(a[0], gd, g, a[2], a[3], tg, emulated=True, order=CHECK), want, g
+      )
 
 
 @needs_emulator
@@ -301,11 +406,29 @@ def test_emulated_subnormal_inputs_equal_cpu_kernels():
     a = [jnp.asarray(v, DTYPES[dtype]) for v in (x, guide, ct)]
     for grouping in ("quadrants", "top_bottom"):
       for gd in (None, a[1], a[1][:1, :1, :1, :]):
-        want = run(a[0], gd, grouping, a[2], a[2], None if gd is None else gd,
-                   emulated=False)
-        assert_same_bits(run(a[0], gd, grouping, a[2], a[2],
-                             None if gd is None else gd, emulated=True,
-                             order=CHECK), want, grouping)
+        want = run(
+          a[0],
+          gd,
+          grouping,
+          a[2],
+          a[2],
+          None if gd is None else gd,
+          emulated=False,
+        )
+        assert_same_bits(
+          run(
+            a[0],
+            gd,
+            grouping,
+            a[2],
+            a[2],
+            None if gd is None else gd,
+            emulated=True,
+            order=CHECK,
+          ),
+          want,
+          grouping,
+        )
 
 
 @needs_emulator
@@ -317,24 +440,39 @@ def test_emulated_guide_of_any_broadcast_shape():
   x = jnp.asarray(inputs.make_x("relu", shape, 2), jnp.float64)
   ct = jnp.asarray(inputs.make_ct(shape), jnp.float64)
   rng = np.random.default_rng(4)
-  for gshape in [(1, 1, 1, 1, 1), (1, 2, 4, 1, 1), (3, 1, 1, 5, 6),
-                 (1, 1, 4, 5, 1), (3, 2, 1, 1, 6)]:
+  for gshape in [
+    (1, 1, 1, 1, 1),
+    (1, 2, 4, 1, 1),
+    (3, 1, 1, 5, 6),
+    (1, 1, 4, 5, 1),
+    (3, 2, 1, 1, 6),
+  ]:
     g = jnp.asarray(rng.uniform(-0.5, 1.5, gshape), jnp.float64)
     tg = jnp.asarray(rng.normal(size=gshape), jnp.float64)
     for grouping in ("left_right", MIXED[1:3] + MIXED[1:2]):
       want = run(x, g, grouping, ct, ct, tg, emulated=False)
       assert want[4].shape == gshape
-      assert_same_bits(run(x, g, grouping, ct, ct, tg, emulated=True,
-                           order=CHECK | REVERSE), want, grouping)
-      plan = emulator.launch_plan(grouping, shape, "backward",
-                                  guide_shape=gshape)
+      assert_same_bits(
+        run(x, g, grouping, ct, ct, tg, emulated=True, order=CHECK | REVERSE),
+        want,
+        grouping,
+      )
+      plan = emulator.launch_plan(
+        grouping, shape, "backward", guide_shape=gshape
+      )
       assert plan["launches"] == 2
       assert plan["reduce_blocks"] * plan["reduce_threads"] >= np.prod(gshape)
 
 
-SHAPES = {"square": (1, 6, 6), "non_square": (2, 3, 7), "H1": (2, 1, 9),
-          "W1": (2, 8, 1), "one_pixel": (1, 1, 1), "unbatched": (5, 3),
-          "deep_batch": (2, 1, 2, 4, 3)}
+SHAPES = {
+  "square": (1, 6, 6),
+  "non_square": (2, 3, 7),
+  "H1": (2, 1, 9),
+  "W1": (2, 8, 1),
+  "one_pixel": (1, 1, 1),
+  "unbatched": (5, 3),
+  "deep_batch": (2, 1, 2, 4, 3),
+}
 
 
 @needs_emulator
@@ -350,8 +488,9 @@ def test_emulation_all_shapes(shape):
     ct = jnp.asarray(inputs.make_ct(shp), jnp.float32)
     for gd in (None, guide):
       want = run(x, gd, g, ct, ct, gd, emulated=False)
-      assert_same_bits(run(x, gd, g, ct, ct, gd, emulated=True, order=CHECK),
-                       want, g)
+      assert_same_bits(
+        run(x, gd, g, ct, ct, gd, emulated=True, order=CHECK), want, g
+      )
 
 
 @needs_emulator
@@ -361,12 +500,24 @@ def test_emulated_several_pixel_batches_per_thread():
   shape = (1, 40, 45, 128)
   plan = emulator.launch_plan("quadrants", shape, multiprocessors=1)
   assert plan["lanes"] == 32 and plan["pixel_lanes"] == 8
-  assert plan["pixels_per_batch"] < 40   # 40-pixel diagonals: 2 batches
+  assert plan["pixels_per_batch"] < 40  # 40-pixel diagonals: 2 batches
   x = jnp.asarray(inputs.make_x("relu", shape, 6), jnp.float32)
   ct = jnp.asarray(inputs.make_ct(shape), jnp.float32)
   want = run(x, None, "quadrants", ct, ct, None, emulated=False)
-  assert_same_bits(run(x, None, "quadrants", ct, ct, None, emulated=True,
-                       multiprocessors=1, order=REVERSE), want)
+  assert_same_bits(
+    run(
+      x,
+      None,
+      "quadrants",
+      ct,
+      ct,
+      None,
+      emulated=True,
+      multiprocessors=1,
+      order=REVERSE,
+    ),
+    want,
+  )
 
 
 @needs_emulator
@@ -382,11 +533,14 @@ def test_race_detector_catches_a_planted_race(grouping):
   assert emulator.launch_plan(grouping, shape)["pixel_lanes"] > 1
   out, members = emulator.emulated_forward(x, None, grouping, order=CHECK)
   passes = {
-      "pool": lambda o: emulator.emulated_forward(x, None, grouping, order=o),
-      "workspace ring": lambda o: emulator.emulated_tangent(
-          x, None, grouping, out, members, x, order=o),
-      "workspace ring ": lambda o: emulator.emulated_backward(
-          x, None, grouping, out, members, x, order=o)}
+    "pool": lambda o: emulator.emulated_forward(x, None, grouping, order=o),
+    "workspace ring": lambda o: emulator.emulated_tangent(
+      x, None, grouping, out, members, x, order=o
+    ),
+    "workspace ring ": lambda o: emulator.emulated_backward(
+      x, None, grouping, out, members, x, order=o
+    ),
+  }
   for buffer, call in passes.items():
     call(CHECK)  # clean
     buffer = buffer.strip()
@@ -396,14 +550,22 @@ def test_race_detector_catches_a_planted_race(grouping):
       buffer = "out"
     # Threads ascending: the read comes before the other thread's write, so
     # it reads what this launch has not written (yet, or since two phases).
-    with pytest.raises(Exception, match=(
+    with pytest.raises(
+      Exception,
+      match=(
         rf"(read before write|stale read): (workspace ring|{buffer}) "
-        rf"element \d+")):
+        rf"element \d+"
+      ),
+    ):
       call(CHECK | PLANT_RACE)
     # Descending: the write comes first; the read is the race.
-    with pytest.raises(Exception, match=(
+    with pytest.raises(
+      Exception,
+      match=(
         rf"race: read of {buffer} element \d+, written by block \d+ "
-        rf"thread \d+ in the same phase")):
+        rf"thread \d+ in the same phase"
+      ),
+    ):
       call(CHECK | PLANT_RACE | REVERSE)
 
 
@@ -412,8 +574,9 @@ def test_bounds_detector_catches_a_planted_out_of_bounds_read():
   shape = (1, 6, 7, 4)
   x = jnp.asarray(inputs.make_x("random", shape), jnp.float32)
   with pytest.raises(Exception, match=r"out of bounds: read of x element 168"):
-    emulator.emulated_forward(x, None, "quadrants",
-                              order=CHECK | PLANT_OUT_OF_BOUNDS)
+    emulator.emulated_forward(
+      x, None, "quadrants", order=CHECK | PLANT_OUT_OF_BOUNDS
+    )
 
 
 @needs_emulator
@@ -423,8 +586,9 @@ def test_planted_faults_need_the_detector():
   shape = (1, 6, 7, 8)
   x = jnp.asarray(inputs.make_x("random", shape), jnp.float32)
   want = emulator.emulated_forward(x, None, "octants")
-  got = emulator.emulated_forward(x, None, "octants",
-                                  order=PLANT_RACE | PLANT_OUT_OF_BOUNDS)
+  got = emulator.emulated_forward(
+    x, None, "octants", order=PLANT_RACE | PLANT_OUT_OF_BOUNDS
+  )
   assert_same_bits(got, want)
 
 
@@ -435,8 +599,9 @@ def test_emulated_zero_size_arrays_are_no_launch():
     g = jnp.ones((1, 1, 1, shape[-1]), jnp.float32)
     for grouping in ("quadrants", "all_quadrants"):
       out, members = emulator.emulated_forward(x, g, grouping, order=CHECK)
-      dx, dg = emulator.emulated_backward(x, g, grouping, out, members, x,
-                                          order=CHECK)
+      dx, dg = emulator.emulated_backward(
+        x, g, grouping, out, members, x, order=CHECK
+      )
       assert out.shape == dx.shape == shape
       np.testing.assert_array_equal(dg, np.zeros(g.shape))
 
@@ -446,18 +611,27 @@ def test_emulator_handler_checks_reach_python():
   """The checks are ffi_common.h's, shared by every back end."""
   x = jnp.ones((1, 3, 3, 4), jnp.float32)
   bad = Direction("bad", "bad", +1, +1, (0, -1), (0, -1), "n1 == n2")
-  call = jax.ffi.ffi_call("lmconv_emu_pool_fwd",
-                          (jax.ShapeDtypeStruct(x.shape, x.dtype),
-                           jax.ShapeDtypeStruct((1, 0, 3, 3, 4), x.dtype)))
-  attrs = dict(group_sizes=np.array([1], np.int64),
-               directions=np.array([bad.row_step, bad.col_step, *bad.n1,
-                                    *bad.n2], np.int64),
-               multiprocessors=np.int64(132), order=np.int64(0))
+  call = jax.ffi.ffi_call(
+    "lmconv_emu_pool_fwd",
+    (
+      jax.ShapeDtypeStruct(x.shape, x.dtype),
+      jax.ShapeDtypeStruct((1, 0, 3, 3, 4), x.dtype),
+    ),
+  )
+  attrs = dict(
+    group_sizes=np.array([1], np.int64),
+    directions=np.array(
+      [bad.row_step, bad.col_step, *bad.n1, *bad.n2], np.int64
+    ),
+    multiprocessors=np.int64(132),
+    order=np.int64(0),
+  )
   with pytest.raises(Exception, match="n1 and n2 must differ"):
     call(x, **attrs)
   with pytest.raises(Exception, match="unsupported dtype"):
-    emulator.emulated_forward(jnp.ones((1, 3, 3, 4), jnp.int32), None,
-                              "quadrants")
+    emulator.emulated_forward(
+      jnp.ones((1, 3, 3, 4), jnp.int32), None, "quadrants"
+    )
   with pytest.raises(Exception, match="do not split into 8"):
     emulator.emulated_forward(x, None, "octants")
   with pytest.raises(Exception, match="multiprocessors must be >= 1"):
@@ -468,8 +642,9 @@ def test_emulator_handler_checks_reach_python():
 def test_build_info_says_when_nvcc_was_missing(monkeypatch):
   """A build without nvcc is CPU only and `python -m lmconv_jax info` (which
   prints _ffi.build_info()) says so."""
-  monkeypatch.setattr(_ffi, "_MODULES",
-                      {k: v for k, v in _ffi._MODULES.items() if k != "cuda"})
+  monkeypatch.setattr(
+    _ffi, "_MODULES", {k: v for k, v in _ffi._MODULES.items() if k != "cuda"}
+  )
   info = _ffi.build_info()
   assert info["platforms"] == ("cpu",)
   assert not info["cuda"]["built"]
@@ -478,15 +653,19 @@ def test_build_info_says_when_nvcc_was_missing(monkeypatch):
 # --------------------------------------------------------------------------
 # 3. Launch plans
 
+
 def expected_phases(grouping, shape, pass_, guided=False):
   """Each member's sweep in turn; a merge phase only in a guided forward
   that saves its member pools (unguided, members merge as they go)."""
   h, w = shape[-3:-1]
-  per_dir = lambda d: (h + w - 1 if d.is_quadrant else
-                       (w if d.n1[1] == d.n2[1] != 0 else h))
-  return max(sum(per_dir(d) for d in grp) +
-             (1 if pass_ == "forward" and guided and len(grp) > 1 else 0)
-             for grp in emulator.resolve_groups(grouping))
+  per_dir = lambda d: (
+    h + w - 1 if d.is_quadrant else (w if d.n1[1] == d.n2[1] != 0 else h)
+  )
+  return max(
+    sum(per_dir(d) for d in grp)
+    + (1 if pass_ == "forward" and guided and len(grp) > 1 else 0)
+    for grp in emulator.resolve_groups(grouping)
+  )
 
 
 @needs_emulator
@@ -509,8 +688,9 @@ def test_launch_plan_is_one_launch_for_the_whole_grouping(grouping, shape):
     assert plan["phases"] == expected_phases(g, shape, pass_)
     assert plan["threads"] <= 256 and plan["threads"] % plan["lanes"] == 0
     merged = max(len(grp) for grp in emulator.resolve_groups(g)) > 1
-    assert (plan["workspace_elements"] == 0) == (pass_ == "forward" and
-                                                 not merged)
+    assert (plan["workspace_elements"] == 0) == (
+      pass_ == "forward" and not merged
+    )
     assert plan["shared_bytes"] == 0
     assert plan["kernel_args_bytes"] <= 4096
   guided_fwd = emulator.launch_plan(g, shape, guide_shape=(shape[-1],))
@@ -518,10 +698,9 @@ def test_launch_plan_is_one_launch_for_the_whole_grouping(grouping, shape):
   assert guided_fwd["workspace_elements"] == 0  # the member pools, merged
   inference = emulator.launch_plan(g, shape, saved_members=False)
   assert inference["phases"] == expected_phases(g, shape, "tangent")
-  assert (inference["workspace_elements"] > 0) == merged   # the ring
-  guided = emulator.launch_plan(g, shape, "backward",
-                                guide_shape=(shape[-1],))
-  assert guided["launches"] == 2   # + the reduction of dguide
+  assert (inference["workspace_elements"] > 0) == merged  # the ring
+  guided = emulator.launch_plan(g, shape, "backward", guide_shape=(shape[-1],))
+  assert guided["launches"] == 2  # + the reduction of dguide
   full = emulator.launch_plan(g, shape, "backward", guide_shape=shape)
   assert full["launches"] == 1
 
@@ -533,14 +712,16 @@ def test_launch_plan_fills_the_gpu_with_a_small_batch():
   channels are split once more."""
   plan = emulator.launch_plan("quadrants", (32, 16, 16, 128))
   assert (plan["lanes"], plan["blocks"]) == (16, 256)
-  plan = emulator.launch_plan("quadrants", (32, 16, 16, 128),
-                              multiprocessors=100)
+  plan = emulator.launch_plan(
+    "quadrants", (32, 16, 16, 128), multiprocessors=100
+  )
   assert (plan["lanes"], plan["blocks"]) == (32, 128)
 
 
 def _bench_gpu():
   import importlib.util
   import pathlib
+
   path = pathlib.Path(__file__).parents[1] / "benchmarks" / "bench_gpu.py"
   spec = importlib.util.spec_from_file_location("bench_gpu", path)
   module = importlib.util.module_from_spec(spec)
@@ -558,31 +739,41 @@ def test_gpu_model_is_the_grouped_launch_plan():
   bench = _bench_gpu()
   shape = (64, 32, 32, 128)
   n = 4 * int(np.prod(shape))
-  for grouping in ("top_left", "quadrants", "octants", "top_bottom",
-                   "all_quadrants"):
+  for grouping in (
+    "top_left",
+    "quadrants",
+    "octants",
+    "top_bottom",
+    "all_quadrants",
+  ):
     for pass_ in ("forward", "backward", "tangent"):
       m = bench.grouped_model(grouping, shape, pass_)
       plan = emulator.launch_plan(grouping, shape, pass_)
       assert (m["launches"], m["blocks"], m["phases"]) == (
-          1, plan["blocks"], plan["phases"])
+        1,
+        plan["blocks"],
+        plan["phases"],
+      )
   tl = bench.grouped_model("top_left", shape, "forward")
   assert (tl["batches"], tl["bytes"]) == (63, 2 * n)
   tb = bench.grouped_model("top_bottom", shape, "backward")
   assert (tb["batches"], tb["bytes"]) == (126, 4 * n + n // 4)
-  guided = bench.grouped_model("quadrants", shape, "backward",
-                               guide_shape=(128,))
+  guided = bench.grouped_model(
+    "quadrants", shape, "backward", guide_shape=(128,)
+  )
   assert guided["launches"] == 2
-  assert guided["latency_us"] > tl["latency_us"]   # the reduction's chain
+  assert guided["latency_us"] > tl["latency_us"]  # the reduction's chain
   table = bench.model_table()
-  assert table.count("\n| (") == 3 * 7 * 3   # shapes x cases x passes
+  assert table.count("\n| (") == 3 * 7 * 3  # shapes x cases x passes
 
 
 # --------------------------------------------------------------------------
 # 4. Lowering for CUDA on a machine without a GPU (the public API)
 
 needs_cuda_build = pytest.mark.skipif(
-    not _ffi.has_kernels("cuda"),
-    reason="the CUDA kernels are not built (no nvcc at build time)")
+  not _ffi.has_kernels("cuda"),
+  reason="the CUDA kernels are not built (no nvcc at build time)",
+)
 
 
 def cuda_hlo(f, *args):
@@ -612,27 +803,33 @@ def test_cuda_lowering_is_our_custom_calls_and_no_loop(direction, guided):
     return lmconv_jax.landmark_pool(x, direction, g, implementation="ffi")
 
   def grad(x, g):
-    return jax.grad(lambda x, g: (fwd(x, g) * x).sum(),
-                    argnums=(0, 1) if guided else 0)(x, g)
+    return jax.grad(
+      lambda x, g: (fwd(x, g) * x).sum(), argnums=(0, 1) if guided else 0
+    )(x, g)
 
   text = cuda_hlo(fwd, x, g)
   assert custom_call_targets(text) == [f"lmconv_pool_fwd{suffix}"]
   assert not has_loop(text)
   text = cuda_hlo(grad, x, g)
-  assert set(custom_call_targets(text)) == {f"lmconv_pool_fwd{suffix}",
-                                            f"lmconv_pool_bwd{suffix}"}
+  assert set(custom_call_targets(text)) == {
+    f"lmconv_pool_fwd{suffix}",
+    f"lmconv_pool_bwd{suffix}",
+  }
   assert not has_loop(text)
 
 
 @needs_cuda_build
-@pytest.mark.parametrize("grouping", ["quadrants", "octants", "top_bottom",
-                                      "left_right", "all_quadrants"])
+@pytest.mark.parametrize(
+  "grouping",
+  ["quadrants", "octants", "top_bottom", "left_right", "all_quadrants"],
+)
 def test_cuda_lowering_of_grouped_pools_is_two_custom_calls(grouping):
   """Forward + backward of any grouping: one custom call each, no slicing
   or concatenation of x outside the kernels."""
   x = jnp.ones((2, 8, 8, 16), jnp.float32)
-  f = lambda x: lmconv_jax.grouped_landmark_pool(x, grouping,
-                                                 implementation="ffi")
+  f = lambda x: lmconv_jax.grouped_landmark_pool(
+    x, grouping, implementation="ffi"
+  )
   text = cuda_hlo(jax.grad(lambda x: (f(x) * x).sum()), x)
   assert custom_call_targets(text) == ["lmconv_pool_bwd", "lmconv_pool_fwd"]
   assert "concatenate" not in text
@@ -642,27 +839,39 @@ def test_cuda_lowering_of_grouped_pools_is_two_custom_calls(grouping):
 @needs_cuda_build
 @pytest.mark.parametrize("guided", [False, True])
 @pytest.mark.parametrize("direction", ["top_left", "east_southeast"])
-def test_cuda_lowering_of_jvp_is_the_tangent_kernel_and_no_loop(direction,
-                                                                guided):
+def test_cuda_lowering_of_jvp_is_the_tangent_kernel_and_no_loop(
+  direction, guided
+):
   x = jnp.ones((2, 5, 6, 3), jnp.float32)
   g = jnp.full(x.shape, 0.5, jnp.float32) if guided else None
   suffix = "_guided" if guided else ""
 
   def jvp(x, g, tx, tg):
     if g is None:
-      return jax.jvp(lambda x: lmconv_jax.landmark_pool(
-          x, direction, implementation="ffi"), (x,), (tx,))
-    return jax.jvp(lambda x, g: lmconv_jax.landmark_pool(
-        x, direction, g, implementation="ffi"), (x, g), (tx, tg))
+      return jax.jvp(
+        lambda x: lmconv_jax.landmark_pool(x, direction, implementation="ffi"),
+        (x,),
+        (tx,),
+      )
+    return jax.jvp(
+      lambda x, g: lmconv_jax.landmark_pool(
+        x, direction, g, implementation="ffi"
+      ),
+      (x, g),
+      (tx, tg),
+    )
 
   text = cuda_hlo(jvp, x, g, x, g)
-  assert custom_call_targets(text) == [f"lmconv_pool_fwd{suffix}",
-                                       f"lmconv_pool_tangent{suffix}"]
+  assert custom_call_targets(text) == [
+    f"lmconv_pool_fwd{suffix}",
+    f"lmconv_pool_tangent{suffix}",
+  ]
   assert not has_loop(text)
 
 
 # --------------------------------------------------------------------------
 # 5. On a GPU
+
 
 def _gpu():
   try:
@@ -672,8 +881,9 @@ def _gpu():
 
 
 def needs_gpu(f):
-  f = pytest.mark.skipif(not _ffi.has_kernels("cuda"),
-                         reason="the CUDA kernels are not built")(f)
+  f = pytest.mark.skipif(
+    not _ffi.has_kernels("cuda"), reason="the CUDA kernels are not built"
+  )(f)
   f = pytest.mark.skipif(_gpu() is None, reason="no GPU visible to JAX")(f)
   return pytest.mark.gpu(f)
 
@@ -689,14 +899,15 @@ def gpu_run(x, g, grouping, out, members, ct, tx, tg):
   x, g, out, members, ct, tx, tg = on_gpu(x, g, out, members, ct, tx, tg)
   fwd = emulator.forward(x, g, grouping, emulated=False)
   assert fwd[0].devices() == {_gpu()}
-  tout = emulator.tangent(x, g, grouping, out, members, tx, tg,
-                          emulated=False)
-  dx, dg = emulator.backward(x, g, grouping, out, members, ct,
-                             emulated=False)
-  inference = emulator.forward(x, g, grouping, emulated=False,
-                               save_members=False)[0]
-  return [None if a is None else np.asarray(jax.device_get(a))
-          for a in tuple(fwd) + (tout, dx, dg, inference)]
+  tout = emulator.tangent(x, g, grouping, out, members, tx, tg, emulated=False)
+  dx, dg = emulator.backward(x, g, grouping, out, members, ct, emulated=False)
+  inference = emulator.forward(
+    x, g, grouping, emulated=False, save_members=False
+  )[0]
+  return [
+    None if a is None else np.asarray(jax.device_get(a))
+    for a in tuple(fwd) + (tout, dx, dg, inference)
+  ]
 
 
 @needs_gpu
@@ -711,11 +922,20 @@ def test_gpu_kernels_equal_cpu_kernels_and_emulation(grouping, dtype):
   for mode in GUIDE_MODES:
     with jax.default_device(CPU):
       case = jax.device_put(grid_case(dtype, g), CPU)
-      args = (case["x"], case["guides"][mode], g, case["ct"], case["tx"],
-              case["tguides"][mode])
+      args = (
+        case["x"],
+        case["guides"][mode],
+        g,
+        case["ct"],
+        case["tx"],
+        case["tguides"][mode],
+      )
       want = run(*args, emulated=False)
-      emulated = (run(*args, emulated=True, order=CHECK)
-                  if emulator.EMULATOR is not None else None)
+      emulated = (
+        run(*args, emulated=True, order=CHECK)
+        if emulator.EMULATOR is not None
+        else None
+      )
     got = gpu_run(args[0], args[1], g, want[0], want[1], *args[3:])
     assert_same_bits(got, want, g)
     if emulated is not None:
@@ -729,12 +949,18 @@ def test_gpu_kernels_wide_channels(grouping):
   g = GROUPINGS[grouping]
   shape = WIDE[grouping]
   with jax.default_device(CPU):
-    x, guide, ct = jax.device_put((
+    x, guide, ct = jax.device_put(
+      (
         jnp.asarray(inputs.make_x("small_int", shape, 5), jnp.float32),
         jnp.asarray(inputs.make_guide("per_channel", shape), jnp.float32),
-        jnp.asarray(inputs.make_ct(shape), jnp.float32)), CPU)
-    wants = {gd is None: run(x, gd, g, ct, ct, gd, emulated=False)
-             for gd in (None, guide)}
+        jnp.asarray(inputs.make_ct(shape), jnp.float32),
+      ),
+      CPU,
+    )
+    wants = {
+      gd is None: run(x, gd, g, ct, ct, gd, emulated=False)
+      for gd in (None, guide)
+    }
   for gd in (None, guide):
     want = wants[gd is None]
     got = gpu_run(x, gd, g, want[0], want[1], ct, ct, gd)
@@ -742,7 +968,7 @@ def test_gpu_kernels_wide_channels(grouping):
 
 
 @needs_gpu
-@pytest.mark.x64                       # the float64 sum of dx at the end
+@pytest.mark.x64  # the float64 sum of dx at the end
 def test_gpu_kernels_index_past_2_to_the_31():
   """64-bit indexing: a float32 tensor of more than 2**31 elements (8.6 GB;
   skipped on a GPU with less than 60 GB). With g = 1 a quadrant is two
@@ -751,19 +977,26 @@ def test_gpu_kernels_index_past_2_to_the_31():
   stats = gpu.memory_stats() or {}
   if stats.get("bytes_limit", 0) < 60 * 2**30:
     pytest.skip("needs a GPU with 60 GB")
-  shape = (1, 1024, 1024, 2049)                       # 2**31 + 2**20 elements
+  shape = (1, 1024, 1024, 2049)  # 2**31 + 2**20 elements
   assert np.prod(shape) > 2**31
   key = jax.random.key(0)
   x = jax.device_put(jax.random.normal(key, shape, jnp.float32), gpu)
   d = DIRECTIONS["bottom_right"]
-  out = jax.jit(lambda x: emulator.forward(x, None, ((d,),),
-                                           emulated=False)[0])(x)
-  want = jax.jit(lambda x: jax.lax.cummax(jax.lax.cummax(
-      x, axis=1, reverse=True), axis=2, reverse=True))(x)
+  out = jax.jit(
+    lambda x: emulator.forward(x, None, ((d,),), emulated=False)[0]
+  )(x)
+  want = jax.jit(
+    lambda x: jax.lax.cummax(
+      jax.lax.cummax(x, axis=1, reverse=True), axis=2, reverse=True
+    )
+  )(x)
   assert bool(jnp.array_equal(out, want))
   del out, want
-  dx = jax.jit(jax.grad(lambda x: lmconv_jax.landmark_pool(
-      x, d, implementation="ffi").sum()))(x)
+  dx = jax.jit(
+    jax.grad(
+      lambda x: lmconv_jax.landmark_pool(x, d, implementation="ffi").sum()
+    )
+  )(x)
   # Every pixel's gradient lands on its landmark: the total is the pixel count.
   assert float(jnp.sum(dx, dtype=jnp.float64)) == np.prod(shape)
 
@@ -790,23 +1023,42 @@ def ptxas_report(nvcc, arch="sm_80"):
   root = pathlib.Path(__file__).resolve().parents[1]
   with tempfile.TemporaryDirectory() as tmp:
     p = subprocess.run(
-        [nvcc, "-std=c++17", "-O3", "-DNDEBUG", "--fmad=false", "-ftz=true",
-         f"-arch={arch}", "-cubin", "-Xptxas", "-v",
-         "-I", str(root / "xla_ffi"), str(root / "xla_ffi" / "cuda.cu"),
-         "-o", str(pathlib.Path(tmp) / "cuda.cubin")],
-        capture_output=True, text=True, timeout=900)
+      [
+        nvcc,
+        "-std=c++17",
+        "-O3",
+        "-DNDEBUG",
+        "--fmad=false",
+        "-ftz=true",
+        f"-arch={arch}",
+        "-cubin",
+        "-Xptxas",
+        "-v",
+        "-I",
+        str(root / "xla_ffi"),
+        str(root / "xla_ffi" / "cuda.cu"),
+        "-o",
+        str(pathlib.Path(tmp) / "cuda.cubin"),
+      ],
+      capture_output=True,
+      text=True,
+      timeout=900,
+    )
   assert p.returncode == 0, p.stderr[-3000:]
   out = {}
   pattern = re.compile(
-      r"Compiling entry function '(\w+)' for '\w+'\n(?:.*\n)*?.*?"
-      r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes "
-      r"spill loads\n.*?Used (\d+) registers")
+    r"Compiling entry function '(\w+)' for '\w+'\n(?:.*\n)*?.*?"
+    r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes "
+    r"spill loads\n.*?Used (\d+) registers"
+  )
   for m in pattern.finditer(p.stdout + p.stderr):
-    name = subprocess.run(["c++filt", m.group(1)], capture_output=True,
-                          text=True).stdout.strip()
+    name = subprocess.run(
+      ["c++filt", m.group(1)], capture_output=True, text=True
+    ).stdout.strip()
     body = re.search(r"phased_kernel<lmconv::(\w+)<(.*)> *>", name)
     key = (f"{body.group(1)}<{body.group(2)}>" if body else name).replace(
-        "lmconv::", "")
+      "lmconv::", ""
+    )
     out[key] = (int(m.group(5)), int(m.group(3)), int(m.group(4)))
   return out
 
@@ -819,8 +1071,10 @@ def test_no_float32_kernel_spills():
   if shutil.which("c++filt") is None:
     pytest.skip("c++filt not found")
   report = ptxas_report(_nvcc())
-  table = "\n".join(f"{k}: {v[0]} registers, spills {v[1]} / {v[2]} bytes"
-                     for k, v in sorted(report.items()))
+  table = "\n".join(
+    f"{k}: {v[0]} registers, spills {v[1]} / {v[2]} bytes"
+    for k, v in sorted(report.items())
+  )
   assert len(report) == 28, table
   f32 = {k: v for k, v in report.items() if "<float" in k}
   assert len(f32) == 7, table

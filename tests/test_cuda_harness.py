@@ -37,10 +37,23 @@ except ImportError:
 PASSES = ("fwd-train", "fwd-infer", "tangent", "backward")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 GUIDES = ("none", "full", "(C,)", "(B,1,1,1)", "scalar")
-GROUPINGS = tuple(DIRECTIONS) + ("quadrants", "octants", "top_bottom",
-                                 "left_right", "all_quadrants", "mixed")
-GROUPS = {**{d: 1 for d in DIRECTIONS}, "quadrants": 4, "octants": 8,
-          "top_bottom": 2, "left_right": 2, "all_quadrants": 1, "mixed": 4}
+GROUPINGS = tuple(DIRECTIONS) + (
+  "quadrants",
+  "octants",
+  "top_bottom",
+  "left_right",
+  "all_quadrants",
+  "mixed",
+)
+GROUPS = {
+  **{d: 1 for d in DIRECTIONS},
+  "quadrants": 4,
+  "octants": 8,
+  "top_bottom": 2,
+  "left_right": 2,
+  "all_quadrants": 1,
+  "mixed": 4,
+}
 
 
 def binary(kind):
@@ -54,15 +67,19 @@ def binary(kind):
 HOST = binary("host")
 CUDA = binary("cuda")
 needs_host = pytest.mark.skipif(
-    HOST is None, reason="this build has no harness host twin "
-    "(LMCONV_EMULATOR and LMCONV_HARNESS on, in this checkout's build)")
+  HOST is None,
+  reason="this build has no harness host twin "
+  "(LMCONV_EMULATOR and LMCONV_HARNESS on, in this checkout's build)",
+)
 needs_cuda = pytest.mark.skipif(
-    CUDA is None, reason="this build has no CUDA harness (no nvcc?)")
+  CUDA is None, reason="this build has no CUDA harness (no nvcc?)"
+)
 
 
 def run(path, *args, timeout=900):
-  return subprocess.run([path, *map(str, args)], capture_output=True,
-                        text=True, timeout=timeout)
+  return subprocess.run(
+    [path, *map(str, args)], capture_output=True, text=True, timeout=timeout
+  )
 
 
 def cases(text):
@@ -96,13 +113,19 @@ def test_grid_covers_every_grouping_dtype_guide_and_pass(quick):
   assert p.returncode == 0, p.stderr
   rows = [line.split() for line in p.stdout.splitlines()]
   assert len(rows) == len(GROUPINGS) * len(DTYPES) * len(GUIDES) * 4
-  seen = {(r[0], r[1], r[2], r[3][len("guide="):]) for r in rows}
-  assert seen == {(p_, d, g, gd) for p_ in PASSES for d in DTYPES
-                  for g in GROUPINGS for gd in GUIDES}
+  seen = {(r[0], r[1], r[2], r[3][len("guide=") :]) for r in rows}
+  assert seen == {
+    (p_, d, g, gd)
+    for p_ in PASSES
+    for d in DTYPES
+    for g in GROUPINGS
+    for gd in GUIDES
+  }
   shapes = []
   for r in rows:
-    b, h, w, c = map(int, re.fullmatch(r"x=\((\d+),(\d+),(\d+),(\d+)\)",
-                                       r[4]).groups())
+    b, h, w, c = map(
+      int, re.fullmatch(r"x=\((\d+),(\d+),(\d+),(\d+)\)", r[4]).groups()
+    )
     assert c % GROUPS[r[2]] == 0, r
     shapes.append((b, h, w, c // GROUPS[r[2]]))
   # Odd sizes, single rows and columns, batches, and channels per group off
@@ -125,7 +148,8 @@ def test_host_twin_passes_the_grid(tmp_path):
   p = run(HOST, "--tsv", tsv)
   lines = p.stdout.strip().splitlines()
   assert p.returncode == 0, "\n".join(
-      [l for l in lines if l.startswith("FAIL")][:20] + [p.stderr])
+    [l for l in lines if l.startswith("FAIL")][:20] + [p.stderr]
+  )
   got = cases(p.stdout)
   n = len(GROUPINGS) * len(DTYPES) * len(GUIDES) * 4
   assert len(got) == n and set(got.values()) == {"ok"}
@@ -137,8 +161,9 @@ def test_host_twin_passes_the_grid(tmp_path):
 
 
 @needs_host
-@pytest.mark.parametrize("fault,says", [
-    ("unwritten", "left poisoned"), ("flip", "elements differ")])
+@pytest.mark.parametrize(
+  "fault,says", [("unwritten", "left poisoned"), ("flip", "elements differ")]
+)
 def test_a_planted_fault_fails_every_case(fault, says):
   """An element left at the poison, or one flipped bit, in each case's first
   output: every case fails and says why; exit 1."""
@@ -174,7 +199,8 @@ def test_cuda_harness_without_a_gpu_says_so_and_exits_3():
   assert p.returncode == 3, p.stdout + p.stderr
   lines = (p.stdout + p.stderr).strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith(
-      "lmconv_cuda_harness: no CUDA device"), lines
+    "lmconv_cuda_harness: no CUDA device"
+  ), lines
 
 
 @pytest.mark.gpu
@@ -184,6 +210,7 @@ def test_cuda_harness_passes_on_the_gpu():
   p = run(CUDA)
   lines = p.stdout.strip().splitlines()
   assert p.returncode == 0, "\n".join(
-      [l for l in lines if l.startswith("FAIL")][:20] + [p.stderr])
+    [l for l in lines if l.startswith("FAIL")][:20] + [p.stderr]
+  )
   n = len(GROUPINGS) * len(DTYPES) * len(GUIDES) * 4
   assert lines[-1] == f"{n} passed, 0 failed"

@@ -78,8 +78,9 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ["README.md"] + sorted(
-    str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))
-TIMEOUT_S = 300      # per file
+  str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md")
+)
+TIMEOUT_S = 300  # per file
 
 _FENCE = re.compile(r"^([ \t]*)```python[ \t]*$")
 _SHELL_FENCE = re.compile(r"^([ \t]*)```(?:bash|sh|shell)[ \t]*$")
@@ -89,8 +90,7 @@ _RUN_ENV = re.compile(r"<!--\s*run-env:(.*?)-->", re.S)
 
 
 @functools.cache
-def blocks_of(path: str, fence_re=_FENCE,
-              kind: str = "") -> tuple[dict, ...]:
+def blocks_of(path: str, fence_re=_FENCE, kind: str = "") -> tuple[dict, ...]:
   """The ```python blocks (or those ``fence_re`` matches) of a markdown file,
   dedented to their fence; ids FILE:N, or FILE:KIND-N."""
   lines = (ROOT / path).read_text().splitlines()
@@ -108,19 +108,23 @@ def blocks_of(path: str, fence_re=_FENCE,
     body = []
     for k, line in enumerate(lines[start:end], start + 1):
       assert not line.strip() or line.startswith(indent), (
-          f"{path}:{k}: line less indented than its fence")
-      body.append(line[len(indent):])
-    prev = next((lines[k] for k in range(i - 1, -1, -1) if lines[k].strip()),
-                "")
+        f"{path}:{k}: line less indented than its fence"
+      )
+      body.append(line[len(indent) :])
+    prev = next(
+      (lines[k] for k in range(i - 1, -1, -1) if lines[k].strip()), ""
+    )
     not_run, fresh = _NOT_RUN.match(prev), _FRESH.match(prev)
-    found.append({
+    found.append(
+      {
         "id": f"{path}:{kind + '-' if kind else ''}{len(found) + 1}",
         "path": path,
-        "line": start + 1,          # 1-based line of the block's first line
+        "line": start + 1,  # 1-based line of the block's first line
         "source": "\n".join(body) + "\n",
         "not_run": None if not_run is None else not_run.group(1).strip(),
         "fresh_process": fresh is not None,
-    })
+      }
+    )
     i = end + 1
   return tuple(found)
 
@@ -139,18 +143,22 @@ def run_env(path: str) -> dict:
 def expected_prints(source: str) -> list:
   """What each print(...) of a block says it prints: [(line, text | None)]."""
   comments = {
-      tok.start[0]: tok.string[1:].strip()
-      for tok in tokenize.generate_tokens(io.StringIO(source).readline)
-      if tok.type == tokenize.COMMENT}
+    tok.start[0]: tok.string[1:].strip()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+    if tok.type == tokenize.COMMENT
+  }
   calls = sorted(
-      (node.lineno, node.end_lineno) for node in ast.walk(ast.parse(source))
-      if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-      and node.func.id == "print")
+    (node.lineno, node.end_lineno)
+    for node in ast.walk(ast.parse(source))
+    if isinstance(node, ast.Call)
+    and isinstance(node.func, ast.Name)
+    and node.func.id == "print"
+  )
   return [(first, comments.get(last)) for first, last in calls]
 
 
 def output_matches(expected: str, actual: str) -> bool:
-  squash = lambda s: " ".join(s.split())          # noqa: E731
+  squash = lambda s: " ".join(s.split())  # noqa: E731
   pattern = ".*".join(re.escape(part) for part in squash(expected).split("..."))
   return re.fullmatch(pattern, squash(actual)) is not None
 
@@ -203,20 +211,33 @@ def segments_of(path: str) -> list[list[dict]]:
 
 def _launch(path: str, k: int, tmp: pathlib.Path):
   """Starts the process for segment ``k`` of a file's blocks, in tmp/work."""
-  env = {name: value for name, value in os.environ.items()
-         if name not in ("XLA_FLAGS", "JAX_ENABLE_X64")}
+  env = {
+    name: value
+    for name, value in os.environ.items()
+    if name not in ("XLA_FLAGS", "JAX_ENABLE_X64")
+  }
   env.update(run_env(path))
   # The checkout importable as from its root (where the reader starts), while
   # the process runs in a folder of its own.
   env["PYTHONPATH"] = os.pathsep.join(
-      [str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    [str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p]
+  )
   (tmp / "work").mkdir(exist_ok=True)
   (tmp / f"blocks{k}.json").write_text(json.dumps(segments_of(path)[k]))
   return subprocess.Popen(
-      [sys.executable, "-c", _RUNNER, str(tmp / f"blocks{k}.json"),
-       str(tmp / f"results{k}.json")],
-      cwd=tmp / "work", env=env, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True)
+    [
+      sys.executable,
+      "-c",
+      _RUNNER,
+      str(tmp / f"blocks{k}.json"),
+      str(tmp / f"results{k}.json"),
+    ],
+    cwd=tmp / "work",
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
 
 
 @functools.cache
@@ -234,7 +255,8 @@ def _finish(path: str, k: int, proc, tmp: pathlib.Path) -> list[dict]:
     output, _ = proc.communicate()
   results = tmp / f"results{k}.json"
   assert proc.returncode == 0 and results.exists(), (
-      f"running {path}'s blocks: exit {proc.returncode}\n{output[-8000:]}")
+    f"running {path}'s blocks: exit {proc.returncode}\n{output[-8000:]}"
+  )
   return json.loads(results.read_text())
 
 
@@ -253,8 +275,9 @@ def run_file(path: str, start_too: tuple = ()) -> tuple[dict, ...]:
     for k, segment in enumerate(segments_of(path)[1:], 1):
       failed = next((r for r in results if r["status"] == "error"), None)
       if failed is not None:
-        results += [{"status": "not reached",
-                     "error": "a block before it failed"}] * len(segment)
+        results += [
+          {"status": "not reached", "error": "a block before it failed"}
+        ] * len(segment)
         continue
       results += _finish(path, k, _launch(path, k, tmp), tmp)
     return tuple(results)
@@ -263,8 +286,9 @@ def run_file(path: str, start_too: tuple = ()) -> tuple[dict, ...]:
 
 
 ALL_BLOCKS = [b for path in DOCS for b in blocks_of(path)]
-SHELL_BLOCKS = [b for path in DOCS
-                for b in blocks_of(path, _SHELL_FENCE, "shell")]
+SHELL_BLOCKS = [
+  b for path in DOCS for b in blocks_of(path, _SHELL_FENCE, "shell")
+]
 
 
 def test_the_docs_have_python_blocks():
@@ -280,14 +304,17 @@ def test_every_not_run_marker_belongs_to_a_block(path):
   markers = len(re.findall(r"<!--\s*not-run\b", text))
   reasons = [b["not_run"] for b in blocks if b["not_run"] is not None]
   assert markers == len(reasons), (
-      f"{path}: {markers} not-run markers, {len(reasons)} of them on the line "
-      f"before a ```python or ```bash block (as <!-- not-run: WHY -->)")
+    f"{path}: {markers} not-run markers, {len(reasons)} of them on the line "
+    f"before a ```python or ```bash block (as <!-- not-run: WHY -->)"
+  )
   assert all(len(r) > 10 for r in reasons), (
-      f"{path}: a not-run marker must say why: {reasons}")
+    f"{path}: a not-run marker must say why: {reasons}"
+  )
   fresh = len(re.findall(r"<!--\s*fresh-process\b", text))
   assert fresh == sum(b["fresh_process"] for b in blocks_of(path)), (
-      f"{path}: a fresh-process marker must be on the line before a "
-      f"```python block's fence (as <!-- fresh-process: WHY -->)")
+    f"{path}: a fresh-process marker must be on the line before a "
+    f"```python block's fence (as <!-- fresh-process: WHY -->)"
+  )
 
 
 def _files_selected(session) -> tuple:
@@ -302,33 +329,41 @@ def _files_selected(session) -> tuple:
   return tuple(files)
 
 
-@pytest.mark.parametrize("index", range(len(ALL_BLOCKS)),
-                         ids=[b["id"] for b in ALL_BLOCKS])
+@pytest.mark.parametrize(
+  "index", range(len(ALL_BLOCKS)), ids=[b["id"] for b in ALL_BLOCKS]
+)
 def test_block(index, request):
   block = ALL_BLOCKS[index]
   where = f"{block['id']} (line {block['line']})"
-  compile(block["source"], block["path"], "exec")      # every block parses
+  compile(block["source"], block["path"], "exec")  # every block parses
   prints = expected_prints(block["source"])
   silent = [block["line"] + line - 1 for line, text in prints if text is None]
   assert not silent, (
-      f"{where}: print(...) at line(s) {silent} of {block['path']} does not "
-      f"say what it prints (a trailing comment on the line the call ends)")
+    f"{where}: print(...) at line(s) {silent} of {block['path']} does not "
+    f"say what it prints (a trailing comment on the line the call ends)"
+  )
   if block["not_run"] is not None:
     assert len(block["not_run"]) > 10, (
-        f"{where}: <!-- not-run: WHY --> must say why, and what runs it")
+      f"{where}: <!-- not-run: WHY --> must say why, and what runs it"
+    )
     pytest.skip(f"not run: {block['not_run']}")
 
   results = run_file(block["path"], _files_selected(request.session))
   result = results[int(block["id"].rsplit(":", 1)[1]) - 1]
   assert result["status"] == "ok", (
-      f"{where}: {result['status']}\n{result.get('error', '')}"
-      f"\n--- stdout ---\n{result.get('stdout', '')}")
+    f"{where}: {result['status']}\n{result.get('error', '')}"
+    f"\n--- stdout ---\n{result.get('stdout', '')}"
+  )
   actual = result["stdout"].splitlines()
   wanted = [text for _, text in prints]
   assert len(actual) == len(wanted) and all(
-      output_matches(w, a) for w, a in zip(wanted, actual)), (
-      f"{where}: printed\n  " + "\n  ".join(actual) +
-      "\nbut the text says\n  " + "\n  ".join(wanted))
+    output_matches(w, a) for w, a in zip(wanted, actual)
+  ), (
+    f"{where}: printed\n  "
+    + "\n  ".join(actual)
+    + "\nbut the text says\n  "
+    + "\n  ".join(wanted)
+  )
 
 
 # --------------------------------------------------------------------------
@@ -341,27 +376,32 @@ SHELL_TIMEOUT_S = 120
 PENDING = {}
 # A command word that runs some Python other than a venv's.
 _BARE_PYTHON = re.compile(
-    r"(?:^|[;&|(]|\$\()\s*(?:[A-Z_]+=\S*\s+)*((?:python|pip)[0-9.]*)(?=\s|$)",
-    re.M)
+  r"(?:^|[;&|(]|\$\()\s*(?:[A-Z_]+=\S*\s+)*((?:python|pip)[0-9.]*)(?=\s|$)",
+  re.M,
+)
 _OPERATORS = {"&&", "||", ";", "|", "&"}
 
 
 def _code_lines(source: str) -> list[str]:
   """A shell block's commands: continuations joined, comments dropped."""
   joined = re.sub(r"\\\n", " ", source)
-  return [line for line in (l.split(" #")[0].strip() for l in
-                            joined.splitlines()) if line and line[0] != "#"]
+  return [
+    line
+    for line in (l.split(" #")[0].strip() for l in joined.splitlines())
+    if line and line[0] != "#"
+  ]
 
 
 def lmconv_jax_commands(line: str) -> list[list[str]]:
   """The arguments after each ``-m lmconv_jax`` of a command line."""
   import shlex
+
   words = shlex.split(line, comments=True)
   found = []
   for i in range(len(words) - 1):
     if words[i] == "-m" and words[i + 1] == "lmconv_jax":
       args = []
-      for w in words[i + 2:]:
+      for w in words[i + 2 :]:
         if w in _OPERATORS:
           break
         args.append(w)
@@ -372,8 +412,9 @@ def lmconv_jax_commands(line: str) -> list[list[str]]:
 def shell_problems(block: dict) -> list[str]:
   """What keeps a shell block from running as written (without running it)."""
   problems = []
-  check = subprocess.run(["bash", "-n"], input=block["source"], text=True,
-                         capture_output=True)
+  check = subprocess.run(
+    ["bash", "-n"], input=block["source"], text=True, capture_output=True
+  )
   if check.returncode:
     problems.append(f"bash -n: {check.stderr.strip()}")
   code = "\n".join(_code_lines(block["source"]))
@@ -381,10 +422,12 @@ def shell_problems(block: dict) -> list[str]:
     bare = sorted(set(_BARE_PYTHON.findall(code)))
     if bare:
       problems.append(
-          f"calls {', '.join(bare)} bare: write .venv/bin/python (a bare "
-          f"python in the checkout imports the source tree without jax; "
-          f"python3.12 may not exist under pyenv)")
+        f"calls {', '.join(bare)} bare: write .venv/bin/python (a bare "
+        f"python in the checkout imports the source tree without jax; "
+        f"python3.12 may not exist under pyenv)"
+      )
   from lmconv_jax import cli
+
   for line in _code_lines(block["source"]):
     for args in lmconv_jax_commands(line):
       error = _cli_parse_error(cli, args)
@@ -396,11 +439,14 @@ def shell_problems(block: dict) -> list[str]:
 def _cli_parse_error(cli, args: list[str]):
   """None if ``python -m lmconv_jax ARGS`` parses, else argparse's message."""
   import contextlib
+
   err = io.StringIO()
   parser = cli.build_parser()
   try:
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(
-        io.StringIO()):
+    with (
+      contextlib.redirect_stderr(err),
+      contextlib.redirect_stdout(io.StringIO()),
+    ):
       parsed, unknown = parser.parse_known_args(args)
       if unknown:
         parsed.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -409,8 +455,9 @@ def _cli_parse_error(cli, args: list[str]):
   return None
 
 
-@pytest.mark.parametrize("index", range(len(SHELL_BLOCKS)),
-                         ids=[b["id"] for b in SHELL_BLOCKS])
+@pytest.mark.parametrize(
+  "index", range(len(SHELL_BLOCKS)), ids=[b["id"] for b in SHELL_BLOCKS]
+)
 def test_shell_block(index):
   block = SHELL_BLOCKS[index]
   where = f"{block['id']} (line {block['line']})"
@@ -419,28 +466,41 @@ def test_shell_block(index):
     if block["not_run"] is None:
       problems.append("no not-run marker")
     assert problems, (
-        f"{where} is fixed: remove its entry from PENDING in "
-        f"tests/test_docs.py")
+      f"{where} is fixed: remove its entry from PENDING in tests/test_docs.py"
+    )
     pytest.xfail(f"{PENDING[block['id']]} (now: {'; '.join(problems)})")
   assert not problems, f"{where}:\n  " + "\n  ".join(problems)
   if block["not_run"] is not None:
     pytest.skip(f"not run: {block['not_run']}")
-  if ".venv/bin/" in block["source"] and not (
-      ROOT / ".venv" / "bin" / "python").exists():
+  if (
+    ".venv/bin/" in block["source"]
+    and not (ROOT / ".venv" / "bin" / "python").exists()
+  ):
     pytest.skip("no .venv in the checkout (scripts/setup.sh makes it)")
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("XLA_FLAGS", "JAX_ENABLE_X64")}
+  env = {
+    k: v
+    for k, v in os.environ.items()
+    if k not in ("XLA_FLAGS", "JAX_ENABLE_X64")
+  }
   env.update(run_env(block["path"]))
   try:
-    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block["source"]],
-                          cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=SHELL_TIMEOUT_S)
+    proc = subprocess.run(
+      ["bash", "-euo", "pipefail", "-c", block["source"]],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=SHELL_TIMEOUT_S,
+    )
   except subprocess.TimeoutExpired:
-    pytest.fail(f"{where}: still running after {SHELL_TIMEOUT_S} s; a long "
-                f"block needs <!-- not-run: WHY --> before its fence")
+    pytest.fail(
+      f"{where}: still running after {SHELL_TIMEOUT_S} s; a long "
+      f"block needs <!-- not-run: WHY --> before its fence"
+    )
   assert proc.returncode == 0, (
-      f"{where}: exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}"
-      f"\n--- stderr ---\n{proc.stderr[-4000:]}")
+    f"{where}: exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}"
+    f"\n--- stderr ---\n{proc.stderr[-4000:]}"
+  )
   assert "Traceback" not in proc.stderr, f"{where}:\n{proc.stderr[-4000:]}"
 
 
@@ -451,8 +511,12 @@ _INLINE = re.compile(r"`[^`\n]*-m lmconv_jax(?: +([a-z]+))?([^`]*)`")
 def inline_cli_mentions():
   found = []
   for path in DOCS:
-    text = re.sub(r"^[ \t]*```.*?^[ \t]*```", "", (ROOT / path).read_text(),
-                  flags=re.M | re.S)              # prose only: no fenced code
+    text = re.sub(
+      r"^[ \t]*```.*?^[ \t]*```",
+      "",
+      (ROOT / path).read_text(),
+      flags=re.M | re.S,
+    )  # prose only: no fenced code
     for m in _INLINE.finditer(text.replace("\n", " ")):
       found.append((path, m.group(0), m.group(1), m.group(2)))
   return found
@@ -462,6 +526,7 @@ def test_inline_command_lines_name_real_commands_and_options():
   """`python -m lmconv_jax bench [--directions LIST]` in prose: each command
   and --option exists (what the shell blocks get by parsing)."""
   from lmconv_jax import cli
+
   parser = cli.build_parser()
   commands = parser._subparsers._group_actions[0].choices
   mentions = inline_cli_mentions()
@@ -480,30 +545,40 @@ def test_inline_command_lines_name_real_commands_and_options():
   assert not bad, "\n".join(bad)
 
 
-@pytest.mark.parametrize("source,problem", [
+@pytest.mark.parametrize(
+  "source,problem",
+  [
     ("python3.12 -m venv .venv\n", "calls python3.12 bare"),
     ("python -m lmconv_jax info\n", "calls python bare"),
     ("X=1 pip install .\n", "calls pip bare"),
     ("cd x && python -m pytest\n", "calls python bare"),
-    (".venv/bin/python -m lmconv_jax bench --directions quadrants\n",
-     "`-m lmconv_jax bench --directions quadrants`: python -m lmconv_jax "
-     "bench: error: unrecognized arguments: --directions quadrants"),
-    (".venv/bin/python -m lmconv_jax demo [--quick]\n",
-     "unrecognized arguments: [--quick]"),
+    (
+      ".venv/bin/python -m lmconv_jax bench --directions quadrants\n",
+      "`-m lmconv_jax bench --directions quadrants`: python -m lmconv_jax "
+      "bench: error: unrecognized arguments: --directions quadrants",
+    ),
+    (
+      ".venv/bin/python -m lmconv_jax demo [--quick]\n",
+      "unrecognized arguments: [--quick]",
+    ),
     ("for i in 0 1; do\n", "bash -n"),
-])
+  ],
+)
 def test_shell_checks_catch_what_fails_as_written(source, problem):
   block = {"source": source}
   problems = shell_problems(block)
   assert any(problem in p for p in problems), problems
 
 
-@pytest.mark.parametrize("source", [
+@pytest.mark.parametrize(
+  "source",
+  [
     ".venv/bin/python -m lmconv_jax info   # versions\n",
     "source .venv/bin/activate\npython -m lmconv_jax demo --quick\n",
     'PY=$(scripts/setup.sh --print-python)\n"$PY" -m venv .venv\n',
     ".venv/bin/python -m lmconv_jax bench --help\n",
     "scripts/python_check.sh --dry-run\n",
-])
+  ],
+)
 def test_shell_checks_pass_what_runs_as_written(source):
   assert shell_problems({"source": source}) == []

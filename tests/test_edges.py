@@ -29,6 +29,7 @@ def _bits(v):
 # 1. Subnormals: x and guide are read with float32/float64 subnormals as
 # zeros of the same sign (float16 subnormals are normal in float32: kept).
 
+
 def test_subnormal_inputs_read_as_signed_zeros_float32():
   x = _img([[1e-40, 3e-40], [2e-40, 0.0]])
   out = FWD(x, None, TL)
@@ -46,20 +47,25 @@ def test_subnormal_inputs_read_as_signed_zeros_float32():
 def test_subnormal_guide_reads_as_zero():
   x = _img([[2.0, 1.0]])
   g = _img([[1e-40, -1e-40]])
-  out = FWD(x, g, TL)                      # g = +-0: out = x
+  out = FWD(x, g, TL)  # g = +-0: out = x
   np.testing.assert_array_equal(out, x)
   dx, dg = BWD(x, g, _img([[1.0, 1.0]]), TL)
   np.testing.assert_array_equal(dx, [[[[1.0], [1.0]]]])
-  np.testing.assert_array_equal(dg, [[[[0.0], [1.0]]]])   # (m - x) * G
+  np.testing.assert_array_equal(dg, [[[[0.0], [1.0]]]])  # (m - x) * G
 
 
-@pytest.mark.parametrize("dtype,value,flushed", [
-    ("bfloat16", 1e-39, True), ("float16", 6e-8, False),
-    ("float64", 1e-310, True)])
+@pytest.mark.parametrize(
+  "dtype,value,flushed",
+  [
+    ("bfloat16", 1e-39, True),
+    ("float16", 6e-8, False),
+    ("float64", 1e-310, True),
+  ],
+)
 def test_subnormal_rule_per_dtype(dtype, value, flushed):
   with fuzz.x64_if(dtype):
     x = _img([[value, 0.0]], jnp.dtype(fuzz.np_dtype(dtype)))
-    assert float(x[0, 0, 0, 0]) != 0.0         # representable in the dtype
+    assert float(x[0, 0, 0, 0]) != 0.0  # representable in the dtype
     out = np.asarray(FWD(x, None, TL), np.float64)
   want = 0.0 if flushed else float(x[0, 0, 0, 0])
   np.testing.assert_array_equal(out[0, 0, :, 0], [want, want])
@@ -67,6 +73,7 @@ def test_subnormal_rule_per_dtype(dtype, value, flushed):
 
 # --------------------------------------------------------------------------
 # 2. Direction validation; every valid direction works.
+
 
 def test_custom_valid_direction_uses_its_offsets():
   d = Direction("custom", "c", 1, 1, (-1, 1), (-1, 0), "")
@@ -82,13 +89,16 @@ def test_skew2_direction_is_a_wavefront():
   np.testing.assert_array_equal(out[0, ..., 0], [[0, 7, 7], [7, 7, 7]])
 
 
-@pytest.mark.parametrize("bad,rule", [
+@pytest.mark.parametrize(
+  "bad,rule",
+  [
     (Direction("a", "", 1, 1, (0, -1), (0, -1), ""), "must differ"),
     (Direction("a", "", 2, 1, (0, -1), (-1, 0), ""), r"\+1 or -1"),
     (Direction("a", "", 1, 1, (0, -2), (-1, 0), ""), r"\{-1, 0, \+1\}"),
     (Direction("a", "", 1, 1, (0, 1), (-1, 0), ""), "visited before"),
     (Direction("a", "", -1, 1, (-1, 0), (0, -1), ""), "visited before"),
-])
+  ],
+)
 def test_invalid_direction_names_the_rule(bad, rule):
   with pytest.raises(ValueError, match=rule):
     resolve(bad)
@@ -99,6 +109,7 @@ def test_invalid_direction_names_the_rule(bad, rule):
 # --------------------------------------------------------------------------
 # 3. The guided backward is the contract's formulas, literally.
 
+
 def test_one_pixel_dguide_is_exactly_zero():
   x = _img([[0.1]])
   g = _img([[0.3]])
@@ -106,12 +117,14 @@ def test_one_pixel_dguide_is_exactly_zero():
   assert float(dg[0, 0, 0, 0]) == 0.0
   # dx = (s*1 + (1 - s)) * G evaluated literally, no FMA.
   s, G = np.float32(0.3), np.float32(0.7)
-  assert float(dx[0, 0, 0, 0]) == float((s * np.float32(1) + (np.float32(1) - s)) * G)
+  assert float(dx[0, 0, 0, 0]) == float(
+    (s * np.float32(1) + (np.float32(1) - s)) * G
+  )
 
 
 def test_float32_max_dguide_is_zero_then_inf():
   big = float(np.finfo(np.float32).max)
-  x = _img([[big], [1.0]])                        # (1, 2, 1, 1)
+  x = _img([[big], [1.0]])  # (1, 2, 1, 1)
   dx, dg = BWD(x, jnp.ones_like(x), jnp.full_like(x, 2.0), TL)
   np.testing.assert_array_equal(dg[0, :, 0, 0], [0.0, np.inf])
   np.testing.assert_array_equal(dx[0, :, 0, 0], [4.0, 0.0])
@@ -121,17 +134,18 @@ def test_float64_huge_guide_dx_is_zero():
   with jax.enable_x64(True):
     x = _img([[3.0]], jnp.float64)
     dx, _ = BWD(x, jnp.full_like(x, 1e30), jnp.ones_like(x), TL)
-    assert float(dx[0, 0, 0, 0]) == 0.0         # (1e30 + (1 - 1e30)) * 1
+    assert float(dx[0, 0, 0, 0]) == 0.0  # (1e30 + (1 - 1e30)) * 1
 
 
 # --------------------------------------------------------------------------
 # 4. Non-finite guides and cotangents: the formulas as written.
 
+
 def test_nan_guide_spreads_as_the_formulas_say():
   x = _img([[0.0, 1.0], [5.0, 0.0]])
   g = _img([[1.0, 1.0], [1.0, np.nan]])
   dx, dg = BWD(x, g, jnp.ones_like(x), TL)
-  assert np.isnan(np.asarray(dx)).all()            # NaN * 0 = NaN reaches all
+  assert np.isnan(np.asarray(dx)).all()  # NaN * 0 = NaN reaches all
 
 
 def test_nan_cotangent_stays_on_the_winner_without_guide():
@@ -146,6 +160,7 @@ def test_nan_cotangent_stays_on_the_winner_without_guide():
 
 # --------------------------------------------------------------------------
 # 5. Sign of zero in the half types' rounding.
+
 
 def test_float16_blend_keeps_negative_zero():
   x = _img([[0.0, -6e-8]], jnp.float16)
@@ -168,14 +183,18 @@ def test_half_tangent_and_gradient_keep_negative_zero(dtype):
 # --------------------------------------------------------------------------
 # The fuzz: seeded cases (tests/fuzz.py) against the oracle, bit for bit.
 
-_GRID = fuzz.TEST_GRID     # the shapes test_reference.py compiles too
+_GRID = fuzz.TEST_GRID  # the shapes test_reference.py compiles too
 
 
 @pytest.mark.parametrize("dtype,guide_kind", _GRID)
 def test_fuzz_all_directions_against_oracle(dtype, guide_kind):
-  case = fuzz.make_case(100 + _GRID.index((dtype, guide_kind)), dtype,
-                        shape=fuzz.SHAPE, groups=fuzz.ALL_GROUPS,
-                        guide_kind=guide_kind)
+  case = fuzz.make_case(
+    100 + _GRID.index((dtype, guide_kind)),
+    dtype,
+    shape=fuzz.SHAPE,
+    groups=fuzz.ALL_GROUPS,
+    guide_kind=guide_kind,
+  )
   fuzz.check_reference(case, f"{dtype} {guide_kind}")
 
 
@@ -183,8 +202,9 @@ def test_fuzz_all_directions_against_oracle(dtype, guide_kind):
 def test_fuzz_drawn_shapes_and_groupings(dtype):
   seed = fuzz.DTYPES.index(dtype)
   case = fuzz.make_case(seed, dtype)
-  fuzz.check_reference(case, f"seed {seed} {dtype} {case.x.shape} "
-                       f"{case.guide_kind} {case.groups}")
+  fuzz.check_reference(
+    case, f"seed {seed} {dtype} {case.x.shape} {case.guide_kind} {case.groups}"
+  )
 
 
 # --------------------------------------------------------------------------
@@ -202,15 +222,18 @@ NO_FMA_SHAPES = [(1, 2, 1, 1), (1, 3, 1, 1), (1, 1, 3, 1), (1, 1, 1, 1)]
 def test_no_fma_on_one_row_one_column_and_one_pixel_images(direction):
   import spec_oracle
   from lmconv_jax import _ffi, ops
+
   groups = ((resolve(direction),),)
   ffi = _ffi.has_kernels("cpu")
   rng = np.random.default_rng(36)
 
   def passes(impl):
     pool = lambda x, g: ops.landmark_pool(x, direction, g, implementation=impl)
+
     def run(x, g, ct, t):
       out, vjp = jax.vjp(pool, x, g)
       return (out,) + vjp(ct) + (jax.jvp(pool, (x, g), (t, t))[1],)
+
     return jax.jit(run)
 
   ref, kernels = passes("reference"), passes("ffi") if ffi else None
@@ -219,18 +242,24 @@ def test_no_fma_on_one_row_one_column_and_one_pixel_images(direction):
       x = rng.uniform(-3, 3, shape).astype(np.float32)
       g = rng.uniform(-0.5, 1, shape).astype(np.float32)
       ct = rng.uniform(-3, 3, shape).astype(np.float32)
-      if k == 0 and shape == (1, 2, 1, 1):   # the issue's case
+      if k == 0 and shape == (1, 2, 1, 1):  # the issue's case
         x, g = np.float32([-0.5, 3.0]), np.full(2, -0.45967445, np.float32)
-        x, g, ct = x.reshape(shape), g.reshape(shape), np.float32(
-            [-3.0, -1.0]).reshape(shape)
+        x, g, ct = (
+          x.reshape(shape),
+          g.reshape(shape),
+          np.float32([-3.0, -1.0]).reshape(shape),
+        )
       got = ref(x, g, ct, ct)
       what = f"{direction} {shape} case {k}"
-      want = (spec_oracle.grouped_forward(x, g, groups),
-              *spec_oracle.grouped_backward(x, g, ct, groups),
-              spec_oracle.grouped_tangent(x, g, ct, ct, groups))
+      want = (
+        spec_oracle.grouped_forward(x, g, groups),
+        *spec_oracle.grouped_backward(x, g, ct, groups),
+        spec_oracle.grouped_tangent(x, g, ct, ct, groups),
+      )
       for name, a, b in zip(("out", "dx", "dg", "tangent"), got, want):
         spec_oracle.assert_same_bits(a, b, f"{name} {what}")
       if kernels is not None:
-        for name, a, b in zip(("out", "dx", "dg", "tangent"), got,
-                              kernels(x, g, ct, ct)):
+        for name, a, b in zip(
+          ("out", "dx", "dg", "tangent"), got, kernels(x, g, ct, ct)
+        ):
           spec_oracle.assert_same_bits(a, b, f"ffi {name} {what}")

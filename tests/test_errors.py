@@ -20,8 +20,9 @@ def test_x_with_fewer_than_three_dims(fn, shape):
     getattr(lmconv_jax, fn)(jnp.zeros(shape), arg)
 
 
-@pytest.mark.parametrize("dtype", [jnp.int32, jnp.int8, jnp.uint8, jnp.bool_,
-                                   jnp.complex64])
+@pytest.mark.parametrize(
+  "dtype", [jnp.int32, jnp.int8, jnp.uint8, jnp.bool_, jnp.complex64]
+)
 def test_integer_bool_complex_x_is_a_type_error(dtype):
   with pytest.raises(TypeError, match="float32, float64, float16 or bfloat16"):
     lmconv_jax.landmark_pool(jnp.zeros((3, 3, 2), dtype), "tl")
@@ -38,28 +39,36 @@ def test_unknown_direction_lists_valid_names(name):
   assert "'I8'" in msg and "'br'" in msg
 
 
-@pytest.mark.parametrize("given", ["TL", "Tl", "TOP_LEFT", "Top-Left",
-                                   "top left", "i3", "North_NorthWest"])
+@pytest.mark.parametrize(
+  "given",
+  ["TL", "Tl", "TOP_LEFT", "Top-Left", "top left", "i3", "North_NorthWest"],
+)
 def test_direction_names_and_aliases_ignore_case(given):
   want = {"t": "top_left", "n": "north_northwest", "i": "north_northwest"}[
-      given[0].lower()]
+    given[0].lower()
+  ]
   assert lmconv_jax.directions.resolve(given) is lmconv_jax.DIRECTIONS[want]
-  assert jnp.array_equal(lmconv_jax.landmark_pool(X, given),
-                         lmconv_jax.landmark_pool(X, want))
+  assert jnp.array_equal(
+    lmconv_jax.landmark_pool(X, given), lmconv_jax.landmark_pool(X, want)
+  )
 
 
-@pytest.mark.parametrize("given,suggestion", [
+@pytest.mark.parametrize(
+  "given,suggestion",
+  [
     ("top_lef", "Did you mean 'top_left' or 'bottom_left'?"),
     ("TOP_RIGTH", "Did you mean 'top_right'"),
     ("north_north_west", "Did you mean 'north_northwest'"),
     ("Tll", "Did you mean 'tl'"),
-])
+  ],
+)
 def test_unknown_direction_suggests_the_closest_names(given, suggestion):
   with pytest.raises(ValueError) as e:
     lmconv_jax.landmark_pool(X, given)
   msg = str(e.value)
-  assert msg.startswith(f"Unknown landmark-pool direction {given!r}. "
-                        f"{suggestion}")
+  assert msg.startswith(
+    f"Unknown landmark-pool direction {given!r}. {suggestion}"
+  )
   assert "(case does not matter)" in msg
 
 
@@ -67,26 +76,37 @@ def test_no_suggestion_when_nothing_is_close():
   with pytest.raises(ValueError) as e:
     lmconv_jax.landmark_pool(X, "xyz")
   assert str(e.value).startswith(
-      "Unknown landmark-pool direction 'xyz'. Valid directions (case does not "
-      "matter) are: 'top_left' (alias 'tl'),")
+    "Unknown landmark-pool direction 'xyz'. Valid directions (case does not "
+    "matter) are: 'top_left' (alias 'tl'),"
+  )
 
 
-@pytest.mark.parametrize("grouping,groups", [("quadrants", 4), ("octants", 8),
-                                             ("top_bottom", 2),
-                                             ("Quadrants", 4),
-                                             ("lbylnet_p4", 4)])
-def test_a_grouping_given_for_one_direction_says_where_it_goes(grouping,
-                                                              groups):
+@pytest.mark.parametrize(
+  "grouping,groups",
+  [
+    ("quadrants", 4),
+    ("octants", 8),
+    ("top_bottom", 2),
+    ("Quadrants", 4),
+    ("lbylnet_p4", 4),
+  ],
+)
+def test_a_grouping_given_for_one_direction_says_where_it_goes(
+  grouping, groups
+):
   with pytest.raises(ValueError) as e:
     lmconv_jax.landmark_pool(X, grouping)
   assert str(e.value).startswith(
-      f"{grouping!r} is a grouping ({groups} channel groups), not a "
-      f"direction: pass it to lmconv_jax.grouped_landmark_pool (or "
-      f"LandmarkConv(directions=...)), or give one direction here: "
-      f"'top_left' (alias 'tl'),")
+    f"{grouping!r} is a grouping ({groups} channel groups), not a "
+    f"direction: pass it to lmconv_jax.grouped_landmark_pool (or "
+    f"LandmarkConv(directions=...)), or give one direction here: "
+    f"'top_left' (alias 'tl'),"
+  )
 
 
-@pytest.mark.parametrize("gshape", [(3,), (4, 1, 8, 2), (2, 4, 6, 8), (5, 2, 4, 5, 8)])
+@pytest.mark.parametrize(
+  "gshape", [(3,), (4, 1, 8, 2), (2, 4, 6, 8), (5, 2, 4, 5, 8)]
+)
 def test_guide_that_does_not_broadcast_shows_both_shapes(gshape):
   with pytest.raises(ValueError) as e:
     lmconv_jax.landmark_pool(X, "tl", jnp.ones(gshape))
@@ -115,8 +135,15 @@ def test_complex_guide_is_a_type_error():
     lmconv_jax.landmark_pool(X, "tl", jnp.ones((8,), jnp.complex64))
 
 
-@pytest.mark.parametrize("grouping,c", [("quadrants", 6), ("octants", 12),
-                                        ("top_bottom", 3), (["tl", "br", "I3"], 4)])
+@pytest.mark.parametrize(
+  "grouping,c",
+  [
+    ("quadrants", 6),
+    ("octants", 12),
+    ("top_bottom", 3),
+    (["tl", "br", "I3"], 4),
+  ],
+)
 def test_channels_not_divisible_by_groups(grouping, c):
   with pytest.raises(ValueError, match=rf"{c} channels.*multiple of"):
     lmconv_jax.grouped_landmark_pool(jnp.zeros((3, 3, c)), grouping)
@@ -131,13 +158,18 @@ def test_unknown_or_empty_grouping(grouping):
 @pytest.mark.parametrize("fn", ["landmark_pool", "grouped_landmark_pool"])
 def test_unknown_implementation(fn):
   arg = "top_left" if fn == "landmark_pool" else "quadrants"
-  with pytest.raises(ValueError, match=r"'cuda'.*expected one of 'auto', 'reference', 'ffi'"):
+  with pytest.raises(
+    ValueError, match=r"'cuda'.*expected one of 'auto', 'reference', 'ffi'"
+  ):
     getattr(lmconv_jax, fn)(X, arg, implementation="cuda")
 
 
 def test_ffi_without_kernel_for_platform_names_the_fix(monkeypatch):
   monkeypatch.setattr(_ffi, "has_kernels", lambda platform: False)
-  with pytest.raises(NotImplementedError, match=r"no kernel for platform 'cpu'.*CPU extension.*info"):
+  with pytest.raises(
+    NotImplementedError,
+    match=r"no kernel for platform 'cpu'.*CPU extension.*info",
+  ):
     lmconv_jax.landmark_pool(X, "tl", implementation="ffi")
   # "auto" falls back to the reference instead of failing.
   out = lmconv_jax.landmark_pool(X, "tl", implementation="auto")
@@ -148,11 +180,14 @@ def test_errors_are_raised_before_tracing(monkeypatch):
   """Checks run in Python at trace time: the primitive is never bound."""
   calls = []
   real = _primitives.grouped_pool
-  monkeypatch.setattr(_primitives, "grouped_pool",
-                      lambda *a: calls.append(a) or real(*a))
-  for bad in (lambda: lmconv_jax.landmark_pool(jnp.zeros((4, 4)), "tl"),
-              lambda: lmconv_jax.landmark_pool(X, "nowhere"),
-              lambda: lmconv_jax.landmark_pool(X, "tl", jnp.ones((7,)))):
+  monkeypatch.setattr(
+    _primitives, "grouped_pool", lambda *a: calls.append(a) or real(*a)
+  )
+  for bad in (
+    lambda: lmconv_jax.landmark_pool(jnp.zeros((4, 4)), "tl"),
+    lambda: lmconv_jax.landmark_pool(X, "nowhere"),
+    lambda: lmconv_jax.landmark_pool(X, "tl", jnp.ones((7,))),
+  ):
     with pytest.raises((ValueError, TypeError)):
       jax.jit(bad)()
   assert not calls
@@ -160,4 +195,6 @@ def test_errors_are_raised_before_tracing(monkeypatch):
 
 def test_errors_inside_jit_name_the_problem():
   with pytest.raises(ValueError, match="does not broadcast"):
-    jax.jit(lambda x, g: lmconv_jax.landmark_pool(x, "br", g))(X, jnp.ones((3, 8)))
+    jax.jit(lambda x, g: lmconv_jax.landmark_pool(x, "br", g))(
+      X, jnp.ones((3, 8))
+    )

@@ -34,18 +34,23 @@ def models():
     def fn(x):
       guide_b = jnp.full(x.shape[:1] + (1, 1, 1), 0.5, x.dtype)
       pool = lambda x, guide_c: (
-          lmconv_jax.grouped_landmark_pool(x, "left_right", guide_c,
-                                           implementation=impl)
-          + lmconv_jax.landmark_pool(x, "I7", guide_b, implementation=impl))
-      out, vjp = jax.vjp(pool, x, guide_c)      # the guide's gradient too
+        lmconv_jax.grouped_landmark_pool(
+          x, "left_right", guide_c, implementation=impl
+        )
+        + lmconv_jax.landmark_pool(x, "I7", guide_b, implementation=impl)
+      )
+      out, vjp = jax.vjp(pool, x, guide_c)  # the guide's gradient too
       return (out,) + vjp(out)
+
     return fn
 
   return {
-      "pools_auto": pools("auto"),
-      "pools_reference": pools("reference"),
-      "layer": lambda x: jax.grad(lambda x: (layer.apply(params, x) ** 2).sum())(
-          x) + layer.apply(params, x).sum(-1, keepdims=True),
+    "pools_auto": pools("auto"),
+    "pools_reference": pools("reference"),
+    "layer": lambda x: (
+      jax.grad(lambda x: (layer.apply(params, x) ** 2).sum())(x)
+      + layer.apply(params, x).sum(-1, keepdims=True)
+    ),
   }
 
 
@@ -60,9 +65,11 @@ def test_symbolic_batch_export_runs_in_a_fresh_process(tmp_path):
   batch sizes; equal, bit for bit, to the direct call."""
   want = {}
   for name, fn in models().items():
-    exp = export.export(jax.jit(fn), platforms=("cpu", "rocm"),
-                        disabled_checks=lmconv_jax.export_disabled_checks())(
-                            symbolic_x())
+    exp = export.export(
+      jax.jit(fn),
+      platforms=("cpu", "rocm"),
+      disabled_checks=lmconv_jax.export_disabled_checks(),
+    )(symbolic_x())
     assert "rocm" in exp.platforms
     (tmp_path / f"{name}.bin").write_bytes(exp.serialize())
     for b in BATCHES:
@@ -88,8 +95,14 @@ def test_symbolic_batch_export_runs_in_a_fresh_process(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("JAX_ENABLE_X64", None)
   # A hang guard (generous), not a speed bound.
-  run = subprocess.run([sys.executable, "-c", runner], capture_output=True,
-                       text=True, cwd=tmp_path, env=env, timeout=600)
+  run = subprocess.run(
+    [sys.executable, "-c", runner],
+    capture_output=True,
+    text=True,
+    cwd=tmp_path,
+    env=env,
+    timeout=600,
+  )
   assert run.returncode == 0, run.stdout + run.stderr
   assert run.stdout.strip().endswith("OK")
 
@@ -98,39 +111,48 @@ def test_reference_exports_a_symbolic_batch_for_a_platform_without_kernels():
   """implementation="auto" exported for a platform without kernels lowers
   to the reference: a symbolic batch traces (no kernels needed here)."""
   exp = export.export(jax.jit(models()["pools_auto"]), platforms=("rocm",))(
-      symbolic_x())
+    symbolic_x()
+  )
   assert "custom_call @lmconv" not in exp.mlir_module()
   assert str(exp.out_avals[0].shape) == "(b, 6, 5, 4)"
 
 
-@pytest.mark.parametrize("spec,names", [("b, h, 5, 4", "H"),
-                                        ("b, 6, w, 4", "W"),
-                                        ("b, h, w, 4", "H, W")])
+@pytest.mark.parametrize(
+  "spec,names",
+  [("b, h, 5, 4", "H"), ("b, 6, w, 4", "W"), ("b, h, w, 4", "H, W")],
+)
 def test_reference_names_the_dims_that_must_be_concrete(spec, names):
   """H and W index the reference's static wavefront plan."""
   fn = lambda x: lmconv_jax.landmark_pool(x, "tl", implementation="reference")
-  with pytest.raises(ValueError, match=f"symbolic {names}: .* must be "
-                     "concrete.*batch dims may stay symbolic"):
+  with pytest.raises(
+    ValueError,
+    match=f"symbolic {names}: .* must be "
+    "concrete.*batch dims may stay symbolic",
+  ):
     export.export(jax.jit(fn))(symbolic_x(spec))
 
 
 def test_guide_check_accepts_symbolic_dims_and_rejects_a_wrong_guide():
   """ops.check_guide compares dims one by one (np.broadcast_shapes cannot
   take symbolic ones)."""
-  fn = lambda x, g: lmconv_jax.landmark_pool(x, "tl", g,
-                                             implementation="reference")
-  b, = export.symbolic_shape("b")
+  fn = lambda x, g: lmconv_jax.landmark_pool(
+    x, "tl", g, implementation="reference"
+  )
+  (b,) = export.symbolic_shape("b")
   x = jax.ShapeDtypeStruct((b, H, W, C), np.float32)
   for g in ((b, 1, 1, 1), (C,), (H, W, 1), ()):
     exp = export.export(jax.jit(fn))(x, jax.ShapeDtypeStruct(g, np.float32))
     assert str(exp.out_avals[0].shape) == "(b, 6, 5, 4)"
   with pytest.raises(ValueError, match="does not broadcast"):
-    export.export(jax.jit(fn))(x, jax.ShapeDtypeStruct((2, 1, 1, 1),
-                                                       np.float32))
+    export.export(jax.jit(fn))(
+      x, jax.ShapeDtypeStruct((2, 1, 1, 1), np.float32)
+    )
 
 
 def test_a_symbolic_channel_count_of_several_groups_is_a_clear_error():
   fn = lambda x: lmconv_jax.grouped_landmark_pool(x, "quadrants")
-  with pytest.raises(ValueError, match="channel count is symbolic .* 4 "
-                     "direction groups need a concrete one"):
+  with pytest.raises(
+    ValueError,
+    match="channel count is symbolic .* 4 direction groups need a concrete one",
+  ):
     export.export(jax.jit(fn))(symbolic_x("b, 6, 5, c"))

@@ -27,13 +27,22 @@ from lmconv_jax import OCTANTS, QUADRANTS, _ffi
 import inputs
 
 ALL = QUADRANTS + OCTANTS
-DTYPES = {"float32": jnp.float32, "float64": jnp.float64,
-          "float16": jnp.float16, "bfloat16": jnp.bfloat16}
-EPS = {"float32": 2.0**-23, "float64": 2.0**-52, "float16": 2.0**-10,
-       "bfloat16": 2.0**-7}
+DTYPES = {
+  "float32": jnp.float32,
+  "float64": jnp.float64,
+  "float16": jnp.float16,
+  "bfloat16": jnp.bfloat16,
+}
+EPS = {
+  "float32": 2.0**-23,
+  "float64": 2.0**-52,
+  "float16": 2.0**-10,
+  "bfloat16": 2.0**-7,
+}
 
 pytestmark = pytest.mark.skipif(
-    not _ffi.has_kernels("cpu"), reason="the CPU extension is not built")
+  not _ffi.has_kernels("cpu"), reason="the CPU extension is not built"
+)
 
 
 def stacked_x(shape, seed=0):
@@ -44,13 +53,17 @@ def stacked_x(shape, seed=0):
 @functools.lru_cache(maxsize=None)
 def _vjp_fn(direction, implementation, guided):
   def f(x, g, ct):
-    pool = functools.partial(lmconv_jax.landmark_pool, direction=direction,
-                             implementation=implementation)
+    pool = functools.partial(
+      lmconv_jax.landmark_pool,
+      direction=direction,
+      implementation=implementation,
+    )
     if not guided:
       out, vjp = jax.vjp(lambda x: pool(x), x)
       return out, vjp(ct)[0], None
     out, vjp = jax.vjp(lambda x, g: pool(x, guide=g), x, g)
     return (out,) + vjp(ct)
+
   return jax.jit(f)
 
 
@@ -76,8 +89,10 @@ def assert_close(got, want, dtype_name, exact, scale=1.0):
 @pytest.mark.parametrize("guide_mode", inputs.GUIDE_MODES)
 @pytest.mark.parametrize("dtype", inputs.dtype_params(DTYPES))
 @pytest.mark.parametrize("direction", ALL)
-def test_ffi_equals_reference_all_dtypes_and_guides(direction, dtype, guide_mode):
-  shape = (2, 5, 6, 3)                       # with the kind axis: rank 5
+def test_ffi_equals_reference_all_dtypes_and_guides(
+  direction, dtype, guide_mode
+):
+  shape = (2, 5, 6, 3)  # with the kind axis: rank 5
   dt = DTYPES[dtype]
   x = jnp.asarray(stacked_x(shape), dt)
   full = (4,) + shape
@@ -90,8 +105,13 @@ def test_ffi_equals_reference_all_dtypes_and_guides(direction, dtype, guide_mode
   # Gradients: exact integer sums with g = 1; with a guide G grows along
   # chains of blends (|g| <= 1.5), so compare relative to its magnitude.
   scale = float(jnp.max(jnp.abs(jnp.asarray(rdx, jnp.float32))))
-  assert_close(dx, rdx, dtype, exact=g is None and dtype in ("float32", "float64"),
-               scale=scale)
+  assert_close(
+    dx,
+    rdx,
+    dtype,
+    exact=g is None and dtype in ("float32", "float64"),
+    scale=scale,
+  )
   if g is not None:
     assert dg.shape == g.shape and dg.dtype == g.dtype
     dscale = float(jnp.max(jnp.abs(jnp.asarray(rdg, jnp.float32))))
@@ -111,37 +131,46 @@ def test_half_types_against_float32(direction, dtype):
   for guide in (None, g):
     half = lmconv_jax.landmark_pool(x, direction, guide, implementation="ffi")
     f32 = lmconv_jax.landmark_pool(
-        x.astype(jnp.float32), direction,
-        None if guide is None else guide.astype(jnp.float32), implementation="ffi")
+      x.astype(jnp.float32),
+      direction,
+      None if guide is None else guide.astype(jnp.float32),
+      implementation="ffi",
+    )
     half = np.asarray(half.astype(jnp.float32))
     if guide is None:
       np.testing.assert_array_equal(half, f32)
     else:
-      bound = (6 + 5) * EPS[dtype] / 2 * float(jnp.max(jnp.abs(x.astype(jnp.float32))))
+      bound = (
+        (6 + 5)
+        * EPS[dtype]
+        / 2
+        * float(jnp.max(jnp.abs(x.astype(jnp.float32))))
+      )
       assert np.max(np.abs(half - np.asarray(f32))) <= bound
 
 
 SHAPES = {
-    "square": (1, 6, 6, 4),
-    "non_square": (2, 3, 7, 4),
-    "H1": (2, 1, 9, 3),
-    "W1": (2, 8, 1, 3),
-    "C1": (1, 5, 4, 1),
-    "odd": (1, 5, 3, 5),
-    "unbatched": (5, 3, 2),
-    "one_pixel": (1, 1, 1, 2),
-    "deep_batch": (2, 1, 2, 4, 3, 2),
+  "square": (1, 6, 6, 4),
+  "non_square": (2, 3, 7, 4),
+  "H1": (2, 1, 9, 3),
+  "W1": (2, 8, 1, 3),
+  "C1": (1, 5, 4, 1),
+  "odd": (1, 5, 3, 5),
+  "unbatched": (5, 3, 2),
+  "one_pixel": (1, 1, 1, 2),
+  "deep_batch": (2, 1, 2, 4, 3, 2),
 }
 
 
-@pytest.mark.x64      # float64 inputs, float64 tolerances (1e-13) when guided
+@pytest.mark.x64  # float64 inputs, float64 tolerances (1e-13) when guided
 @pytest.mark.parametrize("guided", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("direction", ALL)
 def test_ffi_equals_reference_all_shapes(direction, shape, guided):
   shp = SHAPES[shape]
-  x = jnp.asarray(np.concatenate(
-      [inputs.make_x(k, shp, 5) for k in inputs.KINDS], axis=-1))
+  x = jnp.asarray(
+    np.concatenate([inputs.make_x(k, shp, 5) for k in inputs.KINDS], axis=-1)
+  )
   g = jnp.asarray(inputs.make_guide("full", x.shape)) if guided else None
   ct = jnp.asarray(inputs.make_ct(x.shape))
   (out, dx, dg), (rout, rdx, rdg) = run_both(direction, x, g, ct)
@@ -154,15 +183,20 @@ def test_ffi_equals_reference_all_shapes(direction, shape, guided):
     np.testing.assert_allclose(dg, rdg, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("shape", [(0, 4, 4, 2), (2, 0, 4, 2), (2, 4, 0, 2),
-                                   (2, 4, 4, 0), (0, 3, 0, 0, 1)])
+@pytest.mark.parametrize(
+  "shape",
+  [(0, 4, 4, 2), (2, 0, 4, 2), (2, 4, 0, 2), (2, 4, 4, 0), (0, 3, 0, 0, 1)],
+)
 def test_zero_size_arrays(shape):
   x = jnp.zeros(shape, jnp.float32)
   for impl in ("ffi", "reference"):
     out = lmconv_jax.landmark_pool(x, "top_left", implementation=impl)
     assert out.shape == shape
-    dx = jax.grad(lambda x: lmconv_jax.landmark_pool(
-        x, "I5", x + 1, implementation=impl).sum())(x)
+    dx = jax.grad(
+      lambda x: lmconv_jax.landmark_pool(
+        x, "I5", x + 1, implementation=impl
+      ).sum()
+    )(x)
     assert dx.shape == shape
 
 
@@ -171,8 +205,9 @@ def test_zero_size_arrays(shape):
 def test_check_grads_float64_ffi(direction):
   x = jnp.asarray(inputs.make_x("random", (2, 4, 5, 3), seed=11))
   g = jnp.asarray(inputs.make_guide("full", x.shape, seed=12))
-  pool = functools.partial(lmconv_jax.landmark_pool, direction=direction,
-                           implementation="ffi")
+  pool = functools.partial(
+    lmconv_jax.landmark_pool, direction=direction, implementation="ffi"
+  )
   check_grads(lambda x: pool(x), (x,), order=1, modes=("rev",))
   check_grads(lambda x, g: pool(x, guide=g), (x, g), order=1, modes=("rev",))
 
@@ -189,12 +224,12 @@ def test_nan_and_inf_match_reference(direction):
   ct = jnp.asarray(inputs.make_ct(x.shape))
   for guide in (None, g):
     (out, dx, dg), (rout, rdx, rdg) = run_both(direction, x, guide, ct)
-    np.testing.assert_array_equal(out, rout)    # NaN positions included
+    np.testing.assert_array_equal(out, rout)  # NaN positions included
     np.testing.assert_array_equal(dx, rdx)
     if guide is not None:
       np.testing.assert_array_equal(dg, rdg)
   out = lmconv_jax.landmark_pool(x, direction, implementation="ffi")
-  assert np.isnan(np.asarray(out)).sum() > 2   # NaN spread over its region
+  assert np.isnan(np.asarray(out)).sum() > 2  # NaN spread over its region
   assert np.isinf(np.asarray(out)).any()
 
 
@@ -205,15 +240,18 @@ def test_unguided_ffi_quadrant_is_two_cumulative_maxima(direction):
   want = jax.lax.cummax(x, axis=x.ndim - 3, reverse=d.row_step < 0)
   want = jax.lax.cummax(want, axis=x.ndim - 2, reverse=d.col_step < 0)
   np.testing.assert_array_equal(
-      lmconv_jax.landmark_pool(x, d, implementation="ffi"), want)
+    lmconv_jax.landmark_pool(x, d, implementation="ffi"), want
+  )
 
 
-@pytest.mark.x64      # float64 inputs, float64 tolerances (1e-13)
+@pytest.mark.x64  # float64 inputs, float64 tolerances (1e-13)
 def test_jit_grad_vmap_work_with_ffi():
-  x = jnp.asarray(stacked_x((3, 5, 4)))            # (4, 3, 5, 4) + kinds
+  x = jnp.asarray(stacked_x((3, 5, 4)))  # (4, 3, 5, 4) + kinds
   g = jnp.asarray(inputs.make_guide("per_channel", x.shape))
   f = lambda x, g: lmconv_jax.landmark_pool(x, "I3", g, implementation="ffi")
-  r = lambda x, g: lmconv_jax.landmark_pool(x, "I3", g, implementation="reference")
+  r = lambda x, g: lmconv_jax.landmark_pool(
+    x, "I3", g, implementation="reference"
+  )
   np.testing.assert_allclose(jax.jit(f)(x, g), r(x, g), rtol=1e-13)
   gx, gg = jax.grad(lambda x, g: (f(x, g) ** 2).sum(), argnums=(0, 1))(x, g)
   rx, rg = jax.grad(lambda x, g: (r(x, g) ** 2).sum(), argnums=(0, 1))(x, g)
@@ -222,15 +260,23 @@ def test_jit_grad_vmap_work_with_ffi():
   assert gg.shape == g.shape
   # vmap over a trailing axis: the mapped axis is not the images' batch axis.
   xt = jnp.moveaxis(x, 0, -1)
-  np.testing.assert_allclose(jax.vmap(f, in_axes=(-1, None), out_axes=0)(xt, g[0]),
-                             r(x, g[0]), rtol=1e-13)
+  np.testing.assert_allclose(
+    jax.vmap(f, in_axes=(-1, None), out_axes=0)(xt, g[0]),
+    r(x, g[0]),
+    rtol=1e-13,
+  )
 
 
 def test_auto_picks_ffi_on_cpu():
   """On CPU "auto" lowers to our custom call; "reference" never does."""
   x = jnp.ones((3, 3, 1))
   auto = jax.jit(lambda x: lmconv_jax.landmark_pool(x, "tl")).lower(x).as_text()
-  ref = jax.jit(lambda x: lmconv_jax.landmark_pool(
-      x, "tl", implementation="reference")).lower(x).as_text()
-  assert 'lmconv_pool_fwd' in auto
-  assert 'lmconv_pool' not in ref
+  ref = (
+    jax.jit(
+      lambda x: lmconv_jax.landmark_pool(x, "tl", implementation="reference")
+    )
+    .lower(x)
+    .as_text()
+  )
+  assert "lmconv_pool_fwd" in auto
+  assert "lmconv_pool" not in ref

@@ -14,8 +14,9 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 def test_every_image_the_docs_show_exists_and_is_drawn_here():
   shown = set()
   for doc in DOCS:
-    for ref in re.findall(r'(?:src="|\]\()([^")]+\.(?:png|jpg|jpeg|svg|gif))',
-                          doc.read_text()):
+    for ref in re.findall(
+      r'(?:src="|\]\()([^")]+\.(?:png|jpg|jpeg|svg|gif))', doc.read_text()
+    ):
       path = (doc.parent / ref).resolve()
       assert path.is_file(), f"{doc.name} shows {ref}, which is missing"
       shown.add(path)
@@ -28,14 +29,18 @@ def test_every_image_the_docs_show_exists_and_is_drawn_here():
 def test_make_figures_measures_the_quadrant_regions():
   pytest.importorskip("matplotlib")
   spec = importlib.util.spec_from_file_location(
-      "make_figures", ROOT / "docs" / "make_figures.py")
+    "make_figures", ROOT / "docs" / "make_figures.py"
+  )
   figures = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(figures)
   rows, cols = np.mgrid[0:7, 0:7]
-  want = {"top_left": (rows <= 3) & (cols <= 3),
-          "top_right": (rows <= 3) & (cols >= 3),
-          "bottom_left": (rows >= 3) & (cols <= 3),
-          "bottom_right": (rows >= 3) & (cols >= 3)}
+  want = {
+    "top_left": (rows <= 3) & (cols <= 3),
+    "top_right": (rows <= 3) & (cols >= 3),
+    "bottom_left": (rows >= 3) & (cols <= 3),
+    "bottom_right": (rows >= 3) & (cols >= 3),
+  }
   for name, mask in want.items():
-    np.testing.assert_array_equal(figures.region(name, (3, 3), 7), mask,
-                                  err_msg=name)
+    np.testing.assert_array_equal(
+      figures.region(name, (3, 3), 7), mask, err_msg=name
+    )

@@ -21,14 +21,20 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 
-pytestmark = pytest.mark.skipif(shutil.which("bash") is None,
-                                reason="needs bash")
+pytestmark = pytest.mark.skipif(
+  shutil.which("bash") is None, reason="needs bash"
+)
 
 
 def run(*args, env=None, timeout=300):
-  return subprocess.run(["bash", str(SCRIPT), *map(str, args)],
-                        capture_output=True, text=True, timeout=timeout,
-                        env={**os.environ, **(env or {})}, cwd=ROOT)
+  return subprocess.run(
+    ["bash", str(SCRIPT), *map(str, args)],
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    env={**os.environ, **(env or {})},
+    cwd=ROOT,
+  )
 
 
 @pytest.mark.parametrize("smi", ["/nonexistent/nvidia-smi", "false"])
@@ -73,7 +79,7 @@ def test_dry_run_runs_the_steps_that_need_no_gpu(tmp_path):
   venv = ROOT / ".venv" / "bin" / "python"
   by_itself = venv.exists() and os.path.samefile(sys.executable, venv)
   if by_itself:
-    bare = tmp_path / "python3"   # a python without jax
+    bare = tmp_path / "python3"  # a python without jax
     bare.write_text("#!/bin/sh\nexit 1\n")
     bare.chmod(0o755)
     env["LMCONV_GPU_CHECK_BASE_PYTHON"] = str(bare)
@@ -88,22 +94,36 @@ def test_dry_run_runs_the_steps_that_need_no_gpu(tmp_path):
     assert "has no jax; the dry run reuses" in log
   # At most 8 files come back from a device run: the script keeps to that.
   names = sorted(f.name for f in out.iterdir())
-  assert names == sorted(["gpu_report.md", "gpu_results.json", "env.log",
-                          "build.log", "tests.log", "memcheck.log",
-                          "racecheck.log", "bench.log"]), names
+  assert names == sorted(
+    [
+      "gpu_report.md",
+      "gpu_results.json",
+      "env.log",
+      "build.log",
+      "tests.log",
+      "memcheck.log",
+      "racecheck.log",
+      "bench.log",
+    ]
+  ), names
   res = json.loads((out / "gpu_results.json").read_text())
   assert res["mode"] == "dry-run" and res["passed"] is True
   steps = {s["name"]: s["status"] for s in res["steps"]}
   twin = _host_twin()
-  assert steps == {"build": "reused", "harness": "ok" if twin else "skipped",
-                   "tests": "ok", "memcheck": "ok", "racecheck": "skipped",
-                   "bench": "ok"}, steps
+  assert steps == {
+    "build": "reused",
+    "harness": "ok" if twin else "skipped",
+    "tests": "ok",
+    "memcheck": "ok",
+    "racecheck": "skipped",
+    "bench": "ok",
+  }, steps
   if twin:
     assert res["harness"]["passed"] > 0 and res["harness"]["failed"] == 0
     assert "top_left" in res["harness"]["by_grouping"]
     assert "passed, 0 failed" in (out / "tests.log").read_text()
   assert res["tests"]["ran"] and res["tests"]["failures"] == 0
-  assert res["tests"]["tests"] > 0    # the gpu-marked tests were collected
+  assert res["tests"]["tests"] > 0  # the gpu-marked tests were collected
   assert res["tests"]["passed"] == 0  # ... and skipped: no GPU here
   rows = res["bench"]["rows"]
   assert {r["dtype"] for r in rows} == {"float32", "bfloat16"}
@@ -115,9 +135,14 @@ def test_dry_run_runs_the_steps_that_need_no_gpu(tmp_path):
   assert "12 directions fwd/bwd/jvp" in (out / "memcheck.log").read_text()
   report = (out / "gpu_report.md").read_text()
   assert report.startswith("# GPU check: PASSED (dry run, no GPU)")
-  for section in ("## Steps", "## Device harness", "## Tests",
-                  "## compute-sanitizer",
-                  "## Benchmark", "## Not verified by this run"):
+  for section in (
+    "## Steps",
+    "## Device harness",
+    "## Tests",
+    "## compute-sanitizer",
+    "## Benchmark",
+    "## Not verified by this run",
+  ):
     assert section in report
 
 
@@ -125,14 +150,20 @@ def test_bench_gpu_without_a_gpu_exits_3():
   """Nothing measured is not a success: exit 3 (gpu_check.sh's "no GPU"),
   the reason on stderr."""
   import jax
+
   try:
     if jax.devices("gpu"):
       pytest.skip("a GPU is here")
   except RuntimeError:
     pass
   bench = ROOT / "benchmarks" / "bench_gpu.py"
-  p = subprocess.run([sys.executable, str(bench)], capture_output=True,
-                     text=True, timeout=300, cwd=ROOT,
-                     env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  p = subprocess.run(
+    [sys.executable, str(bench)],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=ROOT,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert p.returncode == 3, p.stdout + p.stderr
   assert "no gpu device visible to JAX" in p.stderr

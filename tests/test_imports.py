@@ -24,8 +24,11 @@ def _imports(path: pathlib.Path, modules) -> set:
   functions; ``from pkg import mod`` is an edge to ``pkg.mod``."""
   found = set()
   for node in ast.walk(ast.parse(path.read_text())):
-    if isinstance(node, ast.ImportFrom) and node.module and (
-        node.module.split(".")[0] == "lmconv_jax"):
+    if (
+      isinstance(node, ast.ImportFrom)
+      and node.module
+      and (node.module.split(".")[0] == "lmconv_jax")
+    ):
       for a in node.names:
         sub = f"{node.module}.{a.name}"
         found.add(sub if sub in modules else node.module)
@@ -36,21 +39,25 @@ def _imports(path: pathlib.Path, modules) -> set:
 
 def _graph() -> dict:
   modules = _modules()
-  return {name: {m for m in _imports(path, modules) if m in modules and m != name}
-          for name, path in modules.items()}
+  return {
+    name: {m for m in _imports(path, modules) if m in modules and m != name}
+    for name, path in modules.items()
+  }
 
 
 def test_no_import_circle():
   graph = _graph()
   # The package's __init__ only re-exports: an edge into it is not a circle.
-  graph = {m: {d for d in deps if d != "lmconv_jax"} for m, deps in graph.items()}
+  graph = {
+    m: {d for d in deps if d != "lmconv_jax"} for m, deps in graph.items()
+  }
   state = {}
 
   def visit(m, path):
     state[m] = "open"
     for d in sorted(graph[m]):
       if state.get(d) == "open":
-        cycle = path[path.index(d):] + [d]
+        cycle = path[path.index(d) :] + [d]
         pytest.fail("import circle: " + " -> ".join(cycle))
       if d not in state:
         visit(d, path + [d])
@@ -62,8 +69,11 @@ def test_no_import_circle():
 
 
 def test_jax_internals_are_read_in_one_module():
-  readers = sorted(p.name for p in PACKAGE.rglob("*.py")
-                   if "jax._src" in p.read_text() and p.name != "_jax_compat.py")
+  readers = sorted(
+    p.name
+    for p in PACKAGE.rglob("*.py")
+    if "jax._src" in p.read_text() and p.name != "_jax_compat.py"
+  )
   assert readers == []
 
 

@@ -30,19 +30,20 @@ import pytest
 WORKER = Path(__file__).with_name("multiprocess_worker.py")
 DEVICES_PER_PROCESS = 2
 PROCESSES = 2
-GLOBAL_BATCH = 8                 # tests/multiprocess_worker.py's
-TIMEOUT_S = 600      # a hang guard, generous (a run takes ~15-30 s idle)
+GLOBAL_BATCH = 8  # tests/multiprocess_worker.py's
+TIMEOUT_S = 600  # a hang guard, generous (a run takes ~15-30 s idle)
 MOVES = ("all-gather", "all-to-all", "collective-permute", "reduce-scatter")
 
 
 # --------------------------------------------------------------------------
 # Launching processes together: the first failure or the timeout kills all.
 
+
 @dataclasses.dataclass
 class Finished:
-  returncode: int                # negative: killed by that signal
-  output: str                    # stdout and stderr
-  killed: bool                   # stopped by run_together, not by itself
+  returncode: int  # negative: killed by that signal
+  output: str  # stdout and stderr
+  killed: bool  # stopped by run_together, not by itself
 
 
 def run_together(commands, cwd, timeout):
@@ -54,9 +55,14 @@ def run_together(commands, cwd, timeout):
   procs, logs = {}, {}
   for name, (argv, env) in commands.items():
     logs[name] = open(Path(cwd) / f"{name}.log", "w+")
-    procs[name] = subprocess.Popen(argv, env=env, cwd=cwd, stdout=logs[name],
-                                   stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+    procs[name] = subprocess.Popen(
+      argv,
+      env=env,
+      cwd=cwd,
+      stdout=logs[name],
+      stderr=subprocess.STDOUT,
+      start_new_session=True,
+    )
   killed, timed_out = set(), False
   try:
     while True:
@@ -73,15 +79,14 @@ def run_together(commands, cwd, timeout):
         break
       time.sleep(0.05)
   finally:
-    for p in procs.values():             # also on KeyboardInterrupt
+    for p in procs.values():  # also on KeyboardInterrupt
       if p.poll() is None:
         os.killpg(p.pid, signal.SIGKILL)
       p.wait()
   results = {}
   for name, log in logs.items():
     log.seek(0)
-    results[name] = Finished(procs[name].returncode, log.read(),
-                             name in killed)
+    results[name] = Finished(procs[name].returncode, log.read(), name in killed)
     log.close()
   return results, timed_out, time.monotonic() - start
 
@@ -96,8 +101,11 @@ def child_env(devices: int) -> dict:
   """This environment, on CPU, float32, with ``devices`` host devices."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
   env.pop("JAX_ENABLE_X64", None)
-  flags = [f for f in env.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
+  flags = [
+    f
+    for f in env.get("XLA_FLAGS", "").split()
+    if not f.startswith("--xla_force_host_platform_device_count")
+  ]
   flags.append(f"--xla_force_host_platform_device_count={devices}")
   env["XLA_FLAGS"] = " ".join(flags)
   return env
@@ -108,29 +116,44 @@ def worker_commands(out, port, fail=None):
   single-process run on one device."""
   commands = {}
   for i in range(PROCESSES):
-    argv = [sys.executable, str(WORKER), "--out", str(out),
-            "--num-processes", str(PROCESSES), "--process-id", str(i),
-            "--coordinator", f"127.0.0.1:{port}"]
+    argv = [
+      sys.executable,
+      str(WORKER),
+      "--out",
+      str(out),
+      "--num-processes",
+      str(PROCESSES),
+      "--process-id",
+      str(i),
+      "--coordinator",
+      f"127.0.0.1:{port}",
+    ]
     if fail is not None and i == fail[0]:
       argv += ["--fail", fail[1]]
     commands[f"process{i}"] = (argv, child_env(DEVICES_PER_PROCESS))
   if fail is None:
-    commands["single"] = ([sys.executable, str(WORKER), "--out", str(out)],
-                          child_env(1))
+    commands["single"] = (
+      [sys.executable, str(WORKER), "--out", str(out)],
+      child_env(1),
+    )
   return commands
 
 
 def describe(results) -> str:
   return "\n".join(
-      f"--- {name}: exit {r.returncode}{' (killed)' if r.killed else ''}\n"
-      + r.output[-4000:] for name, r in results.items())
+    f"--- {name}: exit {r.returncode}{' (killed)' if r.killed else ''}\n"
+    + r.output[-4000:]
+    for name, r in results.items()
+  )
 
 
 def ffi_kernels_built() -> bool:
   import lmconv_jax
+
   try:
-    lmconv_jax.landmark_pool(np.zeros((1, 2, 2, 1), np.float32), "tl",
-                             implementation="ffi")
+    lmconv_jax.landmark_pool(
+      np.zeros((1, 2, 2, 1), np.float32), "tl", implementation="ffi"
+    )
   except NotImplementedError:
     return False
   return True
@@ -141,9 +164,10 @@ def training_run(tmp_path_factory):
   if not ffi_kernels_built():
     pytest.skip("CPU extension not built: the run is about the custom calls")
   out = tmp_path_factory.mktemp("multiprocess")
-  for attempt in range(2):      # the free port can be taken before it is used
+  for attempt in range(2):  # the free port can be taken before it is used
     results, timed_out, seconds = run_together(
-        worker_commands(out, free_port()), out, TIMEOUT_S)
+      worker_commands(out, free_port()), out, TIMEOUT_S
+    )
     if "ddress already in use" not in describe(results):
       break
   assert not timed_out, f"timed out after {seconds:.0f} s\n" + describe(results)
@@ -154,24 +178,33 @@ def training_run(tmp_path_factory):
 # --------------------------------------------------------------------------
 # The run.
 
+
 def test_processes_exit_cleanly(training_run):
   _, results = training_run
   for name, r in results.items():
     assert r.returncode == 0, describe(results)
     assert f"{name}: done" in r.output and "Traceback" not in r.output, (
-        describe(results))
+      describe(results)
+    )
 
 
 def test_two_processes_train_like_one(training_run):
   out, _ = training_run
   single = np.load(out / "result_single.npz")
   procs = [np.load(out / f"result_process{i}.npz") for i in range(PROCESSES)]
-  assert list(single["devices"]) == [1, 1, 1]          # devices, local, procs
-  assert list(procs[0]["devices"]) == [PROCESSES * DEVICES_PER_PROCESS,
-                                       DEVICES_PER_PROCESS, PROCESSES]
+  assert list(single["devices"]) == [1, 1, 1]  # devices, local, procs
+  assert list(procs[0]["devices"]) == [
+    PROCESSES * DEVICES_PER_PROCESS,
+    DEVICES_PER_PROCESS,
+    PROCESSES,
+  ]
   keys = set(single.files) - {"devices", "exported_devices"}
-  assert {k.split("[")[0] for k in keys} == {"loss", "params", "batch_stats",
-                                             "logits"}
+  assert {k.split("[")[0] for k in keys} == {
+    "loss",
+    "params",
+    "batch_stats",
+    "logits",
+  }
   assert any("LandmarkConv8" in k for k in keys)
   assert any("LandmarkBlock" in k for k in keys)
   for key in sorted(keys):
@@ -189,13 +222,15 @@ def test_two_processes_train_like_one(training_run):
     # with atol 1e-6 (for entries near 0: biases ~1e-3) leaves ~10x margin,
     # while a pool on the wrong shard or a missing gradient all-reduce moves
     # results by 1e-3 to 1.
-    np.testing.assert_allclose(procs[0][key], single[key], rtol=1e-5,
-                               atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(
+      procs[0][key], single[key], rtol=1e-5, atol=1e-6, err_msg=key
+    )
 
 
 def lmconv_calls(hlo: str) -> list[str]:
-  return [line for line in hlo.splitlines()
-          if 'custom_call_target="lmconv_' in line]
+  return [
+    line for line in hlo.splitlines() if 'custom_call_target="lmconv_' in line
+  ]
 
 
 def test_each_pool_runs_on_its_own_shard(training_run):
@@ -209,7 +244,7 @@ def test_each_pool_runs_on_its_own_shard(training_run):
     hlo = (out / f"hlo_process{i}.txt").read_text()
     calls = lmconv_calls(hlo)
     assert calls and len(calls) == len(lmconv_calls(single)), len(calls)
-    for line in calls:   # "%name = f32[2,12,12,4]{...} custom-call(...)"
+    for line in calls:  # "%name = f32[2,12,12,4]{...} custom-call(...)"
       shape = re.search(r"= \(?[a-z0-9]+\[(\d+)[,\]]", line)
       assert shape and int(shape.group(1)) == per_device, line[:300]
     moves = [m for m in MOVES if re.search(rf"\b{m}(-start)?\(", hlo)]
@@ -218,7 +253,7 @@ def test_each_pool_runs_on_its_own_shard(training_run):
     for line in hlo.splitlines():
       if re.search(r"\ball-reduce(-start)?\(", line):
         assert "12,12" not in line.split("all-reduce")[0], line[:300]
-    assert "all-reduce" in hlo        # the gradients are summed, somewhere
+    assert "all-reduce" in hlo  # the gradients are summed, somewhere
 
 
 def test_exported_model_partitions_itself_in_every_process(training_run):
@@ -235,20 +270,24 @@ def test_exported_model_partitions_itself_in_every_process(training_run):
     for line in calls:
       shape = re.search(r"= \(?[a-z0-9]+\[(\d+)[,\]]", line)
       assert shape and int(shape.group(1)) == per_device, line[:300]
-    moves = [m for m in MOVES + ("all-reduce",)
-             if re.search(rf"\b{m}(-start)?\(", hlo)]
+    moves = [
+      m for m in MOVES + ("all-reduce",) if re.search(rf"\b{m}(-start)?\(", hlo)
+    ]
     assert moves == [], (moves, i)
 
 
 # --------------------------------------------------------------------------
 # Failures end the run, fast.
 
+
 def test_a_failing_process_fails_the_run_without_hanging(tmp_path):
   if not ffi_kernels_built():
     pytest.skip("CPU extension not built")
   results, timed_out, _ = run_together(
-      worker_commands(tmp_path, free_port(), fail=(1, "after_initialize")),
-      tmp_path, TIMEOUT_S)
+    worker_commands(tmp_path, free_port(), fail=(1, "after_initialize")),
+    tmp_path,
+    TIMEOUT_S,
+  )
   # The failure ends the run (not the hang guard TIMEOUT_S, generous so that
   # a loaded machine's slow start is no failure); no bound on its speed.
   assert not timed_out, describe(results)

@@ -37,8 +37,7 @@ def _lead(v, lead):
   a guide of batch size 1)."""
   if v is None or lead is None:
     return v
-  return v.reshape((lead if v.shape[0] > 1 else (1,) * len(lead))
-                   + v.shape[1:])
+  return v.reshape((lead if v.shape[0] > 1 else (1,) * len(lead)) + v.shape[1:])
 
 
 def _check(case, passes="fbt", band_rows=2, lead=None, interpret=True):
@@ -54,9 +53,8 @@ def _check(case, passes="fbt", band_rows=2, lead=None, interpret=True):
 
   def kernels(x, g, ct, tx, tg):
     out = {}
-    if "b" in passes:   # the forward as the backward's own forward pass
-      fwd, out["dx"], out["dguide"] = K.forward_backward(x, g, ct, groups,
-                                                         **kw)
+    if "b" in passes:  # the forward as the backward's own forward pass
+      fwd, out["dx"], out["dguide"] = K.forward_backward(x, g, ct, groups, **kw)
       if "f" in passes:
         out["forward"] = fwd
     elif "f" in passes:
@@ -93,19 +91,25 @@ def _check(case, passes="fbt", band_rows=2, lead=None, interpret=True):
 # octants the column one over five, top_bottom bands taller than W.
 # (name, dtype, guide, shape, passes, lead dims, band rows)
 NAMED = [
-    ("quadrants", "float32", "full", (2, 7, 9, 8), "fbt", None, 3),
-    ("octants", "float32", "per_channel", (1, 9, 5, 16), "fb", None, 2),
-    ("top_bottom", "bfloat16", "per_batch", (2, 6, 4, 4), "fbt", None, 4),
-    ("left_right", "float32", "scalar", (2, 5, 5, 4), "fb", (1, 2), 2),
-    ("all_quadrants", "float32", "none", (2, 9, 2, 3), "fbt", (2, 1), 2),
+  ("quadrants", "float32", "full", (2, 7, 9, 8), "fbt", None, 3),
+  ("octants", "float32", "per_channel", (1, 9, 5, 16), "fb", None, 2),
+  ("top_bottom", "bfloat16", "per_batch", (2, 6, 4, 4), "fbt", None, 4),
+  ("left_right", "float32", "scalar", (2, 5, 5, 4), "fb", (1, 2), 2),
+  ("all_quadrants", "float32", "none", (2, 9, 2, 3), "fbt", (2, 1), 2),
 ]
 
 
-@pytest.mark.parametrize("name,dtype,guide,shape,passes,lead,bh", NAMED,
-                         ids=[n[0] for n in NAMED])
+@pytest.mark.parametrize(
+  "name,dtype,guide,shape,passes,lead,bh", NAMED, ids=[n[0] for n in NAMED]
+)
 def test_named_groupings(name, dtype, guide, shape, passes, lead, bh):
-  case = fuzz.make_case(hash(name) % 1000, dtype, shape=shape,
-                        groups=resolve_grouping(name), guide_kind=guide)
+  case = fuzz.make_case(
+    hash(name) % 1000,
+    dtype,
+    shape=shape,
+    groups=resolve_grouping(name),
+    guide_kind=guide,
+  )
   _check(case, passes, band_rows=bh, lead=lead)
 
 
@@ -116,8 +120,9 @@ def test_custom_and_merged_directions():
   constant over rows and channels."""
   v = fuzz.VALID_DIRECTIONS
   groups = ((v[11],), (v[39], _D["west_southwest"], v[40]))
-  case = fuzz.make_case(7, "bfloat16", shape=(2, 8, 5, 4), groups=groups,
-                        guide_kind="row")
+  case = fuzz.make_case(
+    7, "bfloat16", shape=(2, 8, 5, 4), groups=groups, guide_kind="row"
+  )
   _check(case, "fb", band_rows=3)
 
 
@@ -129,7 +134,7 @@ def test_wide_lanes_random_guide():
   rng = np.random.default_rng(5)
   shape = (1, 7, 16, 256)
   x = rng.normal(size=shape).astype(np.float32)
-  x[0, 2, 3:6] = x[0, 2, 2]             # some ties
+  x[0, 2, 3:6] = x[0, 2, 2]  # some ties
   g = rng.uniform(-0.5, 1.5, shape).astype(np.float32)
   ct, tx, tg = (rng.normal(size=shape).astype(np.float32) for _ in range(3))
   case = fuzz.Case(x, g, ct, tx, tg, groups, "full")
@@ -139,16 +144,17 @@ def test_wide_lanes_random_guide():
 # One row and one column: a group of each same-row kind (column octant,
 # quadrant, skew 2; indices into fuzz.VALID_DIRECTIONS), their orders and
 # which neighbour is in the row varied; the wider dtypes ride along.
-EDGES = {"float64": ((2, 9, 1, 3), 2, (27, 37, 14), "full", "fbt"),
-         "float16": ((2, 1, 9, 3), 1, (23, 30, 36), "per_channel", "fb")}
+EDGES = {
+  "float64": ((2, 9, 1, 3), 2, (27, 37, 14), "full", "fbt"),
+  "float16": ((2, 1, 9, 3), 1, (23, 30, 36), "per_channel", "fb"),
+}
 
 
 @pytest.mark.parametrize("dtype", dtype_params(["float64", "float16"]))
 def test_float64_float16_one_row_or_column(dtype):
   shape, bh, dirs, guide, passes = EDGES[dtype]
   groups = tuple((fuzz.VALID_DIRECTIONS[i],) for i in dirs)
-  case = fuzz.make_case(13, dtype, shape=shape, groups=groups,
-                        guide_kind=guide)
+  case = fuzz.make_case(13, dtype, shape=shape, groups=groups, guide_kind=guide)
   _check(case, passes, band_rows=bh)
 
 
@@ -157,8 +163,9 @@ def test_race_detector():
   reads raise) with race detection (a race raises): same bits; a partial
   band and a row-order reversal included."""
   groups = ((_D["top_left"],), (_D["south_southwest"],))
-  case = fuzz.make_case(17, "float32", shape=(1, 3, 4, 2), groups=groups,
-                        guide_kind="none")
+  case = fuzz.make_case(
+    17, "float32", shape=(1, 3, 4, 2), groups=groups, guide_kind="none"
+  )
   params = pltpu.InterpretParams(detect_races=True)
   _check(case, "fb", band_rows=2, interpret=params)
 
@@ -168,9 +175,17 @@ def test_block_sizes_fit_vmem(shape):
   """The plan's bands keep every pass of the grouping within the budget."""
   for name in ("quadrants", "octants", "all_quadrants"):
     for pass_ in ("forward", "tangent", "backward"):
-      bs = K.block_sizes(shape, "float32", resolve_grouping(name),
-                         (1, 1, 1, shape[-1]), pass_=pass_)
+      bs = K.block_sizes(
+        shape,
+        "float32",
+        resolve_grouping(name),
+        (1, 1, 1, shape[-1]),
+        pass_=pass_,
+      )
       assert bs.vmem_bytes <= K.VMEM_BUDGET, (name, pass_, bs)
-      assert bs.band_rows * bs.n_bands >= shape[1] > (bs.n_bands - 1) * (
-          bs.band_rows)
+      assert (
+        bs.band_rows * bs.n_bands
+        >= shape[1]
+        > (bs.n_bands - 1) * (bs.band_rows)
+      )
       assert bs.lanes * bs.n_lane_blocks == shape[-1]

@@ -34,8 +34,12 @@ def _vjp(x, d, g, ct):
 
 def _tie_heavy(shape, seed=0):
   """The tie-heavy kinds of tests/inputs.py stacked along the batch axis."""
-  return np.concatenate([inputs.make_x(k, (1,) + shape[1:], seed=seed + i)
-                         for i, k in enumerate(inputs.KINDS)])
+  return np.concatenate(
+    [
+      inputs.make_x(k, (1,) + shape[1:], seed=seed + i)
+      for i, k in enumerate(inputs.KINDS)
+    ]
+  )
 
 
 def _tie_heavy_case(groups, dtype, guide_kind, shape, seed=0):
@@ -61,26 +65,30 @@ def test_grouped_matches_oracle_bit_for_bit(dtype, guide_kind):
   merged groups of mixed sweep kinds, in one grouped call (H != W), on the
   tie-heavy inputs of tests/inputs.py."""
   groups = fuzz.ALL_GROUPS
-  fuzz.check_reference(_tie_heavy_case(groups, dtype, guide_kind,
-                                       fuzz.SHAPE))
+  fuzz.check_reference(_tie_heavy_case(groups, dtype, guide_kind, fuzz.SHAPE))
 
 
 def test_named_groupings_match_oracle():
   """Every named grouping, all in one grouped call."""
   groups = sum((resolve_grouping(n) for n in GROUPINGS), ())
-  fuzz.check_reference(_tie_heavy_case(groups, "float32", "per_channel",
-                                       (1, 3, 5, 2 * len(groups)), seed=5))
+  fuzz.check_reference(
+    _tie_heavy_case(
+      groups, "float32", "per_channel", (1, 3, 5, 2 * len(groups)), seed=5
+    )
+  )
 
 
 def test_direction_table_names_and_aliases():
   assert QUADRANTS == ("top_left", "top_right", "bottom_left", "bottom_right")
   assert [DIRECTIONS[n].alias for n in QUADRANTS] == ["tl", "tr", "bl", "br"]
-  assert [DIRECTIONS[n].alias for n in OCTANTS] == [f"I{k}" for k in range(1, 9)]
+  assert [DIRECTIONS[n].alias for n in OCTANTS] == [
+    f"I{k}" for k in range(1, 9)
+  ]
   for d in DIRECTIONS.values():
     assert lmconv_jax.directions.resolve(d.alias) is d
 
 
-@pytest.mark.x64                       # float64 tolerances (1e-14)
+@pytest.mark.x64  # float64 tolerances (1e-14)
 def test_public_reference_equals_the_grouped_functions():
   """landmark_pool_reference: forward, VJP (unguided exact: integer
   cotangents) and JVP equal grouped_* (one direction here: tests/
@@ -101,15 +109,18 @@ def test_public_reference_equals_the_grouped_functions():
     out, dx, _ = _vjp(jnp.asarray(x), d, None, jnp.asarray(ct))
     np.testing.assert_array_equal(out, want[..., blk])
     np.testing.assert_array_equal(dx, want_dx[..., blk])
-    _, t = jax.jvp(lambda x, g: ref(x, d, g), (jnp.asarray(x), jnp.asarray(g)),
-                   (jnp.asarray(ct), jnp.asarray(g)))
+    _, t = jax.jvp(
+      lambda x, g: ref(x, d, g),
+      (jnp.asarray(x), jnp.asarray(g)),
+      (jnp.asarray(ct), jnp.asarray(g)),
+    )
     # Its guided tangent may be FMA-contracted (no barriers: JAX transposes
     # it for reverse mode); grouped_tangent is the literal one.
     np.testing.assert_allclose(t, want_t[..., blk], rtol=1e-14, atol=1e-14)
 
 
 def test_tie_between_self_and_neighbour_goes_to_self():
-  x = jnp.array([[1.0, 1.0]])[None, ..., None]          # (1, 1, 2, 1)
+  x = jnp.array([[1.0, 1.0]])[None, ..., None]  # (1, 1, 2, 1)
   _, dx, _ = _vjp(x, "top_left", None, jnp.array([[0.0, 1.0]])[None, ..., None])
   np.testing.assert_array_equal(dx[0, ..., 0], [[0.0, 1.0]])
 
@@ -119,14 +130,18 @@ def test_tie_between_neighbours_goes_to_n1_never_split():
   tl, br = (DIRECTIONS["top_left"],), (DIRECTIONS["bottom_right"],)
   x = jnp.array([[0.0, 2.0], [2.0, 1.0]])[None, ..., None]
   ct = jnp.array([[0.0, 0.0], [0.0, 1.0]])[None, ..., None]
-  np.testing.assert_array_equal(FWD(x, None, (tl,))[0, ..., 0], [[0, 2], [2, 2]])
-  np.testing.assert_array_equal(BWD(x, None, ct, (tl,))[0][0, ..., 0],
-                                [[0.0, 0.0], [1.0, 0.0]])
+  np.testing.assert_array_equal(
+    FWD(x, None, (tl,))[0, ..., 0], [[0, 2], [2, 2]]
+  )
+  np.testing.assert_array_equal(
+    BWD(x, None, ct, (tl,))[0][0, ..., 0], [[0.0, 0.0], [1.0, 0.0]]
+  )
   # bottom_right: n1 = right, n2 = down. out[0,0] = max(1, right=2, down=2).
   x = jnp.array([[1.0, 2.0], [2.0, 0.0]])[None, ..., None]
   ct = jnp.array([[1.0, 0.0], [0.0, 0.0]])[None, ..., None]
-  np.testing.assert_array_equal(BWD(x, None, ct, (br,))[0][0, ..., 0],
-                                [[0.0, 1.0], [0.0, 0.0]])
+  np.testing.assert_array_equal(
+    BWD(x, None, ct, (br,))[0][0, ..., 0], [[0.0, 1.0], [0.0, 0.0]]
+  )
 
 
 def test_merged_group_tie_goes_to_first_member_never_split():
@@ -142,8 +157,9 @@ def test_merged_group_tie_goes_to_first_member_never_split():
   np.testing.assert_array_equal(FWD(x, None, groups)[0, 0, :, 0], [3, 3, 3])
   dx, _ = BWD(x, None, ct, groups)
   np.testing.assert_array_equal(dx[0, 0, :, 0], [0.0, 6.0, 0.0])
-  t = TAN(x, None, jnp.array([10.0, 20.0, 30.0]).reshape(1, 1, 3, 1), None,
-          groups)
+  t = TAN(
+    x, None, jnp.array([10.0, 20.0, 30.0]).reshape(1, 1, 3, 1), None, groups
+  )
   np.testing.assert_array_equal(t[0, 0, :, 0], [20.0, 20.0, 20.0])
 
 
@@ -177,13 +193,14 @@ def test_unguided_quadrant_is_two_cumulative_maxima():
     d = DIRECTIONS[name]
     want = lax.cummax(x, axis=1, reverse=d.row_step < 0)
     want = lax.cummax(want, axis=2, reverse=d.col_step < 0)
-    np.testing.assert_array_equal(out[..., 3 * k:3 * k + 3], want)
+    np.testing.assert_array_equal(out[..., 3 * k : 3 * k + 3], want)
 
 
 def test_unguided_octant_is_max_over_its_region():
   x = inputs.make_x("random", (1, 7, 6, 1)).astype(np.float32)
-  out = np.asarray(FWD(jnp.asarray(np.concatenate([x] * 8, -1)), None,
-                       TABLE[4:]))
+  out = np.asarray(
+    FWD(jnp.asarray(np.concatenate([x] * 8, -1)), None, TABLE[4:])
+  )
   for k, name in enumerate(OCTANTS):
     d = DIRECTIONS[name]
     # The region is the cone of integer combinations of the two offsets.
@@ -195,7 +212,7 @@ def test_unguided_octant_is_max_over_its_region():
         for ii in range(7):
           for jj in range(6):
             di, dj = ii - i, jj - j
-            p = (di * e - dj * c) / det   # di = p*a + q*c, dj = p*b + q*e
+            p = (di * e - dj * c) / det  # di = p*a + q*c, dj = p*b + q*e
             q = (a * dj - b * di) / det
             if p >= 0 and q >= 0:
               region.append(x[0, ii, jj, 0])
@@ -207,7 +224,7 @@ def test_nan_in_region_makes_output_nan_like_lax_max():
   x[0, 1, 2, 0] = np.nan
   out = np.asarray(ref(jnp.asarray(x), "top_left"))[0, ..., 0]
   want = np.zeros((4, 4), bool)
-  want[1:, 2:] = True                      # pixels whose top-left region holds (1, 2)
+  want[1:, 2:] = True  # pixels whose top-left region holds (1, 2)
   np.testing.assert_array_equal(np.isnan(out), want)
   # A NaN coming from a neighbour is not dropped (the original dropped it).
   assert np.isnan(out[3, 3])
@@ -217,8 +234,9 @@ def test_inf_is_an_ordinary_value_without_guide():
   x = np.zeros((1, 3, 3, 1))
   x[0, 0, 0, 0] = np.inf
   x[0, 2, 2, 0] = -np.inf
-  out = np.asarray(FWD(jnp.asarray(np.concatenate([x, x], -1)), None,
-                       (TABLE[0], TABLE[3])))
+  out = np.asarray(
+    FWD(jnp.asarray(np.concatenate([x, x], -1)), None, (TABLE[0], TABLE[3]))
+  )
   assert np.all(out[0, ..., 0] == np.inf)
   assert out[0, 2, 2, 1] == -np.inf and out[0, 1, 1, 1] == 0
   assert out[0, 0, 0, 1] == np.inf

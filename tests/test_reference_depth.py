@@ -21,7 +21,7 @@ H, W = 48, 40
 
 def _subjaxprs(params):
   for v in params.values():
-    for item in (v if isinstance(v, (tuple, list)) else (v,)):
+    for item in v if isinstance(v, (tuple, list)) else (v,):
       if isinstance(item, jax.extend.core.ClosedJaxpr):
         yield item.jaxpr
       elif isinstance(item, jax.extend.core.Jaxpr):
@@ -44,11 +44,19 @@ def depth(jaxpr) -> int:
 def _depths(groups, h=H, w=W):
   x = jnp.zeros((1, h, w, len(groups)), jnp.float32)
   g = jnp.zeros((1, 1, 1, len(groups)), jnp.float32)
-  fwd = depth(jax.make_jaxpr(lambda x, g: R.grouped_forward(x, g, groups))(x, g).jaxpr)
-  bwd = depth(jax.make_jaxpr(
-      lambda x, g, ct: R.grouped_backward(x, g, ct, groups))(x, g, x).jaxpr)
-  tan = depth(jax.make_jaxpr(
-      lambda x, g, t, tg: R.grouped_tangent(x, g, t, tg, groups))(x, g, x, g).jaxpr)
+  fwd = depth(
+    jax.make_jaxpr(lambda x, g: R.grouped_forward(x, g, groups))(x, g).jaxpr
+  )
+  bwd = depth(
+    jax.make_jaxpr(lambda x, g, ct: R.grouped_backward(x, g, ct, groups))(
+      x, g, x
+    ).jaxpr
+  )
+  tan = depth(
+    jax.make_jaxpr(lambda x, g, t, tg: R.grouped_tangent(x, g, t, tg, groups))(
+      x, g, x, g
+    ).jaxpr
+  )
   return fwd, bwd, tan
 
 
@@ -56,12 +64,12 @@ def _kind_steps(d, h=H, w=W):
   v1 = (d.n1[0] * d.row_step, d.n1[1] * d.col_step)
   v2 = (d.n2[0] * d.row_step, d.n2[1] * d.col_step)
   if v1[1] == v2[1] == -1:
-    return w                      # depends on the previous column
+    return w  # depends on the previous column
   if v1[0] == v2[0] == -1:
-    return h                      # depends on the previous row
+    return h  # depends on the previous row
   if (-1, 1) in (v1, v2):
-    return 2 * (h - 1) + w        # skew-2 wavefront (no table direction)
-  return h + w - 1                # quadrant wavefront
+    return 2 * (h - 1) + w  # skew-2 wavefront (no table direction)
+  return h + w - 1  # quadrant wavefront
 
 
 def test_every_valid_direction_one_pass_each():
@@ -78,8 +86,9 @@ def test_table_direction_depth(name):
   d = DIRECTIONS[name]
   steps = _kind_steps(d)
   assert steps <= H + W - 1
-  assert steps == (H + W - 1 if d.is_quadrant else
-                   (W if d.n1[1] == d.n2[1] else H))
+  assert steps == (
+    H + W - 1 if d.is_quadrant else (W if d.n1[1] == d.n2[1] else H)
+  )
   assert _depths(((d,),)) == (steps, 2 * steps, steps)
 
 
@@ -89,12 +98,12 @@ def test_grouping_depth_is_one_pass(name):
   want = max(_kind_steps(d) for g in groups for d in g)
   assert want <= H + W - 1
   assert _depths(groups) == (want, 2 * want, want)
-  if name == "octants":            # row and column octants share the steps
+  if name == "octants":  # row and column octants share the steps
     assert want == max(H, W)
 
 
 def test_merged_mixed_kinds_share_steps_non_square():
-  groups = fuzz.ALL_GROUPS[48:]    # merged groups mixing quadrants, octants
+  groups = fuzz.ALL_GROUPS[48:]  # merged groups mixing quadrants, octants
   for h, w in ((H, W), (W, H), (3, 17)):
     want = h + w - 1
     assert _depths(groups, h, w) == (want, 2 * want, want)

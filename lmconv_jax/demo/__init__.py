@@ -5,7 +5,11 @@ learns that a box convolution cannot.
 models, ``train`` trains one, ``figures`` draws, ``experiment`` runs it all.
 """
 
-from lmconv_jax.demo.experiment import (DemoConfig, format_table, run_demo,
-                                        verdict)
+from lmconv_jax.demo.experiment import (
+  DemoConfig,
+  format_table,
+  run_demo,
+  verdict,
+)
 
 __all__ = ["DemoConfig", "format_table", "run_demo", "verdict"]

@@ -25,8 +25,8 @@ import numpy as np
 
 CLASSES = ("left of", "right of", "above", "below")
 GLYPH = 5
-MIN_DISTANCE = GLYPH + 1    # centres this far apart: the glyphs never touch
-JITTER = 2                  # max offset across the band: the ring straddles it
+MIN_DISTANCE = GLYPH + 1  # centres this far apart: the glyphs never touch
+JITTER = 2  # max offset across the band: the ring straddles it
 
 
 def _glyph(rows: str) -> np.ndarray:
@@ -35,8 +35,10 @@ def _glyph(rows: str) -> np.ndarray:
 
 PLUS = _glyph("..#.. ..#.. ##### ..#.. ..#..")
 RING = _glyph("##### #...# #...# #...# #####")
-DISTRACTORS = (_glyph("#...# .#.#. ..#.. .#.#. #...#"),     # X
-               _glyph("..... .###. .###. .###. ....."))     # filled square
+DISTRACTORS = (
+  _glyph("#...# .#.#. ..#.. .#.#. #...#"),  # X
+  _glyph("..... .###. .###. .###. ....."),
+)  # filled square
 
 
 @dataclasses.dataclass
@@ -46,6 +48,7 @@ class RelationData:
   ``plus`` and ``ring`` are the glyph centres (N, 2) as (row, col);
   ``distance`` is how far apart they are along the label's axis (N,).
   """
+
   images: np.ndarray
   labels: np.ndarray
   plus: np.ndarray
@@ -56,14 +59,20 @@ class RelationData:
     return len(self.labels)
 
   def subset(self, idx) -> "RelationData":
-    return RelationData(self.images[idx], self.labels[idx], self.plus[idx],
-                        self.ring[idx], self.distance[idx])
+    return RelationData(
+      self.images[idx],
+      self.labels[idx],
+      self.plus[idx],
+      self.ring[idx],
+      self.distance[idx],
+    )
 
 
 def _place(img: np.ndarray, glyph: np.ndarray, centre) -> None:
   r, c = centre[0] - GLYPH // 2, centre[1] - GLYPH // 2
-  img[r:r + GLYPH, c:c + GLYPH] = np.maximum(img[r:r + GLYPH, c:c + GLYPH],
-                                             glyph)
+  img[r : r + GLYPH, c : c + GLYPH] = np.maximum(
+    img[r : r + GLYPH, c : c + GLYPH], glyph
+  )
 
 
 def _apart(a, b) -> bool:
@@ -71,9 +80,13 @@ def _apart(a, b) -> bool:
   return max(abs(a[0] - b[0]), abs(a[1] - b[1])) >= MIN_DISTANCE
 
 
-def make_relation_data(n: int, size: int = 32, seed: int = 0,
-                       max_distance: int | None = None,
-                       distractors: tuple[int, int] = (1, 2)) -> RelationData:
+def make_relation_data(
+  n: int,
+  size: int = 32,
+  seed: int = 0,
+  max_distance: int | None = None,
+  distractors: tuple[int, int] = (1, 2),
+) -> RelationData:
   """``n`` images of ``size`` x ``size``, classes balanced, from ``seed``.
 
   The distance between the plus and the ring is uniform in
@@ -84,12 +97,14 @@ def make_relation_data(n: int, size: int = 32, seed: int = 0,
   if max_distance is None:
     max_distance = size // 2
   if size < 2 * MIN_DISTANCE or not (
-      MIN_DISTANCE <= max_distance <= size - GLYPH):
+    MIN_DISTANCE <= max_distance <= size - GLYPH
+  ):
     raise ValueError(
-        f"need size >= {2 * MIN_DISTANCE} and {MIN_DISTANCE} <= max_distance "
-        f"<= size - {GLYPH}, got size={size}, max_distance={max_distance}.")
+      f"need size >= {2 * MIN_DISTANCE} and {MIN_DISTANCE} <= max_distance "
+      f"<= size - {GLYPH}, got size={size}, max_distance={max_distance}."
+    )
   rng = np.random.default_rng(seed)
-  lo, hi = GLYPH // 2, size - 1 - GLYPH // 2    # valid centre coordinates
+  lo, hi = GLYPH // 2, size - 1 - GLYPH // 2  # valid centre coordinates
   images = np.zeros((n, size, size, 1), np.float32)
   labels = np.arange(n) % len(CLASSES)
   rng.shuffle(labels)
@@ -101,11 +116,11 @@ def make_relation_data(n: int, size: int = 32, seed: int = 0,
     d = rng.integers(MIN_DISTANCE, max_distance + 1)
     a = rng.integers(lo, hi - d + 1)
     b = a + d
-    if label in (1, 3):            # right of / below: the plus is the later one
+    if label in (1, 3):  # right of / below: the plus is the later one
       a, b = b, a
     across = rng.integers(lo, hi + 1)
     other = int(np.clip(across + rng.integers(-JITTER, JITTER + 1), lo, hi))
-    if label in (0, 1):            # a row band: the axis is the column
+    if label in (0, 1):  # a row band: the axis is the column
       p, q = (across, a), (other, b)
     else:
       p, q = (a, across), (b, other)
@@ -117,18 +132,21 @@ def make_relation_data(n: int, size: int = 32, seed: int = 0,
       for _attempt in range(50):
         c = tuple(rng.integers(lo, hi + 1, 2))
         if all(_apart(c, o) for o in placed):
-          _place(images[k, ..., 0],
-                 DISTRACTORS[rng.integers(len(DISTRACTORS))], c)
+          _place(
+            images[k, ..., 0], DISTRACTORS[rng.integers(len(DISTRACTORS))], c
+          )
           placed.append(c)
           break
   axis = np.where(labels < 2, 1, 0)
   distance = np.abs(plus[np.arange(n), axis] - ring[np.arange(n), axis])
-  return RelationData(images, labels.astype(np.int32), plus, ring,
-                      distance.astype(np.int32))
+  return RelationData(
+    images, labels.astype(np.int32), plus, ring, distance.astype(np.int32)
+  )
 
 
-def relation_series(size: int, distances, rows,
-                    plus_left: bool = True) -> np.ndarray:
+def relation_series(
+  size: int, distances, rows, plus_left: bool = True
+) -> np.ndarray:
   """One relation at growing distances, no distractors.
 
   Returns images (len(rows), len(distances), size, size, 1): in row r, the

@@ -31,16 +31,16 @@ BOX_REACH, DILATED_REACH = BOX_FIELD + GLYPH - 2, DILATED_FIELD + GLYPH - 2
 
 @dataclasses.dataclass(frozen=True)
 class ModelKind:
-  name: str          # the table's name
-  key: str           # the CLI's name
-  sees: str          # what one pixel of the last layer sees, in words
+  name: str  # the table's name
+  key: str  # the CLI's name
+  sees: str  # what one pixel of the last layer sees, in words
 
 
 KINDS = {
-    "box": ModelKind("box 3x3", "box", "7 x 7 pixels"),
-    "dilated": ModelKind("dilated 3x3 (1, 2, 4)", "dilated", "15 x 15 pixels"),
-    "lm4": ModelKind("LandmarkConv4", "lm4", "the whole image, by quadrant"),
-    "lm8": ModelKind("LandmarkConv8", "lm8", "the whole image, by octant"),
+  "box": ModelKind("box 3x3", "box", "7 x 7 pixels"),
+  "dilated": ModelKind("dilated 3x3 (1, 2, 4)", "dilated", "15 x 15 pixels"),
+  "lm4": ModelKind("LandmarkConv4", "lm4", "the whole image, by quadrant"),
+  "lm8": ModelKind("LandmarkConv8", "lm8", "the whole image, by octant"),
 }
 
 
@@ -65,16 +65,27 @@ class RelationNet(nn.Module):
     if self.kind == "box":
       return nn.Conv(c, (3, 3), padding=self.padding, name=name)
     if self.kind == "dilated":
-      return nn.Conv(c, (3, 3), kernel_dilation=2 ** (index - 1),
-                     padding=self.padding, name=name)
+      return nn.Conv(
+        c,
+        (3, 3),
+        kernel_dilation=2 ** (index - 1),
+        padding=self.padding,
+        name=name,
+      )
     cls = {"lm4": LandmarkConv4, "lm8": LandmarkConv8}[self.kind]
-    return cls(c, (3, 3), padding=self.padding,
-               implementation=self.implementation, name=name)
+    return cls(
+      c,
+      (3, 3),
+      padding=self.padding,
+      implementation=self.implementation,
+      name=name,
+    )
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = nn.relu(nn.Conv(self.features, (3, 3), padding=self.padding,
-                        name="conv1")(x))
+    h = nn.relu(
+      nn.Conv(self.features, (3, 3), padding=self.padding, name="conv1")(x)
+    )
     for index in (2, 3):
       self.sow("intermediates", f"conv{index}_input", h)
       h = nn.relu(self._layer(index)(h))
