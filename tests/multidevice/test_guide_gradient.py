@@ -235,8 +235,23 @@ def test_shard_map_and_pmap_sum_a_replicated_guides_gradient(impl):
     np.testing.assert_array_equal(per_device[k], want if pmap_sums else own[k])
 
 
+# jax 0.11's Pallas interpreter cannot run under Explicit axes (its
+# dynamic_update_slice mixes sharded and unsharded types); 0.12's can.
+_JAX_0_11 = tuple(int(v) for v in jax.__version__.split(".")[:2]) < (0, 12)
+
+
 @pytest.mark.parametrize(
-  "kind,layout", [("Auto", "batch"), ("Explicit", "batch_and_channels")]
+  "kind,layout",
+  [
+    ("Auto", "batch"),
+    pytest.param(
+      "Explicit",
+      "batch_and_channels",
+      marks=pytest.mark.skipif(
+        _JAX_0_11, reason="jax 0.11's Pallas interpret mode, Explicit axes"
+      ),
+    ),
+  ],
 )
 def test_pallas_kernels_sharded_equal_one_device(kind, layout):
   """implementation="pallas" (interpret mode on these CPU devices) under a
