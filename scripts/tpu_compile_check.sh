@@ -42,26 +42,6 @@ case " $* " in
   *" -h "*|*" --help "*) sed -n '2,35p' "$0" ;;
 esac
 
-# The interpreter: the same search as scripts/setup.sh.
-find_python() {
-  for cand in "${LMCONV_PYTHON:-}" python3.14 python3.13 python3.12; do
-    [ -n "$cand" ] || continue
-    if command -v "$cand" >/dev/null 2>&1 &&
-       "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then
-      echo "$cand"; return
-    fi
-  done
-  local roots=("${PYENV_ROOT:-$HOME/.pyenv}")
-  command -v pyenv >/dev/null 2>&1 && roots=("$(pyenv root)" "${roots[@]}")
-  for root in "${roots[@]}"; do
-    for cand in "$root"/versions/3.1[2-9]*/bin/python; do
-      [ -x "$cand" ] && { echo "$cand"; return; }
-    done
-  done
-  echo "tpu_compile_check: needs Python >= 3.12; none found (set LMCONV_PYTHON=/path/to/python3.12)" >&2
-  exit 2
-}
-
 # The versions: those of .venv, so that this checks what the tests test.
 dist_version() {  # dist_version PYTHON DIST -> its version, or nothing
   "$1" -c "import importlib.metadata as m, sys
@@ -84,7 +64,7 @@ REQ+=(numpy "libtpu==$LIBTPU_VERSION")
 # Idempotent: the venv is (re)filled only when the requirements changed.
 STAMP="$VENV/.lmconv-tpu-requirements"
 if [ ! -x "$VENV/bin/python" ]; then
-  PY=$(find_python)
+  PY=$(scripts/setup.sh --print-python)  # setup.sh's search; rc 2 if none
   echo "== creating $VENV with $PY ($("$PY" -V 2>&1))"
   "$PY" -m venv "$VENV" || { echo "tpu_compile_check: could not create $VENV" >&2; exit 2; }
 fi
