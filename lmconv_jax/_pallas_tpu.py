@@ -418,6 +418,18 @@ def _load_guide(ref, row, gh, w, cb, cd):
   return _flush(jnp.broadcast_to(v.astype(cd), (w, cb)))
 
 
+def _put_under(mask):
+  """A store of v at ref[idx] in the lanes of ``mask`` only (every lane for
+  None): a lane block may hold groups of several directions."""
+
+  def put(ref, idx, v):
+    if mask is not None:
+      v = jnp.where(mask, v, ref[idx])
+    ref[idx] = v
+
+  return put
+
+
 def _fwd_kernel(cx, *refs):
   """Forward (and, with cx.tangent, the running tangent) of one band."""
   rev_ref, present_ref = refs[:2]
@@ -452,10 +464,7 @@ def _fwd_kernel(cx, *refs):
       mask = None if cx.uniform else (lc_ref[...] == ci)  # (1, Cb)
       band = (nb - 1 - t) if geo.up else t
 
-      def put(ref, idx, v):
-        if mask is not None:
-          v = jnp.where(mask, v, ref[idx])
-        ref[idx] = v
+      put = _put_under(mask)
 
       if not geo.row_type:
         _fwd_wave(
@@ -711,10 +720,7 @@ def _bwd_kernel(cx, *refs):
       band = t if geo.up else (nb - 1 - t)
       rs = -1 if geo.up else 1
 
-      def put(ref, idx, v):
-        if mask is not None:
-          v = jnp.where(mask, v, ref[idx])
-        ref[idx] = v
+      put = _put_under(mask)
 
       if not geo.row_type:
         _bwd_wave(
