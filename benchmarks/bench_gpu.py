@@ -531,10 +531,11 @@ def grouped_model(
     plus a merged group's residual (uint8 winner codes, or the member pools
     with a guide, written forward and read by the merge phase, the backward
     and the tangent), the guide and its gradient, and a broadcast guide's
-    per-pixel gradient (written, then read by the reduction launch);
+    per-pixel gradient (written, then read by the reduction) and its slice
+    sums (written, then read);
   * latency-bound: waves x the batches a block's threads run in turn
     (each member's sweep of the block's group, plus a merge phase) x
-    PHASE_US, plus the reduction launch's batches.
+    PHASE_US, plus the two reduction launches' batches.
   """
   emu = _emulator()
   if emu is None:
@@ -578,14 +579,18 @@ def grouped_model(
   lat_us = waves * batches * PHASE_US
   size = int(np.prod(shape))
   if plan["launches"] > 1:
-    # The broadcast guide's gradient reduction: a thread per guide element
-    # sums its x-size / guide-size pixels in order, REDUCE_BATCH loads at a
-    # time (deterministic, no atomics; cuda_schedule.h's ReduceBody).
-    reduce_waves = -(
-      -plan["reduce_blocks"] // (BLOCKS_PER_SM * multiprocessors)
+    # The broadcast guide's gradient reduction in two levels, REDUCE_BATCH
+    # loads at a time (deterministic, no atomics; cuda_schedule.h): a
+    # thread per (slice, guide element) sums a slice's guide_slice pixels
+    # in order, then a thread per guide element its guide_slices partials.
+    def chain_us(blocks, loads):
+      launch_waves = -(-blocks // (BLOCKS_PER_SM * multiprocessors))
+      return launch_waves * -(-loads // REDUCE_BATCH) * PHASE_US
+
+    lat_us += chain_us(
+      plan["slice_blocks"], min(plan["guide_slice"], plan["guide_n"])
     )
-    per_element = size // int(np.prod(guide_shape))
-    lat_us += reduce_waves * -(-per_element // REDUCE_BATCH) * PHASE_US
+    lat_us += chain_us(plan["total_blocks"], plan["guide_slices"])
   arrays = 2 if pass_ == "forward" else 4
   nbytes = arrays * itemsize * size
   if residual:
@@ -596,7 +601,8 @@ def grouped_model(
     # g; + dg written (backward) or tg read (tangent)
     nbytes += itemsize * g_elems * (1 if pass_ == "forward" else 2)
     if plan["launches"] > 1:
-      nbytes += 2 * itemsize * size
+      partials = g_elems * plan["guide_slices"]
+      nbytes += 2 * itemsize * size + 2 * max(itemsize, 4) * partials
   bw_us = nbytes / (COPY_TBPS * 1e12) * 1e6
   model_us = max(bw_us, lat_us)
   floor_us = arrays * itemsize * size / (COPY_TBPS * 1e12) * 1e6

@@ -6,7 +6,8 @@
 // For a grid of cases (every direction alone, quadrants, octants,
 // top_bottom, left_right, all_quadrants and a custom merged grouping; float32,
 // float64, float16, bfloat16; no guide, a full guide and the broadcast guides
-// (C,), (B,1,1,1) and a scalar; random shapes with odd sizes and C / P not a
+// (C,), (B,1,1,1) and a scalar, their gradients over several of the
+// reduction's slices; random shapes with odd sizes and C / P not a
 // multiple of the block's channel chunk) it runs the forward for training
 // (out and the merged groups' residual), the forward for inference, the
 // tangent and the backward (dx and the guide's gradient at its own shape):
@@ -205,14 +206,21 @@ struct Set {
 
 // Random shapes: odd and even sizes, 1-pixel rows and columns, channels per
 // group on both sides of the 16- and 32-channel chunks and not a multiple
-// of them; now and then a larger image (more phases than pixel lanes).
-void draw_shape(Rng& r, int groups, bool quick, Set* s) {
+// of them; now and then a larger image (more phases than pixel lanes). A
+// (C,) guide's gradient sums B * H * W pixels per channel: 297 to 528, so
+// several of the reduction's slices (kGuideSlice), the last one partial.
+void draw_shape(Rng& r, int groups, bool quick, Guide guide, Set* s) {
   static constexpr int64_t kPerGroup[] = {1,  2,  3,  5,  7, 16,
                                           17, 19, 31, 33, 45};
   s->b = 1 + r.below(3);
   const bool big = !quick && r.below(6) == 0;
   s->h = big ? 17 + r.below(24) : 1 + r.below(12);
   s->w = big ? 17 + r.below(24) : 1 + r.below(12);
+  if (guide == Guide::kChannel && !quick) {
+    s->b = 3;
+    s->h = 9 + r.below(8);
+    s->w = 11;
+  }
   int64_t cg = kPerGroup[r.below(quick ? 6 : 11)];
   const int64_t cap = quick ? 4000 : big ? 60000 : 30000;
   while (cg > 1 && s->b * s->h * s->w * cg * groups > cap) cg = (cg + 1) / 2;
@@ -230,7 +238,7 @@ std::vector<Set> make_grid(const std::vector<NamedGrouping>& gs, uint64_t seed,
         // --quick: every grouping, dtype and guide, but small shapes.
         Rng r(seed * 1000003ull + k);
         Set s{&g, d, gd, 0, 0, 0, 0, r.next()};
-        draw_shape(r, static_cast<int>(g.groups.size()), quick, &s);
+        draw_shape(r, static_cast<int>(g.groups.size()), quick, gd, &s);
         sets.push_back(s);
       }
     }

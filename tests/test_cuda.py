@@ -460,8 +460,120 @@ def test_emulated_guide_of_any_broadcast_shape():
       plan = emulator.launch_plan(
         grouping, shape, "backward", guide_shape=gshape
       )
-      assert plan["launches"] == 2
-      assert plan["reduce_blocks"] * plan["reduce_threads"] >= np.prod(gshape)
+      assert plan["launches"] == 3
+      pairs = plan["guide_slices"] * np.prod(gshape)
+      assert plan["slice_blocks"] * plan["reduce_threads"] >= pairs
+      assert plan["total_blocks"] * plan["reduce_threads"] >= np.prod(gshape)
+
+
+# Broadcast guides whose N = x.size / guide.size x elements per guide
+# element span several of the reduction's slices (kGuideSlice = 256), the
+# last one partial: {name: (x shape, guide shape)}.
+SLICED_GUIDES = {
+  "per_channel": ((3, 11, 13, 8), (8,)),  # N = 429
+  "per_batch": ((3, 11, 13, 8), (3, 1, 1, 1)),  # N = 1144
+  "scalar": ((3, 11, 13, 8), ()),  # N = 3432
+  "per_pixel": ((2, 5, 4, 3, 60), (1, 1, 4, 3, 1)),  # N = 600
+  "batch_channel": ((5, 9, 7, 16), (1, 1, 1, 16)),  # N = 315
+}
+
+
+def sliced_case(name, dtype, seed=0):
+  """x, its broadcast guide (in [0, 1]: no gradient grows past float16)
+  and a cotangent whose magnitudes span four decades, so the order of the
+  guide gradient's sum shows in its bits."""
+  shape, gshape = SLICED_GUIDES[name]
+  rng = np.random.default_rng(seed)
+  x = inputs.make_x("random", shape, seed)
+  g = rng.uniform(0.0, 1.0, gshape)
+  ct = rng.normal(size=shape) * 10.0 ** rng.integers(-3, 2, shape)
+  dt = DTYPES[dtype]
+  return [jnp.asarray(v, dt) for v in (x, g, ct)]
+
+
+@needs_emulator
+@pytest.mark.parametrize("dtype", inputs.dtype_params(DTYPES))
+@pytest.mark.parametrize("guide", SLICED_GUIDES)
+def test_emulated_guide_gradient_over_several_slices(guide, dtype):
+  """The guide gradient's two levels (several slices, a partial last one)
+  in the emulated CUDA launches equal the CPU kernels' bit for bit, under
+  the detector and in reverse order."""
+  x, g, ct = sliced_case(guide, dtype)
+  plan = emulator.launch_plan(
+    "quadrants", x.shape, "backward", guide_shape=g.shape
+  )
+  n = x.size // max(g.size, 1)
+  assert plan["guide_n"] == n and n > plan["guide_slice"]
+  assert plan["guide_slices"] == -(-n // plan["guide_slice"]) >= 2
+  assert n % plan["guide_slice"]
+  want = run(x, g, "quadrants", ct, ct, g, emulated=False)
+  for how in (dict(order=CHECK), dict(multiprocessors=1, order=REVERSE)):
+    assert_same_bits(
+      run(x, g, "quadrants", ct, ct, g, emulated=True, **how), want
+    )
+
+
+def two_level_sum(dg_full, gshape, acc, slice_):
+  """The guide gradient as landmark_pool.h states the order: the x
+  elements reading each guide element, in x's element order, summed from
+  0 in `acc` over slices of `slice_`, then the slices' sums from 0; with
+  slice_ = None, one sequential sum."""
+  gshape = (1,) * (dg_full.ndim - len(gshape)) + tuple(gshape)
+  owner = np.broadcast_to(
+    np.arange(int(np.prod(gshape))).reshape(gshape), dg_full.shape
+  ).ravel()
+  order = np.argsort(owner, kind="stable")  # x's order within each owner
+  v = (
+    np.asarray(dg_full, acc)
+    .ravel()[order]
+    .reshape(-1, owner.size // int(np.prod(gshape)))
+  )
+  n = v.shape[1]
+  slice_ = slice_ or n
+  k = -(-n // slice_)
+  # Padding with +0 changes no partial (none is -0: each starts at +0).
+  v = np.pad(v, ((0, 0), (0, k * slice_ - n))).reshape(len(v), k, slice_)
+  part = np.zeros(v.shape[:2], acc)
+  for i in range(slice_):
+    part = part + v[:, :, i]
+  total = np.zeros(len(v), acc)
+  for s in range(k):
+    total = total + part[:, s]
+  return total.reshape(gshape)
+
+
+@needs_emulator
+@pytest.mark.parametrize("dtype", inputs.dtype_params(["float32", "float64"]))
+@pytest.mark.parametrize("guide", ["per_channel", "per_batch", "per_pixel"])
+def test_guide_gradient_is_summed_in_two_levels(guide, dtype):
+  """The CPU kernels' broadcast-guide gradient is the two-level sum
+  (slices of 256, then the slices' sums) of the per-pixel gradient, which
+  the same call with the guide materialised at x's shape returns; on this
+  data a plain sequential sum and slices of 128 or 512 give other bits, so
+  the order is pinned. (The half types' sums, in float32, differ by less
+  than their rounding on such data; the emulator test above covers them.)"""
+  x, g, ct = sliced_case(guide, dtype)
+  full = jnp.broadcast_to(g, x.shape)
+  grouping = "quadrants"
+  out, members = emulator.forward(x, full, grouping, emulated=False)
+  dg_full = emulator.backward(
+    x, full, grouping, out, members, ct, emulated=False
+  )[1]
+  out, members = emulator.forward(x, g, grouping, emulated=False)
+  dg = emulator.backward(x, g, grouping, out, members, ct, emulated=False)[1]
+  plan = emulator.launch_plan(
+    grouping, x.shape, "backward", guide_shape=g.shape
+  )
+  assert plan["guide_slice"] == 256
+  acc = np.float64 if dtype == "float64" else np.float32
+
+  def summed(slice_):
+    return bits(two_level_sum(dg_full, dg.shape, acc, slice_).astype(dg.dtype))
+
+  want = summed(256)
+  for other in (None, 128, 512):  # the order shows on this data
+    assert not np.array_equal(summed(other), want), other
+  np.testing.assert_array_equal(bits(dg), want)
 
 
 SHAPES = {
@@ -700,7 +812,7 @@ def test_launch_plan_is_one_launch_for_the_whole_grouping(grouping, shape):
   assert inference["phases"] == expected_phases(g, shape, "tangent")
   assert (inference["workspace_elements"] > 0) == merged  # the ring
   guided = emulator.launch_plan(g, shape, "backward", guide_shape=(shape[-1],))
-  assert guided["launches"] == 2  # + the reduction of dguide
+  assert guided["launches"] == 3  # + the reduction of dguide, two levels
   full = emulator.launch_plan(g, shape, "backward", guide_shape=shape)
   assert full["launches"] == 1
 
@@ -761,8 +873,8 @@ def test_gpu_model_is_the_grouped_launch_plan():
   guided = bench.grouped_model(
     "quadrants", shape, "backward", guide_shape=(128,)
   )
-  assert guided["launches"] == 2
-  assert guided["latency_us"] > tl["latency_us"]  # the reduction's chain
+  assert guided["launches"] == 3
+  assert guided["latency_us"] > tl["latency_us"]  # the reduction's chains
   table = bench.model_table()
   assert table.count("\n| (") == 3 * 7 * 3  # shapes x cases x passes
 
@@ -1065,7 +1177,7 @@ def ptxas_report(nvcc, arch="sm_80"):
 
 @pytest.mark.skipif(_nvcc() is None, reason="nvcc not found")
 def test_no_float32_kernel_spills():
-  """ptxas -v over every kernel (28: 4 dtypes x 7 bodies); float32's must
+  """ptxas -v over every kernel (32: 4 dtypes x 8 bodies); float32's must
   not spill (a spill is a local-memory round trip per pixel). The numbers
   of every kernel are in the failure message."""
   if shutil.which("c++filt") is None:
@@ -1075,8 +1187,8 @@ def test_no_float32_kernel_spills():
     f"{k}: {v[0]} registers, spills {v[1]} / {v[2]} bytes"
     for k, v in sorted(report.items())
   )
-  assert len(report) == 28, table
+  assert len(report) == 32, table
   f32 = {k: v for k, v in report.items() if "<float" in k}
-  assert len(f32) == 7, table
+  assert len(f32) == 8, table
   spilling = {k for k, v in f32.items() if v[1] or v[2]}
   assert spilling == FLOAT32_SPILLS_KNOWN, table

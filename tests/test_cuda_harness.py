@@ -138,6 +138,22 @@ def test_grid_covers_every_grouping_dtype_guide_and_pass(quick):
   if not quick:
     assert any(cg % 16 and cg > 32 for *_, cg in shapes)
     assert any(h > 16 and w > 16 for _, h, w, _ in shapes)
+    # A broadcast guide's gradient over several of the reduction's slices
+    # (kGuideSlice = 256), the last one partial: every (C,) case, and some
+    # scalar and (B,1,1,1) ones.
+    per_element = {
+      "(C,)": lambda b, h, w, c: b * h * w,
+      "(B,1,1,1)": lambda b, h, w, c: h * w * c,
+      "scalar": lambda b, h, w, c: b * h * w * c,
+    }
+    for guide, n_of in per_element.items():
+      ns = [
+        n_of(*map(int, re.findall(r"\d+", r[4])))
+        for r in rows
+        if r[3] == "guide=" + guide
+      ]
+      sliced = [n > 256 and n % 256 != 0 for n in ns]
+      assert all(sliced) if guide == "(C,)" else any(sliced), (guide, ns)
 
 
 @needs_host

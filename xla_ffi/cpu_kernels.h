@@ -28,7 +28,9 @@
 //   merge (one byte per element of scratch), then runs each member's
 //   backward with the cotangent routed to its winners.
 // A broadcast guide's gradient is written per pixel into scratch, then summed
-// over the broadcast dims in a fixed order (no atomics: deterministic).
+// over the broadcast dims in landmark_pool.h's two-level order (slices of
+// kGuideSlice, then the slices' sums; cpu_passes.h: reduce_guide), the order
+// of the CUDA kernels, so the two back ends agree bit for bit.
 
 #ifndef LMCONV_CPU_KERNELS_H_
 #define LMCONV_CPU_KERNELS_H_

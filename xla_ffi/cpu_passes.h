@@ -529,30 +529,59 @@ LMCONV_INLINE void merge_rows(const Geometry& geo, int members, const S* pools,
 }
 
 // dg (the guide's shape) = the per-pixel gradient dg_full (x's layout)
-// summed over the broadcast dims, in Compute<S>, in x's element order.
+// summed over the broadcast dims in landmark_pool.h's two-level order
+// (kGuideSlice), as the CUDA kernels sum it: one pass over dg_full in x's
+// element order, each guide element's running slice sum closed into its
+// total every kGuideSlice elements it reads.
 template <typename S>
 void reduce_guide(const Geometry& geo, const GuideLayout& l, const S* dg_full,
                   S* dg) {
   using T = StorageTraits<S>;
+  using Acc = Compute<S>;
   FlushDenormals ftz;
-  std::vector<Compute<S>> acc(static_cast<size_t>(l.elements), Compute<S>(0));
+  const size_t elements = static_cast<size_t>(l.elements);
+  std::vector<Acc> part(elements, Acc(0)), total(elements, Acc(0));
+  // Elements read in the current slice; with the channels not broadcast,
+  // a pixel's guide elements share it, kept at its channel 0's.
+  std::vector<int64_t> count(elements, 0);
+  auto close = [&](int64_t e) {
+    total[e] += part[e];
+    part[e] = Acc(0);
+  };
   const int64_t image = geo.height * geo.width * geo.channels;
   for (int64_t b = 0; b < geo.batch; ++b) {
-    Compute<S>* a = acc.data() + l.image_offset(b);
+    const int64_t a0 = l.image_offset(b);
     const S* d = dg_full + b * image;
     for (int64_t i = 0; i < geo.height; ++i) {
       for (int64_t j = 0; j < geo.width; ++j) {
-        Compute<S>* ap = a + i * l.row_stride + j * l.col_stride;
+        const int64_t a = a0 + i * l.row_stride + j * l.col_stride;
         const S* dp = d + (i * geo.width + j) * geo.channels;
+        Acc* pp = part.data() + a;
         if (l.channel_stride) {
-          for (int64_t c = 0; c < geo.channels; ++c) ap[c] += T::load(dp[c]);
+          for (int64_t c = 0; c < geo.channels; ++c) pp[c] += T::load(dp[c]);
+          if (++count[a] == kGuideSlice) {
+            count[a] = 0;
+            for (int64_t c = 0; c < geo.channels; ++c) close(a + c);
+          }
         } else {
-          for (int64_t c = 0; c < geo.channels; ++c) ap[0] += T::load(dp[c]);
+          for (int64_t c = 0; c < geo.channels; ++c) {
+            pp[0] += T::load(dp[c]);
+            if (++count[a] == kGuideSlice) {
+              count[a] = 0;
+              close(a);
+            }
+          }
         }
       }
     }
   }
-  for (int64_t k = 0; k < l.elements; ++k) dg[k] = T::store(acc[k]);
+  // Every guide element is read by the same number of x elements, so all
+  // have a shorter last slice, or none.
+  const int64_t n = geo.size() / l.elements;
+  for (size_t e = 0; e < elements; ++e) {
+    if (n % kGuideSlice) close(static_cast<int64_t>(e));
+    dg[e] = T::store(total[e]);
+  }
 }
 
 }  // namespace

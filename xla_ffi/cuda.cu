@@ -63,7 +63,8 @@ cudaError_t launch(int64_t blocks, int64_t threads, int64_t phases,
   LMCONV_INSTANTIATE(BackwardBody<S, true>)  \
   LMCONV_INSTANTIATE(TangentBody<S, false>)  \
   LMCONV_INSTANTIATE(TangentBody<S, true>)   \
-  LMCONV_INSTANTIATE(ReduceBody<S>)
+  LMCONV_INSTANTIATE(ReduceSlicesBody<S>)    \
+  LMCONV_INSTANTIATE(ReduceTotalBody<S>)
 
 LMCONV_INSTANTIATE_DTYPE(float)
 LMCONV_INSTANTIATE_DTYPE(double)

@@ -13,7 +13,8 @@
 //   ffi::Error launch(const Launch&, const typename Body::Args&);
 //
 // One launch per pass for the whole grouping, plus the reduction of a
-// broadcast guide's gradient in the guided backward (a second, small launch).
+// broadcast guide's gradient in the guided backward (two more, small
+// launches: slice sums, then their totals).
 #ifndef LMCONV_JAX_XLA_FFI_CUDA_FFI_H_
 #define LMCONV_JAX_XLA_FFI_CUDA_FFI_H_
 
@@ -39,8 +40,11 @@ struct Launch {
 inline Launch main_launch(const LaunchPlan& p) {
   return Launch{p.blocks, p.threads, p.phases, p.shared_bytes};
 }
-inline Launch reduce_launch(const LaunchPlan& p) {
-  return Launch{p.reduce_blocks, p.reduce_threads, 1, 0};
+inline Launch slices_launch(const LaunchPlan& p) {
+  return Launch{p.slice_blocks, p.reduce_threads, 1, 0};
+}
+inline Launch total_launch(const LaunchPlan& p) {
+  return Launch{p.total_blocks, p.reduce_threads, 1, 0};
 }
 
 // The plan of a checked call.
@@ -112,12 +116,21 @@ class PhasedBackend {
       auto w = pf_.workspace(bytes<S>(a.plan.size));
       if (w.has_error()) return w.error();
       a.dg_pixels = static_cast<S*>(*w);
+      auto q = pf_.workspace(
+          bytes<Compute<S>>(a.plan.guide_slices * a.plan.g_elements));
+      if (q.has_error()) return q.error();
+      a.partials = static_cast<Compute<S>*>(*q);
     }
     if (auto e = launch_main<BackwardBody>(true, a);
         e.failure() || c.guide.full) {
       return e;
     }
-    return pf_.template launch<ReduceBody<S>>(reduce_launch(a.plan), a);
+    if (auto e =
+            pf_.template launch<ReduceSlicesBody<S>>(slices_launch(a.plan), a);
+        e.failure()) {
+      return e;
+    }
+    return pf_.template launch<ReduceTotalBody<S>>(total_launch(a.plan), a);
   }
 
   template <typename S>
@@ -139,7 +152,7 @@ class PhasedBackend {
     if (mp.has_error()) return mp.error();
     *plan = plan_for(c, pass, *mp);
     if (plan->blocks > std::numeric_limits<int32_t>::max() ||
-        plan->reduce_blocks > std::numeric_limits<int32_t>::max()) {
+        plan->slice_blocks > std::numeric_limits<int32_t>::max()) {
       return ffi::Error::InvalidArgument(
           "lmconv_jax CUDA kernels: " + std::to_string(plan->blocks) +
           " (batch x groups x channel chunks) thread blocks is more than a "
@@ -169,6 +182,7 @@ class PhasedBackend {
     a.dx = b.dx;
     a.dg_pixels = nullptr;
     a.dg = b.dg;
+    a.partials = nullptr;
     a.ring = nullptr;
     a.flags = pf_.flags();
     if (a.plan.ring == 0) return ffi::Error::Success();

@@ -14,7 +14,7 @@ namespace cuda {
 // Enqueues Body's kernel on `stream` with `blocks` x `threads` and `phases`
 // phases (one launch) and returns the launch error, if any; it never waits
 // for the device. Defined, and instantiated for every ForwardBody,
-// TangentBody, BackwardBody and ReduceBody, in cuda.cu.
+// TangentBody, BackwardBody, ReduceSlicesBody and ReduceTotalBody, in cuda.cu.
 template <typename Body>
 cudaError_t launch(int64_t blocks, int64_t threads, int64_t phases,
                    int64_t shared_bytes, const typename Body::Args& args,

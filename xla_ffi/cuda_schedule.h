@@ -51,9 +51,11 @@
 // order as on the CPU. Member 0 writes dx (and the guide's gradient); later
 // members add theirs, rounded to the storage type, as cpu_kernels.h does. A
 // guide broadcast along some dims gets its per-pixel gradient in a workspace of
-// x's size, which a second, small kernel (ReduceBody) sums over the broadcast
-// dims, one thread per guide element, in x's element order (cpu_kernels.h's
-// order): deterministic, no atomics.
+// x's size, which two more launches sum over the broadcast dims in
+// landmark_pool.h's two-level order (kGuideSlice), the CPU's: a thread per
+// (slice, guide element) sums a slice (ReduceSlicesBody), then a thread per
+// guide element sums its slices' partials (ReduceTotalBody): deterministic,
+// no atomics.
 //
 // The tangent (forward-mode AD) is the forward's schedule with another
 // per-pixel step: it reads the member's pool (or, unguided merged, its
@@ -248,6 +250,7 @@ enum Buffer {
   kBufDgPixels,
   kBufDg,
   kBufRing,
+  kBufPartials,
   kBufCount
 };
 constexpr unsigned buffer_bit(Buffer b) { return 1u << b; }
@@ -306,13 +309,41 @@ struct LaunchPlan {
   int64_t shared_bytes;  // per block; this schedule needs none
   int64_t max_slots;     // the most pixels per phase of any sweep's ring
   int64_t ring;          // workspace per block, in Compute<S> elements
-  // The second launch of a guided backward with a broadcast guide: the
-  // reduction of the per-pixel guide gradient (0 blocks: none).
-  int64_t reduce_blocks, reduce_threads;
+  // The two launches after the pool's in a guided backward with a broadcast
+  // guide: the per-pixel guide gradient summed over its N = guide_n x
+  // elements per guide element, a thread per (slice, guide element) and
+  // then a thread per guide element (0 blocks: no reduction).
+  int64_t guide_n, guide_slices;
+  // The innermost broadcast dims (x's dims of size 1 included) as one run:
+  // guide_run positions of a guide element's sequence, guide_step apart in x.
+  int64_t guide_run, guide_step;
+  int64_t slice_blocks, total_blocks, reduce_threads;
   int64_t launches;
 };
 
 LMCONV_HDI GuideStrides no_guide() { return GuideStrides{0, 0, 1, 1}; }
+
+// x's dim k is one the guide is broadcast along (or has size 1).
+LMCONV_HDI bool guide_broadcast(const LaunchPlan& p, int k) {
+  return p.g_strides[k] == 0 || p.x_dims[k] == 1;
+}
+
+// Element offset in x of guide element e's first x element (`broadcast`
+// false), or of position `i` of a guide element's sequence of x elements
+// from its first (true): i's digits along the broadcast dims, innermost
+// fastest (x's element order).
+LMCONV_HDI int64_t guide_digits_offset(const LaunchPlan& p, int64_t i,
+                                       bool broadcast) {
+  int64_t off = 0, stride = 1;
+  for (int k = p.rank - 1; k >= 0; --k) {
+    if (guide_broadcast(p, k) == broadcast) {
+      off += i % p.x_dims[k] * stride;
+      i /= p.x_dims[k];
+    }
+    stride *= p.x_dims[k];
+  }
+  return off;
+}
 
 LMCONV_HDI Sweep sweep_of(const LaunchPlan& p, int dir) {
   return make_sweep(p.dirs[dir], p.height, p.width, p.channels,
@@ -406,10 +437,20 @@ inline LaunchPlan plan_launch(const PlanInput& in, Pass pass,
            : pass == Pass::kTangent || merge_as_it_goes
                ? 2 * p.max_slots * p.lanes
                : 0;
-  const bool reduce = pass == Pass::kBackward && p.guided && !p.guide_full;
+  const bool reduce =
+      pass == Pass::kBackward && p.guided && !p.guide_full && p.g_elements > 0;
+  p.guide_n = reduce ? p.size / p.g_elements : 0;
+  p.guide_slices = guide_slices(p.guide_n);
+  int k = r - 1;
+  p.guide_step = 1;
+  for (; k >= 0 && !guide_broadcast(p, k); --k) p.guide_step *= p.x_dims[k];
+  p.guide_run = 1;
+  for (; k >= 0 && guide_broadcast(p, k); --k) p.guide_run *= p.x_dims[k];
   p.reduce_threads = reduce ? kReduceThreads : 0;
-  p.reduce_blocks = reduce ? ceil_div(p.g_elements, kReduceThreads) : 0;
-  p.launches = reduce && p.reduce_blocks > 0 ? 2 : 1;
+  p.slice_blocks =
+      reduce ? ceil_div(p.guide_slices * p.g_elements, kReduceThreads) : 0;
+  p.total_blocks = reduce ? ceil_div(p.g_elements, kReduceThreads) : 0;
+  p.launches = reduce ? 3 : 1;
   return p;
 }
 
@@ -434,10 +475,11 @@ struct KernelArgs {
   S* tout;
   const S* ct;  // backward
   S* dx;
-  S* dg_pixels;      // backward: the guide's gradient per pixel, x's layout
-  S* dg;             // reduction: the guide's gradient, the guide's shape
-  Compute<S>* ring;  // plan.blocks * plan.ring elements
-  int flags;         // emulator test hooks (kPlantRace, ...); 0 on the GPU
+  S* dg_pixels;          // backward: the guide's gradient per pixel, x's layout
+  S* dg;                 // reduction: the guide's gradient, the guide's shape
+  Compute<S>* partials;  // reduction: guide_slices x g_elements slice sums
+  Compute<S>* ring;      // plan.blocks * plan.ring elements
+  int flags;             // emulator test hooks (kPlantRace, ...); 0 on the GPU
 };
 
 // ---------------------------------------------------------------------------
@@ -944,12 +986,71 @@ struct BackwardBody : SweepBody<BackwardBody<S, kGuided>, S> {
   };
 };
 
-// The second launch of a guided backward whose guide is broadcast: guide
-// element e = block * reduce_threads + thread gets the sum, in Compute<S>,
-// of the per-pixel gradient over the x elements that read it, in x's element
-// order (cpu_kernels.h's reduce_guide adds in the same order), rounded once.
+// The reduction of a broadcast guide's gradient (the two launches after a
+// guided backward's), in landmark_pool.h's two-level order, cpu_passes.h's
+// reduce_guide's: a thread's sum is sequential, kReduceBatch loads in flight
+// before they are added in order.
+LMCONV_HDI Lane reduce_lane(int64_t block, int64_t thread) {
+  Lane l{};
+  l.block = block;
+  l.thread = thread;
+  return l;
+}
+
+// Level 1: thread t = slice * g_elements + e sums slice `slice` of the x
+// elements that read guide element e into partials[t]. e fastest, so a
+// warp of a (C,) guide reads 32 adjacent channels at a time.
 template <typename S>
-struct ReduceBody {
+struct ReduceSlicesBody {
+  static constexpr Pass kPass = Pass::kBackward;
+  static constexpr unsigned kWrites = buffer_bit(kBufPartials);
+  using Args = KernelArgs<S>;
+  using Acc = Compute<S>;
+
+  static LMCONV_HDI Lane begin(const Args& /*a*/, int64_t block,
+                               int64_t thread) {
+    return reduce_lane(block, thread);
+  }
+
+  static LMCONV_HDI void run(const Args& a, const Lane& l, int64_t /*phase*/,
+                             unsigned char* /*shared*/) {
+    using T = StorageTraits<S>;
+    const LaunchPlan& p = a.plan;
+    const int64_t t = l.block * p.reduce_threads + l.thread;
+    if (t >= p.guide_slices * p.g_elements) return;
+    const int64_t first = t / p.g_elements * kGuideSlice;
+    const int64_t end =
+        first + kGuideSlice < p.guide_n ? first + kGuideSlice : p.guide_n;
+    const int64_t base = guide_digits_offset(p, t % p.g_elements, false);
+    Acc acc(0);
+    for (int64_t i = first; i < end;) {
+      // The rest of i's run: strided loads, no digits to carry.
+      const int64_t left = p.guide_run - i % p.guide_run;
+      const int64_t n = end - i < left ? end - i : left;
+      const int64_t off = base + guide_digits_offset(p, i, true);
+      for (int64_t k = 0; k < n; k += kReduceBatch) {
+        Acc v[kReduceBatch];
+        LMCONV_UNROLL_BATCH
+        for (int u = 0; u < kReduceBatch; ++u) {
+          v[u] = k + u < n
+                     ? T::load(ld<S>(a.dg_pixels, off + (k + u) * p.guide_step))
+                     : Acc(0);
+        }
+        LMCONV_UNROLL_BATCH
+        for (int u = 0; u < kReduceBatch; ++u) {
+          if (k + u < n) acc += v[u];
+        }
+      }
+      i += n;
+    }
+    st<Acc>(a.partials, t, acc);
+  }
+};
+
+// Level 2: thread e sums guide element e's partials in slice order,
+// rounded once (adjacent e: adjacent partials).
+template <typename S>
+struct ReduceTotalBody {
   static constexpr Pass kPass = Pass::kBackward;
   static constexpr unsigned kWrites = buffer_bit(kBufDg);
   using Args = KernelArgs<S>;
@@ -957,10 +1058,7 @@ struct ReduceBody {
 
   static LMCONV_HDI Lane begin(const Args& /*a*/, int64_t block,
                                int64_t thread) {
-    Lane l{};
-    l.block = block;
-    l.thread = thread;
-    return l;
+    return reduce_lane(block, thread);
   }
 
   static LMCONV_HDI void run(const Args& a, const Lane& l, int64_t /*phase*/,
@@ -969,59 +1067,19 @@ struct ReduceBody {
     const LaunchPlan& p = a.plan;
     const int64_t e = l.block * p.reduce_threads + l.thread;
     if (e >= p.g_elements) return;
-    const int r = p.rank;
-    // x's element strides; e's coordinates along the guide's own dims.
-    int64_t xs[kPlanMaxRank], idx[kPlanMaxRank];
-    int64_t stride = 1;
-    for (int k = r - 1; k >= 0; --k) {
-      xs[k] = stride;
-      stride *= p.x_dims[k];
-    }
-    int64_t rest = e, base = 0;
-    for (int k = r - 1; k >= 0; --k) {
-      const bool bcast = p.g_strides[k] == 0;
-      const int64_t gdim = bcast ? 1 : p.x_dims[k];
-      const int64_t c = rest % gdim;
-      rest /= gdim;
-      base += c * xs[k];
-      idx[k] = 0;
-    }
-    // The innermost broadcast dim runs in the inner loop, kReduceBatch loads
-    // in flight before they are added (in order: the sum is sequential);
-    // an odometer walks the other broadcast dims, innermost fastest: x's
-    // element order.
-    int inner = -1;
-    for (int k = r - 1; k >= 0 && inner < 0; --k) {
-      if (p.g_strides[k] == 0 && p.x_dims[k] > 1) inner = k;
-    }
-    const int64_t n = inner < 0 ? 1 : p.x_dims[inner];
-    const int64_t step = inner < 0 ? 0 : xs[inner];
     Acc acc(0);
-    int64_t off = base;
-    for (;;) {
-      for (int64_t i = 0; i < n; i += kReduceBatch) {
-        Acc v[kReduceBatch];
-        LMCONV_UNROLL_BATCH
-        for (int u = 0; u < kReduceBatch; ++u) {
-          v[u] = i + u < n ? T::load(ld<S>(a.dg_pixels, off + (i + u) * step))
-                           : Acc(0);
-        }
-        LMCONV_UNROLL_BATCH
-        for (int u = 0; u < kReduceBatch; ++u) {
-          if (i + u < n) acc += v[u];
-        }
+    for (int64_t s = 0; s < p.guide_slices; s += kReduceBatch) {
+      Acc v[kReduceBatch];
+      LMCONV_UNROLL_BATCH
+      for (int u = 0; u < kReduceBatch; ++u) {
+        v[u] = s + u < p.guide_slices
+                   ? ld<Acc>(a.partials, (s + u) * p.g_elements + e)
+                   : Acc(0);
       }
-      int k = inner - 1;
-      for (; k >= 0; --k) {
-        if (p.g_strides[k] != 0 || p.x_dims[k] == 1) continue;
-        if (++idx[k] < p.x_dims[k]) {
-          off += xs[k];
-          break;
-        }
-        off -= (p.x_dims[k] - 1) * xs[k];
-        idx[k] = 0;
+      LMCONV_UNROLL_BATCH
+      for (int u = 0; u < kReduceBatch; ++u) {
+        if (s + u < p.guide_slices) acc += v[u];
       }
-      if (k < 0) break;
     }
     st<S>(a.dg, e, T::store(acc));
   }

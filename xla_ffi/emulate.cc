@@ -61,9 +61,9 @@ constexpr int64_t kOrderPlantRace = 4;
 constexpr int64_t kOrderPlantOutOfBounds = 8;
 
 const char* const kBufferNames[kBufCount] = {
-    "x",      "guide",         "out", "members", "tx",
-    "tguide", "tout",          "ct",  "dx",      "dguide (per pixel)",
-    "dguide", "workspace ring"};
+    "x",      "guide",          "out",          "members", "tx",
+    "tguide", "tout",           "ct",           "dx",      "dguide (per pixel)",
+    "dguide", "workspace ring", "dguide slices"};
 
 // The race and bounds detector: the state of every element of every buffer
 // in the current launch.
@@ -264,6 +264,8 @@ void add_buffers(Tracer& t, const typename Body::Args& a) {
   add(kBufDgPixels, a.dg_pixels, p.size, s);
   add(kBufDg, a.dg, p.g_elements, s);
   add(kBufRing, a.ring, p.blocks * p.ring, sizeof(Compute<S>), p.ring);
+  add(kBufPartials, a.partials, p.guide_slices * p.g_elements,
+      sizeof(Compute<S>));
 }
 
 class EmulatorPlatform {

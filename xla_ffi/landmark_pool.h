@@ -506,6 +506,25 @@ LMCONV_HDI int merge_winner(int members, Load load, T* best) {
   return w;
 }
 
+// ---------------------------------------------------------------------------
+// The order of a broadcast guide's gradient sum (every back end)
+// ---------------------------------------------------------------------------
+
+// The N = x.size / guide.size x elements that read one guide element, in x's
+// element order, are cut into slices of kGuideSlice (the last one shorter
+// when kGuideSlice does not divide N). Level 1: each slice's partial sum,
+// 0 + v0 + v1 + ... in Compute<S>; level 2: 0 + partial 0 + partial 1 + ...,
+// rounded once to the storage type. A constant, never the device's or the
+// thread count's, so every back end gets the same bits. 256: at LBYLNet's
+// (64, 32, 32, C) with a (C,) guide, N = 256^2, where the two levels'
+// sequential chains (kGuideSlice and N / kGuideSlice loads) are equal.
+constexpr int64_t kGuideSlice = 256;
+
+// The number of level-1 slices of a guide element read by n x elements.
+LMCONV_HDI int64_t guide_slices(int64_t n) {
+  return (n + kGuideSlice - 1) / kGuideSlice;
+}
+
 }  // namespace lmconv
 
 #endif  // LMCONV_JAX_XLA_FFI_LANDMARK_POOL_H_

@@ -100,7 +100,11 @@ nb::dict launch_plan(std::vector<int64_t> group_sizes,
   d["max_members"] = lp.max_members;
   d["saved_members"] = lp.saved_members;  // the residual is in `members`
   d["codes"] = lp.codes;  // ... as uint8 winner codes (else member pools)
-  d["reduce_blocks"] = lp.reduce_blocks;
+  d["guide_slice"] = lmconv::kGuideSlice;  // the reduction's two levels
+  d["guide_n"] = lp.guide_n;
+  d["guide_slices"] = lp.guide_slices;
+  d["slice_blocks"] = lp.slice_blocks;
+  d["total_blocks"] = lp.total_blocks;
   d["reduce_threads"] = lp.reduce_threads;
   d["kernel_args_bytes"] = sizeof(lmconv::KernelArgs<float>);
   nb::list sweeps;
