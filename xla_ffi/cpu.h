@@ -1,7 +1,7 @@
 // The CPU back end of the grouped landmark pool, as handlers.inc sees it:
 // CpuBackend, whose passes are the per-dtype entry points declared here. Each
 // is defined in cpu_kernels.h and instantiated in its own object file
-// (cpu_kernels.cc, compiled by CMake once per storage type and pass), so a
+// (cpu_kernels.cc, compiled by CMake once per storage type), so a
 // build spreads the kernels over the cores instead of one translation unit.
 
 #ifndef LMCONV_CPU_H_

@@ -1,7 +1,7 @@
 // CPU kernels of the grouped landmark pool: the back end, which runs the
 // plan (cpu_plan.h: plan_cpu) with the walkers (cpu_walkers.h) over the
 // passes (cpu_passes.h) on XLA's thread pool (cpu_parallel.h). Included only
-// by cpu_kernels.cc, which CMake compiles once per (dtype, pass) so the cores
+// by cpu_kernels.cc, which CMake compiles once per dtype so the cores
 // share the build; cpu.h declares what each instantiates. The handlers are
 // handlers.inc (shared with the CUDA back end and its emulation, through
 // cpu.h's CpuBackend); the per-pixel math is landmark_pool.h.
@@ -450,21 +450,23 @@ class CpuKernels {
               make_item(c, k / 2, p, p * c.group_channels, c.group_channels),
               0);
         }
-        if (count > 0) backward_views<S>(args, count);
+        if (count > 0)
+          backward_views<BackwardKind<S, false, false, false, false, false>>(
+              args, count);
       });
       return ffi::Error::Success();
     }
-    for_each_item_pieces(pool_, c, p,
-                         [&](const Item* pieces, int count, int64_t in_image) {
-                           if (!kGuided && p.swept_together(in_image)) {
-                             BackwardArgs<S> args[kMaxGroups];
-                             for (int k = 0; k < count; ++k)
-                               args[k] = args_of(pieces[k], 0);
-                             backward_views<S>(args, count);
-                             return;
-                           }
-                           for (int k = 0; k < count; ++k) item(pieces[k]);
-                         });
+    for_each_item_pieces(
+        pool_, c, p, [&](const Item* pieces, int count, int64_t in_image) {
+          if (!kGuided && p.swept_together(in_image)) {
+            BackwardArgs<S> args[kMaxGroups];
+            for (int k = 0; k < count; ++k) args[k] = args_of(pieces[k], 0);
+            backward_views<BackwardKind<S, false, false, false, false, false>>(
+                args, count);
+            return;
+          }
+          for (int k = 0; k < count; ++k) item(pieces[k]);
+        });
     if (kGuided && !c.guide.full) reduce_guide<S>(geo, c.guide, dg, b.dg);
     return ffi::Error::Success();
   }
