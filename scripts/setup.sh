@@ -12,7 +12,7 @@
 #                               print the Python >= 3.12 it would make the
 #                               venv with, and exit (README's by-hand recipe)
 #
-# The build: a clean build of the extensions takes about 7 minutes on a quiet
+# The build: a clean build of the extensions takes about 3 minutes on a quiet
 # 2-core machine (several times that on a busy one); a rebuild compiles only
 # what changed. It prints the compiler's progress, one "[done/total]" line per
 # compiled step, and keeps pip's full output in $VENV/build.log.
@@ -120,7 +120,7 @@ progress() {
 
 LOG="$VENV/build.log"
 echo "== building lmconv_jax in $VENV (CUDA kernels too if nvcc is on PATH)"
-echo "   A clean build takes about 7 minutes on a quiet 2-core machine (several"
+echo "   A clean build takes about 3 minutes on a quiet 2-core machine (several"
 echo "   times that on a busy one); a rebuild only what changed. Progress below,"
 echo "   one [done/total] line per compiled step; pip's full output: $LOG"
 : >"$LOG"

@@ -332,7 +332,7 @@ std::vector<T> to_host(const DevBuf& d, size_t n) {
 #if defined(LMCONV_HARNESS_HOST)
 // The CUDA bodies on the host, as emulate.cc runs them (without its race
 // detector, which tests/test_cuda.py runs): each thread's begin, then phase
-// by phase every block and thread, each block with its own shared memory.
+// by phase every block and thread.
 class HostPlatform {
  public:
   explicit HostPlatform(int64_t multiprocessors) : mps_(multiprocessors) {}
@@ -351,8 +351,6 @@ class HostPlatform {
   ffi::Error launch(const Launch& l, const typename Body::Args& args) {
     if (l.blocks == 0 || l.threads == 0) return ffi::Error::Success();
     FlushDenormals ftz;  // the GPU build flushes float32 (-ftz=true)
-    std::vector<unsigned char> shared(
-        static_cast<size_t>(l.blocks * l.shared_bytes) + 1);
     std::vector<Lane> lanes(static_cast<size_t>(l.blocks * l.threads));
     for (int64_t b = 0; b < l.blocks; ++b) {
       for (int64_t k = 0; k < l.threads; ++k) {
@@ -362,8 +360,7 @@ class HostPlatform {
     for (int64_t phase = 0; phase < l.phases; ++phase) {
       for (int64_t b = 0; b < l.blocks; ++b) {
         for (int64_t k = 0; k < l.threads; ++k) {
-          Body::run(args, lanes[b * l.threads + k], phase,
-                    shared.data() + b * l.shared_bytes);
+          Body::run(args, lanes[b * l.threads + k], phase);
         }
       }
     }

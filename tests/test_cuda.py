@@ -803,7 +803,6 @@ def test_launch_plan_is_one_launch_for_the_whole_grouping(grouping, shape):
     assert (plan["workspace_elements"] == 0) == (
       pass_ == "forward" and not merged
     )
-    assert plan["shared_bytes"] == 0
     assert plan["kernel_args_bytes"] <= 4096
   guided_fwd = emulator.launch_plan(g, shape, guide_shape=(shape[-1],))
   assert guided_fwd["phases"] == expected_phases(g, shape, "forward", True)

@@ -39,7 +39,7 @@ def test_setup_help_says_how_long_the_build_takes_and_where_its_log_is():
   p = subprocess.run([SETUP, "--help"], capture_output=True, text=True)
   assert p.returncode == 0 and p.stderr == ""
   text = " ".join(p.stdout.split())
-  assert "about 7 minutes on a quiet 2-core machine" in text
+  assert "about 3 minutes on a quiet 2-core machine" in text
   assert "[done/total]" in text and "$VENV/build.log" in text
   assert "--print-python" in text and "LMCONV_BUILD_DIR" in text
 
@@ -122,7 +122,7 @@ def test_the_build_folder_of_another_venv_is_its_own():
 
 def test_readme_gives_the_build_time():
   text = " ".join(README.split())
-  assert "about 7 minutes on a quiet 2-core machine" in text
+  assert "about 3 minutes on a quiet 2-core machine" in text
   assert "python3.12 -m venv" not in README
 
 

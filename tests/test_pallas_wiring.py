@@ -49,8 +49,13 @@ def test_pallas_is_an_implementation_everywhere():
     ops.resolve_implementation("mosaic")
 
 
-@pytest.mark.parametrize("grouping", ["quadrants", "octants", "top_bottom"])
-@pytest.mark.parametrize("guided", [False, True])
+# The wiring (custom_vjp / jvp through the Pallas call), one case per kind
+# of kernel: single directions unguided, octants guided, a merged group
+# guided (test_pallas_tpu.py checks every grouping's kernels).
+@pytest.mark.parametrize(
+  "grouping, guided",
+  [("quadrants", False), ("octants", True), ("top_bottom", True)],
+)
 def test_interpret_mode_equals_reference_forward_grad_jvp(grouping, guided):
   x, g, ct = _inputs()
   got, want = (

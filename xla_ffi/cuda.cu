@@ -32,10 +32,9 @@ namespace {
 template <typename Body>
 __global__ void __launch_bounds__(kMaxThreads, 2)
     phased_kernel(const typename Body::Args args, int64_t phases) {
-  extern __shared__ unsigned char shared[];
   const Lane lane = Body::begin(args, blockIdx.x, threadIdx.x);
   for (int64_t phase = 0; phase < phases; ++phase) {
-    Body::run(args, lane, phase, shared);
+    Body::run(args, lane, phase);
     __syncthreads();
   }
 }
@@ -44,17 +43,16 @@ __global__ void __launch_bounds__(kMaxThreads, 2)
 
 template <typename Body>
 cudaError_t launch(int64_t blocks, int64_t threads, int64_t phases,
-                   int64_t shared_bytes, const typename Body::Args& args,
-                   cudaStream_t stream) {
+                   const typename Body::Args& args, cudaStream_t stream) {
   phased_kernel<Body>
-      <<<static_cast<unsigned>(blocks), static_cast<unsigned>(threads),
-         static_cast<size_t>(shared_bytes), stream>>>(args, phases);
+      <<<static_cast<unsigned>(blocks), static_cast<unsigned>(threads), 0,
+         stream>>>(args, phases);
   return cudaGetLastError();
 }
 
-#define LMCONV_INSTANTIATE(...)                                                \
-  template cudaError_t launch<__VA_ARGS__>(int64_t, int64_t, int64_t, int64_t, \
-                                           const typename __VA_ARGS__::Args&,  \
+#define LMCONV_INSTANTIATE(...)                                               \
+  template cudaError_t launch<__VA_ARGS__>(int64_t, int64_t, int64_t,         \
+                                           const typename __VA_ARGS__::Args&, \
                                            cudaStream_t);
 #define LMCONV_INSTANTIATE_DTYPE(S)          \
   LMCONV_INSTANTIATE(ForwardBody<S, false>)  \

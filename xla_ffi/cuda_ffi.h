@@ -32,19 +32,19 @@ static_assert(kPlanMaxMembers == kMaxMembers, "grouping limits differ");
 static_assert(kPlanMaxGroups == kMaxGroups, "grouping limits differ");
 static_assert(kPlanMaxDirections == kMaxDirections, "grouping limits differ");
 
-// A kernel launch: grid, block, phases (a barrier after each), shared bytes.
+// A kernel launch: grid, block, phases (a barrier after each).
 struct Launch {
-  int64_t blocks, threads, phases, shared_bytes;
+  int64_t blocks, threads, phases;
 };
 
 inline Launch main_launch(const LaunchPlan& p) {
-  return Launch{p.blocks, p.threads, p.phases, p.shared_bytes};
+  return Launch{p.blocks, p.threads, p.phases};
 }
 inline Launch slices_launch(const LaunchPlan& p) {
-  return Launch{p.slice_blocks, p.reduce_threads, 1, 0};
+  return Launch{p.slice_blocks, p.reduce_threads, 1};
 }
 inline Launch total_launch(const LaunchPlan& p) {
-  return Launch{p.total_blocks, p.reduce_threads, 1, 0};
+  return Launch{p.total_blocks, p.reduce_threads, 1};
 }
 
 // The plan of a checked call.

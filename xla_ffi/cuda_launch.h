@@ -17,8 +17,7 @@ namespace cuda {
 // TangentBody, BackwardBody, ReduceSlicesBody and ReduceTotalBody, in cuda.cu.
 template <typename Body>
 cudaError_t launch(int64_t blocks, int64_t threads, int64_t phases,
-                   int64_t shared_bytes, const typename Body::Args& args,
-                   cudaStream_t stream);
+                   const typename Body::Args& args, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace lmconv

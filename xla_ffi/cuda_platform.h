@@ -69,8 +69,8 @@ class CudaPlatform {
   template <typename Body>
   ffi::Error launch(const Launch& l, const typename Body::Args& args) {
     if (l.blocks == 0 || l.threads == 0) return ffi::Error::Success();
-    if (cudaError_t e = cuda::launch<Body>(l.blocks, l.threads, l.phases,
-                                           l.shared_bytes, args, stream_);
+    if (cudaError_t e =
+            cuda::launch<Body>(l.blocks, l.threads, l.phases, args, stream_);
         e != cudaSuccess) {
       return cuda_error("kernel launch", e);
     }

@@ -5,7 +5,7 @@
 // A kernel is a sequence of phases with a block-wide barrier after each one.
 // Its body is two LMCONV_HD functions: Body::begin(args, block, thread), what
 // a thread works on (its Lane, decoded once), and Body::run(args, lane,
-// phase, shared), one thread's work of one phase; cuda.cu's __global__
+// phase), one thread's work of one phase; cuda.cu's __global__
 // wrapper is begin, then a loop over phases with __syncthreads() in between,
 // and the emulator loops phases, then blocks, then threads of the same
 // geometry.
@@ -299,16 +299,15 @@ struct LaunchPlan {
   int64_t g_elements;
   GuideStrides guide;  // of the (H, W) dims
   int64_t g_channel_stride;
-  // The launch: grid, block, phases (a barrier after each), shared memory.
+  // The launch: grid, block, phases (a barrier after each).
   int64_t lanes;        // channels per block
   int64_t chunks;       // channel chunks per group
   int64_t pixel_lanes;  // threads per channel lane
   int64_t blocks;       // batch * groups * chunks
   int64_t threads;      // lanes * pixel_lanes
   int64_t phases;
-  int64_t shared_bytes;  // per block; this schedule needs none
-  int64_t max_slots;     // the most pixels per phase of any sweep's ring
-  int64_t ring;          // workspace per block, in Compute<S> elements
+  int64_t max_slots;  // the most pixels per phase of any sweep's ring
+  int64_t ring;       // workspace per block, in Compute<S> elements
   // The two launches after the pool's in a guided backward with a broadcast
   // guide: the per-pixel guide gradient summed over its N = guide_n x
   // elements per guide element, a thread per (slice, guide element) and
@@ -430,7 +429,6 @@ inline LaunchPlan plan_launch(const PlanInput& in, Pass pass,
   if (per_phase < p.pixel_lanes) p.pixel_lanes = per_phase;
   p.blocks = units * p.chunks;
   p.threads = p.lanes * p.pixel_lanes;
-  p.shared_bytes = 0;
   // Two phases of: G pushed to n1 and n2 (backward), t (tangent), a later
   // member's pool (a forward that merges as it goes).
   p.ring = pass == Pass::kBackward ? 2 * p.max_slots * 2 * p.lanes
@@ -722,8 +720,7 @@ struct SweepBody {
     return lane_of(a.plan, block, thread);
   }
 
-  static LMCONV_HDI void run(const Args& a, const Lane& l, int64_t phase,
-                             unsigned char* /*shared*/) {
+  static LMCONV_HDI void run(const Args& a, const Lane& l, int64_t phase) {
     const LaunchPlan& p = a.plan;
     if (!l.active) return;
     const int members = p.members[l.group];
@@ -1012,8 +1009,7 @@ struct ReduceSlicesBody {
     return reduce_lane(block, thread);
   }
 
-  static LMCONV_HDI void run(const Args& a, const Lane& l, int64_t /*phase*/,
-                             unsigned char* /*shared*/) {
+  static LMCONV_HDI void run(const Args& a, const Lane& l, int64_t /*phase*/) {
     using T = StorageTraits<S>;
     const LaunchPlan& p = a.plan;
     const int64_t t = l.block * p.reduce_threads + l.thread;
@@ -1061,8 +1057,7 @@ struct ReduceTotalBody {
     return reduce_lane(block, thread);
   }
 
-  static LMCONV_HDI void run(const Args& a, const Lane& l, int64_t /*phase*/,
-                             unsigned char* /*shared*/) {
+  static LMCONV_HDI void run(const Args& a, const Lane& l, int64_t /*phase*/) {
     using T = StorageTraits<S>;
     const LaunchPlan& p = a.plan;
     const int64_t e = l.block * p.reduce_threads + l.thread;

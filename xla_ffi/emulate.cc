@@ -306,8 +306,7 @@ class EmulatorPlatform {
   }
 
   // Runs Body like cuda.cu's phased kernel: each thread's begin, then
-  // phases, then blocks, then threads, each block with its own shared
-  // memory.
+  // phases, then blocks, then threads.
   template <typename Body>
   ffi::Error launch(const Launch& l, const typename Body::Args& args) {
     FlushDenormals ftz;
@@ -318,8 +317,6 @@ class EmulatorPlatform {
     }
     tracer = t.get();
     const bool reverse = (order_ & kOrderReverse) != 0;
-    std::vector<unsigned char> shared(
-        static_cast<size_t>(l.blocks * l.shared_bytes) + 1);
     std::vector<Lane> lanes(static_cast<size_t>(l.blocks * l.threads));
     for (int64_t b = 0; b < l.blocks; ++b) {
       for (int64_t k = 0; k < l.threads; ++k) {
@@ -332,8 +329,7 @@ class EmulatorPlatform {
         for (int64_t k = 0; k < l.threads; ++k) {
           const int64_t thread = reverse ? l.threads - 1 - k : k;
           if (t) t->at(phase, block, thread, l.threads);
-          Body::run(args, lanes[block * l.threads + thread], phase,
-                    shared.data() + block * l.shared_bytes);
+          Body::run(args, lanes[block * l.threads + thread], phase);
         }
       }
       if (t && !t->error().empty()) break;

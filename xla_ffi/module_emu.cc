@@ -90,7 +90,6 @@ nb::dict launch_plan(std::vector<int64_t> group_sizes,
   d["blocks"] = lp.blocks;
   d["threads"] = lp.threads;
   d["phases"] = lp.phases;
-  d["shared_bytes"] = lp.shared_bytes;
   d["workspace_elements"] = lp.blocks * lp.ring;
   d["lanes"] = lp.lanes;
   d["chunks"] = lp.chunks;
