@@ -994,6 +994,23 @@ LMCONV_HDI Lane reduce_lane(int64_t block, int64_t thread) {
   return l;
 }
 
+// acc += load(0) + load(1) + ... + load(n - 1), added in that order,
+// kReduceBatch loads in flight before they are added.
+template <typename Acc, typename Load>
+LMCONV_HDI void add_in_order(Acc& acc, int64_t n, const Load& load) {
+  for (int64_t k = 0; k < n; k += kReduceBatch) {
+    Acc v[kReduceBatch];
+    LMCONV_UNROLL_BATCH
+    for (int u = 0; u < kReduceBatch; ++u) {
+      v[u] = k + u < n ? load(k + u) : Acc(0);
+    }
+    LMCONV_UNROLL_BATCH
+    for (int u = 0; u < kReduceBatch; ++u) {
+      if (k + u < n) acc += v[u];
+    }
+  }
+}
+
 // Level 1: thread t = slice * g_elements + e sums slice `slice` of the x
 // elements that read guide element e into partials[t]. e fastest, so a
 // warp of a (C,) guide reads 32 adjacent channels at a time.
@@ -1024,19 +1041,9 @@ struct ReduceSlicesBody {
       const int64_t left = p.guide_run - i % p.guide_run;
       const int64_t n = end - i < left ? end - i : left;
       const int64_t off = base + guide_digits_offset(p, i, true);
-      for (int64_t k = 0; k < n; k += kReduceBatch) {
-        Acc v[kReduceBatch];
-        LMCONV_UNROLL_BATCH
-        for (int u = 0; u < kReduceBatch; ++u) {
-          v[u] = k + u < n
-                     ? T::load(ld<S>(a.dg_pixels, off + (k + u) * p.guide_step))
-                     : Acc(0);
-        }
-        LMCONV_UNROLL_BATCH
-        for (int u = 0; u < kReduceBatch; ++u) {
-          if (k + u < n) acc += v[u];
-        }
-      }
+      add_in_order(acc, n, [&](int64_t k) {
+        return T::load(ld<S>(a.dg_pixels, off + k * p.guide_step));
+      });
       i += n;
     }
     st<Acc>(a.partials, t, acc);
@@ -1063,19 +1070,9 @@ struct ReduceTotalBody {
     const int64_t e = l.block * p.reduce_threads + l.thread;
     if (e >= p.g_elements) return;
     Acc acc(0);
-    for (int64_t s = 0; s < p.guide_slices; s += kReduceBatch) {
-      Acc v[kReduceBatch];
-      LMCONV_UNROLL_BATCH
-      for (int u = 0; u < kReduceBatch; ++u) {
-        v[u] = s + u < p.guide_slices
-                   ? ld<Acc>(a.partials, (s + u) * p.g_elements + e)
-                   : Acc(0);
-      }
-      LMCONV_UNROLL_BATCH
-      for (int u = 0; u < kReduceBatch; ++u) {
-        if (s + u < p.guide_slices) acc += v[u];
-      }
-    }
+    add_in_order(acc, p.guide_slices, [&](int64_t s) {
+      return ld<Acc>(a.partials, s * p.g_elements + e);
+    });
     st<S>(a.dg, e, T::store(acc));
   }
 };
