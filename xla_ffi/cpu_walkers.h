@@ -141,7 +141,7 @@ LMCONV_INLINE void forward_rows(Pass& pass, const ScanView& v, int64_t i0,
     const Row row = pass.begin_row(i);
     // A neighbour of an interior pixel is inside unless it is in the row
     // above the first.
-    if ((v.n1.dr != 0 && i == 0) || (v.n2.dr != 0 && i == 0)) {
+    if (i == 0 && (v.n1.dr != 0 || v.n2.dr != 0)) {
       for (int64_t j = 0; j < width; ++j) {
         forward_edge(pass, row, i, j, height, width, n);
       }
